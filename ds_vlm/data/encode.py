@@ -1,0 +1,112 @@
+"""Sample -> input_ids, labels (assistant tokens only) and vision tensors.
+
+Assistant spans come from the chat template itself: the text an assistant turn adds is
+render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True). The
+conversation is cut at those spans into segments; each segment goes through the real
+processor (which expands image placeholders), and only assistant segments get labels.
+No token id is hard-coded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import DataError, Sample
+
+IGNORE_INDEX = -100
+
+
+class Encoder:
+    def __init__(self, processor, adapter, max_length: int):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.adapter = adapter
+        self.max_length = max_length
+        self.image_token = getattr(processor, "image_token", None) or adapter.image_text
+
+    # -- text -------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            [_for_template(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, sample: Sample) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_assistant_target) pieces."""
+        messages = sample.messages
+        full = self.render(messages)
+        pieces, cursor = [], 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(prefix) and full.startswith(upto)):
+                raise DataError("bad_record", sample.source, sample.index,
+                                "the chat template does not render this conversation as a growing prefix, so the "
+                                "assistant turns cannot be located; use a template without history rewriting")
+            target = upto[len(prefix):].rstrip()
+            if len(prefix) > cursor:
+                pieces.append((full[cursor:len(prefix)], False))
+            pieces.append((target, True))
+            cursor = len(prefix) + len(target)
+        if cursor < len(full):
+            pieces.append((full[cursor:], False))
+        return pieces
+
+    # -- tensors ----------------------------------------------------------------------
+    def encode(self, sample: Sample, images: list) -> dict[str, torch.Tensor]:
+        """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1."""
+        parts, remaining = [], list(images)
+        for text, is_target in self.segments(sample):
+            n_images = text.count(self.image_token)
+            segment_images, remaining = remaining[:n_images], remaining[n_images:]
+            encoded = self._process(text, segment_images)
+            ids = encoded["input_ids"]
+            encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
+            parts.append(encoded)
+        if remaining:
+            raise DataError("placeholder_mismatch", sample.source, sample.index,
+                            f"the chat template placed fewer images than the record has ({len(remaining)} left over)")
+        out = merge_parts(parts)
+        length = out["input_ids"].shape[1]
+        if length > self.max_length:
+            raise DataError("too_long", sample.source, sample.index,
+                            f"{length} tokens (image tokens included) > --max_length {self.max_length}")
+        if not (out["labels"] != IGNORE_INDEX).any():
+            raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
+        return out
+
+    def dummy(self) -> dict[str, torch.Tensor]:
+        """One tiny image and its tokens, all labels ignored: run through the vision tower when a
+        micro-batch has no image, so every rank calls the same modules in the same order."""
+        from PIL import Image
+
+        image = Image.new("RGB", self.adapter.dummy_image_size(self.processor), (0, 0, 0))
+        encoded = self._process(self.adapter.image_text, [image])
+        encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
+        return encoded
+
+    def _process(self, text: str, images: list) -> dict[str, torch.Tensor]:
+        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _for_template(message: dict) -> dict:
+    """Text-only turns as plain strings (what every template accepts); others as typed parts."""
+    parts = message["content"]
+    if all(p["type"] == "text" for p in parts):
+        return {"role": message["role"], "content": "".join(p["text"] for p in parts)}
+    return message
+
+
+# Per-token tensors (padded along the sequence); everything else a processor returns is
+# per-image (pixel_values, image_grid_thw, ...) and is concatenated along dim 0.
+TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids"})
+
+
+def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate segments: per-token tensors along the sequence, vision tensors along dim 0."""
+    merged: dict[str, list[torch.Tensor]] = {}
+    for part in parts:
+        for key, value in part.items():
+            merged.setdefault(key, []).append(value)
+    return {key: torch.cat(values, dim=1 if key in TOKEN_KEYS else 0) for key, values in merged.items()}

@@ -1,0 +1,64 @@
+"""Run records through the real readers, image decoder and processor before training."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+from torch.utils.data import DataLoader, Dataset
+
+from .batching import RecordIndex
+from .encode import Encoder
+from .formats import DataError
+from .images import load_images
+
+
+@dataclass
+class RecordCheck:
+    index: int                   # global index over all data files
+    kind: str = "ok"             # "ok" or a DataError kind
+    message: str = ""
+    n_tokens: int = 0
+    n_image_tokens: int = 0
+    n_targets: int = 0
+
+
+class _CheckDataset(Dataset):
+    def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
+        self.records, self.encoder, self.indices = records, encoder, indices
+        self.image_token_id = encoder.tokenizer.convert_tokens_to_ids(encoder.image_token)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> RecordCheck:
+        index = self.indices[i]
+        try:
+            sample = self.records.sample(index)
+            encoded = self.encoder.encode(sample, load_images(sample))
+        except DataError as err:
+            return RecordCheck(index, err.kind, str(err))
+        ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+        return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
+                           n_targets=int((labels[1:] != -100).sum()))
+
+
+def check_records(records: RecordIndex, encoder: Encoder, indices: Optional[list[int]] = None,
+                  num_workers: int = 0) -> list[RecordCheck]:
+    """One RecordCheck per record, in index order; decoding and encoding run in workers."""
+    indices = list(range(len(records))) if indices is None else indices
+    loader = DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
+                        collate_fn=lambda x: x)
+    return list(loader)
+
+
+def summarize(checks: list[RecordCheck], show: int = 5) -> str:
+    """Counts by kind and the first offenders, one line each."""
+    counts = Counter(c.kind for c in checks)
+    lines = ["records: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))]
+    bad = [c for c in checks if c.kind != "ok"]
+    lines += [f"  {c.message}" for c in bad[:show]]
+    if len(bad) > show:
+        lines.append(f"  ... and {len(bad) - show} more")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""DeepSpeed setup and the optimizer step: ds config, model loading, parameter groups, loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+from .data.encode import IGNORE_INDEX
+from .models import Adapter, adapter_for
+
+# --------------------------------------------------------------------------- ds config
+
+
+def resolve_precision(config: TrainConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
+    """The user's json (ZeRO settings) plus everything the trainer decides.
+
+    A value the trainer owns may be absent or "auto" in the json; any other value that
+    differs from what the flags resolve to is an error naming both.
+    """
+    path = config.deepspeed
+    with open(path) as f:
+        ds = json.load(f)
+    precision = resolve_precision(config)
+    owned: list[tuple[tuple[str, ...], Any, str]] = [
+        (("train_micro_batch_size_per_gpu",), config.micro_batch_size, "--micro_batch_size"),
+        (("gradient_accumulation_steps",), config.grad_accum, "--grad_accum"),
+        (("train_batch_size",), config.micro_batch_size * config.grad_accum * world_size,
+         "--micro_batch_size x --grad_accum x world size"),
+        (("gradient_clipping",), config.grad_clip, "--grad_clip"),
+        (("bf16", "enabled"), precision == "bf16", "--precision"),
+        (("fp16", "enabled"), False, "--precision (fp16 is not supported: use bf16)"),
+        (("optimizer", "params", "lr"), config.lr, "--lr"),
+        (("optimizer", "params", "weight_decay"), config.weight_decay, "--weight_decay"),
+        (("optimizer", "params", "betas"), [config.adam_beta1, config.adam_beta2], "--adam_beta1/--adam_beta2"),
+        (("optimizer", "params", "eps"), config.adam_eps, "--adam_eps"),
+    ]
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'scheduler': the trainer owns the LR schedule "
+                          "(--lr, --warmup_ratio, --min_lr_ratio)")
+    optimizer_type = ds.get("optimizer", {}).get("type", "AdamW")
+    if optimizer_type.lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{path}: optimizer type {optimizer_type!r} is not supported; the trainer uses AdamW")
+    for keys, value, flag in owned:
+        node = ds
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and not _same(current, value):
+            raise ConfigError(f"{path}: {'.'.join(keys)} = {current!r} contradicts {flag} (resolved to {value!r}); "
+                              "remove it from the json or set it to \"auto\"")
+        node[keys[-1]] = value
+    ds["optimizer"]["type"] = "AdamW"
+    ds["optimizer"]["params"]["adam_w_mode"] = True
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage", 0) == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    adapter: Adapter
+    hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
+
+
+def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
+    """Load model + processor; under ZeRO-3 the weights arrive already partitioned."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    adapter = adapter_for(model_config.model_type)
+    # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(
+        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    model.config.use_cache = False
+    return LoadedModel(model, processor, adapter, hf_ds_config)
+
+
+def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
+    """Freeze everything, then unfreeze the chosen parts; returns {part: [(name, param)]}."""
+    parts = adapter.parts(model)
+    model.requires_grad_(False)
+    if config.train_llm:
+        for module in parts.llm:
+            module.requires_grad_(True)
+    if config.train_projector:
+        for module in parts.projector:
+            module.requires_grad_(True)
+    blocks = config.vision_blocks_to_train
+    if blocks == -1:
+        for module in parts.vision:
+            module.requires_grad_(True)
+    elif blocks:
+        if blocks > len(parts.vision_blocks):
+            raise ConfigError(f"asked to train the last {blocks} vision blocks; the model has {len(parts.vision_blocks)}")
+        for block in list(parts.vision_blocks)[-blocks:]:
+            block.requires_grad_(True)
+    owner = {}
+    for part, modules in (("vision", parts.vision), ("projector", parts.projector), ("llm", parts.llm)):
+        for module in modules:
+            for param in module.parameters():
+                owner.setdefault(id(param), part)
+    groups: dict[str, list] = {"vision": [], "projector": [], "llm": []}
+    for name, param in model.named_parameters():
+        if id(param) not in owner:
+            raise RuntimeError(f"adapter {adapter.family}: parameter {name} belongs to no part")
+        groups[owner[id(param)]].append((name, param))
+    return groups
+
+
+def param_groups(groups: dict[str, list], config: TrainConfig) -> list[dict]:
+    """One optimizer group per (part, decay); norms, biases and other 1-d tensors get no decay."""
+    lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
+    out = []
+    for part, named in groups.items():
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        for decay in (True, False):
+            params = [p for n, p in trainable if _decays(n, p) == decay]
+            if params:
+                out.append({"params": params, "lr": lrs[part], "weight_decay": config.weight_decay if decay else 0.0,
+                            "name": f"{part}{'' if decay else '_no_decay'}"})
+    if not out:
+        raise ConfigError("nothing to train: --train_llm, --train_projector and --train_vision are all off")
+    return out
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned params keep their shape here
+    return len(shape) >= 2 and "norm" not in name.lower()
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Linear warmup over ceil(ratio * total) steps, then cosine decay to min_lr_ratio."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- step
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the label tokens, in fp32."""
+    shifted = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class StepRunner:
+    """One optimizer step over this rank's micro-batches, with a global token-level mean loss.
+
+    DeepSpeed averages gradients over ranks; we skip its 1/grad_accum scaling and scale
+    each micro-batch's summed loss by world_size / (label tokens in the global batch),
+    so the update is d(sum of all token losses)/dθ divided by the global token count,
+    whatever the split into ranks and accumulation steps.
+    """
+
+    def __init__(self, engine, world_size: int, dtype: torch.dtype):
+        self.engine, self.world_size, self.dtype = engine, world_size, dtype
+        self.device = engine.device
+
+    def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
+        local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples")]
+        n_targets, n_tokens, n_samples = all_reduce_sum(local, self.device)
+        loss_sum = 0.0
+        for batch, _ in micro_batches:
+            batch = self.to_device(batch)
+            labels = batch.pop("labels")
+            logits = self.engine(**batch).logits
+            summed = token_loss_sum(logits, labels)
+            self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
+            self.engine.step()
+            loss_sum += summed.item()
+        (global_loss_sum,) = all_reduce_sum([loss_sum], self.device)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": global_loss_sum / n_targets, "targets": int(n_targets), "tokens": int(n_tokens),
+                "samples": int(n_samples),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+    def to_device(self, batch: dict) -> dict:
+        """Tensors to the device; floating ones (pixels) in the model's dtype."""
+        return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in batch.items()}
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches) -> dict:
+        """Token-level mean loss over every rank's micro-batches, no update."""
+        loss_sum, n_targets = 0.0, 0
+        for batch, meta in micro_batches:
+            batch = self.to_device(batch)
+            labels = batch.pop("labels")
+            loss_sum += token_loss_sum(self.engine(**batch).logits, labels).item()
+            n_targets += meta["targets"]
+        total_loss, total_targets = all_reduce_sum([loss_sum, n_targets], self.device)
+        return {"eval_loss": total_loss / max(1, total_targets), "eval_targets": int(total_targets)}

@@ -1,0 +1,85 @@
+"""Exact-match accuracy of greedy answers on held-out records, from an exported HF folder.
+
+    python -m ds_vlm.evaluate --model OUTPUT_DIR/hf --data test.jsonl [--show 5]
+
+For each record the last assistant turn is the reference; everything before it is the
+prompt. Prints accuracy and writes nothing unless --out is given (JSONL of answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .data.batching import RecordIndex
+from .data.images import load_images
+
+
+def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers to each sample's messages up to (not including) its last assistant turn."""
+    from .data.encode import _for_template
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        texts, images = [], []
+        for sample in chunk:
+            last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+            prompt = [_for_template(m) for m in sample.messages[:last]]
+            texts.append(processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+            images.extend(load_images(sample))
+        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def reference(sample) -> str:
+    last = [m for m in sample.messages if m["role"] == "assistant"][-1]
+    return "".join(p.get("text", "") for p in last["content"]).strip()
+
+
+def exact_match(model_dir: str, data: str, limit: int = 0, out: str = "") -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    records = RecordIndex(data.split(","))
+    samples = [records.sample(i) for i in range(len(records) if not limit else min(limit, len(records)))]
+    answers = generate_answers(model, processor, samples)
+    rows = [{"source": s.source, "index": s.index, "reference": reference(s), "answer": a,
+             "correct": a == reference(s)} for s, a in zip(samples, answers)]
+    if out:
+        with open(out, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    correct = sum(r["correct"] for r in rows)
+    return {"accuracy": correct / max(1, len(rows)), "correct": correct, "total": len(rows), "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="an exported HF folder (OUTPUT_DIR/hf)")
+    parser.add_argument("--data", required=True, help="records whose last assistant turn is the reference")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N records")
+    parser.add_argument("--show", type=int, default=5, help="print this many wrong answers")
+    parser.add_argument("--out", default="", help="write every answer as JSONL here")
+    parser.add_argument("--min_accuracy", type=float, default=0.0, help="exit 1 below this accuracy")
+    args = parser.parse_args(argv)
+    result = exact_match(args.model, args.data, args.limit, args.out)
+    for row in [r for r in result["rows"] if not r["correct"]][:args.show]:
+        print(f"  wrong: record {row['index']}: expected {row['reference']!r}, got {row['answer']!r}")
+    print(f"exact-match caption accuracy: {result['accuracy']:.1%} ({result['correct']}/{result['total']})")
+    return 0 if result["accuracy"] >= args.min_accuracy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
