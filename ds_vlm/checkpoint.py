@@ -35,7 +35,8 @@ def export_hf(engine, processor, out_dir: str) -> None:
         use_cache = model.config.use_cache
         model.config.use_cache = True  # training turns the KV cache off; generation wants it
         try:
-            model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            # Module names are the canonical keys; reverting load-time renames mangled them under ZeRO-3.
+            model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False)
         finally:
             model.config.use_cache = use_cache
         processor.save_pretrained(staging)

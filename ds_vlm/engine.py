@@ -205,21 +205,30 @@ class StepRunner:
     def __init__(self, engine, world_size: int, dtype: torch.dtype):
         self.engine, self.world_size, self.dtype = engine, world_size, dtype
         self.device = engine.device
+        # ZeRO-0 in fp32 keeps no global grad norm; measure it on the reduced grads before the step.
+        self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+
+    def _grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
         local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples")]
         n_targets, n_tokens, n_samples = all_reduce_sum(local, self.device)
-        loss_sum = 0.0
-        for batch, _ in micro_batches:
+        loss_sum, grad_norm = 0.0, None
+        for i, (batch, _) in enumerate(micro_batches):
             batch = self.to_device(batch)
             labels = batch.pop("labels")
             logits = self.engine(**batch).logits
             summed = token_loss_sum(logits, labels)
             self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
+            if i == len(micro_batches) - 1 and self._plain_fp32:
+                grad_norm = self._grad_norm()
             self.engine.step()
             loss_sum += summed.item()
         (global_loss_sum,) = all_reduce_sum([loss_sum], self.device)
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         return {"loss": global_loss_sum / n_targets, "targets": int(n_targets), "tokens": int(n_tokens),
                 "samples": int(n_samples),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None}
