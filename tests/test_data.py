@@ -168,3 +168,30 @@ def test_record_file_reports_bad_json(tmp_path):
     path.write_text('{"conversations": []}\n{oops\n')
     with pytest.raises(DataError, match=r"x.jsonl record 1: bad_record: not valid JSON"):
         RecordFile(str(path))[1]
+
+
+def test_every_layout_becomes_the_same_sample(demo_dir, tmp_path):
+    image = demo_dir / "data" / "images" / "train_00000.png"
+    raw = image.read_bytes()
+    answer = "A red circle."
+    layouts = {
+        "sharegpt": {"conversations": [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": answer}],
+                     "images": ["images/train_00000.png"]},
+        "messages": {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": answer}],
+                     "images": [str(image)]},
+        "llava": {"image": "images/train_00000.png",
+                  "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": answer}]},
+        "openai": {"messages": [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                             {"type": "text", "text": "What?"}]},
+                                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]},
+        "bytes": {"conversations": [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": answer}],
+                  "images": [{"bytes": raw, "path": None}]},
+    }
+    source = str(demo_dir / "data" / "any.jsonl")
+    for name, record in layouts.items():
+        sample = to_sample(record, source, 0)
+        assert [m["role"] for m in sample.messages] == ["user", "assistant"], name
+        assert sample.messages[0]["content"][0] == {"type": "image"}, name
+        assert sample.messages[1]["content"] == [{"type": "text", "text": answer}], name
+        (img,) = load_images(sample)
+        assert img.size == (64, 64), name
