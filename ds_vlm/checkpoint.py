@@ -1,19 +1,233 @@
-"""Save DeepSpeed checkpoints and export a Hugging Face folder from the live engine."""
+"""Checkpoints you can trust: atomic saves, exact resume, world-size changes, HF export.
+
+Layout under OUTPUT_DIR/checkpoints/:
+    step_00000040/            a complete checkpoint (DeepSpeed files + ours)
+        ds_vlm_checkpoint.json   written last: step, world size, run config. No marker, no checkpoint.
+        rng_rank00000.pt         every rank's RNG states
+        hf_config/               model config + processor files (for offline export)
+    step_00000060.partial/    a save in progress (or killed mid-way): ignored, removed by the next save
+    latest                    the tag of the newest complete checkpoint (DeepSpeed's format), replaced atomically
+
+A save writes everything into step_N.partial, all ranks agree it succeeded, then rank 0
+writes the marker, renames the folder to step_N and swaps `latest`. A kill -9 at any
+moment leaves the previous complete checkpoint and a `latest` that points at one.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
+import time
+from pathlib import Path
+from typing import Optional
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
+MARKER = "ds_vlm_checkpoint.json"
+HF_CONFIG = "hf_config"
+LATEST = "latest"
 
-def save_checkpoint(engine, output_dir: str, step: int, client_state: dict) -> str:
-    """All ranks: write OUTPUT_DIR/checkpoints/step_N (DeepSpeed layout, 'latest' updated)."""
-    root = os.path.join(output_dir, "checkpoints")
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(root, tag=tag, client_state=client_state)
-    return os.path.join(root, tag)
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(checkpoint: Path) -> dict:
+    with open(Path(checkpoint) / MARKER) as f:
+        return json.load(f)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / MARKER).is_file() and not str(checkpoint).endswith(".partial")
+
+
+def find_checkpoint(path: str) -> Optional[Path]:
+    """A complete checkpoint from a checkpoint folder, a checkpoints/ root, or an output dir."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
+    return complete[-1] if complete else None
+
+
+# --------------------------------------------------------------------------- rng
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "cached": cached}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run; every method is called on all ranks."""
+
+    def __init__(self, output_dir: str, keep: int = 0):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+        self.rank = dist.get_rank()
+
+    def save(self, engine, step: int, meta: dict, processor) -> tuple[bool, str]:
+        """Returns (ok, error). On failure the partial folder is removed; earlier checkpoints are untouched."""
+        final, partial = self.root / _tag(step), self.root / (_tag(step) + ".partial")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+        error = ""
+        try:
+            engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"ds_vlm_step": step},
+                                   save_latest=False)
+            torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        except Exception as err:  # disk full, quota, I/O errors: report, keep earlier checkpoints
+            error = f"rank {self.rank}: {type(err).__name__}: {err}"
+        agreed = _all_ok(not error)
+        if agreed and self.rank == 0:
+            try:
+                engine.module.config.save_pretrained(partial / HF_CONFIG)
+                if getattr(engine.module, "generation_config", None) is not None:
+                    engine.module.generation_config.save_pretrained(partial / HF_CONFIG)
+                processor.save_pretrained(partial / HF_CONFIG)
+                _write_atomic(partial / MARKER, json.dumps({**meta, "step": step, "time": time.time()}, indent=2))
+                if final.exists():  # a re-save of the same step after a resume
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                _fsync_dir(self.root)
+                _write_atomic(self.root / LATEST, final.name)
+            except Exception as err:
+                error = f"rank 0: {type(err).__name__}: {err}"
+        ok = _all_ok(agreed and not error, src_rank_decides=True)
+        if not ok:
+            error = error or "another rank failed to write its part"
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+        elif self.keep and self.rank == 0:
+            self._prune()
+        dist.barrier()
+        return ok, error
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if is_complete(p))
+        for old in complete[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _all_ok(ok: bool, src_rank_decides: bool = False) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if src_rank_decides:
+        dist.broadcast(flag, src=0)
+    else:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+# Settings whose change makes a resumed run differ from the uninterrupted one.
+EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "warmup_ratio", "min_lr_ratio")
+
+
+def config_differences(meta: dict, config: dict, global_batch: int, total_steps: int) -> list[str]:
+    saved = meta["config"]
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config.get(key)!r}"
+             for key in EXACTNESS_KEYS if saved.get(key) != config.get(key)]
+    if meta["global_batch"] != global_batch:
+        diffs.append(f"global batch: checkpoint {meta['global_batch']} (micro {saved['micro_batch_size']} x accum "
+                     f"{saved['grad_accum']} x {meta['world_size']} ranks), now {global_batch}")
+    if meta["total_steps"] != total_steps:
+        diffs.append(f"total steps (LR schedule): checkpoint {meta['total_steps']}, now {total_steps}")
+    return diffs
+
+
+def universal_dir(checkpoint: Path) -> Path:
+    return checkpoint / "universal"
+
+
+def ensure_universal(checkpoint: Path) -> Path:
+    """Rank 0 converts a ZeRO checkpoint to DeepSpeed's universal format (once); all ranks wait."""
+    target = universal_dir(checkpoint)
+    if dist.get_rank() == 0 and not (target / MARKER).is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        staging = checkpoint / "universal.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=str(checkpoint), output_folder=str(staging), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False))
+        shutil.copy(checkpoint / MARKER, staging / MARKER)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    dist.barrier()
+    return target
+
+
+def load(engine, checkpoint: Path, universal: bool) -> None:
+    """Engine, optimizer and LR schedule from `checkpoint`; this rank's RNG states if it saved them."""
+    source = universal_dir(checkpoint) if universal else checkpoint
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+    rng_file = checkpoint / f"rng_rank{dist.get_rank():05d}.pt"
+    if rng_file.is_file() and not universal:
+        set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+# --------------------------------------------------------------------------- export
 
 
 def gathered_state_dict(engine) -> dict | None:
@@ -25,21 +239,27 @@ def gathered_state_dict(engine) -> dict | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
+def save_hf(model, state: dict, processor, out_dir: str, max_shard_size: str = "5GB") -> None:
+    """Write safetensors + config + processor into out_dir, via a staging folder renamed at the end."""
+    staging = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    text_config = getattr(model.config, "text_config", model.config)
+    use_cache = getattr(text_config, "use_cache", True)
+    text_config.use_cache = True  # training turns the KV cache off; generation wants it
+    try:
+        # Module names are the canonical keys; reverting load-time renames mangled them under ZeRO-3.
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False,
+                              max_shard_size=max_shard_size)
+    finally:
+        text_config.use_cache = use_cache
+    processor.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(staging, out_dir)
+
+
 def export_hf(engine, processor, out_dir: str) -> None:
-    """All ranks: consolidated safetensors + config + processor files in out_dir (written atomically)."""
+    """All ranks: consolidated weights of the live engine -> out_dir on rank 0."""
     state = gathered_state_dict(engine)
     if dist.get_rank() == 0:
-        model = engine.module
-        staging = out_dir.rstrip("/") + ".partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        use_cache = model.config.use_cache
-        model.config.use_cache = True  # training turns the KV cache off; generation wants it
-        try:
-            # Module names are the canonical keys; reverting load-time renames mangled them under ZeRO-3.
-            model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False)
-        finally:
-            model.config.use_cache = use_cache
-        processor.save_pretrained(staging)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(staging, out_dir)
+        save_hf(engine.module, state, processor, out_dir)
     dist.barrier()

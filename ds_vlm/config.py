@@ -59,6 +59,12 @@ class TrainConfig:
     num_workers: int = field(default=1, metadata={"help": "DataLoader workers per rank for decoding/encoding"})
     # output
     save_steps: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps; 0: only at the end"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep only the newest K complete checkpoints (0: all)"})
+    resume: str = field(default="auto", metadata={"help": "auto (newest complete checkpoint in output_dir, if any) "
+                                                          "| none | PATH"})
+    resume_ignore_config: bool = field(default=False, metadata={"help": "resume even if model, data, global batch "
+                                                                        "or schedule changed"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite steps"})
     export_hf: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/hf at the end"})
     logging_steps: int = field(default=1, metadata={"help": "progress-bar refresh interval in steps"})
     seed: int = 42
@@ -96,6 +102,8 @@ class TrainConfig:
         need(not (self.unfreeze_vision_layers and self.train_vision != "none"),
              "--unfreeze_vision_layers and --train_vision both set; give one")
         need(self.num_workers >= 0, "--num_workers must be >= 0")
+        need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
+        need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         return self
 
     def to_dict(self) -> dict:

@@ -67,6 +67,8 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if precision == "bf16":  # skip steps whose gradients are not finite, as fp32 ZeRO does
+        ds["bf16"].setdefault("check_grad_overflow", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -106,7 +108,7 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     model = AutoModelForImageTextToText.from_pretrained(
         config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    model.config.use_cache = False
+    getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
 
 
@@ -222,16 +224,23 @@ class StepRunner:
             logits = self.engine(**batch).logits
             summed = token_loss_sum(logits, labels)
             self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
+            skip_plain = False
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
+                skip_plain = not math.isfinite(grad_norm)
+                if skip_plain:  # what ZeRO 1-3 do on an invalid norm: drop the grads, no update
+                    for param in self.engine.module.parameters():
+                        param.grad = None
             self.engine.step()
             loss_sum += summed.item()
         (global_loss_sum,) = all_reduce_sum([loss_sum], self.device)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": global_loss_sum / n_targets, "targets": int(n_targets), "tokens": int(n_tokens),
-                "samples": int(n_samples),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        loss = global_loss_sum / n_targets
+        applied = self.engine.was_step_applied() and not skip_plain
+        return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
+                "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
+                "skipped": not (applied and math.isfinite(loss))}
 
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device; floating ones (pixels) in the model's dtype."""

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import export_hf, save_checkpoint
-from .config import TrainConfig
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
 from .data.batching import BatchPlan, Collator, RecordIndex, SFTDataset
 from .data.encode import Encoder
 from .data.preflight import check_records, summarize
@@ -23,6 +23,10 @@ from .metrics import RunLog
 
 class BadDataError(RuntimeError):
     """Preflight found bad records and --bad_records is error."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 
 def setup_threads() -> None:
@@ -106,6 +110,13 @@ def run(config: TrainConfig) -> dict:
 
     plan = BatchPlan(len(train_set), config.micro_batch_size, config.grad_accum, world, config.seed)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * plan.steps_per_epoch
+    run_meta = {"world_size": world, "zero_stage": ds_config["zero_optimization"].get("stage", 0),
+                "global_batch": plan.global_batch, "total_steps": total_steps, "n_train_samples": len(train_set),
+                "config": config.to_dict()}
+    resume_from, universal = find_resume(config, run_meta)
+    if universal:
+        ckpt.ensure_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
 
     # -- engine --------------------------------------------------------------------------
     from torch.optim.lr_scheduler import LambdaLR
@@ -120,6 +131,21 @@ def run(config: TrainConfig) -> dict:
 
     # -- loop ----------------------------------------------------------------------------
     start_step = 0
+    if resume_from is not None:
+        ckpt.load(engine, resume_from, universal)
+        start_step = ckpt.read_meta(resume_from)["step"]
+        log.info(f"resumed from {resume_from} at step {start_step}" + (" (universal format)" if universal else ""))
+    checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit)
+
+    def save(step: int) -> bool:
+        ok, error = checkpointer.save(engine, step, run_meta, processor)
+        path = str(checkpointer.root / f"step_{step:08d}")
+        log.event({"event": "checkpoint", "step": step, "path": path} if ok else
+                  {"event": "checkpoint_failed", "step": step, "error": error})
+        log.info(f"saved {path}" if ok else f"checkpoint at step {step} FAILED ({error}); earlier checkpoints "
+                                            f"are intact")
+        return ok
+
     if rank == 0:
         log.close()
         log = RunLog(config.output_dir, total_steps, start_step, enabled=True)
@@ -129,17 +155,26 @@ def run(config: TrainConfig) -> dict:
                  f"{plan.steps_per_epoch} steps/epoch, {total_steps} steps")
     loader = iter(make_loader(train_set, plan, rank, start_step, total_steps, collator, config.num_workers))
     last = time.perf_counter()
+    bad_in_a_row, skipped = 0, 0
     for step in range(start_step, total_steps):
         lr = scheduler.get_last_lr()[0]
         micro = [next(loader) for _ in range(config.grad_accum)]
         stats = runner.run(micro)
         now = time.perf_counter()
         elapsed, last = now - last, now
+        bad_in_a_row = bad_in_a_row + 1 if stats["skipped"] else 0
+        skipped += stats["skipped"]
         log.step({"step": step + 1, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
                   "tokens_per_s": stats["tokens"] / elapsed, "samples_per_s": stats["samples"] / elapsed,
-                  "step_time_s": elapsed, "tokens": stats["tokens"], "targets": stats["targets"]})
+                  "step_time_s": elapsed, "tokens": stats["tokens"], "targets": stats["targets"],
+                  "skipped": stats["skipped"], "skipped_steps": skipped})
+        if bad_in_a_row >= config.max_bad_steps:
+            good = ckpt.find_checkpoint(config.output_dir)
+            raise TrainingDiverged(
+                f"{bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
+                f"and were skipped; stopping. Last good checkpoint: {good or 'none'}. Lower --lr or check the data.")
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(engine, config.output_dir, step + 1, {"step": step + 1, "config": config.to_dict()})
+            save(step + 1)
             last = time.perf_counter()
 
     # -- end -----------------------------------------------------------------------------
@@ -148,12 +183,36 @@ def run(config: TrainConfig) -> dict:
         result.update(evaluate_loss(runner, eval_set, config, collator, rank, world))
         log.event({"event": "eval", "step": total_steps, **result})
         log.info(f"eval loss {result['eval_loss']:.4f}")
-    save_checkpoint(engine, config.output_dir, total_steps, {"step": total_steps, "config": config.to_dict()})
+    saved = save(total_steps)
     if config.export_hf:
-        export_hf(engine, processor, os.path.join(config.output_dir, "hf"))
+        ckpt.export_hf(engine, processor, os.path.join(config.output_dir, "hf"))
         log.info(f"exported {os.path.join(config.output_dir, 'hf')}")
     log.close()
+    if not saved:
+        raise RuntimeError(f"the final checkpoint (step {total_steps}) could not be written; see metrics.jsonl")
     return result
+
+
+def find_resume(config: TrainConfig, run_meta: dict):
+    """(checkpoint to resume from or None, whether it needs the universal format)."""
+    if config.resume == "none":
+        return None, False
+    source = config.output_dir if config.resume == "auto" else config.resume
+    found = ckpt.find_checkpoint(source)
+    if found is None:
+        if config.resume != "auto":
+            raise ConfigError(f"--resume {config.resume}: no complete checkpoint there")
+        return None, False
+    meta = ckpt.read_meta(found)
+    diffs = ckpt.config_differences(meta, run_meta["config"], run_meta["global_batch"], run_meta["total_steps"])
+    if meta.get("n_train_samples") != run_meta["n_train_samples"]:
+        diffs.append(f"usable train samples: checkpoint {meta.get('n_train_samples')}, now "
+                     f"{run_meta['n_train_samples']}")
+    if diffs and not config.resume_ignore_config:
+        raise ConfigError(f"cannot resume exactly from {found}; the run differs in:\n  " + "\n  ".join(diffs)
+                          + "\npass --resume_ignore_config to resume anyway, or --resume none to start fresh")
+    universal = meta["world_size"] != run_meta["world_size"] and meta["zero_stage"] >= 1
+    return found, universal
 
 
 def evaluate_loss(runner: StepRunner, dataset, config: TrainConfig, collator, rank: int, world: int) -> dict:

@@ -1,0 +1,196 @@
+"""Checkpoints: kill -9 and exact resume, atomic saves, failed saves, world-size change, offline export."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, read_metrics, run_train, write_json
+from ds_vlm import checkpoint as ckpt
+from ds_vlm.config import ConfigError, TrainConfig
+from ds_vlm.train import find_resume
+
+STEPS, SAVE = 6, 2
+
+
+def _args(demo_dir: Path, out: Path, ds: Path, *extra: str) -> list[str]:
+    return ["--model", str(demo_dir / "model"), "--train_data", str(demo_dir / "data" / "train.jsonl"),
+            "--deepspeed", str(ds), "--output_dir", str(out), "--max_steps", str(STEPS), "--micro_batch_size", "2",
+            "--lr", "1e-3", "--warmup_ratio", "0.2", "--save_steps", str(SAVE), "--num_workers", "0",
+            "--train_vision", "last:1", "--dist_timeout_s", "120", *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out)}  # a re-run step overwrites the killed run's line
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+
+
+def _zero3_all_partitioned(tmp: Path) -> Path:
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return write_json(tmp / "zero3_all.json", ds)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir, tmp_path_factory):
+    """Uninterrupted ZeRO-3 and ZeRO-2 runs: per-step losses, checkpoints every 2 steps, HF export."""
+    tmp = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for name, ds in (("zero3", _zero3_all_partitioned(tmp)), ("zero2", ROOT / "ds_configs" / "zero2.json")):
+        out = tmp / name
+        _ok(run_train(_args(demo_dir, out, ds, "--export_hf", "true" if name == "zero3" else "false")))
+        runs[name] = (out, ds)
+    return runs
+
+
+def _launch_and_kill_after(args: list[str], step: int, timeout: float = 240) -> None:
+    """Start a 2-rank run and kill -9 its whole process group once `step` is logged."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), *args]
+    out = Path(args[args.index("--output_dir") + 1])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in read_metrics(out)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference, demo_dir, tmp_path):
+    ref_out, ds = reference[stage]
+    out = tmp_path / "run"
+    _launch_and_kill_after(_args(demo_dir, out, ds, "--export_hf", "false"), step=3)
+    killed_at = max(_losses(out))
+    resumed_from = ckpt.find_checkpoint(str(out))
+    assert resumed_from is not None and ckpt.read_meta(resumed_from)["step"] in (2, 4)
+    proc = run_train(_args(demo_dir, out, ds, "--export_hf", "false"))
+    _ok(proc)
+    start = ckpt.read_meta(resumed_from)["step"]
+    assert f"resumed from {resumed_from} at step {start}" in proc.stderr
+    expected, got = _losses(ref_out), _losses(out)
+    assert killed_at >= 3 and sorted(got) == list(range(1, STEPS + 1))
+    for step in range(start + 1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_resume_on_another_world_size(reference, demo_dir, tmp_path):
+    """A 2-rank ZeRO-3 checkpoint resumes on 1 rank (universal format); same samples, same losses."""
+    ref_out, ds = reference["zero3"]
+    out = tmp_path / "one_rank"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_out / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002")
+    (out / "checkpoints" / "latest").write_text("step_00000002")
+    proc = run_train(_args(demo_dir, out, ds, "--grad_accum", "2", "--export_hf", "false"), nprocs=1)
+    _ok(proc)
+    assert "(universal format)" in proc.stderr
+    expected, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == [3, 4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+
+
+def test_offline_export_equals_the_engine_weights(reference, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    ref_out, _ = reference["zero3"]
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "ds_vlm.export", str(ref_out), str(out), "--dtype", "fp32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _ok(proc)
+    engine_weights = load_file(ref_out / "hf" / "model.safetensors")  # gathered from the live ZeRO-3 engine
+    exported = load_file(out / "model.safetensors")
+    assert engine_weights.keys() == exported.keys()
+    for key in engine_weights:
+        assert engine_weights[key].dtype == torch.float32
+        assert torch.equal(engine_weights[key], exported[key]), key
+    assert any(".visual.blocks.0." in k for k in exported)  # frozen vision blocks are exported too
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    AutoModelForImageTextToText.from_pretrained(out)
+
+
+def test_partial_checkpoints_are_never_resumed(reference, tmp_path):
+    ref_out, _ = reference["zero2"]
+    root = tmp_path / "out" / "checkpoints"
+    shutil.copytree(ref_out / "checkpoints", root)
+    latest = ckpt.find_checkpoint(str(tmp_path / "out"))
+    assert latest.name == "step_00000006"
+    # a save killed half-way: folder without its marker, latest not yet swapped
+    shutil.copytree(root / "step_00000006", root / "step_00000008.partial")
+    (root / "step_00000008.partial" / ckpt.MARKER).unlink()
+    assert ckpt.find_checkpoint(str(tmp_path / "out")) == latest
+    # a pointer to an incomplete folder falls back to the newest complete one
+    (root / "latest").write_text("step_00000008")
+    assert ckpt.find_checkpoint(str(tmp_path / "out")) == latest
+
+
+def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_dir, tmp_path):
+    """Resume from step 4 with a 1 MB file-size limit: the step-6 save fails, step 4 stays intact."""
+    ref_out, ds = reference["zero2"]
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_out / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+    (out / "checkpoints" / "latest").write_text("step_00000004")
+    limit = 1 << 20
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), *_args(demo_dir, out, ds, "--export_hf", "false")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode != 0
+    assert "checkpoint at step 6 FAILED" in proc.stderr and "could not be written" in proc.stderr
+    assert ckpt.find_checkpoint(str(out)).name == "step_00000004"
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert not list((out / "checkpoints").glob("*.partial"))
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "checkpoint_failed" and e["step"] == 6 for e in events)
+    _ok(run_train(_args(demo_dir, out, ds, "--export_hf", "false")))  # and it still resumes from step 4
+    assert ckpt.find_checkpoint(str(out)).name == "step_00000006"
+
+
+def test_resume_with_a_changed_config_is_refused_with_the_difference(reference):
+    ref_out, ds = reference["zero2"]
+    meta = ckpt.read_meta(ckpt.find_checkpoint(str(ref_out)))
+    config = TrainConfig(**{**meta["config"], "lr": 5e-4, "micro_batch_size": 4})
+    run_meta = {**meta, "config": config.to_dict(), "global_batch": 8}
+    with pytest.raises(ConfigError) as err:
+        find_resume(config, run_meta)
+    assert "lr: checkpoint 0.001, now 0.0005" in str(err.value)
+    assert "global batch: checkpoint 4 (micro 2 x accum 1 x 2 ranks), now 8" in str(err.value)
+    assert "--resume_ignore_config" in str(err.value)
+    config.resume_ignore_config = True
+    assert find_resume(config, run_meta)[0] is not None
+    config.resume = "none"
+    assert find_resume(config, run_meta) == (None, False)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(demo_dir, tmp_path):
+    out = tmp_path / "diverge"
+    proc = run_train(_args(demo_dir, out, ROOT / "ds_configs" / "zero2.json", "--lr", "1e30", "--warmup_ratio", "0",
+                           "--max_steps", "12", "--max_bad_steps", "2", "--save_steps", "1", "--export_hf", "false"))
+    assert proc.returncode != 0
+    assert "2 optimizer steps in a row" in proc.stderr and "Last good checkpoint" in proc.stderr
+    rows = read_metrics(out)
+    assert rows[-1]["skipped"] and rows[-2]["skipped"] and rows[-1]["skipped_steps"] >= 2
+    assert not rows[0]["skipped"]
