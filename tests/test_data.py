@@ -119,14 +119,15 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
     batch, meta = collate([e_text, e_image])  # has an image: no dummy
     assert batch["pixel_values"].shape == e_image["pixel_values"].shape
     assert meta == {"samples": 2, "tokens": e_text["input_ids"].shape[1] + e_image["input_ids"].shape[1],
-                    "targets": count_targets(e_text["labels"]) + count_targets(e_image["labels"])}
+                    "targets": count_targets(e_text["labels"]) + count_targets(e_image["labels"]),
+                    "computed": batch["input_ids"].numel()}
     assert (batch["labels"][0, e_text["input_ids"].shape[1]:] == IGNORE_INDEX).all()
 
     batch, meta = collate([e_text])  # text only: the dummy image rides along, ignored by the loss
     assert "pixel_values" in batch and meta["targets"] == count_targets(e_text["labels"])
     assert count_targets(batch["labels"]) == meta["targets"]
     batch, meta = collate([])  # an empty slot at the end of an epoch still runs the towers
-    assert meta == {"samples": 0, "tokens": 0, "targets": 0} and count_targets(batch["labels"]) == 0
+    assert meta["samples"] == meta["tokens"] == meta["targets"] == 0 and count_targets(batch["labels"]) == 0
 
 
 def test_dummy_image_does_not_change_the_loss(encoder, demo_dir):

@@ -4,28 +4,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset
 
 from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, merge_parts
-from .formats import RecordFile, Sample, to_sample
+from .formats import RecordFile, Sample, expand_source, parse_sources, to_sample
 from .images import load_images
 
 
 class RecordIndex:
-    """Several data files seen as one list of records; global index -> (file, local index)."""
+    """Several data sources seen as one list of records; global index -> (file, local index).
 
-    def __init__(self, paths: list[str], image_root: str = ""):
-        self.files = [RecordFile(p) for p in paths]
-        self.image_root = image_root
-        self.starts = []
+    `spec` is 'a.jsonl,b.parquet' or, with sampling weights, 'a.jsonl:0.7,b.parquet:0.3'; a
+    source may be a file, a folder of parquet files or a `save_to_disk` folder.
+    """
+
+    def __init__(self, spec, image_root: str = "", data_format: str = "auto"):
+        sources = parse_sources(spec) if isinstance(spec, str) else [(str(p), None) for p in spec]
+        self.image_root, self.data_format = image_root, data_format
+        self.files, self.starts, self.source_ranges, self.weights = [], [], [], []
         total = 0
-        for f in self.files:
-            self.starts.append(total)
-            total += len(f)
+        for path, weight in sources:
+            first = total
+            for file_path in expand_source(path):
+                self.files.append(RecordFile(file_path))
+                self.starts.append(total)
+                total += len(self.files[-1])
+            self.source_ranges.append((first, total))
+            self.weights.append(weight)
         self.total = total
+
+    def source_sizes(self, kept: list[int]) -> list[int]:
+        """How many of the kept global indices fall in each source."""
+        return [sum(start <= i < end for i in kept) for start, end in self.source_ranges]
 
     def __len__(self) -> int:
         return self.total
@@ -36,7 +50,7 @@ class RecordIndex:
 
     def sample(self, index: int) -> Sample:
         f, local = self.locate(index)
-        return to_sample(f[local], f.path, local, self.image_root)
+        return to_sample(f[local], f.path, local, self.image_root, self.data_format)
 
 
 class SFTDataset(Dataset):
@@ -54,17 +68,38 @@ class SFTDataset(Dataset):
         return self.encoder.encode(sample, load_images(sample))
 
 
+def epoch_order(n_samples: int, seed: int, epoch: int, source_sizes: Optional[list[int]] = None,
+                weights: Optional[list[float]] = None) -> list[int]:
+    """Dataset positions of one epoch, seeded by (seed, epoch).
+
+    Without weights: a permutation of all samples. With weights (sources laid out one after
+    the other in position space), source i contributes round(w_i / sum(w) * n_samples)
+    draws: its own permutation, repeated when it must be upsampled, cut when downsampled.
+    """
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    if not weights or weights[0] is None:
+        return torch.randperm(n_samples, generator=generator).tolist()
+    draws, offset, total_weight = [], 0, sum(weights)
+    for size, weight in zip(source_sizes, weights):
+        wanted = round(weight / total_weight * n_samples)
+        if size:
+            rounds = [torch.randperm(size, generator=generator) + offset for _ in range(math.ceil(wanted / size))]
+            draws.extend(torch.cat(rounds)[:wanted].tolist() if rounds else [])
+        offset += size
+    return [draws[i] for i in torch.randperm(len(draws), generator=generator).tolist()]
+
+
 @dataclass
 class BatchPlan:
     """Which dataset positions each rank sees in each micro-step of each optimizer step.
 
-    Epoch e is a permutation of all samples seeded by (seed, e). Optimizer step s of the
-    epoch takes the next `global_batch` positions; sample j of that global batch goes to
-    slot j mod (world * grad_accum), slot k being (accumulation step k // world, rank
-    k % world). The last step of an epoch is smaller: nothing is dropped or repeated, and
-    a rank whose micro-batch comes up empty runs a fully masked dummy (it adds 0 to the
-    loss and keeps the collectives in step). The set of samples in a global step does not
-    depend on the world size, which is what lets a run resume on another one.
+    Epoch e is `epoch_order(e)`. Optimizer step s of the epoch takes the next
+    `global_batch` positions; sample j of that global batch goes to slot j mod
+    (world * grad_accum), slot k being (accumulation step k // world, rank k % world). The
+    last step of an epoch is smaller: nothing is dropped or repeated, and a rank whose
+    micro-batch comes up empty runs a fully masked dummy (it adds 0 to the loss and keeps
+    the collectives in step). The set of samples in a global step does not depend on the
+    world size, which is what lets a run resume on another one.
     """
 
     n_samples: int
@@ -72,37 +107,94 @@ class BatchPlan:
     grad_accum: int
     world_size: int
     seed: int
+    source_sizes: Optional[list[int]] = None
+    weights: Optional[list[float]] = None
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
-    @property
+    @cached_property
+    def epoch_length(self) -> int:
+        return len(self.epoch_order(0)) if self.weights and self.weights[0] is not None else self.n_samples
+
+    @cached_property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_samples / self.global_batch)
+        return math.ceil(self.epoch_length / self.global_batch)
 
     def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(self.n_samples, generator=generator).tolist()
+        return epoch_order(self.n_samples, self.seed, epoch, self.source_sizes, self.weights)
 
-    def step_samples(self, step: int, order: Optional[list[int]] = None) -> list[int]:
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch as a list of micro-batches in slot order (step, accumulation step, rank)."""
+        order, slots = self.epoch_order(epoch), self.world_size * self.grad_accum
+        out = []
+        for offset in range(0, self.steps_per_epoch * self.global_batch, self.global_batch):
+            chosen = order[offset:offset + self.global_batch]
+            out.extend(chosen[k::slots] for k in range(slots))
+        return out
+
+    def step_samples(self, step: int) -> list[int]:
+        return [i for mb in self.micro_batches(step, None) for i in mb]
+
+    def micro_batches(self, step: int, rank: Optional[int], epoch_cache: Optional[dict] = None) -> list[list[int]]:
+        """This rank's micro-batches of `step` (all ranks' if rank is None)."""
         epoch, offset = divmod(step, self.steps_per_epoch)
-        order = order if order is not None else self.epoch_order(epoch)
-        return order[offset * self.global_batch:(offset + 1) * self.global_batch]
-
-    def micro_batches(self, step: int, rank: int, order: Optional[list[int]] = None) -> list[list[int]]:
-        chosen = self.step_samples(step, order)
+        cache = {} if epoch_cache is None else epoch_cache
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = self.epoch_micro_batches(epoch)
         slots = self.world_size * self.grad_accum
-        return [chosen[a * self.world_size + rank::slots] for a in range(self.grad_accum)]
+        mine = cache[epoch][offset * slots:(offset + 1) * slots]
+        mine += [[] for _ in range(slots - len(mine))]
+        return mine if rank is None else [mine[a * self.world_size + rank] for a in range(self.grad_accum)]
 
     def iterate(self, rank: int, start_step: int, total_steps: int) -> Iterator[list[int]]:
         """Micro-batches (lists of dataset positions) for this rank, from start_step on."""
-        cached_epoch, order = -1, None
+        cache: dict = {}
         for step in range(start_step, total_steps):
-            epoch = step // self.steps_per_epoch
-            if epoch != cached_epoch:
-                cached_epoch, order = epoch, self.epoch_order(epoch)
-            yield from self.micro_batches(step, rank, order)
+            yield from self.micro_batches(step, rank, cache)
+
+
+@dataclass
+class TokenBudgetPlan(BatchPlan):
+    """Micro-batches formed by a token budget instead of a fixed size.
+
+    Each epoch's order is cut into windows of 64 x world x grad_accum samples; each window
+    is sorted by length and packed greedily so that (longest sample x count) stays within
+    `max_tokens`; the micro-batches are then shuffled (seeded) and dealt to the slots of
+    successive optimizer steps. Every sample of the epoch is used once; the last step may
+    leave slots empty (masked dummies). Samples per step vary; the loss stays a token-level
+    mean over the global batch.
+    """
+
+    lengths: Optional[list[int]] = None
+    max_tokens: int = 0
+    window: int = 64
+
+    @cached_property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.epoch_micro_batches(0)) / (self.world_size * self.grad_accum))
+
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        key = ("packed", epoch)
+        if getattr(self, "_cached_key", None) == key:
+            return self._cached
+        order, span = self.epoch_order(epoch), self.window * self.world_size * self.grad_accum
+        packed: list[list[int]] = []
+        for start in range(0, len(order), span):
+            current, longest = [], 0
+            for i in sorted(order[start:start + span], key=lambda i: self.lengths[i]):
+                if current and max(longest, self.lengths[i]) * (len(current) + 1) > self.max_tokens:
+                    packed.append(current)
+                    current, longest = [], 0
+                current.append(i)
+                longest = max(longest, self.lengths[i])
+            if current:
+                packed.append(current)
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch + 7)
+        self._cached_key, self._cached = key, [packed[i] for i in torch.randperm(len(packed), generator=generator)]
+        return self._cached
 
 
 class Collator:
@@ -126,6 +218,7 @@ class Collator:
                 if key in TOKEN_KEYS:
                     value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=self._pad_value(key))
                 batch.setdefault(key, []).append(value)
+        meta["computed"] = length * len(samples)  # tokens the forward runs over, padding and dummy included
         return {key: torch.cat(values, dim=0) for key, values in batch.items()}, meta
 
     def _pad_value(self, key: str) -> int:

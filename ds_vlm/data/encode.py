@@ -16,13 +16,24 @@ from .formats import DataError, Sample
 IGNORE_INDEX = -100
 
 
+TRUNCATION = ("error", "skip", "truncate")
+
+
 class Encoder:
-    def __init__(self, processor, adapter, max_length: int):
+    """`truncation`: what an over-long sample does: error/skip raise DataError(too_long) (preflight
+    stops or drops it), truncate cuts it at max_length, never inside an image's tokens."""
+
+    def __init__(self, processor, adapter, max_length: int, truncation: str = "error"):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = adapter
         self.max_length = max_length
+        self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        # tokens the template writes before an image's own tokens (e.g. <|vision_start|>)
+        lead = adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
+        self.image_lead = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
 
     # -- text -------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -69,11 +80,29 @@ class Encoder:
         out = merge_parts(parts)
         length = out["input_ids"].shape[1]
         if length > self.max_length:
-            raise DataError("too_long", sample.source, sample.index,
-                            f"{length} tokens (image tokens included) > --max_length {self.max_length}")
+            if self.truncation != "truncate":
+                raise DataError("too_long", sample.source, sample.index,
+                                f"{length} tokens (image tokens included) > --max_length {self.max_length}")
+            out = self._truncate(out, sample)
         if not (out["labels"] != IGNORE_INDEX).any():
             raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
         return out
+
+    def _truncate(self, out: dict[str, torch.Tensor], sample: Sample) -> dict[str, torch.Tensor]:
+        """Cut at max_length; a cut through an image moves before it (and its lead tokens), and
+        the images after the cut leave the vision tensors too."""
+        is_image = (out["input_ids"][0] == self.image_token_id).tolist()
+        cut = self.max_length
+        if is_image[cut - 1] and is_image[cut]:
+            while cut > 0 and is_image[cut - 1]:
+                cut -= 1
+            cut = max(0, cut - self.image_lead)
+        kept_images = sum(1 for i in range(cut) if is_image[i] and (i == 0 or not is_image[i - 1]))
+        if not (out["labels"][0, :cut] != IGNORE_INDEX).any():
+            raise DataError("too_long", sample.source, sample.index,
+                            f"{len(is_image)} tokens > --max_length {self.max_length}, and truncating would leave "
+                            "no answer token")
+        return keep_images({k: v[:, :cut] if k in TOKEN_KEYS else v for k, v in out.items()}, kept_images)
 
     def dummy(self) -> dict[str, torch.Tensor]:
         """One tiny image and its tokens, all labels ignored: run through the vision tower when a
@@ -88,6 +117,36 @@ class Encoder:
     def _process(self, text: str, images: list) -> dict[str, torch.Tensor]:
         out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def keep_images(encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
+    """Vision tensors of the first n images only (Qwen-style patch rows with a grid, or one row per image)."""
+    out = dict(encoded)
+    if "image_grid_thw" in out:
+        rows = int(out["image_grid_thw"][:n_images].prod(-1).sum())
+        out["pixel_values"], out["image_grid_thw"] = out["pixel_values"][:rows], out["image_grid_thw"][:n_images]
+    elif "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"][:n_images]
+    if n_images == 0:
+        out = {k: v for k, v in out.items() if k not in ("pixel_values", "image_grid_thw", "image_sizes")}
+    return out
+
+
+def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
+    """Apply --min_pixels / --max_pixels to the image processor, or refuse if it has no such bounds."""
+    if not (min_pixels or max_pixels):
+        return
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    bounds = {k: getattr(size, k, None) if not isinstance(size, dict) else size.get(k)
+              for k in ("shortest_edge", "longest_edge")}
+    if None in bounds.values():
+        raise ValueError(f"--min_pixels/--max_pixels: {type(image_processor).__name__} resizes every image to a "
+                         "fixed size; it has no pixel bounds to set")
+    new = {"shortest_edge": min_pixels or bounds["shortest_edge"], "longest_edge": max_pixels or bounds["longest_edge"]}
+    if new["shortest_edge"] > new["longest_edge"]:
+        raise ValueError(f"--min_pixels {new['shortest_edge']} > --max_pixels {new['longest_edge']}")
+    image_processor.size = new
 
 
 def _for_template(message: dict) -> dict:

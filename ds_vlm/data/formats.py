@@ -50,17 +50,15 @@ class Sample:
 
 
 class RecordFile:
-    """Random access to the records of one JSONL, JSON or parquet file."""
+    """Random access to the records of one JSONL, JSON or parquet file, or a `save_to_disk` folder."""
 
     def __init__(self, path: str):
         self.path = str(path)
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise FileNotFoundError(f"data file {self.path} does not exist")
         suffix = Path(self.path).suffix.lower()
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            self._table = pq.read_table(self.path, memory_map=True)
+        if is_saved_dataset(self.path) or suffix == ".parquet":
+            self._table = _open_table(self.path)
             self._length = self._table.num_rows
         elif suffix == ".jsonl":
             self._offsets = _line_offsets(self.path)
@@ -97,10 +95,56 @@ class RecordFile:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if Path(self.path).suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
+        if "_length" in state and "_offsets" not in state and "_rows" not in state:
+            self._table = _open_table(self.path)
 
-            self._table = pq.read_table(self.path, memory_map=True)
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk`."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
+
+
+def _open_table(path: str):
+    """A memory-mapped Arrow table; images stay as stored ({bytes, path}), not decoded."""
+    if is_saved_dataset(path):
+        from datasets import load_from_disk
+
+        return load_from_disk(path).data.table
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, memory_map=True)
+
+
+def expand_source(path: str) -> list[str]:
+    """A data path -> the files it holds: a file, a save_to_disk folder, or a folder of parquet files."""
+    if os.path.isdir(path) and not is_saved_dataset(path):
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            raise ValueError(f"{path} holds several splits (a DatasetDict); name one, e.g. {path}/train")
+        files = sorted(str(p) for p in Path(path).rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path}: a folder with no parquet files and no save_to_disk dataset")
+        return files
+    return [path]
+
+
+def parse_sources(spec: str) -> list[tuple[str, Optional[float]]]:
+    """'a.jsonl:0.7,b.parquet:0.3' -> [(path, weight)]; a weight may be left out (None)."""
+    sources = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        path, weight = item, None
+        if ":" in item:
+            head, tail = item.rsplit(":", 1)
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass
+        if weight is not None and weight <= 0:
+            raise ValueError(f"{item}: a sampling weight must be > 0")
+        sources.append((path, weight))
+    if any(w is None for _, w in sources) and any(w is not None for _, w in sources):
+        raise ValueError(f"{spec}: give a weight to every source or to none")
+    return sources
 
 
 def _line_offsets(path: str) -> list[int]:
@@ -113,7 +157,21 @@ def _line_offsets(path: str) -> list[int]:
     return offsets
 
 
-def to_sample(record: Any, source: str, index: int, image_root: str = "") -> Sample:
+LAYOUTS = ("auto", "sharegpt", "llava", "messages", "openai")
+
+
+def detect_layout(record: dict) -> str:
+    """sharegpt: conversations + images; llava: conversations + image; messages: role/content strings;
+    openai: messages whose content is a list of typed parts."""
+    if "conversations" in record:
+        return "llava" if "image" in record and "images" not in record else "sharegpt"
+    turns = record.get("messages")
+    if isinstance(turns, list) and any(isinstance(t, dict) and isinstance(t.get("content"), list) for t in turns):
+        return "openai"
+    return "messages"
+
+
+def to_sample(record: Any, source: str, index: int, image_root: str = "", data_format: str = "auto") -> Sample:
     """Turn one record of any supported layout into a Sample, or raise DataError."""
 
     def bad(kind: str, detail: str) -> DataError:
@@ -124,6 +182,8 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "") -> Sam
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise bad("bad_record", "no 'conversations' or 'messages' list")
+    if data_format != "auto" and detect_layout(record) != data_format:
+        raise bad("bad_record", f"the record is in {detect_layout(record)} layout, not {data_format} (--data_format)")
     root = image_root or os.path.dirname(os.path.abspath(source))
     images_field = record.get("images", record.get("image"))
     if images_field is None:

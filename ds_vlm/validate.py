@@ -1,0 +1,85 @@
+"""Preflight a dataset without GPUs: every record through the real readers, images and processor.
+
+    python -m ds_vlm.validate --model MODEL --train_data SPEC [trainer flags] [--world_size N]
+                              [--workers 2] [--max_bad 0] [--show 10]
+
+Takes the trainer's flags (or --config F.yaml), so it checks exactly what the run would
+see: counts by kind (ok, missing_image, unreadable_image, placeholder_mismatch,
+no_assistant_turn, too_long, bad_record), the first offenders with file and record index,
+histograms of token length and image tokens, and the steps per epoch for the batch
+settings. Exits 1 when the bad records exceed --max_bad.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+from .config import ConfigError, load_config
+from .data.batching import RecordIndex
+from .data.encode import Encoder, set_pixel_bounds
+from .data.preflight import check_records, summarize
+
+
+def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    if not values:
+        return ["  (no values)"]
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((v - low) // step for v in values)
+    peak = max(counts.values())
+    return [f"  {low + b * step:>7}-{low + (b + 1) * step - 1:<7} {counts.get(b, 0):>7} "
+            f"{'#' * round(width * counts.get(b, 0) / peak)}" for b in range(-(-(high - low + 1) // step))]
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--world_size", type=int, default=1, help="ranks the run will use (for steps per epoch)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the check")
+    parser.add_argument("--max_bad", type=int, default=0, help="exit 1 when more records than this are bad")
+    parser.add_argument("--show", type=int, default=10, help="offenders to print")
+
+
+def main(argv=None) -> int:
+    from transformers import AutoConfig, AutoProcessor
+
+    from .models import adapter_for
+    from .train import make_plan
+
+    try:
+        config, extra = load_config(argv, _extra)
+    except ConfigError as err:
+        print(f"ds-vlm validate: error: {err}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    model_type = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code).model_type
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
+    encoder = Encoder(processor, adapter_for(model_type), config.max_length, config.truncation)
+    records = RecordIndex(config.train_data, config.image_root, config.data_format)
+    checks = check_records(records, encoder, num_workers=extra["workers"])
+    elapsed = time.perf_counter() - start
+    ok = [c for c in checks if c.kind == "ok"]
+    bad = len(checks) - len(ok)
+    print(f"{config.train_data}: {len(checks)} records checked in {elapsed:.1f} s "
+          f"({len(checks) / max(elapsed, 1e-9):.0f} records/s, {extra['workers']} workers)")
+    print(summarize(checks, show=extra["show"]))
+    print("token length (image tokens included):")
+    print("\n".join(histogram([c.n_tokens for c in ok])))
+    print("image tokens per sample:")
+    print("\n".join(histogram([c.n_image_tokens for c in ok])))
+    if ok:
+        plan = make_plan(config, extra["world_size"], records, ok)
+        batch = (f"token budget {config.max_tokens_per_batch}" if config.max_tokens_per_batch else
+                 f"global batch {plan.global_batch} = {config.micro_batch_size} x {config.grad_accum} x "
+                 f"{extra['world_size']}")
+        print(f"steps per epoch: {plan.steps_per_epoch} ({len(ok)} usable samples, {batch})")
+    if bad > extra["max_bad"]:
+        print(f"FAIL: {bad} bad record(s) > --max_bad {extra['max_bad']}")
+        return 1
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
