@@ -9,12 +9,12 @@ from .data.formats import DataError
 
 
 def main(argv=None) -> int:
-    from .train import BadDataError, TrainingDiverged, run
+    from .train import BadDataError, RendezvousError, TrainingDiverged, run
 
     try:
         config = load_config(argv)
         run(config)
-    except (ConfigError, DataError, BadDataError, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, DataError, BadDataError, TrainingDiverged, RendezvousError, FileNotFoundError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -22,6 +22,8 @@ class TrainConfig:
     model: str = field(default="", metadata={"help": "local folder or hub id of a supported VLM"})
     train_data: str = field(default="", metadata={"help": "JSONL/JSON/parquet file with the training records"})
     eval_data: str = field(default="", metadata={"help": "optional held-out records; eval loss at the end"})
+    data_format: str = field(default="auto", metadata={"help": "auto | sharegpt | llava | messages | openai: "
+                                                               "force one record layout"})
     image_root: str = field(default="", metadata={"help": "folder relative image paths are resolved against "
                                                           "(default: the data file's folder)"})
     deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed json (ZeRO stage etc.)"})
@@ -34,6 +36,12 @@ class TrainConfig:
     micro_batch_size: int = field(default=1, metadata={"help": "samples per rank per forward"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_length: int = field(default=4096, metadata={"help": "longest sample in tokens (image tokens included)"})
+    truncation: str = field(default="error", metadata={"help": "error | skip | truncate: over-long samples stop the "
+                                                               "run, are dropped, or are cut (never inside an image)"})
+    max_tokens_per_batch: int = field(default=0, metadata={"help": "form micro-batches by this token budget "
+                                                                   "(padded tokens) instead of --micro_batch_size"})
+    min_pixels: int = field(default=0, metadata={"help": "smallest image area after resizing (0: processor's)"})
+    max_pixels: int = field(default=0, metadata={"help": "largest image area after resizing (0: processor's)"})
     # optimizer and schedule
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup"})
@@ -54,6 +62,8 @@ class TrainConfig:
     train_llm: bool = field(default=True, metadata={"help": "train the language tower"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing on the "
                                                                          "language tower"})
+    vision_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) "
+                                                                        "on the vision tower's blocks"})
     # data handling
     bad_records: str = field(default="error", metadata={"help": "error | skip: what preflight does with bad records"})
     num_workers: int = field(default=1, metadata={"help": "DataLoader workers per rank for decoding/encoding"})
@@ -66,6 +76,13 @@ class TrainConfig:
                                                                         "or schedule changed"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite steps"})
     export_hf: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/hf at the end"})
+    eval_steps: int = field(default=0, metadata={"help": "eval loss and sample generations every N steps "
+                                                         "(0: only at the end)"})
+    eval_generate: int = field(default=8, metadata={"help": "eval records answered greedily at each evaluation, "
+                                                            "written to samples.jsonl with exact-match accuracy"})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb (if installed)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "device peak TFLOP/s for MFU (0: known GPUs' "
+                                                              "bf16 peak; none on CPU)"})
     logging_steps: int = field(default=1, metadata={"help": "progress-bar refresh interval in steps"})
     seed: int = 42
     dist_timeout_s: int = field(default=900, metadata={"help": "a collective that waits this long fails the run "
@@ -80,14 +97,14 @@ class TrainConfig:
             return -1
         return int(self.train_vision.split(":", 1)[1])
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, for_training: bool = True) -> "TrainConfig":
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
 
         need(bool(self.model), "--model is required (a local folder or hub id)")
         need(bool(self.train_data), "--train_data is required")
-        need(Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such file")
+        need(not for_training or Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such file")
         need(self.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
         need(self.grad_accum >= 1, "--grad_accum must be >= 1")
         need(self.max_steps > 0 or self.epochs >= 1, "give --max_steps N or --epochs N (>= 1)")
@@ -96,12 +113,20 @@ class TrainConfig:
         need(self.max_length >= 16, "--max_length must be >= 16")
         need(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32")
         need(self.bad_records in ("error", "skip"), "--bad_records must be error or skip")
+        need(self.truncation in ("error", "skip", "truncate"), "--truncation must be error, skip or truncate")
+        need(self.data_format in ("auto", "sharegpt", "llava", "messages", "openai"),
+             "--data_format must be auto, sharegpt, llava, messages or openai")
+        need(self.max_tokens_per_batch == 0 or self.max_tokens_per_batch >= self.max_length,
+             "--max_tokens_per_batch must be 0 (off) or >= --max_length, so every sample fits in a micro-batch")
+        need(self.min_pixels >= 0 and self.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
         need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
              f"--train_vision {self.train_vision!r}: use none, all or last:N")
         need(self.unfreeze_vision_layers >= 0, "--unfreeze_vision_layers must be >= 0")
         need(not (self.unfreeze_vision_layers and self.train_vision != "none"),
              "--unfreeze_vision_layers and --train_vision both set; give one")
         need(self.num_workers >= 0, "--num_workers must be >= 0")
+        need(self.report_to in ("none", "tensorboard", "wandb"), "--report_to must be none, tensorboard or wandb")
+        need(self.eval_steps >= 0 and self.eval_generate >= 0, "--eval_steps/--eval_generate must be >= 0")
         need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
         need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         return self
@@ -147,9 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """YAML (if --config) then explicit flags; unknown YAML keys are errors."""
-    args = vars(build_parser().parse_args(argv))
+def load_config(argv: Optional[list[str]] = None, add_arguments=None):
+    """YAML (if --config) then explicit flags; unknown YAML keys are errors.
+
+    With `add_arguments(parser)` (tools that take the trainer's flags plus their own), returns
+    (config, {extra flag: value}) and does not require the DeepSpeed json."""
+    parser = build_parser()
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    names = {f.name for f in fields(TrainConfig)}
+    extras = {k: args.pop(k) for k in list(args) if k not in names and k not in ("config", "local_rank")}
     values: dict = {}
     config_file = args.pop("config", None)
     args.pop("local_rank", None)
@@ -166,4 +199,6 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
         config = TrainConfig(**values)
     except TypeError as err:
         raise ConfigError(str(err)) from err
-    return config.validate()
+    if add_arguments is None:
+        return config.validate()
+    return config.validate(for_training=False), extras

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -105,11 +107,53 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(
-        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    with _full_shapes_in_weight_conversions(hf_ds_config is not None):
+        model = AutoModelForImageTextToText.from_pretrained(
+            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
+
+
+@contextmanager
+def _full_shapes_in_weight_conversions(zero3: bool):
+    """Under ZeRO-3, let transformers' shape-checked weight conversions see full parameter shapes.
+
+    `Transpose(check_dims=True)` (Qwen3-VL-MoE's fused experts) transposes a checkpoint tensor unless
+    its shape equals the model parameter's `.shape`; a ZeRO-3 parameter's `.shape` is its empty local
+    partition, so a checkpoint already in the model's layout (any transformers 5 save, our own export
+    included) was transposed and failed with a size mismatch. Compare with `ds_shape` instead.
+    """
+    try:
+        from transformers.core_model_loading import Transpose
+    except ImportError:  # another transformers layout: nothing to fix
+        zero3 = False
+    if not zero3:
+        yield
+        return
+    original = Transpose.convert
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        if kwargs.get("model") is not None:
+            kwargs["model"] = _FullShapes(kwargs["model"])
+        return original(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    Transpose.convert = convert
+    try:
+        yield
+    finally:
+        Transpose.convert = original
+
+
+class _FullShapes:
+    """A model seen only through `get_parameter(name).shape`, with ZeRO-3's full shapes."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def get_parameter(self, name: str):
+        param = self._model.get_parameter(name)
+        return SimpleNamespace(shape=getattr(param, "ds_shape", param.shape))
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
@@ -144,6 +188,37 @@ def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig)
     return groups
 
 
+def enable_checkpointing(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> None:
+    """Non-reentrant activation checkpointing on the language tower (--gradient_checkpointing) and on
+    the vision tower's blocks (--vision_checkpointing).
+
+    The token embeddings' output is made to require grad so that frozen embeddings never cut the
+    checkpointed graph. Only the token embeddings: transformers' `enable_input_require_grads()` also
+    hooks the vision tower's patch embedding (Qwen2-VL, Qwen2.5-VL, CLIP), which makes a frozen vision
+    tower build a graph and keep all its activations for a backward that never reaches a parameter.
+    """
+    parts = adapter.parts(model)
+    if config.gradient_checkpointing:
+        _checkpoint_blocks(parts.llm_decoder)
+        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+    if config.vision_checkpointing:
+        if parts.vision_encoder is None:
+            raise ConfigError(f"--vision_checkpointing: the {adapter.family} adapter names no vision encoder")
+        _checkpoint_blocks(parts.vision_encoder)
+
+
+def _checkpoint_blocks(module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _output_requires_grad(module, inputs, output):
+    output.requires_grad_(True)
+
+
 def param_groups(groups: dict[str, list], config: TrainConfig) -> list[dict]:
     """One optimizer group per (part, decay); norms, biases and other 1-d tensors get no decay."""
     lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
@@ -158,6 +233,13 @@ def param_groups(groups: dict[str, list], config: TrainConfig) -> list[dict]:
     if not out:
         raise ConfigError("nothing to train: --train_llm, --train_projector and --train_vision are all off")
     return out
+
+
+def optimizer_groups(engine) -> list[dict]:
+    """Each parameter group as the DeepSpeed optimizer holds it (for run_config.json): name, current lr,
+    base lr (before the schedule's factor) and weight decay."""
+    return [{"name": g.get("name"), "lr": g["lr"], "initial_lr": g.get("initial_lr"),
+             "weight_decay": g["weight_decay"]} for g in engine.optimizer.param_groups]
 
 
 def _decays(name: str, param: torch.nn.Parameter) -> bool:
@@ -204,8 +286,9 @@ class StepRunner:
     whatever the split into ranks and accumulation steps.
     """
 
-    def __init__(self, engine, world_size: int, dtype: torch.dtype):
+    def __init__(self, engine, world_size: int, dtype: torch.dtype, count_flops=None):
         self.engine, self.world_size, self.dtype = engine, world_size, dtype
+        self.count_flops = count_flops or (lambda batch: 0.0)
         self.device = engine.device
         # ZeRO-0 in fp32 keeps no global grad norm; measure it on the reduced grads before the step.
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -215,8 +298,9 @@ class StepRunner:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
-        local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples")]
-        n_targets, n_tokens, n_samples = all_reduce_sum(local, self.device)
+        local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples", "computed")]
+        local.append(sum(self.count_flops(batch) for batch, _ in micro_batches))
+        n_targets, n_tokens, n_samples, n_computed, flops = all_reduce_sum(local, self.device)
         loss_sum, grad_norm = 0.0, None
         for i, (batch, _) in enumerate(micro_batches):
             batch = self.to_device(batch)
@@ -239,6 +323,7 @@ class StepRunner:
         loss = global_loss_sum / n_targets
         applied = self.engine.was_step_applied() and not skip_plain
         return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
+                "computed": int(n_computed), "flops": flops,
                 "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
                 "skipped": not (applied and math.isfinite(loss))}
 

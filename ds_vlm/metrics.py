@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -46,3 +47,162 @@ class RunLog:
         if self.enabled:
             self.bar.close()
             self.file.close()
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense bf16 peak TFLOP/s per GPU, matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "L40": 181.0, "A6000": 155.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "V100": 125.0}
+
+
+def device_peak_tflops(configured: float) -> float | None:
+    """--peak_tflops if given, else the table's value for this GPU; None on CPU or an unknown GPU."""
+    import torch
+
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _numel(*modules) -> int:
+    """Parameters of the modules, each shared tensor once (ZeRO-3 partitioned ones by their full size)."""
+    unique = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
+
+
+class FlopsCounter:
+    """Model FLOPs of a training step from the config and the batch shapes (no recomputation counted).
+
+    Per token of the language tower: 2 x (its non-embedding parameters) for the matmuls plus
+    4 x layers x attention width x sequence length for QK^T and AV; per vision patch the same
+    with the vision tower's depth and the patches of its image. A trained part costs 3 forwards
+    (forward, input grads, weight grads); a frozen one that gradients pass through costs 2; a
+    frozen one at the input costs 1.
+    """
+
+    def __init__(self, model, parts, config):
+        text = getattr(model.config, "text_config", model.config)
+        vision = getattr(model.config, "vision_config", None)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.n_llm = _numel(*parts.llm) - _numel(embed)  # a lookup, not a matmul
+        if head is not None and head.weight is embed.weight:
+            self.n_llm += _numel(head)  # the LM head matmul runs on the tied matrix
+        self.n_vision = _numel(*parts.vision)
+        self.n_projector = _numel(*parts.projector)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.text_layers, self.text_width = text.num_hidden_layers, text.num_attention_heads * head_dim
+        self.vision_layers = getattr(vision, "depth", getattr(vision, "num_hidden_layers", 0)) if vision else 0
+        self.vision_width = getattr(vision, "hidden_size", 0) if vision else 0
+        self.patch = getattr(vision, "patch_size", 14) if vision else 14
+        vision_trained = config.vision_blocks_to_train is not None
+        self.mult_vision = 3 if vision_trained else 1
+        self.mult_projector = 3 if config.train_projector else (2 if vision_trained else 1)
+        self.mult_llm = 3 if config.train_llm else (2 if config.train_projector or vision_trained else 1)
+
+    def __call__(self, batch: dict) -> float:
+        rows, length = batch["input_ids"].shape
+        text = 2 * self.n_llm * rows * length + 4 * self.text_layers * self.text_width * rows * length * length
+        patches_per_image = self._patches(batch)
+        n_patches = sum(patches_per_image)
+        vision = 2 * self.n_vision * n_patches + 4 * self.vision_layers * self.vision_width * sum(
+            p * p for p in patches_per_image)
+        return (self.mult_llm * text + self.mult_vision * vision
+                + self.mult_projector * 2 * self.n_projector * n_patches)
+
+    def _patches(self, batch: dict) -> list[int]:
+        if "image_grid_thw" in batch:
+            return [int(t * h * w) for t, h, w in batch["image_grid_thw"].tolist()]
+        pixels = batch.get("pixel_values")
+        if pixels is None or pixels.dim() != 4:
+            return []
+        return [(pixels.shape[-2] // self.patch) * (pixels.shape[-1] // self.patch)] * pixels.shape[0]
+
+
+def peak_memory_gb() -> float:
+    """Peak allocated GPU memory, or peak RSS of this process on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- reporters
+
+
+class Reporter:
+    """--report_to tensorboard|wandb on rank 0, each only if its package is installed."""
+
+    def __init__(self, kind: str, output_dir: str, run_config: dict):
+        self.kind, self.writer = kind, None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError("--report_to tensorboard needs the tensorboard package: "
+                                   "pip install tensorboard") from err
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError as err:
+                raise RuntimeError("--report_to wandb needs the wandb package: pip install wandb") from err
+            self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "ds-vlm"), config=run_config,
+                                     dir=output_dir)
+
+    def log(self, step: int, values: dict) -> None:
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.kind == "tensorboard":
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+        elif self.kind == "wandb":
+            self.writer.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.writer.finish()
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def plot_curves(metrics_file: str, out_png: str) -> None:
+    """loss, learning rate and tokens/s against step, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    with open(metrics_file) as f:
+        rows = [r for r in map(json.loads, f) if "event" not in r and "step" in r]
+    last = {r["step"]: r for r in rows}  # a resumed run re-logs steps: keep the newest
+    steps = sorted(last)
+    panels = [("loss", "loss"), ("learning rate", "lr"), ("tokens/s", "tokens_per_s")]
+    width, height, margin = 900, 260, 60
+    image = Image.new("RGB", (width, height * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    for n, (title, key) in enumerate(panels):
+        top = n * height
+        points = [(s, last[s][key]) for s in steps if isinstance(last[s].get(key), (int, float))
+                  and math.isfinite(last[s][key])]
+        box = (margin, top + 30, width - 20, top + height - 30)
+        draw.rectangle(box, outline="black")
+        draw.text((margin, top + 10), title, fill="black")
+        if len(points) < 2:
+            continue
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        hi = hi if hi > lo else lo + 1
+        s0, s1 = points[0][0], points[-1][0]
+        xy = [(box[0] + (s - s0) / max(1, s1 - s0) * (box[2] - box[0]),
+               box[3] - (v - lo) / (hi - lo) * (box[3] - box[1])) for s, v in points]
+        draw.line(xy, fill=(30, 80, 200), width=2)
+        draw.text((5, box[1]), f"{hi:.3g}", fill="black")
+        draw.text((5, box[3] - 10), f"{lo:.3g}", fill="black")
+        draw.text((box[0], box[3] + 5), f"step {s0}", fill="black")
+        draw.text((box[2] - 70, box[3] + 5), f"step {s1}", fill="black")
+    image.save(out_png)

@@ -14,11 +14,12 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data.batching import BatchPlan, Collator, RecordIndex, SFTDataset
-from .data.encode import Encoder
+from .data.batching import BatchPlan, Collator, RecordIndex, SFTDataset, TokenBudgetPlan
+from .data.encode import Encoder, set_pixel_bounds
 from .data.preflight import check_records, summarize
-from .engine import (StepRunner, load_model, lr_lambda, param_groups, resolve_ds_config, set_trainable)
-from .metrics import RunLog
+from .engine import (StepRunner, enable_checkpointing, load_model, lr_lambda, optimizer_groups, param_groups,
+                     resolve_ds_config, set_trainable)
+from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, peak_memory_gb, plot_curves
 
 
 class BadDataError(RuntimeError):
@@ -27,6 +28,10 @@ class BadDataError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+class RendezvousError(RuntimeError):
+    """Not every rank reached the rendezvous within --dist_timeout_s (a node did not join)."""
 
 
 def setup_threads() -> None:
@@ -48,8 +53,8 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def preflight(records: RecordIndex, encoder: Encoder, config: TrainConfig, log: RunLog, what: str) -> list[int]:
-    """Every rank checks its share of the records; all agree on the good ones."""
+def preflight(records: RecordIndex, encoder: Encoder, config: TrainConfig, log: RunLog, what: str) -> list:
+    """Every rank checks its share of the records; all agree on the good ones (their RecordChecks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = check_records(records, encoder, list(range(rank, len(records), world)), config.num_workers)
     gathered: list = [None] * world
@@ -57,16 +62,28 @@ def preflight(records: RecordIndex, encoder: Encoder, config: TrainConfig, log: 
     checks = sorted((c for part in gathered for c in part), key=lambda c: c.index)
     bad = [c for c in checks if c.kind != "ok"]
     log.info(f"preflight {what}: {summarize(checks)}")
-    if bad and config.bad_records == "error":
+    dropped_by_choice = config.bad_records == "skip" or (config.truncation == "skip" and
+                                                          all(c.kind == "too_long" for c in bad))
+    if bad and not dropped_by_choice:
         raise BadDataError(f"{len(bad)} bad record(s) in {what}; fix them or pass --bad_records skip.\n"
                            + summarize(checks, show=10))
     if bad:
         log.event({"event": "skipped_records", "data": what, "count": len(bad),
                    "kinds": {k: sum(c.kind == k for c in bad) for k in {c.kind for c in bad}}})
-    good = [c.index for c in checks if c.kind == "ok"]
+    good = [c for c in checks if c.kind == "ok"]
     if not good:
         raise BadDataError(f"no usable record in {what}")
     return good
+
+
+def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept: list) -> BatchPlan:
+    """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch."""
+    common = dict(n_samples=len(kept), micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
+                  world_size=world, seed=config.seed, source_sizes=records.source_sizes([c.index for c in kept]),
+                  weights=records.weights)
+    if config.max_tokens_per_batch:
+        return TokenBudgetPlan(**common, lengths=[c.n_tokens for c in kept], max_tokens=config.max_tokens_per_batch)
+    return BatchPlan(**common)
 
 
 def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
@@ -77,11 +94,37 @@ def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, col
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
+def init_distributed(timeout_s: int) -> None:
+    """deepspeed.init_distributed; a rendezvous that fails (a node never joined, the master never came up)
+    becomes one RendezvousError that says so. --dist_timeout_s bounds the rendezvous as well: the master's
+    store waits that long for every rank, the other ranks try that long to reach it."""
+    import re
+
+    import deepspeed
+
+    try:
+        deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as err:  # DistStoreError / DistNetworkError from the TCPStore rendezvous
+        env = os.environ.get
+        where = f"{env('MASTER_ADDR', '?')}:{env('MASTER_PORT', '?')}"
+        joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
+        if joined:
+            what = (f"only {joined[1]} of {joined[2]} ranks joined the rendezvous at {where} within {timeout_s} s: "
+                    f"a node did not join")
+        else:
+            what = (f"rank {env('RANK', '?')} could not reach the master (node 0) at {where} within {timeout_s} s: "
+                    f"node 0 did not start or cannot be reached")
+        raise RendezvousError(
+            f"{what}. Start the launcher on every node with the same hostfile, --master_addr and --master_port, "
+            f"check that the port is open between the nodes, and raise --dist_timeout_s if nodes start far apart. "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from err
+
+
 def run(config: TrainConfig) -> dict:
     import deepspeed
 
     setup_threads()
-    deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=config.dist_timeout_s))
+    init_distributed(config.dist_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(config.seed)
     log = RunLog(config.output_dir, 0, 0, enabled=False)
@@ -91,24 +134,27 @@ def run(config: TrainConfig) -> dict:
     loaded = load_model(config, ds_config)
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     groups = set_trainable(model, adapter, config)
-    if config.gradient_checkpointing:
-        adapter.parts(model).llm_decoder.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings must not cut the checkpointed graph
-    encoder = Encoder(processor, adapter, config.max_length)
+    enable_checkpointing(model, adapter, config)  # language tower; vision tower with --vision_checkpointing
+    try:
+        set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    encoder = Encoder(processor, adapter, config.max_length, config.truncation)
     if rank == 0:
         log = RunLog(config.output_dir, 0, 0, enabled=True)
         log.info(f"world {world}, ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}, "
                  f"precision {'bf16' if ds_config['bf16']['enabled'] else 'fp32'}, "
                  f"torch threads {torch.get_num_threads()}")
-    train_records = RecordIndex(config.train_data.split(","), config.image_root)
-    train_set = SFTDataset(train_records, encoder, preflight(train_records, encoder, config, log, config.train_data))
+    train_records = RecordIndex(config.train_data, config.image_root, config.data_format)
+    train_kept = preflight(train_records, encoder, config, log, config.train_data)
+    train_set = SFTDataset(train_records, encoder, [c.index for c in train_kept])
     eval_set = None
     if config.eval_data:
-        eval_records = RecordIndex(config.eval_data.split(","), config.image_root)
-        eval_set = SFTDataset(eval_records, encoder, preflight(eval_records, encoder, config, log, config.eval_data))
+        eval_records = RecordIndex(config.eval_data, config.image_root, config.data_format)
+        eval_kept = preflight(eval_records, encoder, config, log, config.eval_data)
+        eval_set = SFTDataset(eval_records, encoder, [c.index for c in eval_kept])
 
-    plan = BatchPlan(len(train_set), config.micro_batch_size, config.grad_accum, world, config.seed)
+    plan = make_plan(config, world, train_records, train_kept)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * plan.steps_per_epoch
     run_meta = {"world_size": world, "zero_stage": ds_config["zero_optimization"].get("stage", 0),
                 "global_batch": plan.global_batch, "total_steps": total_steps, "n_train_samples": len(train_set),
@@ -126,7 +172,8 @@ def run(config: TrainConfig) -> dict:
         model=model, model_parameters=param_groups(groups, config), config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule))
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    runner = StepRunner(engine, world, dtype)
+    runner = StepRunner(engine, world, dtype, FlopsCounter(model, adapter.parts(model), config))
+    peak_tflops = device_peak_tflops(config.peak_tflops)
     collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
 
     # -- loop ----------------------------------------------------------------------------
@@ -150,24 +197,44 @@ def run(config: TrainConfig) -> dict:
         log.close()
         log = RunLog(config.output_dir, total_steps, start_step, enabled=True)
         with open(os.path.join(config.output_dir, "run_config.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "world_size": world, "ds_config": ds_config}, f, indent=2)
-        log.info(f"{len(train_set)} train samples, global batch {plan.global_batch}, "
+            json.dump({"config": config.to_dict(), "world_size": world, "ds_config": ds_config,
+                       "optimizer_groups": optimizer_groups(engine)}, f, indent=2)
+        batch = (f"token budget {config.max_tokens_per_batch}/micro-batch" if config.max_tokens_per_batch
+                 else f"global batch {plan.global_batch}")
+        log.info(f"{len(train_set)} train samples, {batch}, "
                  f"{plan.steps_per_epoch} steps/epoch, {total_steps} steps")
+    reporter = Reporter(config.report_to if rank == 0 else "none", config.output_dir, config.to_dict())
+
+    def evaluate(step: int) -> dict:
+        result = evaluate_loss(runner, eval_set, config, collator, rank, world)
+        result.update(evaluate_generation(engine, processor, eval_set, config, step))
+        log.event({"event": "eval", "step": step, **result})
+        reporter.log(step, result)
+        log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
+            f", exact match {result['exact_match']:.1%}" if "exact_match" in result else ""))
+        return result
+
     loader = iter(make_loader(train_set, plan, rank, start_step, total_steps, collator, config.num_workers))
     last = time.perf_counter()
     bad_in_a_row, skipped = 0, 0
     for step in range(start_step, total_steps):
-        lr = scheduler.get_last_lr()[0]
+        lr = config.lr * schedule(scheduler.last_epoch)  # the language tower's; other groups scale alike
         micro = [next(loader) for _ in range(config.grad_accum)]
         stats = runner.run(micro)
         now = time.perf_counter()
         elapsed, last = now - last, now
         bad_in_a_row = bad_in_a_row + 1 if stats["skipped"] else 0
         skipped += stats["skipped"]
-        log.step({"step": step + 1, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+        tflops = stats["flops"] / elapsed / world / 1e12
+        record = {"step": step + 1, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
                   "tokens_per_s": stats["tokens"] / elapsed, "samples_per_s": stats["samples"] / elapsed,
                   "step_time_s": elapsed, "tokens": stats["tokens"], "targets": stats["targets"],
-                  "skipped": stats["skipped"], "skipped_steps": skipped})
+                  "padding_efficiency": stats["tokens"] / max(1, stats["computed"]),
+                  "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
+                  "peak_mem_gb": gather_floats(peak_memory_gb()),
+                  "skipped": stats["skipped"], "skipped_steps": skipped}
+        log.step(record)
+        reporter.log(step + 1, record)
         if bad_in_a_row >= config.max_bad_steps:
             good = ckpt.find_checkpoint(config.output_dir)
             raise TrainingDiverged(
@@ -176,18 +243,23 @@ def run(config: TrainConfig) -> dict:
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
             save(step + 1)
             last = time.perf_counter()
+        if eval_set is not None and config.eval_steps and (step + 1) % config.eval_steps == 0 \
+                and step + 1 < total_steps:
+            evaluate(step + 1)
+            last = time.perf_counter()
 
     # -- end -----------------------------------------------------------------------------
     result = {"steps": total_steps}
     if eval_set is not None:
-        result.update(evaluate_loss(runner, eval_set, config, collator, rank, world))
-        log.event({"event": "eval", "step": total_steps, **result})
-        log.info(f"eval loss {result['eval_loss']:.4f}")
+        result.update(evaluate(total_steps))
     saved = save(total_steps)
     if config.export_hf:
         ckpt.export_hf(engine, processor, os.path.join(config.output_dir, "hf"))
         log.info(f"exported {os.path.join(config.output_dir, 'hf')}")
     log.close()
+    reporter.close()
+    if rank == 0:
+        plot_curves(os.path.join(config.output_dir, "metrics.jsonl"), os.path.join(config.output_dir, "curves.png"))
     if not saved:
         raise RuntimeError(f"the final checkpoint (step {total_steps}) could not be written; see metrics.jsonl")
     return result
@@ -205,6 +277,9 @@ def find_resume(config: TrainConfig, run_meta: dict):
         return None, False
     meta = ckpt.read_meta(found)
     diffs = ckpt.config_differences(meta, run_meta["config"], run_meta["global_batch"], run_meta["total_steps"])
+    if config.max_tokens_per_batch and meta["world_size"] != run_meta["world_size"]:
+        diffs.append(f"world size with token-budget batching: checkpoint {meta['world_size']}, now "
+                     f"{run_meta['world_size']} (micro-batches are dealt per rank)")
     if meta.get("n_train_samples") != run_meta["n_train_samples"]:
         diffs.append(f"usable train samples: checkpoint {meta.get('n_train_samples')}, now "
                      f"{run_meta['n_train_samples']}")
@@ -213,6 +288,36 @@ def find_resume(config: TrainConfig, run_meta: dict):
                           + "\npass --resume_ignore_config to resume anyway, or --resume none to start fresh")
     universal = meta["world_size"] != run_meta["world_size"] and meta["zero_stage"] >= 1
     return found, universal
+
+
+def gather_floats(value: float) -> list[float]:
+    """One float from every rank, in rank order."""
+    values = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)
+    return [round(v, 4) for v in values.tolist()]
+
+
+def evaluate_generation(engine, processor, dataset, config: TrainConfig, step: int) -> dict:
+    """Greedy answers to the first --eval_generate eval records (all ranks run generate together, as
+    ZeRO-3 needs); rank 0 appends them to samples.jsonl. Returns exact-match accuracy."""
+    from .evaluate import generate_answers, reference
+
+    samples = [dataset.records.sample(i) for i in dataset.indices[:config.eval_generate]]
+    if not samples:
+        return {}
+    engine.eval()
+    try:
+        answers = generate_answers(engine.module, processor, samples, max_new_tokens=64,
+                                   synced_gpus=engine.zero_optimization_partition_weights())
+    finally:
+        engine.train()
+    rows = [{"step": step, "source": s.source, "index": s.index, "reference": reference(s), "answer": a,
+             "correct": a == reference(s)} for s, a in zip(samples, answers)]
+    if dist.get_rank() == 0:
+        with open(os.path.join(config.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return {"exact_match": sum(r["correct"] for r in rows) / len(rows)}
 
 
 def evaluate_loss(runner: StepRunner, dataset, config: TrainConfig, collator, rank: int, world: int) -> dict:

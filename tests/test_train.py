@@ -66,7 +66,7 @@ def frozen_zero3_run(demo_dir, mixed_data, tmp_path_factory):
     micro = 1
     assert _mixed_steps(mixed_data, micro) > 0
     args = _common(demo_dir / "model", mixed_data, out, ds_path, "--micro_batch_size", str(micro),
-                   "--eval_data", str(demo_dir / "data" / "test.jsonl"))
+                   "--eval_data", str(demo_dir / "data" / "test.jsonl"), "--eval_steps", "4", "--eval_generate", "2")
     proc = run_train(args)
     _assert_ok(proc)
     return out, proc
@@ -77,6 +77,44 @@ def test_zero3_frozen_vision_mixed_batches(frozen_zero3_run):
     rows = read_metrics(out)
     assert len(rows) == STEPS and rows[-1]["loss"] < rows[0]["loss"]
     assert "eval loss" in proc.stderr
+
+
+def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
+    from PIL import Image
+
+    out, _ = frozen_zero3_run
+    rows = read_metrics(out)
+    assert all(r["mfu"] is None and r["tflops_per_gpu"] > 0 for r in rows)  # CPU: no peak, so no MFU
+    assert all(len(r["peak_mem_gb"]) == 2 and min(r["peak_mem_gb"]) > 0.1 for r in rows)
+    assert all(0 < r["padding_efficiency"] <= 1 for r in rows)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [4, STEPS] and all("exact_match" in e and e["eval_loss"] > 0 for e in evals)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 4, STEPS, STEPS]
+    assert all(s["reference"].startswith("A ") and isinstance(s["answer"], str) for s in samples)
+    assert Image.open(out / "curves.png").size == (900, 780)
+
+
+def test_flops_counter_follows_the_config(demo_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import TrainConfig
+    from ds_vlm.metrics import FlopsCounter
+    from ds_vlm.models import adapter_for
+
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+    parts = adapter_for("qwen3_vl").parts(model)
+    counter = FlopsCounter(model, parts, TrainConfig(model="m", train_data="d", train_vision="all"))
+    layers = model.model.language_model.layers
+    assert counter.n_llm == sum(p.numel() for p in layers.parameters()) + sum(
+        p.numel() for p in model.model.language_model.norm.parameters()) + model.lm_head.weight.numel()
+    text_only = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
+    expected = 3 * (2 * counter.n_llm * 20 + 4 * 2 * 64 * 2 * 10 * 10)  # 2 layers, width 4 heads x 16
+    assert counter(text_only) == expected
+    with_image = {**text_only, "image_grid_thw": torch.tensor([[1, 8, 8]])}
+    assert counter(with_image) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
+        + 3 * 2 * counter.n_projector * 64
 
 
 def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, demo_dir):

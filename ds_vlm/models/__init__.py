@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from .base import Adapter, ModelParts
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(),)
+ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
+                                 LlavaAdapter())
 
 
 def adapter_for(model_type: str) -> Adapter:

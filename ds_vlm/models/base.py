@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn as nn
 
@@ -12,10 +13,11 @@ class ModelParts:
     """The three towers every supported VLM has, as lists of modules."""
 
     vision: list[nn.Module]        # the encoder, projector excluded
-    vision_blocks: nn.ModuleList   # its transformer blocks, in order (for last:N)
+    vision_blocks: nn.ModuleList   # its transformer blocks whose output is used, in order (for last:N)
     projector: list[nn.Module]     # merger / multi-modal projector
     llm: list[nn.Module]           # language tower and LM head
     llm_decoder: nn.Module         # the module whose layers activation checkpointing wraps
+    vision_encoder: Optional[nn.Module] = None  # the module whose blocks --vision_checkpointing wraps
 
 
 class Adapter:

@@ -19,4 +19,5 @@ class Qwen3VLAdapter(Adapter):
             projector=projector,
             llm=[model.model.language_model, model.lm_head],
             llm_decoder=model.model.language_model,
+            vision_encoder=visual,
         )

@@ -1,0 +1,240 @@
+"""Every model family: a tiny offline checkpoint from `ds_vlm.demo --family`, 2-rank ZeRO-3 training on
+mixed image/text batches with a different choice of trainable parts each, per-part learning rates read
+back from the DeepSpeed optimizer, and the HF export reloaded and generating."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_train, write_json
+from ds_vlm.config import TrainConfig
+from ds_vlm.data.batching import BatchPlan, Collator, RecordIndex, SFTDataset
+from ds_vlm.data.encode import Encoder, _for_template
+from ds_vlm.data.images import load_images
+from ds_vlm.demo import FAMILIES
+from ds_vlm.engine import enable_checkpointing, param_groups, set_trainable, token_loss_sum
+from ds_vlm.models import ADAPTERS, adapter_for
+
+STEPS, MICRO, LR = 5, 2, 2e-3
+# Each family trains a different set of parts; lrs: what each optimizer group must hold.
+RUNS = {
+    "qwen3_vl": (["--train_vision", "last:1", "--vision_lr", "1e-3", "--projector_lr", "4e-3"],
+                 {"vision": 1e-3, "projector": 4e-3, "llm": LR}),
+    "qwen3_vl_moe": (["--weight_decay", "0.01"], {"projector": LR, "llm": LR}),  # vision frozen (default)
+    "qwen2_5_vl": (["--train_vision", "all", "--vision_checkpointing", "--vision_lr", "1e-3"],
+                   {"vision": 1e-3, "projector": LR, "llm": LR}),
+    "qwen2_vl": (["--train_llm", "false", "--train_vision", "last:1", "--projector_lr", "5e-3"],
+                 {"vision": LR, "projector": 5e-3}),
+    "llava": (["--train_projector", "false", "--train_vision", "last:1", "--vision_lr", "3e-3"],
+              {"vision": 3e-3, "llm": LR}),
+}
+assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, demo_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint of one family, built by the demo's command line (qwen3_vl: the demo's own)."""
+    from ds_vlm.demo import main
+
+    if request.param == "qwen3_vl":
+        return demo_dir / "model"
+    out = tmp_path_factory.mktemp(request.param)
+    main(["--family", request.param, "--out", str(out), "--train_size", "2", "--test_size", "1"])
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def zero3_all_partitioned(tmp_path_factory) -> Path:
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return write_json(tmp_path_factory.mktemp("ds") / "zero3_all_partitioned.json", ds)
+
+
+@pytest.fixture(scope="module")
+def family_run(family_model, mixed_data, zero3_all_partitioned, tmp_path_factory):
+    family = json.loads((family_model / "config.json").read_text())["model_type"]
+    out = tmp_path_factory.mktemp(f"run_{family}") / "run"
+    args = ["--model", str(family_model), "--train_data", str(mixed_data), "--deepspeed", str(zero3_all_partitioned),
+            "--output_dir", str(out), "--max_steps", str(STEPS), "--micro_batch_size", str(MICRO), "--lr", str(LR),
+            "--warmup_ratio", "0", "--num_workers", "0", "--dist_timeout_s", "120", *RUNS[family][0]]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return family, family_model, out
+
+
+def _load(path: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), AutoProcessor.from_pretrained(path)
+
+
+def _run_config(out: Path) -> TrainConfig:
+    """The run's config as the run recorded it (keys this process does not know are left out)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    recorded = json.loads((out / "run_config.json").read_text())["config"]
+    return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+def _mixed_steps(data: Path) -> int:
+    """Steps in which one rank's micro-batch has an image and the other's has none."""
+    records = RecordIndex([str(data)])
+    has_image = [bool(records.sample(i).images) for i in range(len(records))]
+    plan = BatchPlan(len(records), MICRO, 1, 2, seed=42)
+    return sum(len({any(has_image[i] for i in plan.micro_batches(s, r)[0]) for r in range(2)}) == 2
+               for s in range(STEPS))
+
+
+def test_family_trains_on_zero3_with_mixed_batches(family_run, mixed_data):
+    family, _, out = family_run
+    assert _mixed_steps(mixed_data) > 0
+    losses = [r["loss"] for r in read_metrics(out)]
+    drop = 0.05 if "--train_llm" in RUNS[family][0] else 0.3  # a frozen LLM learns only through the image
+    assert len(losses) == STEPS and losses[-1] < losses[0] - drop, (family, losses)
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == family
+
+
+def test_frozen_parts_bit_identical_trained_parts_changed_export_generates(family_run, demo_dir):
+    from ds_vlm.evaluate import generate_answers
+
+    family, model_dir, out = family_run
+    before, _ = _load(model_dir)
+    config = _run_config(out)
+    set_trainable(before, adapter_for(family), config)
+    after, processor = _load(out / "hf")
+    trained = dict(after.named_parameters())
+    assert trained.keys() == dict(before.named_parameters()).keys()
+    frozen = [n for n, p in before.named_parameters() if not p.requires_grad]
+    changed = [n for n, p in before.named_parameters() if not torch.equal(p, trained[n])]
+    assert not set(frozen) & set(changed), (family, sorted(set(frozen) & set(changed))[:5])
+    assert frozen or family == "qwen2_5_vl", family  # the one run that trains every part
+    assert set(changed) == {n for n, p in before.named_parameters() if p.requires_grad}, family
+
+    image_sample = RecordIndex([str(demo_dir / "data" / "test.jsonl")]).sample(0)
+    text_sample = RecordIndex([str(demo_dir / "data" / "mixed.jsonl")]).sample(1)
+    answers = generate_answers(after.eval(), processor, [image_sample, text_sample], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)  # may be empty: the LLM is tiny
+    prompt = processor.apply_chat_template([_for_template(image_sample.messages[0])], tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=load_images(image_sample), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        generated = after.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_each_optimizer_group_holds_its_configured_learning_rate(family_run):
+    family, model_dir, out = family_run
+    recorded = json.loads((out / "run_config.json").read_text())
+    config = _run_config(out)
+    model, _ = _load(model_dir)
+    expected = param_groups(set_trainable(model, adapter_for(family), config), config)
+    groups = recorded["optimizer_groups"]  # read back from engine.optimizer.param_groups after initialize
+    assert [g["name"] for g in groups] == [g["name"] for g in expected]
+    lrs = RUNS[family][1]
+    assert {g["name"].removesuffix("_no_decay") for g in groups} == set(lrs)
+    for group in groups:
+        part = group["name"].removesuffix("_no_decay")
+        assert group["lr"] == group["initial_lr"] == lrs[part], group  # warmup 0: step 1 runs at the peak lr
+        assert group["weight_decay"] == (0.0 if group["name"].endswith("_no_decay") else config.weight_decay)
+
+
+def _vision_block_activity(model, processor, family, config, record) -> list[tuple[bool, int]]:
+    """Per vision block in one training forward: (output requires grad, tensors saved for backward)."""
+    adapter = adapter_for(family)
+    set_trainable(model, adapter, config)
+    enable_checkpointing(model, adapter, config)
+    encoder = Encoder(processor, adapter, 4096)
+    sample = RecordIndex([str(record)]).sample(0)
+    batch, _ = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())([encoder.encode(sample, load_images(sample))])
+    batch.pop("labels")
+    current, saved, needs_grad, hooks = [None], {}, {}, []
+
+    def enter(index):
+        return lambda module, args: current.__setitem__(0, index)
+
+    def leave(index):
+        def hook(module, args, output):
+            current[0] = None
+            needs_grad[index] = (output[0] if isinstance(output, tuple) else output).requires_grad
+        return hook
+
+    for i, block in enumerate(adapter.parts(model).vision_blocks):
+        hooks += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave(i))]
+
+    def pack(tensor):
+        if current[0] is not None:
+            saved[current[0]] = saved.get(current[0], 0) + 1
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    return [(needs_grad[i], saved.get(i, 0)) for i in sorted(needs_grad)]
+
+
+def test_frozen_vision_tower_keeps_no_activations(family_model, demo_dir):
+    """transformers' enable_input_require_grads() would hook the patch embedding too (Qwen2-VL, Qwen2.5-VL,
+    CLIP) and make a frozen tower build a graph; the trainer only hooks the token embeddings."""
+    family = json.loads((family_model / "config.json").read_text())["model_type"]
+    record = demo_dir / "data" / "test.jsonl"
+    model, processor = _load(family_model)
+    frozen = _vision_block_activity(model, processor, family, TrainConfig(model="m", train_data="d"), record)
+    assert frozen and all(activity == (False, 0) for activity in frozen), frozen
+    model, processor = _load(family_model)
+    last = _vision_block_activity(model, processor, family,
+                                  TrainConfig(model="m", train_data="d", train_vision="last:1"), record)
+    assert all(a == (False, 0) for a in last[:-1]) and last[-1][0] and last[-1][1] > 0, last
+    model, _ = _load(family_model)
+    config = TrainConfig(model="m", train_data="d", vision_checkpointing=True)
+    enable_checkpointing(model, adapter_for(family), config)
+    assert all(block.gradient_checkpointing for block in adapter_for(family).parts(model).vision_blocks)
+
+
+@pytest.mark.parametrize("family_model", ["qwen3_vl_moe"], indirect=True)
+def test_moe_experts_without_tokens_on_one_rank_and_router_aux_loss(family_model, mixed_data):
+    """Step 1 of the MoE run above routes tokens to experts that get none on the other rank; the
+    router's aux loss (when a config asks for it) leaves the logits, and so our loss, unchanged."""
+    family = "qwen3_vl_moe"
+    model, processor = _load(family_model)
+    model.eval()
+    adapter = adapter_for(family)
+    encoder = Encoder(processor, adapter, 4096)
+    dataset = SFTDataset(RecordIndex([str(mixed_data)]), encoder)
+    collate = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
+    plan = BatchPlan(len(dataset), MICRO, 1, 2, seed=42)
+    routers = [layer.mlp.gate for layer in model.model.language_model.layers]
+    hit = []  # per rank, per layer: the experts that received a token
+    for rank in range(2):
+        batch, _ = collate([dataset[i] for i in plan.micro_batches(0, rank)[0]])
+        labels = batch.pop("labels")
+        seen = []
+        hooks = [r.register_forward_hook(lambda m, a, o: seen.append(set(o[2].flatten().tolist()))) for r in routers]
+        with torch.no_grad():
+            plain = model(**batch)
+            with_aux = model(**batch, output_router_logits=True)
+        for hook in hooks:
+            hook.remove()
+        hit.append(seen[:len(routers)])
+        assert with_aux.aux_loss is not None and torch.isfinite(with_aux.aux_loss)
+        assert torch.equal(plain.logits, with_aux.logits)
+        assert torch.isfinite(token_loss_sum(plain.logits, labels))
+    experts = model.config.text_config.num_experts
+    assert any(hit[0][layer] ^ hit[1][layer] for layer in range(len(routers)))  # tokens on one rank only
+    assert any(len(hit[r][layer]) < experts for r in range(2) for layer in range(len(routers)))
+
+
+def test_unsupported_model_type_lists_the_families(tmp_path):
+    with pytest.raises(ValueError, match="model type 'mllama' is not supported") as err:
+        adapter_for("mllama")
+    for family in FAMILIES:
+        assert family in str(err.value)
+    from ds_vlm.demo import build_model_dir
+
+    with pytest.raises(ValueError, match="unknown family 'gemma3'"):
+        build_model_dir(tmp_path, family="gemma3")
