@@ -56,12 +56,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: dict | None = None):
+def train_command(args: list[str], nprocs: int = 2) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+            "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+
+
+def train_env(extra_env: dict | None = None) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}))
+
+
+def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: dict | None = None, **popen):
     """`deepspeed --num_gpus N launch/train.py ARGS` on CPU ranks; returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(train_command(args, nprocs), cwd=ROOT, env=train_env(extra_env), capture_output=True,
+                          text=True, timeout=timeout, **popen)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

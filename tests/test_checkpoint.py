@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port, read_metrics, run_train, write_json
+from conftest import ROOT, read_metrics, run_train, train_command, train_env, write_json
 from ds_vlm import checkpoint as ckpt
 from ds_vlm.config import ConfigError, TrainConfig
 from ds_vlm.train import find_resume
@@ -58,12 +58,9 @@ def reference(demo_dir, tmp_path_factory):
 
 def _launch_and_kill_after(args: list[str], step: int, timeout: float = 240) -> None:
     """Start a 2-rank run and kill -9 its whole process group once `step` is logged."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), *args]
     out = Path(args[args.index("--output_dir") + 1])
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(train_command(args), cwd=ROOT, env=train_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None:
@@ -94,13 +91,19 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
 
 
+def _output_dir_holding(ref_out: Path, step: int, out: Path) -> Path:
+    """A fresh output dir whose only (and latest) checkpoint is the reference run's at `step`."""
+    tag = f"step_{step:08d}"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_out / "checkpoints" / tag, out / "checkpoints" / tag)
+    (out / "checkpoints" / "latest").write_text(tag)
+    return out
+
+
 def test_resume_on_another_world_size(reference, demo_dir, tmp_path):
     """A 2-rank ZeRO-3 checkpoint resumes on 1 rank (universal format); same samples, same losses."""
     ref_out, ds = reference["zero3"]
-    out = tmp_path / "one_rank"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref_out / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002")
-    (out / "checkpoints" / "latest").write_text("step_00000002")
+    out = _output_dir_holding(ref_out, 2, tmp_path / "one_rank")
     proc = run_train(_args(demo_dir, out, ds, "--grad_accum", "2", "--export_hf", "false"), nprocs=1)
     _ok(proc)
     assert "(universal format)" in proc.stderr
@@ -148,16 +151,10 @@ def test_partial_checkpoints_are_never_resumed(reference, tmp_path):
 def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_dir, tmp_path):
     """Resume from step 4 with a 1 MB file-size limit: the step-6 save fails, step 4 stays intact."""
     ref_out, ds = reference["zero2"]
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref_out / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
-    (out / "checkpoints" / "latest").write_text("step_00000004")
+    out = _output_dir_holding(ref_out, 4, tmp_path / "run")
     limit = 1 << 20
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), *_args(demo_dir, out, ds, "--export_hf", "false")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    proc = run_train(_args(demo_dir, out, ds, "--export_hf", "false"),
+                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode != 0
     assert "checkpoint at step 6 FAILED" in proc.stderr and "could not be written" in proc.stderr
     assert ckpt.find_checkpoint(str(out)).name == "step_00000004"
