@@ -97,7 +97,7 @@ def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, col
 def init_distributed(timeout_s: int) -> None:
     """deepspeed.init_distributed; a rendezvous that fails (a node never joined, the master never came up)
     becomes one RendezvousError that says so. --dist_timeout_s bounds the rendezvous as well: the master's
-    store waits that long for every rank, the other ranks try that long to reach it."""
+    store waits that long for every rank; the other ranks try that long to reach it (torch retries once)."""
     import re
 
     import deepspeed
@@ -112,8 +112,8 @@ def init_distributed(timeout_s: int) -> None:
             what = (f"only {joined[1]} of {joined[2]} ranks joined the rendezvous at {where} within {timeout_s} s: "
                     f"a node did not join")
         else:
-            what = (f"rank {env('RANK', '?')} could not reach the master (node 0) at {where} within {timeout_s} s: "
-                    f"node 0 did not start or cannot be reached")
+            what = (f"rank {env('RANK', '?')} could not reach the master (node 0) at {where} "
+                    f"(--dist_timeout_s {timeout_s}): node 0 did not start or cannot be reached")
         raise RendezvousError(
             f"{what}. Start the launcher on every node with the same hostfile, --master_addr and --master_port, "
             f"check that the port is open between the nodes, and raise --dist_timeout_s if nodes start far apart. "

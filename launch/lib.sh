@@ -1,0 +1,39 @@
+# Sourced by the launch/run_*.sh recipes (not run by itself).
+
+# run_launcher group|pid CMD...
+#   Run the DeepSpeed launcher CMD in its own process group and pass SIGINT, SIGTERM and SIGHUP on to
+#   it, so that stopping this script (Ctrl-C, `kill PID`, scancel, a pod being deleted) stops every
+#   process of the run. `group` signals the launcher's whole group (its launch.py and every rank):
+#   DeepSpeed's runner forwards nothing by itself in single-node and --no_ssh mode, so a signal to
+#   its pid alone would leave launch.py and the ranks running. `pid` signals the runner only (the
+#   ssh/pdsh path, where the runner's own handler stops the remote ranks).
+#   DRY_RUN=1 prints CMD (shell-quoted, one line) instead of running it.
+run_launcher() {
+  local target=$1
+  shift
+  if [[ "${DRY_RUN:-0}" != 0 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+    return 0
+  fi
+  local pid rc=0
+  set -m                                   # job control on: the launcher gets its own process group
+  "$@" </dev/null &
+  pid=$!
+  set +m
+  local dest=$pid
+  [[ $target == group ]] && dest=-$pid
+  trap 'kill -INT -- '"$dest"' 2>/dev/null' INT
+  trap 'kill -TERM -- '"$dest"' 2>/dev/null' TERM HUP
+  while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break    # still alive: wait was cut short by a signal we passed on
+  done
+  trap - INT TERM HUP
+  return "$rc"
+}
+
+# launcher_cmd: the DeepSpeed launcher as an array (DEEPSPEED="python -m deepspeed.launcher.runner" etc.).
+launcher_cmd() {
+  read -r -a LAUNCHER <<< "${DEEPSPEED:-deepspeed}"
+}
