@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
 from .data.encode import IGNORE_INDEX
+from .metrics import peak_memory_gb
 from .models import Adapter, adapter_for
 
 # --------------------------------------------------------------------------- ds config
@@ -219,18 +221,26 @@ def _output_requires_grad(module, inputs, output):
 
 
 def param_groups(groups: dict[str, list], config: TrainConfig) -> list[dict]:
-    """One optimizer group per (part, decay); norms, biases and other 1-d tensors get no decay."""
+    """Optimizer groups by (learning rate, decay): parts with the same lr share a group (named e.g.
+    'projector+llm'); norms, biases and other 1-d tensors get no decay. Fewer groups make ZeRO's
+    step cheaper (measured: 4 groups cost ZeRO-2 ~13 ms a step on the tiny model, 2 groups ~6 ms)."""
     lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
-    out = []
+    merged: dict[tuple[float, bool], dict] = {}
     for part, named in groups.items():
         trainable = [(n, p) for n, p in named if p.requires_grad]
         for decay in (True, False):
             params = [p for n, p in trainable if _decays(n, p) == decay]
             if params:
-                out.append({"params": params, "lr": lrs[part], "weight_decay": config.weight_decay if decay else 0.0,
-                            "name": f"{part}{'' if decay else '_no_decay'}"})
-    if not out:
+                group = merged.setdefault((lrs[part], decay), {"params": [], "lr": lrs[part], "parts": [],
+                                                               "weight_decay": config.weight_decay if decay else 0.0})
+                group["params"] += params
+                group["parts"].append(part)
+    if not merged:
         raise ConfigError("nothing to train: --train_llm, --train_projector and --train_vision are all off")
+    out = []
+    for (_, decay), group in merged.items():
+        parts = group.pop("parts")
+        out.append({**group, "name": "+".join(parts) + ("" if decay else "_no_decay")})
     return out
 
 
@@ -270,10 +280,26 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over ranks (counts, loss sums). On CPU with every rank on one node this goes
+    through DeepSpeed's shared-memory allreduce in fp32 (6 us here, gloo: 1.1 ms in fp64), exact for
+    counts below 2^24; elsewhere an fp64 process-group allreduce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    if _shm_allreduce_available(device):
+        import deepspeed.comm as ds_comm
+
+        tensor = torch.tensor(values, dtype=torch.float32)
+        ds_comm.inference_all_reduce(tensor)
+        return tensor.tolist()
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
+    dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _shm_allreduce_available(device) -> bool:
+    local, world = os.environ.get("LOCAL_SIZE"), dist.get_world_size()
+    return (torch.device(device).type == "cpu" and local is not None and int(local) == world
+            and hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_"))
 
 
 class StepRunner:
@@ -316,13 +342,16 @@ class StepRunner:
                         param.grad = None
             self.engine.step()
             loss_sum += summed.item()
-        (global_loss_sum,) = all_reduce_sum([loss_sum], self.device)
+        # one collective for the loss and every rank's peak memory (each rank fills its own slot)
+        after = [loss_sum] + [0.0] * self.world_size
+        after[1 + dist.get_rank()] = peak_memory_gb()
+        global_loss_sum, *memory = all_reduce_sum(after, self.device)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         loss = global_loss_sum / n_targets
         applied = self.engine.was_step_applied() and not skip_plain
         return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
-                "computed": int(n_computed), "flops": flops,
+                "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
                 "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
                 "skipped": not (applied and math.isfinite(loss))}
 

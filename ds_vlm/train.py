@@ -19,7 +19,7 @@ from .data.encode import Encoder, set_pixel_bounds
 from .data.preflight import check_records, summarize
 from .engine import (StepRunner, enable_checkpointing, load_model, lr_lambda, optimizer_groups, param_groups,
                      resolve_ds_config, set_trainable)
-from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, peak_memory_gb, plot_curves
+from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
 
 
 class BadDataError(RuntimeError):
@@ -120,11 +120,29 @@ def init_distributed(timeout_s: int) -> None:
             f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from err
 
 
+def release_shm_buffer() -> None:
+    """On CPU with every rank on one node, DeepSpeed's shared-memory allreduce creates one ~70 MB
+    /dev/shm file per rank and never removes it (RAM, filling up run after run). Once init has
+    returned on every rank all of them are mapped, so each rank unlinks its own: the memory goes
+    when the run ends, even on kill -9."""
+    if torch.cuda.is_available() or not os.path.isdir("/dev/shm"):
+        return
+    dist.barrier()
+    env = os.environ.get
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env('MASTER_ADDR', '')}_{env('MASTER_PORT', '')}_"
+            f"{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
 def run(config: TrainConfig) -> dict:
     import deepspeed
 
     setup_threads()
     init_distributed(config.dist_timeout_s)
+    release_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(config.seed)
     log = RunLog(config.output_dir, 0, 0, enabled=False)
@@ -231,7 +249,7 @@ def run(config: TrainConfig) -> dict:
                   "step_time_s": elapsed, "tokens": stats["tokens"], "targets": stats["targets"],
                   "padding_efficiency": stats["tokens"] / max(1, stats["computed"]),
                   "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
-                  "peak_mem_gb": gather_floats(peak_memory_gb()),
+                  "peak_mem_gb": stats["peak_mem_gb"],
                   "skipped": stats["skipped"], "skipped_steps": skipped}
         log.step(record)
         reporter.log(step + 1, record)
@@ -288,14 +306,6 @@ def find_resume(config: TrainConfig, run_meta: dict):
                           + "\npass --resume_ignore_config to resume anyway, or --resume none to start fresh")
     universal = meta["world_size"] != run_meta["world_size"] and meta["zero_stage"] >= 1
     return found, universal
-
-
-def gather_floats(value: float) -> list[float]:
-    """One float from every rank, in rank order."""
-    values = torch.zeros(dist.get_world_size(), dtype=torch.float64)
-    values[dist.get_rank()] = value
-    dist.all_reduce(values)
-    return [round(v, 4) for v in values.tolist()]
 
 
 def evaluate_generation(engine, processor, dataset, config: TrainConfig, step: int) -> dict:
