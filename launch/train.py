@@ -9,4 +9,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds_vlm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip C++ static destructors: at interpreter teardown a DeepSpeed/gloo thread occasionally
+    # aborts a finished run ("terminate called without an active exception", exit 250).
+    os._exit(code)
