@@ -280,10 +280,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum a few scalars over ranks (counts, loss sums) in fp64, exact for any token count."""
+    return all_reduce_sum_async(values, device)()
+
+
+def all_reduce_sum_async(values: list[float], device):
+    """Start `all_reduce_sum`; returns a function that waits for it and gives the sums."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+    work = dist.all_reduce(tensor, async_op=True) if dist.is_initialized() else None
+
+    def result() -> list[float]:
+        if work is not None:
+            work.wait()
+        return tensor.tolist()
+
+    return result
 
 
 class StepRunner:
@@ -293,6 +303,15 @@ class StepRunner:
     each micro-batch's summed loss by world_size / (label tokens in the global batch),
     so the update is d(sum of all token losses)/dθ divided by the global token count,
     whatever the split into ranks and accumulation steps.
+
+    The global label-token count is needed before the first backward. When the caller knows it
+    (`planned_targets`: the training loop reads it from the batch plan and preflight's per-record
+    counts) the step itself adds no collective: the logged sums (loss, counts, peak memory) are
+    all-reduced asynchronously, and `start()` returns a function that waits for them; the count every
+    rank actually saw rides on that reduction and must equal the plan, or it raises. Without a plan,
+    a blocking all-reduce before the forward counts the label tokens. (Each extra blocking collective
+    is a barrier between phases whose length differs per rank; on the tiny benchmark model they cost
+    ~5-10% of a step, measured with launch/bench.py against the transformers Trainer.)
     """
 
     def __init__(self, engine, world_size: int, dtype: torch.dtype, count_flops=None):
@@ -306,17 +325,26 @@ class StepRunner:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
+    def run(self, micro_batches: list[tuple[dict, dict]], planned_targets: int | None = None) -> dict:
+        """One optimizer step; waits for its logged sums."""
+        return self.start(micro_batches, planned_targets)()
+
+    def start(self, micro_batches: list[tuple[dict, dict]], planned_targets: int | None = None):
+        """One optimizer step; returns a function that waits for the step's all-reduced sums and
+        gives its stats (loss, counts, grad norm, peak memory, skipped)."""
         local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples", "computed")]
         local.append(sum(self.count_flops(batch) for batch, _ in micro_batches))
-        n_targets, n_tokens, n_samples, n_computed, flops = all_reduce_sum(local, self.device)
+        n_targets = planned_targets
+        if n_targets is None:
+            n_targets = all_reduce_sum(local[:1], self.device)[0]
         loss_sum, grad_norm = 0.0, None
         for i, (batch, _) in enumerate(micro_batches):
             batch = self.to_device(batch)
             labels = batch.pop("labels")
             logits = self.engine(**batch).logits
             summed = token_loss_sum(logits, labels)
-            self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
+            # max(1, ...): a global batch with no label token (only masked dummies) contributes 0, not NaN
+            self.engine.backward(summed * (self.world_size / max(1, n_targets)), scale_wrt_gas=False)
             skip_plain = False
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
@@ -326,18 +354,28 @@ class StepRunner:
                         param.grad = None
             self.engine.step()
             loss_sum += summed.item()
-        # one collective for the loss and every rank's peak memory (each rank fills its own slot)
-        after = [loss_sum] + [0.0] * self.world_size
-        after[1 + dist.get_rank()] = peak_memory_gb()
-        global_loss_sum, *memory = all_reduce_sum(after, self.device)
+        # one collective for the loss, the counts and every rank's peak memory (each rank fills its own slot)
+        after = [loss_sum, *local] + [0.0] * self.world_size
+        after[6 + dist.get_rank()] = peak_memory_gb()
+        pending = all_reduce_sum_async(after, self.device)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        loss = global_loss_sum / n_targets
         applied = self.engine.was_step_applied() and not skip_plain
-        return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
-                "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
-                "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
-                "skipped": not (applied and math.isfinite(loss))}
+
+        def finish() -> dict:
+            global_loss_sum, seen_targets, n_tokens, n_samples, n_computed, flops, *memory = pending()
+            if int(seen_targets) != int(n_targets):
+                raise RuntimeError(
+                    f"the ranks' micro-batches hold {int(seen_targets)} label tokens, the batch plan said "
+                    f"{int(n_targets)} (from preflight's per-record counts): the encoding of some record changed "
+                    "between preflight and training, so this step's loss was not normalised by the right count")
+            loss = global_loss_sum / max(1, n_targets)
+            return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
+                    "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
+                    "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
+                    "skipped": not (applied and math.isfinite(loss))}
+
+        return finish
 
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device; floating ones (pixels) in the model's dtype."""

@@ -235,12 +235,12 @@ def run(config: TrainConfig) -> dict:
     loader = iter(make_loader(train_set, plan, rank, start_step, total_steps, collator, config.num_workers))
     last = time.perf_counter()
     bad_in_a_row, skipped = 0, 0
-    for step in range(start_step, total_steps):
-        lr = config.lr * schedule(scheduler.last_epoch)  # the language tower's; other groups scale alike
-        micro = [next(loader) for _ in range(config.grad_accum)]
-        stats = runner.run(micro)
-        now = time.perf_counter()
-        elapsed, last = now - last, now
+    targets_of = [c.n_targets for c in train_kept]  # label tokens per dataset position, from preflight
+    plan_cache: dict = {}
+
+    def log_step(step: int, finish, elapsed: float, lr: float) -> None:
+        nonlocal bad_in_a_row, skipped
+        stats = finish()  # waits for the step's all-reduced sums
         bad_in_a_row = bad_in_a_row + 1 if stats["skipped"] else 0
         skipped += stats["skipped"]
         tflops = stats["flops"] / elapsed / world / 1e12
@@ -258,11 +258,30 @@ def run(config: TrainConfig) -> dict:
             raise TrainingDiverged(
                 f"{bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
                 f"and were skipped; stopping. Last good checkpoint: {good or 'none'}. Lower --lr or check the data.")
-        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps:
+
+    # Step k is logged while step k+1 runs: its sums are all-reduced in the background, so no step
+    # waits on a collective of its own beyond DeepSpeed's; before a save or an evaluation it is logged first.
+    pending = None
+    for step in range(start_step, total_steps):
+        lr = config.lr * schedule(scheduler.last_epoch)  # the language tower's; other groups scale alike
+        micro = [next(loader) for _ in range(config.grad_accum)]
+        planned = sum(targets_of[i] for mb in plan.micro_batches(step, None, plan_cache) for i in mb)
+        finish = runner.start(micro, planned_targets=planned)
+        now = time.perf_counter()
+        elapsed, last = now - last, now
+        if pending is not None:
+            log_step(*pending)
+        pending = (step, finish, elapsed, lr)
+        save_now = config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps
+        eval_now = eval_set is not None and config.eval_steps and (step + 1) % config.eval_steps == 0 \
+            and step + 1 < total_steps
+        if save_now or eval_now or step + 1 == total_steps:
+            log_step(*pending)
+            pending = None
+        if save_now:
             save(step + 1)
             last = time.perf_counter()
-        if eval_set is not None and config.eval_steps and (step + 1) % config.eval_steps == 0 \
-                and step + 1 < total_steps:
+        if eval_now:
             evaluate(step + 1)
             last = time.perf_counter()
 

@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     # The demo's tiny Qwen3-VL (0.4 M parameters, 64x64 images -> 16 image tokens) on the demo data.
-    "tiny": dict(image_side=64, micro_batch_size=8, steps=40, warmup=10, max_length=512, lr=1e-4),
+    # 120 steps over 640 records (4 epochs): ~6 s of measured steps per case, so that a shared machine's
+    # bursts of load average out (with 40 steps, rounds of the same case differed by up to 40%).
+    "tiny": dict(image_side=64, micro_batch_size=8, steps=120, warmup=10, max_length=512, lr=1e-4, records=640),
     # Qwen3-VL-2B-Instruct's architecture, random weights; 448x448 images -> 196 image tokens.
     "qwen3-vl-2b": dict(image_side=448, micro_batch_size=4, steps=30, warmup=10, max_length=4096, lr=2e-5),
 }
@@ -736,7 +738,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per case (0: the preset's)")
     parser.add_argument("--warmup", type=int, default=-1, help="first steps left out (-1: the preset's)")
     parser.add_argument("--micro_batch_size", type=int, default=0, help="per rank (0: the preset's)")
-    parser.add_argument("--records", type=int, default=0, help="training records (0: enough for one pass)")
+    parser.add_argument("--records", type=int, default=0, help="training records (0: the preset's, or enough for one pass)")
     parser.add_argument("--num_workers", type=int, default=-1,
                         help="DataLoader workers per rank, every case (-1: 0 on CPU, where a worker per rank "
                              "oversubscribes the cores; 1 on GPUs)")
@@ -765,7 +767,8 @@ def main(argv=None) -> int:
     unknown = [c for c in cases if c not in ALL_CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(ALL_CASES)}")
-    records = args.records or args.steps * args.micro_batch_size * args.num_ranks
+    records = args.records or min(args.steps * args.micro_batch_size * args.num_ranks,
+                                  preset.get("records") or 10**9)
 
     import torch
 

@@ -238,3 +238,55 @@ def test_loss_and_gradients_do_not_depend_on_the_split(demo_dir, tmp_path):
             torch.testing.assert_close(delta, ref_delta, rtol=1e-4, atol=1e-7, msg=f"{name} {key}")
     moved = sum(int((ref_weights[k] != initial[k]).sum()) for k in ref_weights)
     assert moved > 100_000  # the update is not trivially zero
+
+
+class _TinyEngine(torch.nn.Module):
+    """Just what StepRunner calls on a DeepSpeed engine, around a one-layer 'language model'."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.module = torch.nn.Embedding(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.module(input_ids))
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        self.module.zero_grad()
+
+    zero_optimization_stage = staticmethod(lambda: 2)
+    bfloat16_enabled = staticmethod(lambda: False)
+    get_global_grad_norm = staticmethod(lambda: 1.0)
+    was_step_applied = staticmethod(lambda: True)
+
+
+def test_planned_label_count_is_checked_against_the_batches(tmp_path):
+    """The training loop passes the global label-token count from the plan (no collective before the
+    forward); the count the micro-batches really hold is summed after the step and must agree."""
+    import torch.distributed as dist
+
+    from ds_vlm.data.batching import count_targets
+    from ds_vlm.engine import StepRunner
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    meta = {"targets": count_targets(labels), "tokens": 10, "samples": 2, "computed": 10}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        runner = StepRunner(_TinyEngine(), 1, torch.float32)
+        counted = runner.run([(dict(batch), meta)])  # no plan: counted by an all-reduce first
+        planned = runner.run([(dict(batch), meta)], planned_targets=meta["targets"])
+        assert counted["targets"] == planned["targets"] == 5
+        assert planned["loss"] == counted["loss"] > 0
+        with pytest.raises(RuntimeError, match="batch plan said 4"):
+            runner.run([(dict(batch), meta)], planned_targets=4)
+    finally:
+        dist.destroy_process_group()
