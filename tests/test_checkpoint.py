@@ -100,11 +100,18 @@ def _output_dir_holding(ref_out: Path, step: int, out: Path) -> Path:
     return out
 
 
-def test_resume_on_another_world_size(reference, demo_dir, tmp_path):
-    """A 2-rank ZeRO-3 checkpoint resumes on 1 rank (universal format); same samples, same losses."""
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_resume_on_another_world_size(ranks, reference, demo_dir, tmp_path):
+    """A 2-rank ZeRO-3 checkpoint (micro-batch 2) resumes on 1 rank (accumulation 2) and on 4 ranks
+    (micro-batch 1) through the universal format: the same global batches, the same losses."""
     ref_out, ds = reference["zero3"]
-    out = _output_dir_holding(ref_out, 2, tmp_path / "one_rank")
-    proc = run_train(_args(demo_dir, out, ds, "--grad_accum", "2", "--export_hf", "false"), nprocs=1)
+    out = _output_dir_holding(ref_out, 2, tmp_path / f"{ranks}_ranks")
+    args = _args(demo_dir, out, ds, "--export_hf", "false")
+    if ranks == 1:
+        args += ["--grad_accum", "2"]
+    else:
+        args[args.index("--micro_batch_size") + 1] = "1"
+    proc = run_train(args, nprocs=ranks)
     _ok(proc)
     assert "(universal format)" in proc.stderr
     expected, got = _losses(ref_out), _losses(out)
