@@ -343,8 +343,7 @@ class StepRunner:
             labels = batch.pop("labels")
             logits = self.engine(**batch).logits
             summed = token_loss_sum(logits, labels)
-            # max(1, ...): a global batch with no label token (only masked dummies) contributes 0, not NaN
-            self.engine.backward(summed * (self.world_size / max(1, n_targets)), scale_wrt_gas=False)
+            self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
             skip_plain = False
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
@@ -356,7 +355,7 @@ class StepRunner:
             loss_sum += summed.item()
         # one collective for the loss, the counts and every rank's peak memory (each rank fills its own slot)
         after = [loss_sum, *local] + [0.0] * self.world_size
-        after[6 + dist.get_rank()] = peak_memory_gb()
+        after[1 + len(local) + dist.get_rank()] = peak_memory_gb()
         pending = all_reduce_sum_async(after, self.device)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
@@ -369,7 +368,7 @@ class StepRunner:
                     f"the ranks' micro-batches hold {int(seen_targets)} label tokens, the batch plan said "
                     f"{int(n_targets)} (from preflight's per-record counts): the encoding of some record changed "
                     "between preflight and training, so this step's loss was not normalised by the right count")
-            loss = global_loss_sum / max(1, n_targets)
+            loss = global_loss_sum / n_targets
             return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
                     "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
                     "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,

@@ -265,7 +265,7 @@ def run(config: TrainConfig) -> dict:
     for step in range(start_step, total_steps):
         lr = config.lr * schedule(scheduler.last_epoch)  # the language tower's; other groups scale alike
         micro = [next(loader) for _ in range(config.grad_accum)]
-        planned = sum(targets_of[i] for mb in plan.micro_batches(step, None, plan_cache) for i in mb)
+        planned = sum(targets_of[i] for i in plan.step_samples(step, plan_cache))
         finish = runner.start(micro, planned_targets=planned)
         now = time.perf_counter()
         elapsed, last = now - last, now

@@ -133,10 +133,6 @@ def image_bytes(image, source_dir: Path) -> bytes:
         if not path.is_file():
             raise SkipRecord(f"image {image} not found")
         return path.read_bytes()
-    if hasattr(image, "save"):  # a PIL image
-        buf = io.BytesIO()
-        image.save(buf, format=image.format or "PNG")
-        return buf.getvalue()
     raise SkipRecord(f"unsupported image entry {type(image).__name__}")
 
 
