@@ -54,6 +54,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 disables"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the GPU has it, else fp32) | bf16 | fp32"})
+    loss: str = field(default="chunked", metadata={"help": "chunked | liger | full: cross-entropy on label rows "
+                                                           "only, in chunks (liger: its fused kernel, CUDA); "
+                                                           "full: all label rows' logits at once"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2: "
+                                                                       "the attention kernel (auto: fastest installed)"})
     # what trains
     train_vision: str = field(default="none", metadata={"help": "none | all | last:N vision blocks"})
     unfreeze_vision_layers: int = field(default=0, metadata={"help": "train the last N vision blocks "
@@ -112,6 +117,9 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)")
         need(self.max_length >= 16, "--max_length must be >= 16")
         need(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32")
+        need(self.loss in ("chunked", "liger", "full"), "--loss must be chunked, liger or full")
+        need(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+             "--attn_implementation must be auto, sdpa, eager or flash_attention_2")
         need(self.bad_records in ("error", "skip"), "--bad_records must be error or skip")
         need(self.truncation in ("error", "skip", "truncate"), "--truncation must be error, skip or truncate")
         need(self.data_format in ("auto", "sharegpt", "llava", "messages", "openai"),

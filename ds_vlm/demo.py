@@ -221,8 +221,12 @@ BUILDERS = {
 FAMILIES = tuple(BUILDERS)
 
 
-def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl") -> Path:
-    """Write a tiny random model of `family` (default: the demo's Qwen3-VL) with tokenizer and processor."""
+def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_size: int = 0,
+                    tie_embeddings: bool | None = None) -> Path:
+    """Write a tiny random model of `family` (default: the demo's Qwen3-VL) with tokenizer and processor.
+
+    `vocab_size` > 0 gives the model a larger vocabulary than its tokenizer (e.g. Qwen's 151,936, to
+    measure the loss's memory at real scale); `tie_embeddings` overrides the family's LM-head tying."""
     import torch
     from transformers import GenerationConfig
 
@@ -233,6 +237,10 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl") -> Path:
     tokenizer = build_tokenizer(words, extra, chat_template(LLAVA_IMAGE_TOKEN) if extra else CHAT_TEMPLATE)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
     config, model_class, processor = BUILDERS[family](tokenizer, ids)
+    if vocab_size:
+        config.text_config.vocab_size = vocab_size
+    if tie_embeddings is not None:
+        config.tie_word_embeddings = tie_embeddings
     torch.manual_seed(seed)
     model = model_class(config)
     model.generation_config = GenerationConfig(

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
-from .data.encode import IGNORE_INDEX
+from .loss import LabelLoss, LabelRows
 from .metrics import peak_memory_gb
 from .models import Adapter, adapter_for
 
@@ -109,10 +109,28 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     with _full_shapes_in_weight_conversions(hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code,
+            attn_implementation=resolve_attention(config.attn_implementation))
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
+
+
+def resolve_attention(choice: str) -> str:
+    """--attn_implementation: `auto` is flash_attention_2 where flash-attn is installed and a GPU is there,
+    else sdpa; an explicit choice whose package or device is missing is an error naming it."""
+    import importlib.util
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if choice == "flash_attention_2":
+        if not has_flash:
+            raise ConfigError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn, built for your CUDA); sdpa needs nothing")
+        if not torch.cuda.is_available():
+            raise ConfigError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa here")
+    return choice
 
 
 @contextmanager
@@ -271,80 +289,49 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 # --------------------------------------------------------------------------- step
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the label tokens, in fp32."""
-    shifted = logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few scalars over ranks (counts, loss sums) in fp64, exact for any token count."""
-    return all_reduce_sum_async(values, device)()
-
-
-def all_reduce_sum_async(values: list[float], device):
-    """Start `all_reduce_sum`; returns a function that waits for it and gives the sums."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    work = dist.all_reduce(tensor, async_op=True) if dist.is_initialized() else None
-
-    def result() -> list[float]:
-        if work is not None:
-            work.wait()
-        return tensor.tolist()
-
-    return result
-
-
 class StepRunner:
-    """One optimizer step over this rank's micro-batches, with a global token-level mean loss.
+    """One optimizer step over this rank's micro-batches, with the token-level mean loss over the global batch.
 
-    DeepSpeed averages gradients over ranks; we skip its 1/grad_accum scaling and scale
-    each micro-batch's summed loss by world_size / (label tokens in the global batch),
-    so the update is d(sum of all token losses)/dθ divided by the global token count,
-    whatever the split into ranks and accumulation steps.
+    DeepSpeed averages gradients over ranks; we skip its 1/grad_accum scaling and scale each micro-batch's
+    summed loss by world_size / (label tokens in the global batch), so the update is d(sum of all token
+    losses)/dθ divided by the global token count, whatever the split into ranks and accumulation steps.
 
-    The global label-token count is needed before the first backward. When the caller knows it
-    (`planned_targets`: the training loop reads it from the batch plan and preflight's per-record
-    counts) the step itself adds no collective: the logged sums (loss, counts, peak memory) are
-    all-reduced asynchronously, and `start()` returns a function that waits for them; the count every
-    rank actually saw rides on that reduction and must equal the plan, or it raises. Without a plan,
-    a blocking all-reduce before the forward counts the label tokens. (Each extra blocking collective
-    is a barrier between phases whose length differs per rank; on the tiny benchmark model they cost
-    ~5-10% of a step, measured with launch/bench.py against the transformers Trainer.)
+    Nothing in a step waits for the device. The step's label tokens are counted on the host from the
+    collated labels; their global sum is all-reduced from a device tensor started before the first forward
+    and waited for just before the first backward (a stream wait on GPUs). Loss sums stay on the device and
+    are all-reduced with the step's other numbers after the optimizer step; the returned `PendingStats`
+    reads them (one host sync) only when the step is logged. (ZeRO-0 in fp32 is the exception: DeepSpeed
+    keeps no grad norm there, so it is measured on the host to skip non-finite steps.)
     """
 
-    def __init__(self, engine, world_size: int, dtype: torch.dtype, count_flops=None):
-        self.engine, self.world_size, self.dtype = engine, world_size, dtype
-        self.count_flops = count_flops or (lambda batch: 0.0)
+    def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None):
+        self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
+        self.count_flops = count_flops or (lambda batch, n_label_rows: 0.0)
         self.device = engine.device
-        # ZeRO-0 in fp32 keeps no global grad norm; measure it on the reduced grads before the step.
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
     def _grad_norm(self) -> float:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def run(self, micro_batches: list[tuple[dict, dict]], planned_targets: int | None = None) -> dict:
+    def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
         """One optimizer step; waits for its logged sums."""
-        return self.start(micro_batches, planned_targets)()
+        return self.start(micro_batches).result()
 
-    def start(self, micro_batches: list[tuple[dict, dict]], planned_targets: int | None = None):
-        """One optimizer step; returns a function that waits for the step's all-reduced sums and
-        gives its stats (loss, counts, grad norm, peak memory, skipped)."""
-        local = [sum(meta[k] for _, meta in micro_batches) for k in ("targets", "tokens", "samples", "computed")]
-        local.append(sum(self.count_flops(batch) for batch, _ in micro_batches))
-        n_targets = planned_targets
-        if n_targets is None:
-            n_targets = all_reduce_sum(local[:1], self.device)[0]
-        loss_sum, grad_norm = 0.0, None
-        for i, (batch, _) in enumerate(micro_batches):
-            batch = self.to_device(batch)
-            labels = batch.pop("labels")
-            logits = self.engine(**batch).logits
-            summed = token_loss_sum(logits, labels)
-            self.engine.backward(summed * (self.world_size / n_targets), scale_wrt_gas=False)
-            skip_plain = False
+    def start(self, micro_batches: list[tuple[dict, dict]]) -> "PendingStats":
+        """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later."""
+        label_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
+        n_local = sum(len(rows) for rows in label_rows)
+        count = torch.full((), float(n_local), dtype=torch.float64, device=self.device)
+        counting = _all_reduce(count)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_norm, skip_plain = None, False
+        for i, ((batch, _), rows) in enumerate(zip(micro_batches, label_rows)):
+            summed = self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+            if counting is not None:
+                counting.wait()
+                counting = None
+            self.engine.backward(summed * (self.world_size / count).float(), scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
                 skip_plain = not math.isfinite(grad_norm)
@@ -352,43 +339,65 @@ class StepRunner:
                     for param in self.engine.module.parameters():
                         param.grad = None
             self.engine.step()
-            loss_sum += summed.item()
-        # one collective for the loss, the counts and every rank's peak memory (each rank fills its own slot)
-        after = [loss_sum, *local] + [0.0] * self.world_size
-        after[1 + len(local) + dist.get_rank()] = peak_memory_gb()
-        pending = all_reduce_sum_async(after, self.device)
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        applied = self.engine.was_step_applied() and not skip_plain
-
-        def finish() -> dict:
-            global_loss_sum, seen_targets, n_tokens, n_samples, n_computed, flops, *memory = pending()
-            if int(seen_targets) != int(n_targets):
-                raise RuntimeError(
-                    f"the ranks' micro-batches hold {int(seen_targets)} label tokens, the batch plan said "
-                    f"{int(n_targets)} (from preflight's per-record counts): the encoding of some record changed "
-                    "between preflight and training, so this step's loss was not normalised by the right count")
-            loss = global_loss_sum / n_targets
-            return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
-                    "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
-                    "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
-                    "skipped": not (applied and math.isfinite(loss))}
-
-        return finish
+            loss_sum += summed.detach()
+        host = [n_local] + [sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
+        host.append(sum(self.count_flops(batch, len(rows)) for (batch, _), rows in zip(micro_batches, label_rows)))
+        memory = [0.0] * self.world_size  # every rank fills its own slot
+        memory[dist.get_rank() if dist.is_initialized() else 0] = peak_memory_gb()
+        totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
+        return PendingStats(totals, _all_reduce(totals), grad_norm if grad_norm is not None else
+                            self.engine.get_global_grad_norm(), self.engine.was_step_applied() and not skip_plain)
 
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device; floating ones (pixels) in the model's dtype."""
-        return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                for k, v in batch.items()}
+        """Tensors to the device (from pinned memory, without waiting); floating ones (pixels) in the model's
+        dtype."""
+        return {k: v.to(self.device, self.dtype, non_blocking=True) if v.is_floating_point()
+                else v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches) -> dict:
         """Token-level mean loss over every rank's micro-batches, no update."""
-        loss_sum, n_targets = 0.0, 0
-        for batch, meta in micro_batches:
-            batch = self.to_device(batch)
-            labels = batch.pop("labels")
-            loss_sum += token_loss_sum(self.engine(**batch).logits, labels).item()
-            n_targets += meta["targets"]
-        total_loss, total_targets = all_reduce_sum([loss_sum, n_targets], self.device)
-        return {"eval_loss": total_loss / max(1, total_targets), "eval_targets": int(total_targets)}
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch, _ in micro_batches:
+            rows = LabelRows.from_labels(batch.pop("labels"))
+            totals[0] += self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+            totals[1] += len(rows)
+        work = _all_reduce(totals)
+        if work is not None:
+            work.wait()
+        loss_sum, n_targets = totals.tolist()
+        return {"eval_loss": loss_sum / max(1, n_targets), "eval_targets": int(n_targets)}
+
+
+@dataclass
+class PendingStats:
+    """A step's numbers, all-reduced in the background; `result()` waits and reads them (one host sync)."""
+
+    totals: torch.Tensor  # loss sum, label tokens, tokens, samples, computed tokens, flops, peak GB per rank
+    work: Any
+    grad_norm: Any        # a float or a device tensor (DeepSpeed's), read in result()
+    applied: bool
+
+    def result(self) -> dict:
+        if self.work is not None:
+            self.work.wait()
+        loss_sum, n_targets, n_tokens, n_samples, n_computed, flops, *memory = self.totals.tolist()
+        loss = loss_sum / n_targets
+        norm = float(self.grad_norm) if self.grad_norm is not None else None
+        return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
+                "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
+                "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
+                "skipped": not (self.applied and math.isfinite(loss))}
+
+
+def _all_reduce(tensor: torch.Tensor):
+    """Start a sum over ranks in place; returns the work handle (None outside a process group)."""
+    return dist.all_reduce(tensor, async_op=True) if dist.is_initialized() else None
+
+
+def _on_device(values: list[float], device) -> torch.Tensor:
+    """Host numbers as a float64 device tensor, copied without blocking the host (pinned on GPUs)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -68,29 +68,30 @@ def device_peak_tflops(configured: float) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def _numel(*modules) -> int:
-    """Parameters of the modules, each shared tensor once (ZeRO-3 partitioned ones by their full size)."""
-    unique = {id(p): p for m in modules if m is not None for p in m.parameters()}
+def _numel(*modules, skip=()) -> int:
+    """Parameters of the modules, each shared tensor once (ZeRO-3 partitioned ones by their full size), except
+    those of the `skip` modules."""
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    unique = {id(p): p for m in modules if m is not None for p in m.parameters() if id(p) not in skipped}
     return sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
 
 
 class FlopsCounter:
     """Model FLOPs of a training step from the config and the batch shapes (no recomputation counted).
 
-    Per token of the language tower: 2 x (its non-embedding parameters) for the matmuls plus
-    4 x layers x attention width x sequence length for QK^T and AV; per vision patch the same
-    with the vision tower's depth and the patches of its image. A trained part costs 3 forwards
-    (forward, input grads, weight grads); a frozen one that gradients pass through costs 2; a
-    frozen one at the input costs 1.
+    Per token of the language tower: 2 x (its non-embedding, non-head parameters) for the matmuls plus
+    4 x layers x attention width x sequence length for QK^T and AV; the LM head, 2 x its parameters per
+    label row only (the loss computes logits nowhere else); per vision patch the same with the vision
+    tower's depth and the patches of its image. A trained part costs 3 forwards (forward, input grads,
+    weight grads); a frozen one that gradients pass through costs 2; a frozen one at the input costs 1.
     """
 
     def __init__(self, model, parts, config):
         text = getattr(model.config, "text_config", model.config)
         vision = getattr(model.config, "vision_config", None)
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        self.n_llm = _numel(*parts.llm) - _numel(embed)  # a lookup, not a matmul
-        if head is not None and head.weight is embed.weight:
-            self.n_llm += _numel(head)  # the LM head matmul runs on the tied matrix
+        self.n_llm = _numel(*parts.llm, skip=(embed, head))  # the embedding is a lookup, not a matmul
+        self.n_head = _numel(head)
         self.n_vision = _numel(*parts.vision)
         self.n_projector = _numel(*parts.projector)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -103,9 +104,10 @@ class FlopsCounter:
         self.mult_projector = 3 if config.train_projector else (2 if vision_trained else 1)
         self.mult_llm = 3 if config.train_llm else (2 if config.train_projector or vision_trained else 1)
 
-    def __call__(self, batch: dict) -> float:
+    def __call__(self, batch: dict, n_label_rows: int) -> float:
         rows, length = batch["input_ids"].shape
-        text = 2 * self.n_llm * rows * length + 4 * self.text_layers * self.text_width * rows * length * length
+        text = (2 * self.n_llm * rows * length + 2 * self.n_head * n_label_rows
+                + 4 * self.text_layers * self.text_width * rows * length * length)
         patches_per_image = self._patches(batch)
         n_patches = sum(patches_per_image)
         vision = 2 * self.n_vision * n_patches + 4 * self.vision_layers * self.vision_width * sum(

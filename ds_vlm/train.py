@@ -19,6 +19,7 @@ from .data.encode import Encoder, set_pixel_bounds
 from .data.preflight import check_records, summarize
 from .engine import (StepRunner, enable_checkpointing, load_model, lr_lambda, optimizer_groups, param_groups,
                      resolve_ds_config, set_trainable)
+from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
 
 
@@ -91,6 +92,7 @@ def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, col
 
     return DataLoader(dataset, batch_sampler=list(plan.iterate(rank, start, steps)), collate_fn=collator,
                       num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
+                      pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
@@ -149,6 +151,10 @@ def run(config: TrainConfig) -> dict:
 
     # -- model and data ----------------------------------------------------------------
     ds_config = resolve_ds_config(config, world)
+    try:
+        check_loss_available(config.loss)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     loaded = load_model(config, ds_config)
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     groups = set_trainable(model, adapter, config)
@@ -190,7 +196,8 @@ def run(config: TrainConfig) -> dict:
         model=model, model_parameters=param_groups(groups, config), config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule))
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    runner = StepRunner(engine, world, dtype, FlopsCounter(model, adapter.parts(model), config))
+    runner = StepRunner(engine, world, dtype, LabelLoss(model, config.loss),
+                        FlopsCounter(model, adapter.parts(model), config))
     peak_tflops = device_peak_tflops(config.peak_tflops)
     collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
 
@@ -235,12 +242,10 @@ def run(config: TrainConfig) -> dict:
     loader = iter(make_loader(train_set, plan, rank, start_step, total_steps, collator, config.num_workers))
     last = time.perf_counter()
     bad_in_a_row, skipped = 0, 0
-    targets_of = [c.n_targets for c in train_kept]  # label tokens per dataset position, from preflight
-    plan_cache: dict = {}
 
-    def log_step(step: int, finish, elapsed: float, lr: float) -> None:
+    def log_step(step: int, pending_stats, elapsed: float, lr: float) -> None:
         nonlocal bad_in_a_row, skipped
-        stats = finish()  # waits for the step's all-reduced sums
+        stats = pending_stats.result()  # waits for the step's all-reduced sums
         bad_in_a_row = bad_in_a_row + 1 if stats["skipped"] else 0
         skipped += stats["skipped"]
         tflops = stats["flops"] / elapsed / world / 1e12
@@ -265,13 +270,12 @@ def run(config: TrainConfig) -> dict:
     for step in range(start_step, total_steps):
         lr = config.lr * schedule(scheduler.last_epoch)  # the language tower's; other groups scale alike
         micro = [next(loader) for _ in range(config.grad_accum)]
-        planned = sum(targets_of[i] for i in plan.step_samples(step, plan_cache))
-        finish = runner.start(micro, planned_targets=planned)
+        started = runner.start(micro)
         now = time.perf_counter()
         elapsed, last = now - last, now
         if pending is not None:
             log_step(*pending)
-        pending = (step, finish, elapsed, lr)
+        pending = (step, started, elapsed, lr)
         save_now = config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total_steps
         eval_now = eval_set is not None and config.eval_steps and (step + 1) % config.eval_steps == 0 \
             and step + 1 < total_steps

@@ -20,7 +20,11 @@ Then, without training: the padding of fixed micro-batches against token-budget 
 sentences, images of 5 side lengths), with every record's real token count from the real encoder.
 
 Prints a table of ratios against the transformers Trainer on ZeRO-2 and writes everything to --out.
-Targets: ds-vlm's ZeRO-2 step no slower than the Trainer's on the same json; token-budget batches
+Then the loss's extra peak memory (ds_vlm/bench/loss_memory.py): the old full-logits loss against the
+label-rows chunked one, Qwen3-VL-2B's head, --loss_memory_tokens tokens of which 10% are labels.
+
+Targets: ds-vlm's ZeRO-2 step no slower than the Trainer's on the same json; the label-rows loss's extra
+peak memory at most 1/10 of the full-logits loss's; token-budget batches
 compute at least 25% fewer tokens than fixed ones on the varied data.
 
 `--preset qwen3-vl-2b` builds the real Qwen3-VL-2B-Instruct architecture with random weights (bf16,
@@ -67,39 +71,6 @@ TOKEN_BUDGET_TARGET = 0.25  # token-budget batches compute at least this much le
 
 # --------------------------------------------------------------------------- Qwen3-VL-2B preset
 
-# Qwen/Qwen3-VL-2B-Instruct's config.json (text tower = Qwen3-1.7B's shape). Only the special-token ids
-# differ: they are the demo tokenizer's.
-QWEN3_VL_2B_TEXT = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
-    attention_bias=False, attention_dropout=0.0, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                     "mrope_interleaved": True},
-)
-QWEN3_VL_2B_VISION = dict(
-    depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, in_channels=3, patch_size=16,
-    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
-    deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh",
-)
-# Qwen3-VL's image processor: patch 16, merge 2 (32 px per image token), mean/std 0.5; the pixel bounds
-# are the released shortest edge (65536 = 64 tokens) and a 1024-token ceiling for the benchmark.
-QWEN3_VL_2B_PIXELS = (65536, 1024 * 32 * 32)
-
-
-def qwen3_vl_2b_config(token_ids: dict):
-    """The Qwen3-VL-2B-Instruct architecture; `token_ids` maps Qwen's special tokens to the tokenizer's ids."""
-    from transformers import Qwen3VLConfig
-
-    pad = token_ids["<|endoftext|>"]
-    return Qwen3VLConfig(
-        text_config=dict(QWEN3_VL_2B_TEXT, pad_token_id=pad, bos_token_id=pad, eos_token_id=token_ids["<|im_end|>"]),
-        vision_config=dict(QWEN3_VL_2B_VISION),
-        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-
-
 def demo_tokenizer():
     """The demo's byte-level BPE (Qwen's special tokens and chat template), trained on the benchmark's words."""
     from ds_vlm.demo import CHAT_TEMPLATE, COLORS, SHAPES, build_tokenizer, caption
@@ -107,18 +78,6 @@ def demo_tokenizer():
     words = [caption(c, s) for c in COLORS for s in SHAPES] + ["What is in this picture?"]
     words += [s.format(color=c, shape=h) for s in EXTRA_SENTENCES for c in COLORS for h in SHAPES]
     return build_tokenizer(words, (), CHAT_TEMPLATE)
-
-
-def qwen3_vl_2b_processor(tokenizer):
-    import transformers as tf
-
-    min_pixels, max_pixels = QWEN3_VL_2B_PIXELS
-    image_processor = tf.Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=min_pixels, max_pixels=max_pixels,
-                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    video_processor = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
-    return tf.Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                               chat_template=tokenizer.chat_template)
 
 
 def preset_config(preset: str):
@@ -129,6 +88,8 @@ def preset_config(preset: str):
         raise ValueError(f"preset_config: only qwen3-vl-2b is built from a config here, not {preset!r}")
     tokenizer = demo_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
+
     return qwen3_vl_2b_config(ids), tokenizer, qwen3_vl_2b_processor(tokenizer)
 
 
@@ -566,7 +527,8 @@ def plain_loop(argv: list[str]) -> int:
     from ds_vlm.config import TrainConfig
     from ds_vlm.data.batching import BatchPlan, Collator, RecordIndex, SFTDataset
     from ds_vlm.data.encode import Encoder
-    from ds_vlm.engine import set_trainable, token_loss_sum
+    from ds_vlm.engine import set_trainable
+    from ds_vlm.loss import LabelLoss, LabelRows
     from ds_vlm.models import adapter_for
     from ds_vlm.train import setup_threads
 
@@ -600,6 +562,7 @@ def plain_loop(argv: list[str]) -> int:
         flops_of = FlopsCounter(model, adapter.parts(model), config)
     except Exception:  # noqa: BLE001 - FLOPs are optional in the report
         flops_of = None
+    label_loss = LabelLoss(model)
     processor = AutoProcessor.from_pretrained(args.model)
     encoder = Encoder(processor, adapter, args.max_length)
     dataset = SFTDataset(RecordIndex(args.train_data), encoder)
@@ -614,11 +577,10 @@ def plain_loop(argv: list[str]) -> int:
         last = time.perf_counter()
         for step, (batch, meta) in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            flops = flops_of(batch) if flops_of is not None else None
+            rows = LabelRows.from_labels(batch.pop("labels").cpu())
+            flops = flops_of(batch, len(rows)) if flops_of is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(**batch).logits
-            summed = token_loss_sum(logits, labels)
+                summed = label_loss(model, batch, rows.to(device))
             (summed / meta["targets"]).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -688,6 +650,10 @@ def render(report: dict) -> str:
             lines.append(f"{name:<38}{q['micro_batches']:>14}{q['mean_samples_per_micro_batch']:>11.1f}"
                          f"{q['real_tokens']:>10}{q['computed_tokens']:>13}{q['padding_efficiency']:>11.1%}"
                          f"{q['computed_tokens'] / p['fixed']['computed_tokens']:>9.2f}")
+    if report.get("loss_memory"):
+        from ds_vlm.bench import loss_memory
+
+        lines += ["", loss_memory.render(report["loss_memory"])]
     lines += ["", "Targets:"]
     for target in report["targets"].values():
         verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target["met"]]
@@ -711,7 +677,15 @@ def targets(report: dict) -> dict:
               "met": p["target_met"] if p else None,
               "measured": f"{p['computed_tokens_saved']:.1%} fewer ({p['token_budget']['computed_tokens']} vs "
                           f"{p['fixed']['computed_tokens']})" if p else "not run"}
-    return {"zero2_vs_hf_trainer": zero2, "token_budget_padding": budget}
+    out = {"zero2_vs_hf_trainer": zero2, "token_budget_padding": budget}
+    if report.get("loss_memory"):
+        from ds_vlm.bench import loss_memory
+
+        met, what = loss_memory.target(report["loss_memory"])
+        ratio = report["loss_memory"]["ratio"]
+        out["loss_memory"] = {"what": what.split(":")[0], "met": met,
+                              "measured": "not measured" if ratio is None else f"{ratio:.3f}"}
+    return out
 
 
 def machine() -> str:
@@ -746,6 +720,8 @@ def main(argv=None) -> int:
     parser.add_argument("--padding_records", type=int, default=512)
     parser.add_argument("--max_tokens_per_batch", type=int, default=0,
                         help="token budget of the padding comparison (0: micro-batch x mean length, >= longest)")
+    parser.add_argument("--loss_memory_tokens", type=int, default=16384,
+                        help="tokens of the loss-memory case (Qwen3-VL-2B's head; 0 skips it)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: known GPUs)")
     parser.add_argument("--dry_run", action="store_true", help="2 steps per case, none dropped, few records")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all cases (a shared machine's load "
@@ -761,6 +737,7 @@ def main(argv=None) -> int:
     args.max_length, args.lr = preset["max_length"], preset["lr"]
     if args.dry_run:
         args.padding_records = min(args.padding_records, 64)
+        args.loss_memory_tokens = 0
     if args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} leaves none of --steps {args.steps} to measure")
     cases = [] if args.cases == "none" else [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -862,6 +839,13 @@ def main(argv=None) -> int:
     lengths = token_lengths(model_dir, varied, max_length=100_000)
     report["padding"] = padding_report(lengths, args.micro_batch_size, args.num_ranks, args.max_tokens_per_batch,
                                        args.seed)
+
+    # -- the loss's memory: full logits against logits at label rows, no training -------------------
+    if args.loss_memory_tokens:
+        from ds_vlm.bench import loss_memory
+
+        print(f"[bench] loss memory at {args.loss_memory_tokens} tokens (a few minutes on a CPU)", flush=True)
+        report["loss_memory"] = loss_memory.run(args.loss_memory_tokens, "cuda" if gpu else "cpu")
 
     report["cases"] = {case: report["cases"][case] for case in ALL_CASES if case in report["cases"]}
     report["targets"] = targets(report)

@@ -29,7 +29,7 @@ def main() -> int:
 
     from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
     from ds_vlm.data.encode import Encoder
-    from ds_vlm.engine import token_loss_sum
+    from ds_vlm.loss import LabelLoss, LabelRows
     from ds_vlm.models import adapter_for
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,13 +62,14 @@ def main() -> int:
 
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
     model.train()
+    label_loss = LabelLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sample_batches = [collate([dataset[i] for i in b]) for b in batches[:12]]
     times = []
     for batch, _ in sample_batches:
         start = time.perf_counter()
-        labels = batch["labels"]
-        loss = token_loss_sum(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
+        batch = dict(batch)
+        loss = label_loss(model, batch, LabelRows.from_labels(batch.pop("labels")))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -26,6 +26,23 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def family_models(demo_dir, tmp_path_factory):
+    """family -> its tiny checkpoint, built on first use by the demo's command line (qwen3_vl: the demo's)."""
+    from ds_vlm.demo import main
+
+    built = {"qwen3_vl": demo_dir / "model"}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(family)
+            main(["--family", family, "--out", str(out), "--train_size", "2", "--test_size", "1"])
+            built[family] = out / "model"
+        return built[family]
+
+    return get
+
+
 def _text_only(record: dict) -> dict:
     answer = record["conversations"][1]["value"]
     return {"conversations": [{"from": "human", "value": "Say the caption."}, {"from": "gpt", "value": answer}],
@@ -74,6 +91,16 @@ def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: d
 def read_metrics(output_dir: Path) -> list[dict]:
     with open(output_dir / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if "loss" in r and "step" in r and "event" not in r]
+
+
+def full_logits_loss_sum(logits, labels):
+    """The reference loss: next-token cross-entropy summed over label tokens from every position's fp32 logits
+    (what the trainer computed before it took logits at label rows only)."""
+    import torch
+
+    shifted = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction="sum")
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +66,18 @@ def test_qwen3_vl_2b_preset_is_the_real_architecture(bench):
     # on this kind of machine a 2-rank fp32 run of it does not fit: the benchmark refuses it with numbers
     assert bench.memory_estimate_gb(n_params, n_trained, "ds_zero3", 2, gpu=False) * 2 > 30
     assert bench.memory_estimate_gb(n_params, n_trained, "ds_zero2", 1, gpu=True) < 100  # one H100/H200: fits
+
+
+def test_gpu_check_runs_its_path_on_the_cpu(tmp_path):
+    """launch/gpu_check.sh's program on the demo model: builds, trains through the StepRunner at two sizes,
+    prints the table and the largest size that fits, and writes its JSON."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-m", "ds_vlm.bench.gpu_check", "--preset", "tiny", "--sizes", "64,400",
+                           "--steps", "1", "--answer_sentences", "2", "--out", str(out)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert result["rows"][1]["samples"] > result["rows"][0]["samples"] == 1
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["loss"] > 0 for r in result["rows"])
+    assert f"largest size that fits: {result['largest_tokens']} tokens per step" in proc.stdout

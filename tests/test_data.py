@@ -133,16 +133,21 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
 def test_dummy_image_does_not_change_the_loss(encoder, demo_dir):
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.engine import token_loss_sum
+    from ds_vlm.loss import LabelLoss, LabelRows
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model", dtype=torch.float32).eval()
+    loss = LabelLoss(model)
+
+    def loss_sum(batch):
+        batch = dict(batch)
+        return loss(model, batch, LabelRows.from_labels(batch.pop("labels")))
+
     text = to_sample({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "A red circle."}]},
                      "t.jsonl", 0)
     plain = encoder.encode(text, [])
     padded, _ = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())([plain])
     with torch.no_grad():
-        a = token_loss_sum(model(**{k: v for k, v in plain.items() if k != "labels"}).logits, plain["labels"])
-        b = token_loss_sum(model(**{k: v for k, v in padded.items() if k != "labels"}).logits, padded["labels"])
+        a, b = loss_sum(plain), loss_sum(padded)
     assert padded["input_ids"].shape[1] > plain["input_ids"].shape[1]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

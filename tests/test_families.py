@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_train, write_json
+from conftest import ROOT, full_logits_loss_sum, read_metrics, run_train, write_json
 from ds_vlm.config import TrainConfig
 from ds_vlm.data.batching import BatchPlan, Collator, RecordIndex, SFTDataset
 from ds_vlm.data.encode import Encoder, _for_template
 from ds_vlm.data.images import load_images
 from ds_vlm.demo import FAMILIES
-from ds_vlm.engine import enable_checkpointing, param_groups, set_trainable, token_loss_sum
+from ds_vlm.engine import enable_checkpointing, param_groups, set_trainable
 from ds_vlm.models import ADAPTERS, adapter_for
 
 STEPS, MICRO, LR = 5, 2, 2e-3
@@ -37,15 +37,8 @@ assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request, demo_dir, tmp_path_factory) -> Path:
-    """The tiny checkpoint of one family, built by the demo's command line (qwen3_vl: the demo's own)."""
-    from ds_vlm.demo import main
-
-    if request.param == "qwen3_vl":
-        return demo_dir / "model"
-    out = tmp_path_factory.mktemp(request.param)
-    main(["--family", request.param, "--out", str(out), "--train_size", "2", "--test_size", "1"])
-    return out / "model"
+def family_model(request, family_models) -> Path:
+    return family_models(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +217,7 @@ def test_moe_experts_without_tokens_on_one_rank_and_router_aux_loss(family_model
         hit.append(seen[:len(routers)])
         assert with_aux.aux_loss is not None and torch.isfinite(with_aux.aux_loss)
         assert torch.equal(plain.logits, with_aux.logits)
-        assert torch.isfinite(token_loss_sum(plain.logits, labels))
+        assert torch.isfinite(full_logits_loss_sum(plain.logits, labels))
     experts = model.config.text_config.num_experts
     assert any(hit[0][layer] ^ hit[1][layer] for layer in range(len(routers)))  # tokens on one rank only
     assert any(len(hit[r][layer]) < experts for r in range(2) for layer in range(len(routers)))

@@ -108,12 +108,14 @@ def test_flops_counter_follows_the_config(demo_dir):
     counter = FlopsCounter(model, parts, TrainConfig(model="m", train_data="d", train_vision="all"))
     layers = model.model.language_model.layers
     assert counter.n_llm == sum(p.numel() for p in layers.parameters()) + sum(
-        p.numel() for p in model.model.language_model.norm.parameters()) + model.lm_head.weight.numel()
+        p.numel() for p in model.model.language_model.norm.parameters())  # no embedding, no head
+    assert counter.n_head == model.lm_head.weight.numel()
     text_only = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
-    expected = 3 * (2 * counter.n_llm * 20 + 4 * 2 * 64 * 2 * 10 * 10)  # 2 layers, width 4 heads x 16
-    assert counter(text_only) == expected
+    # the head only on the 3 label rows; 2 layers, attention width 4 heads x 16
+    expected = 3 * (2 * counter.n_llm * 20 + 2 * counter.n_head * 3 + 4 * 2 * 64 * 2 * 10 * 10)
+    assert counter(text_only, 3) == expected
     with_image = {**text_only, "image_grid_thw": torch.tensor([[1, 8, 8]])}
-    assert counter(with_image) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
+    assert counter(with_image, 3) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
         + 3 * 2 * counter.n_projector * 64
 
 

@@ -134,9 +134,9 @@ class BatchPlan:
             out.extend(chosen[k::slots] for k in range(slots))
         return out
 
-    def step_samples(self, step: int, epoch_cache: Optional[dict] = None) -> list[int]:
+    def step_samples(self, step: int) -> list[int]:
         """Every dataset position of `step`, all ranks and accumulation steps."""
-        return [i for mb in self.micro_batches(step, None, epoch_cache) for i in mb]
+        return [i for mb in self.micro_batches(step, None) for i in mb]
 
     def micro_batches(self, step: int, rank: Optional[int], epoch_cache: Optional[dict] = None) -> list[list[int]]:
         """This rank's micro-batches of `step` (all ranks' if rank is None)."""

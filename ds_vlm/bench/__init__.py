@@ -1,0 +1,1 @@
+"""Benchmarks: each module one case, `python launch/bench.py` runs them and prints the report."""

@@ -1,0 +1,162 @@
+"""The training loss: next-token cross-entropy summed over label tokens, with logits only where labels are.
+
+In SFT only the answers carry labels (~10% of the tokens of an image-captioning sample), so the LM head
+runs on those rows only, in chunks: at most one chunk of `rows x vocab` logits (fp32 for the softmax)
+exists at a time, in the forward and in the backward. The head is reached through the model's own
+`lm_head` module call (`LabelLoss` makes that call compute the loss while armed), so under ZeRO-3 the
+(partitioned, possibly tied) head weight is gathered by DeepSpeed's module hooks like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data.encode import IGNORE_INDEX
+
+LOSSES = ("chunked", "liger", "full")
+CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk: 441 rows of Qwen's 151,936-token vocabulary
+
+
+@dataclass
+class LabelRows:
+    """Where the loss is: flat (batch x position) indices of the hidden states that predict a label, and
+    those labels. Built on the host from the collated labels, so the device never has to be asked."""
+
+    rows: torch.Tensor      # long, (n,)
+    targets: torch.Tensor   # long, (n,)
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor) -> "LabelRows":
+        following = torch.full_like(labels, IGNORE_INDEX)
+        following[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
+        flat = following.flatten()
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        return cls(rows, flat[rows])
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def to(self, device) -> "LabelRows":
+        return LabelRows(self.rows.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T + b, target_i) without ever holding more than one chunk of logits.
+
+    The forward runs over chunks of rows and keeps each row's log-sum-exp (one float per row). The backward
+    recomputes the logits over chunks of the vocabulary, all rows at a time, so each slice of the weight
+    gradient is written exactly once (one matmul, as the plain head's backward does; no fp32 copy of the
+    whole weight gradient) and only the small hidden-state gradient is accumulated, in fp32. The head
+    matmul on label rows is a small share of a step, so recomputing it costs little.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_bytes):
+        vocab = weight.shape[0]
+        rows_per_chunk = max(1, chunk_bytes // (4 * vocab))
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            end = start + rows_per_chunk
+            logits = F.linear(hidden[start:end], weight, bias).float()
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            total += (lse[start:end] - logits.gather(1, targets[start:end, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_bytes = chunk_bytes
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        columns = max(1, ctx.chunk_bytes // (4 * max(1, n_rows)))
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        for start in range(0, vocab, columns):
+            end = min(vocab, start + columns)
+            w = weight[start:end]
+            logits = F.linear(hidden, w, None if bias is None else bias[start:end]).float()
+            probs = logits.sub_(lse[:, None]).exp_()
+            # minus one at each row's target, where the target falls in this slice (no host round trip)
+            here = (targets >= start) & (targets < end)
+            probs.scatter_add_(1, (targets - start).clamp(0, end - start - 1)[:, None], -here.float()[:, None])
+            grad_logits = probs.mul_(grad_total).to(weight.dtype)
+            if need_hidden:
+                grad_hidden += grad_logits @ w
+            if need_weight:
+                torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
+            if need_bias:
+                torch.sum(grad_logits, 0, out=grad_bias[start:end])
+            del logits, probs, grad_logits
+        return (grad_hidden.to(hidden.dtype) if need_hidden else None, grad_weight, grad_bias, None, None)
+
+
+def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, CHUNK_BYTES)
+
+
+def full_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    """The plain path (all label rows' logits at once, fp32): the reference the chunked loss is tested against."""
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum").float()
+
+
+def check_loss_available(kind: str) -> None:
+    """--loss liger needs liger-kernel and a CUDA device; say so before any model is loaded."""
+    if kind not in LOSSES:
+        raise ValueError(f"--loss {kind!r}: choose one of {', '.join(LOSSES)}")
+    if kind != "liger":
+        return
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as err:
+        raise ValueError("--loss liger needs the liger-kernel package (pip install liger-kernel); "
+                         "--loss chunked is the same loss in plain PyTorch") from err
+    if not torch.cuda.is_available():
+        raise ValueError("--loss liger runs Triton kernels and needs a CUDA GPU; use --loss chunked on this machine")
+
+
+LOSS_FUNCTIONS = {"chunked": chunked_loss_sum, "full": full_loss_sum, "liger": liger_loss_sum}
+
+
+class LabelLoss:
+    """While armed, the model's LM head call returns the summed cross-entropy over the label rows instead
+    of logits; unarmed (generation, evaluation with logits) it is the plain head.
+
+    `loss_sum = label_loss(engine, batch, label_rows)` runs the whole model forward through the engine
+    (so ZeRO-3 gathers every parameter, the head's included, through its module hooks) and returns a
+    0-d fp32 tensor on the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, kind: str = "chunked"):
+        self.head = model.get_output_embeddings()
+        if not isinstance(self.head, torch.nn.Linear):
+            raise ValueError(f"the LM head is a {type(self.head).__name__}, not a Linear layer")
+        self.loss_fn = LOSS_FUNCTIONS[kind]
+        self._armed: LabelRows | None = None
+        self._plain_forward = self.head.forward
+        self.head.forward = self._forward
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._armed is None:
+            return self._plain_forward(hidden)
+        label_rows, self._armed = self._armed, None
+        rows = hidden.flatten(0, -2).index_select(0, label_rows.rows)
+        return self.loss_fn(rows, self.head.weight, self.head.bias, label_rows.targets)
+
+    def __call__(self, engine, batch: dict, label_rows: LabelRows) -> torch.Tensor:
+        self._armed = label_rows
+        try:
+            return engine(**batch).logits
+        finally:
+            self._armed = None
