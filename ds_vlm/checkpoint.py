@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 MARKER = "ds_vlm_checkpoint.json"
 HF_CONFIG = "hf_config"
 LATEST = "latest"
@@ -189,6 +191,31 @@ def config_differences(meta: dict, config: dict, global_batch: int, total_steps:
     if meta["total_steps"] != total_steps:
         diffs.append(f"total steps (LR schedule): checkpoint {meta['total_steps']}, now {total_steps}")
     return diffs
+
+
+def resume_point(config, run_meta: dict):
+    """(checkpoint to resume from or None, whether it needs the universal format)."""
+    if config.resume == "none":
+        return None, False
+    source = config.output_dir if config.resume == "auto" else config.resume
+    found = find_checkpoint(source)
+    if found is None:
+        if config.resume != "auto":
+            raise ConfigError(f"--resume {config.resume}: no complete checkpoint there")
+        return None, False
+    meta = read_meta(found)
+    diffs = config_differences(meta, run_meta["config"], run_meta["global_batch"], run_meta["total_steps"])
+    if config.max_tokens_per_batch and meta["world_size"] != run_meta["world_size"]:
+        diffs.append(f"world size with token-budget batching: checkpoint {meta['world_size']}, now "
+                     f"{run_meta['world_size']} (micro-batches are dealt per rank)")
+    if meta.get("n_train_samples") != run_meta["n_train_samples"]:
+        diffs.append(f"usable train samples: checkpoint {meta.get('n_train_samples')}, now "
+                     f"{run_meta['n_train_samples']}")
+    if diffs and not config.resume_ignore_config:
+        raise ConfigError(f"cannot resume exactly from {found}; the run differs in:\n  " + "\n  ".join(diffs)
+                          + "\npass --resume_ignore_config to resume anyway, or --resume none to start fresh")
+    universal = meta["world_size"] != run_meta["world_size"] and meta["zero_stage"] >= 1
+    return found, universal
 
 
 def universal_dir(checkpoint: Path) -> Path:

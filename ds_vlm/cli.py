@@ -9,7 +9,9 @@ from .data.formats import DataError
 
 
 def main(argv=None) -> int:
-    from .train import BadDataError, RendezvousError, TrainingDiverged, run
+    from .data.preflight import BadDataError
+    from .distributed import RendezvousError
+    from .train import TrainingDiverged, run
 
     try:
         config = load_config(argv)

@@ -1,13 +1,19 @@
-"""One typed run config: YAML file + command-line flags (flags win), validated once."""
+"""One typed run config: YAML file + command-line flags (flags win), validated once.
+
+Every key is a field of `TrainConfig` with its type, default and help; a `Literal[...]` type is the one
+place its allowed values are listed. `python -m ds_vlm.config` prints the flag table of docs/training.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
+import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
@@ -16,88 +22,88 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
+def _key(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what to train, on what
-    model: str = field(default="", metadata={"help": "local folder or hub id of a supported VLM"})
-    train_data: str = field(default="", metadata={"help": "JSONL/JSON/parquet file with the training records"})
-    eval_data: str = field(default="", metadata={"help": "optional held-out records; eval loss at the end"})
-    data_format: str = field(default="auto", metadata={"help": "auto | sharegpt | llava | messages | openai: "
-                                                               "force one record layout"})
-    image_root: str = field(default="", metadata={"help": "folder relative image paths are resolved against "
-                                                          "(default: the data file's folder)"})
-    deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed json (ZeRO stage etc.)"})
-    output_dir: str = field(default="runs/latest", metadata={"help": "metrics, checkpoints and hf/ go here"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint"})
+    model: str = _key("", "local folder or hub id of a supported VLM")
+    train_data: str = _key("", "JSONL / JSON / parquet files or folders, comma-separated; `path:weight` samples "
+                               "sources by weight")
+    eval_data: str = _key("", "held-out records: eval loss (and sample answers) at --eval_steps and at the end")
+    data_format: Literal["auto", "sharegpt", "llava", "messages", "openai"] = _key(
+        "auto", "force one record layout (records in another are named as bad)")
+    image_root: str = _key("", "folder relative image paths are resolved against (default: the data file's folder)")
+    deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
+    output_dir: str = _key("runs/latest", "metrics, checkpoints and hf/ go here")
+    trust_remote_code: bool = _key(False, "allow model code from the checkpoint")
     # how long
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: run --epochs"})
-    epochs: int = field(default=1, metadata={"help": "passes over train_data when max_steps is -1"})
-    # batch
-    micro_batch_size: int = field(default=1, metadata={"help": "samples per rank per forward"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=4096, metadata={"help": "longest sample in tokens (image tokens included)"})
-    truncation: str = field(default="error", metadata={"help": "error | skip | truncate: over-long samples stop the "
-                                                               "run, are dropped, or are cut (never inside an image)"})
-    max_tokens_per_batch: int = field(default=0, metadata={"help": "form micro-batches by this token budget "
-                                                                   "(padded tokens) instead of --micro_batch_size"})
-    min_pixels: int = field(default=0, metadata={"help": "smallest image area after resizing (0: processor's)"})
-    max_pixels: int = field(default=0, metadata={"help": "largest image area after resizing (0: processor's)"})
+    max_steps: int = _key(-1, "optimizer steps; -1: run --epochs")
+    epochs: int = _key(1, "passes over the data when --max_steps is -1")
+    # batches
+    micro_batch_size: int = _key(1, "samples per rank per forward")
+    grad_accum: int = _key(1, "micro-batches per optimizer step")
+    max_length: int = _key(4096, "longest sample in tokens, image tokens included")
+    truncation: Literal["error", "skip", "truncate"] = _key(
+        "error", "over-long samples stop the run before training, are dropped (counted), or are cut (never inside "
+                 "an image, never to zero answer tokens)")
+    max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of padded tokens (similar lengths "
+                                        "together) instead of --micro_batch_size; 0: off")
+    min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
+    max_pixels: int = _key(0, "largest image area after resizing (0: the processor's)")
     # optimizer and schedule
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine decays to lr * this"})
-    vision_lr: float = field(default=0.0, metadata={"help": "learning rate of the vision tower (0: --lr)"})
-    projector_lr: float = field(default=0.0, metadata={"help": "learning rate of the projector (0: --lr)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on norms and biases)"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 disables"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 where the GPU has it, else fp32) | bf16 | fp32"})
-    loss: str = field(default="chunked", metadata={"help": "chunked | liger | full: cross-entropy on label rows "
-                                                           "only, in chunks (liger: its fused kernel, CUDA); "
-                                                           "full: all label rows' logits at once"})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2: "
-                                                                       "the attention kernel (auto: fastest installed)"})
+    lr: float = _key(2e-5, "peak learning rate")
+    warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
+    min_lr_ratio: float = _key(0.0, "cosine decays to lr x this")
+    vision_lr: float = _key(0.0, "learning rate of the vision tower (0: --lr)")
+    projector_lr: float = _key(0.0, "learning rate of the projector (0: --lr)")
+    weight_decay: float = _key(0.0, "AdamW weight decay; never on norms, biases or other 1-d tensors")
+    adam_beta1: float = _key(0.9, "AdamW beta1")
+    adam_beta2: float = _key(0.999, "AdamW beta2")
+    adam_eps: float = _key(1e-8, "AdamW epsilon")
+    grad_clip: float = _key(1.0, "clip the global gradient norm; 0 disables")
+    precision: Literal["auto", "bf16", "fp32"] = _key("auto", "auto: bf16 where the GPU has it, else fp32")
+    loss: Literal["chunked", "liger", "full"] = _key(
+        "chunked", "cross-entropy on label rows only, in chunks; liger: liger-kernel's fused kernel (CUDA); full: "
+                   "all label rows' logits at once")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _key(
+        "auto", "the attention kernel; auto: flash_attention_2 where flash-attn and a GPU are there, else sdpa")
     # what trains
-    train_vision: str = field(default="none", metadata={"help": "none | all | last:N vision blocks"})
-    unfreeze_vision_layers: int = field(default=0, metadata={"help": "train the last N vision blocks "
-                                                                     "(same as --train_vision last:N)"})
-    train_projector: bool = field(default=True, metadata={"help": "train the vision-language merger/projector"})
-    train_llm: bool = field(default=True, metadata={"help": "train the language tower"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing on the "
-                                                                         "language tower"})
-    vision_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) "
-                                                                        "on the vision tower's blocks"})
+    train_vision: str = _key("none", "none, all, or last:N vision blocks (the last N whose output is used)")
+    train_projector: bool = _key(True, "train the merger / multi-modal projector")
+    train_llm: bool = _key(True, "train the language tower and LM head")
+    gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
+    vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
     # data handling
-    bad_records: str = field(default="error", metadata={"help": "error | skip: what preflight does with bad records"})
-    num_workers: int = field(default=1, metadata={"help": "DataLoader workers per rank for decoding/encoding"})
+    bad_records: Literal["error", "skip"] = _key("error", "bad records stop the run before training, or are "
+                                                          "dropped and counted")
+    num_workers: int = _key(1, "DataLoader workers per rank (image decoding, processor)")
     # output
-    save_steps: int = field(default=0, metadata={"help": "DeepSpeed checkpoint every N steps; 0: only at the end"})
-    save_total_limit: int = field(default=0, metadata={"help": "keep only the newest K complete checkpoints (0: all)"})
-    resume: str = field(default="auto", metadata={"help": "auto (newest complete checkpoint in output_dir, if any) "
-                                                          "| none | PATH"})
-    resume_ignore_config: bool = field(default=False, metadata={"help": "resume even if model, data, global batch "
-                                                                        "or schedule changed"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite steps"})
-    export_hf: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/hf at the end"})
-    eval_steps: int = field(default=0, metadata={"help": "eval loss and sample generations every N steps "
-                                                         "(0: only at the end)"})
-    eval_generate: int = field(default=8, metadata={"help": "eval records answered greedily at each evaluation, "
-                                                            "written to samples.jsonl with exact-match accuracy"})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb (if installed)"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "device peak TFLOP/s for MFU (0: known GPUs' "
-                                                              "bf16 peak; none on CPU)"})
-    logging_steps: int = field(default=1, metadata={"help": "progress-bar refresh interval in steps"})
-    seed: int = 42
-    dist_timeout_s: int = field(default=900, metadata={"help": "a collective that waits this long fails the run "
-                                                              "(a hang turns into an error)"})
+    save_steps: int = _key(0, "checkpoint every N steps (always one at the end)")
+    save_total_limit: int = _key(0, "keep only the newest K complete checkpoints (0: all)")
+    resume: str = _key("auto", "auto: the newest complete checkpoint in output_dir, else start fresh; none; or a "
+                               "checkpoint path")
+    resume_ignore_config: bool = _key(False, "resume even though model, data, global batch or schedule changed")
+    max_bad_steps: int = _key(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    export_hf: bool = _key(True, "write OUTPUT_DIR/hf/ at the end")
+    logging_steps: int = _key(1, "a metrics.jsonl line and a progress-bar update every N steps (the step's numbers "
+                                 "are read from the device only then)")
+    eval_steps: int = _key(0, "eval loss and sample answers every N steps (0: only at the end; needs eval_data)")
+    eval_generate: int = _key(8, "eval records answered greedily at each evaluation -> samples.jsonl, exact-match "
+                                 "accuracy")
+    report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
+    peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
+    seed: int = _key(42, "data order and initialisation")
+    dist_timeout_s: int = _key(900, "a collective or rendezvous that waits this long fails the run instead of "
+                                    "hanging")
 
     @property
     def vision_blocks_to_train(self) -> Optional[int]:
         """None: no vision blocks; -1: all of the tower; N: the last N blocks."""
         if self.train_vision == "none":
-            return self.unfreeze_vision_layers or None
+            return None
         if self.train_vision == "all":
             return -1
         return int(self.train_vision.split(":", 1)[1])
@@ -107,6 +113,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        for name, choices in choice_fields().items():
+            need(getattr(self, name) in choices,
+                 f"--{name} {getattr(self, name)!r}: must be one of {', '.join(choices)}")
         need(bool(self.model), "--model is required (a local folder or hub id)")
         need(bool(self.train_data), "--train_data is required")
         need(not for_training or Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such file")
@@ -116,34 +125,39 @@ class TrainConfig:
         need(self.lr > 0, "--lr must be > 0")
         need(0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)")
         need(self.max_length >= 16, "--max_length must be >= 16")
-        need(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32")
-        need(self.loss in ("chunked", "liger", "full"), "--loss must be chunked, liger or full")
-        need(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
-             "--attn_implementation must be auto, sdpa, eager or flash_attention_2")
-        need(self.bad_records in ("error", "skip"), "--bad_records must be error or skip")
-        need(self.truncation in ("error", "skip", "truncate"), "--truncation must be error, skip or truncate")
-        need(self.data_format in ("auto", "sharegpt", "llava", "messages", "openai"),
-             "--data_format must be auto, sharegpt, llava, messages or openai")
         need(self.max_tokens_per_batch == 0 or self.max_tokens_per_batch >= self.max_length,
              "--max_tokens_per_batch must be 0 (off) or >= --max_length, so every sample fits in a micro-batch")
         need(self.min_pixels >= 0 and self.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
         need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
              f"--train_vision {self.train_vision!r}: use none, all or last:N")
-        need(self.unfreeze_vision_layers >= 0, "--unfreeze_vision_layers must be >= 0")
-        need(not (self.unfreeze_vision_layers and self.train_vision != "none"),
-             "--unfreeze_vision_layers and --train_vision both set; give one")
         need(self.num_workers >= 0, "--num_workers must be >= 0")
-        need(self.report_to in ("none", "tensorboard", "wandb"), "--report_to must be none, tensorboard or wandb")
         need(self.eval_steps >= 0 and self.eval_generate >= 0, "--eval_steps/--eval_generate must be >= 0")
         need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
         need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
+        need(self.logging_steps >= 1, "--logging_steps must be >= 1")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _str2bool(text: str) -> bool:
+# Old names users may have in their YAML files or scripts: key -> (key it sets, how its value maps).
+ALIASES = {
+    "unfreeze_vision_layers": ("train_vision", lambda n: f"last:{int(n)}" if int(n) > 0 else "none"),
+}
+
+
+def field_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def choice_fields() -> dict[str, tuple[str, ...]]:
+    """Fields with a fixed set of values (their Literal type), and those values."""
+    return {name: typing.get_args(kind) for name, kind in field_types().items()
+            if typing.get_origin(kind) is Literal}
+
+
+def _str2bool(text) -> bool:
     lowered = str(text).lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -152,61 +166,105 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_type(f) -> type:
-    return f.type if isinstance(f.type, type) else eval(f.type)  # annotations are strings here
+def _converter(kind):
+    if kind is bool:
+        return _str2bool
+    if typing.get_origin(kind) is Literal:
+        return str
+    return kind
 
 
 def _coerce(key: str, value, source: str):
     """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its field's type."""
-    kind = _field_type(next(f for f in fields(TrainConfig) if f.name == key))
+    kind = field_types()[key]
     try:
-        return _str2bool(value) if kind is bool else kind(value)
+        return _converter(kind)(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {kind.__name__}") from err
+        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Supervised fine-tuning of vision-language models on DeepSpeed.")
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags win")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    types = field_types()
     for f in fields(TrainConfig):
-        kind = _field_type(f)
+        kind = types[f.name]
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True,
                                 default=argparse.SUPPRESS, metavar="true|false", help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+            parser.add_argument(f"--{f.name}", type=_converter(kind), default=argparse.SUPPRESS,
+                                metavar="|".join(choices) if choices else None, help=help_text)
+    for alias, (target, _) in ALIASES.items():
+        parser.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"old name: sets --{target}")
     return parser
 
 
-def load_config(argv: Optional[list[str]] = None, add_arguments=None):
-    """YAML (if --config) then explicit flags; unknown YAML keys are errors.
-
-    With `add_arguments(parser)` (tools that take the trainer's flags plus their own), returns
-    (config, {extra flag: value}) and does not require the DeepSpeed json."""
-    parser = build_parser()
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    names = {f.name for f in fields(TrainConfig)}
-    extras = {k: args.pop(k) for k in list(args) if k not in names and k not in ("config", "local_rank")}
+def _merge(args: dict) -> TrainConfig:
+    """YAML (if --config) then explicit flags; unknown YAML keys are errors; aliases map to their key."""
     values: dict = {}
     config_file = args.pop("config", None)
     args.pop("local_rank", None)
+    known = {f.name for f in fields(TrainConfig)}
     if config_file:
         with open(config_file) as f:
             loaded = yaml.safe_load(f) or {}
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(loaded) - known)
+        unknown = sorted(set(loaded) - known - set(ALIASES))
         if unknown:
             raise ConfigError(f"{config_file}: unknown key(s) {unknown}; known keys are the flags of launch/train.py")
-        values.update({key: _coerce(key, value, config_file) for key, value in loaded.items()})
-    values.update(args)
-    try:
-        config = TrainConfig(**values)
-    except TypeError as err:
-        raise ConfigError(str(err)) from err
-    if add_arguments is None:
-        return config.validate()
-    return config.validate(for_training=False), extras
+        values.update(_resolve_aliases(loaded, config_file))
+        values = {key: _coerce(key, value, config_file) for key, value in values.items()}
+    values.update(_resolve_aliases(args, "command line"))
+    return TrainConfig(**values)
+
+
+def _resolve_aliases(values: dict, source: str) -> dict:
+    out = {k: v for k, v in values.items() if k not in ALIASES}
+    for alias, (target, convert) in ALIASES.items():
+        if alias in values:
+            if target in values:
+                raise ConfigError(f"{source}: --{alias} and --{target} both set; give one (--{alias} is the old "
+                                  f"name of --{target})")
+            try:
+                out[target] = convert(values[alias])
+            except ValueError as err:
+                raise ConfigError(f"{source}: {alias}: {values[alias]!r} is not valid") from err
+    return out
+
+
+def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """The trainer's config from --config YAML and flags, validated for training."""
+    return _merge(vars(build_parser().parse_args(argv))).validate()
+
+
+def load_tool_config(argv: Optional[list[str]], add_arguments) -> tuple[TrainConfig, dict]:
+    """For tools that take the trainer's flags plus their own (`add_arguments(parser)`): (config, their
+    values). The DeepSpeed json is not required."""
+    parser = build_parser()
+    add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    names = {f.name for f in fields(TrainConfig)} | set(ALIASES) | {"config", "local_rank"}
+    extras = {k: args.pop(k) for k in list(args) if k not in names}
+    return _merge(args).validate(for_training=False), extras
+
+
+def flag_table() -> str:
+    """The markdown table of every key (docs/training.md holds this output; a test keeps them equal)."""
+    types = field_types()
+    rows = ["| flag / key | default | values | meaning |", "|---|---|---|---|"]
+    for f in fields(TrainConfig):
+        kind = types[f.name]
+        values = (", ".join(typing.get_args(kind)) if typing.get_origin(kind) is Literal
+                  else getattr(kind, "__name__", str(kind)))
+        default = f"`{f.default}`" if f.default != "" else ""
+        rows.append(f"| `{f.name}` | {default} | {values} | {f.metadata.get('help', '')} |")
+    for alias, (target, _) in ALIASES.items():
+        rows.append(f"| `{alias}` | | int | old name: N sets `{target}` to `last:N` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(flag_table() + "\n")

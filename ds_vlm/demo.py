@@ -16,6 +16,10 @@ import json
 import random
 from pathlib import Path
 
+from .models import FAMILIES, adapter_by_family
+from .models.qwen3_vl import Qwen3VLAdapter
+from .models.tiny import IMAGE_SIZE
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -24,7 +28,6 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 PROMPT = "<image>What is in this picture?"
-IMAGE_SIZE = 64
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -53,10 +56,8 @@ def chat_template(image_text: str, video_text: str = "") -> str:
     )
 
 
-# Qwen's vision tokens for images and videos; LLaVA writes "<image>", which its processor expands.
-CHAT_TEMPLATE = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
-                              "<|vision_start|><|video_pad|><|vision_end|>")
-LLAVA_IMAGE_TOKEN = "<image>"
+# Qwen's vision tokens for images and videos (LLaVA writes "<image>", which its processor expands).
+CHAT_TEMPLATE = chat_template(Qwen3VLAdapter.image_text, Qwen3VLAdapter.video_text)
 
 
 def caption(color: str, shape: str) -> str:
@@ -112,115 +113,6 @@ def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), 
     return tokenizer
 
 
-# The language tower of every tiny family; mrope sections (Qwen) must sum to head_dim / 2.
-TEXT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-MROPE = [4, 2, 2]
-# Qwen3-VL-MoE: many small experts, so a small batch leaves some of them without tokens on a rank.
-# Not square (2 x 16 != 64, 16 != 64): the experts' layout check in transformers relies on shapes.
-MOE = dict(num_experts=64, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
-QWEN2_PIXELS = 112 * 112  # Qwen2(.5)-VL, patch 14, merge 2: 8 x 8 patches -> 16 image tokens
-
-
-def _text_config(tokenizer, ids: dict, rope: dict | None = None, **extra) -> dict:
-    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
-    assert sum(rope_parameters.get("mrope_section", [TEXT["head_dim"] // 2])) == TEXT["head_dim"] // 2
-    return dict(vocab_size=len(tokenizer), **TEXT, rope_parameters=rope_parameters,
-                pad_token_id=ids["<|endoftext|>"], **extra)
-
-
-def _qwen_token_ids(ids: dict) -> dict:
-    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-
-
-def _qwen_processor(processor_cls, video_cls, tokenizer, patch: int, merge: int, min_pixels: int, max_pixels: int):
-    from transformers import Qwen2VLImageProcessor
-
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=patch, merge_size=merge, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels,
-    )
-    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2)
-    return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                         chat_template=tokenizer.chat_template)
-
-
-def _qwen3(tokenizer, ids: dict, moe: bool = False):
-    """Qwen3-VL (the demo model: patch 8, 64x64 images -> 16 image tokens) or Qwen3-VL-MoE."""
-    import transformers as tf
-
-    patch, merge = 8, 2
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    processor = _qwen_processor(tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, tokenizer, patch, merge,
-                                pixels // 4, pixels)
-    config_cls = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
-    config = config_cls(
-        text_config=_text_config(tokenizer, ids, {"mrope_section": MROPE, "mrope_interleaved": True},
-                                 **(MOE if moe else {})),
-        vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=patch,
-            spatial_merge_size=merge, temporal_patch_size=2, out_hidden_size=64,
-            num_position_embeddings=(IMAGE_SIZE // patch) ** 2, deepstack_visual_indexes=[0],
-        ),
-        **_qwen_token_ids(ids), tie_word_embeddings=True,
-    )
-    return config, tf.Qwen3VLMoeForConditionalGeneration if moe else tf.Qwen3VLForConditionalGeneration, processor
-
-
-def _qwen2(tokenizer, ids: dict, v2_5: bool = False):
-    """Qwen2-VL or Qwen2.5-VL with their own processor settings: patch 14, merge 2."""
-    import transformers as tf
-
-    processor = _qwen_processor(tf.Qwen2_5_VLProcessor if v2_5 else tf.Qwen2VLProcessor, tf.Qwen2VLVideoProcessor,
-                                tokenizer, 14, 2, QWEN2_PIXELS, QWEN2_PIXELS)
-    if v2_5:  # one window of 112 px (4 x 4 merged patches) and a full-attention last block
-        vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=112,
-                      fullatt_block_indexes=[1])
-    else:
-        vision = dict(embed_dim=32, hidden_size=64, mlp_ratio=2)
-    config_cls = tf.Qwen2_5_VLConfig if v2_5 else tf.Qwen2VLConfig
-    config = config_cls(
-        text_config=_text_config(tokenizer, ids, {"mrope_section": MROPE}, bos_token_id=None,
-                                 eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           **vision),
-        **_qwen_token_ids(ids), tie_word_embeddings=True,
-    )
-    return config, tf.Qwen2_5_VLForConditionalGeneration if v2_5 else tf.Qwen2VLForConditionalGeneration, processor
-
-
-def _llava(tokenizer, ids: dict):
-    """LLaVA (llava-hf layout): a CLIP vision tower (patch 16, features of the second-to-last block), a
-    2-layer MLP projector and a Llama language tower; the processor expands "<image>" to 16 tokens."""
-    import transformers as tf
-
-    patch = 16
-    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                  chat_template=tokenizer.chat_template)
-    config = tf.LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=patch),
-        text_config=dict(model_type="llama", **_text_config(tokenizer, ids), bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"]),
-        image_token_index=ids[LLAVA_IMAGE_TOKEN], image_seq_length=(IMAGE_SIZE // patch) ** 2,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    return config, tf.LlavaForConditionalGeneration, processor
-
-
-BUILDERS = {
-    "qwen3_vl": _qwen3,
-    "qwen3_vl_moe": lambda tokenizer, ids: _qwen3(tokenizer, ids, moe=True),
-    "qwen2_5_vl": lambda tokenizer, ids: _qwen2(tokenizer, ids, v2_5=True),
-    "qwen2_vl": _qwen2,
-    "llava": _llava,
-}
-FAMILIES = tuple(BUILDERS)
-
-
 def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_size: int = 0,
                     tie_embeddings: bool | None = None) -> Path:
     """Write a tiny random model of `family` (default: the demo's Qwen3-VL) with tokenizer and processor.
@@ -230,25 +122,25 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
     import torch
     from transformers import GenerationConfig
 
-    if family not in BUILDERS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    adapter = adapter_by_family(family)
     words = [caption(c, s) for c in COLORS for s in SHAPES] + [PROMPT.replace("<image>", "")]
-    extra = (LLAVA_IMAGE_TOKEN,) if family == "llava" else ()
-    tokenizer = build_tokenizer(words, extra, chat_template(LLAVA_IMAGE_TOKEN) if extra else CHAT_TEMPLATE)
+    extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
+    tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
-    config, model_class, processor = BUILDERS[family](tokenizer, ids)
+    tiny = adapter.tiny(tokenizer, ids)
+    config = tiny.config
     if vocab_size:
         config.text_config.vocab_size = vocab_size
     if tie_embeddings is not None:
         config.tie_word_embeddings = tie_embeddings
     torch.manual_seed(seed)
-    model = model_class(config)
+    model = tiny.model_class(config)
     model.generation_config = GenerationConfig(
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    tiny.processor.save_pretrained(out)
     return out
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -107,7 +105,7 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    with _full_shapes_in_weight_conversions(hf_ds_config is not None):
+    with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
             config.model, dtype=dtype, trust_remote_code=config.trust_remote_code,
             attn_implementation=resolve_attention(config.attn_implementation))
@@ -131,47 +129,6 @@ def resolve_attention(choice: str) -> str:
         if not torch.cuda.is_available():
             raise ConfigError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa here")
     return choice
-
-
-@contextmanager
-def _full_shapes_in_weight_conversions(zero3: bool):
-    """Under ZeRO-3, let transformers' shape-checked weight conversions see full parameter shapes.
-
-    `Transpose(check_dims=True)` (Qwen3-VL-MoE's fused experts) transposes a checkpoint tensor unless
-    its shape equals the model parameter's `.shape`; a ZeRO-3 parameter's `.shape` is its empty local
-    partition, so a checkpoint already in the model's layout (any transformers 5 save, our own export
-    included) was transposed and failed with a size mismatch. Compare with `ds_shape` instead.
-    """
-    try:
-        from transformers.core_model_loading import Transpose
-    except ImportError:  # another transformers layout: nothing to fix
-        zero3 = False
-    if not zero3:
-        yield
-        return
-    original = Transpose.convert
-
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        if kwargs.get("model") is not None:
-            kwargs["model"] = _FullShapes(kwargs["model"])
-        return original(self, input_dict, source_patterns, target_patterns, **kwargs)
-
-    Transpose.convert = convert
-    try:
-        yield
-    finally:
-        Transpose.convert = original
-
-
-class _FullShapes:
-    """A model seen only through `get_parameter(name).shape`, with ZeRO-3's full shapes."""
-
-    def __init__(self, model):
-        self._model = model
-
-    def get_parameter(self, name: str):
-        param = self._model.get_parameter(name)
-        return SimpleNamespace(shape=getattr(param, "ds_shape", param.shape))
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
@@ -318,8 +275,9 @@ class StepRunner:
         """One optimizer step; waits for its logged sums."""
         return self.start(micro_batches).result()
 
-    def start(self, micro_batches: list[tuple[dict, dict]]) -> "PendingStats":
-        """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later."""
+    def start(self, micro_batches: list[tuple[dict, dict]], with_stats: bool = True) -> "PendingStats":
+        """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later, from
+        `PendingStats.result()`, and only `with_stats` (a step that is not logged all-reduces nothing more)."""
         label_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
         n_local = sum(len(rows) for rows in label_rows)
         count = torch.full((), float(n_local), dtype=torch.float64, device=self.device)
@@ -340,13 +298,16 @@ class StepRunner:
                         param.grad = None
             self.engine.step()
             loss_sum += summed.detach()
+        applied = self.engine.was_step_applied() and not skip_plain
+        if not with_stats:
+            return PendingStats(None, None, None, applied)
         host = [n_local] + [sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
         host.append(sum(self.count_flops(batch, len(rows)) for (batch, _), rows in zip(micro_batches, label_rows)))
         memory = [0.0] * self.world_size  # every rank fills its own slot
         memory[dist.get_rank() if dist.is_initialized() else 0] = peak_memory_gb()
         totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
         return PendingStats(totals, _all_reduce(totals), grad_norm if grad_norm is not None else
-                            self.engine.get_global_grad_norm(), self.engine.was_step_applied() and not skip_plain)
+                            self.engine.get_global_grad_norm(), applied)
 
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (from pinned memory, without waiting); floating ones (pixels) in the model's
@@ -373,10 +334,10 @@ class StepRunner:
 class PendingStats:
     """A step's numbers, all-reduced in the background; `result()` waits and reads them (one host sync)."""
 
-    totals: torch.Tensor  # loss sum, label tokens, tokens, samples, computed tokens, flops, peak GB per rank
+    totals: Optional[torch.Tensor]  # loss sum, label tokens, tokens, samples, computed, flops, peak GB per rank
     work: Any
-    grad_norm: Any        # a float or a device tensor (DeepSpeed's), read in result()
-    applied: bool
+    grad_norm: Any                  # a float or a device tensor (DeepSpeed's), read in result()
+    applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
 
     def result(self) -> dict:
         if self.work is not None:

@@ -48,13 +48,20 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         if meta["zero_stage"] == 0:
             state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
             return {k: v.float() for k, v in state.items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
 def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        GenerationConfig,
+    )
 
     checkpoint = find_checkpoint(checkpoint_dir)
     if checkpoint is None:

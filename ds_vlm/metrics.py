@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl (one line per optimizer step) and a progress bar on rank 0."""
+"""What a run reports: metrics.jsonl (a line per logged step, and events), the progress bar, FLOPs and MFU,
+reporters and the curves."""
 
 from __future__ import annotations
 
@@ -10,27 +11,29 @@ import time
 
 
 class RunLog:
-    """Rank 0 writes; other ranks hold a RunLog that does nothing."""
+    """metrics.jsonl and the progress bar, written by rank 0; other ranks hold a RunLog that does nothing."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool):
         self.enabled = enabled
         self.file = None
         self.bar = None
-        if not enabled:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
-        from tqdm import tqdm
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0)
+    def start_progress(self, total_steps: int, start_step: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0)
 
     def step(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
-        self.bar.update(1)
+        self.bar.update(record["step"] - self.bar.n)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
 
@@ -44,8 +47,9 @@ class RunLog:
             (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.close()
+        if self.file is not None:
             self.file.close()
 
 
@@ -86,19 +90,18 @@ class FlopsCounter:
     weight grads); a frozen one that gradients pass through costs 2; a frozen one at the input costs 1.
     """
 
-    def __init__(self, model, parts, config):
-        text = getattr(model.config, "text_config", model.config)
-        vision = getattr(model.config, "vision_config", None)
+    def __init__(self, model, adapter, config):
+        text = model.config.get_text_config()
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        parts = adapter.parts(model)
+        self.adapter, self.model_config = adapter, model.config
         self.n_llm = _numel(*parts.llm, skip=(embed, head))  # the embedding is a lookup, not a matmul
         self.n_head = _numel(head)
         self.n_vision = _numel(*parts.vision)
         self.n_projector = _numel(*parts.projector)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.text_layers, self.text_width = text.num_hidden_layers, text.num_attention_heads * head_dim
-        self.vision_layers = getattr(vision, "depth", getattr(vision, "num_hidden_layers", 0)) if vision else 0
-        self.vision_width = getattr(vision, "hidden_size", 0) if vision else 0
-        self.patch = getattr(vision, "patch_size", 14) if vision else 14
+        self.vision_layers, self.vision_width = adapter.vision_depth_width(model.config)
         vision_trained = config.vision_blocks_to_train is not None
         self.mult_vision = 3 if vision_trained else 1
         self.mult_projector = 3 if config.train_projector else (2 if vision_trained else 1)
@@ -108,20 +111,12 @@ class FlopsCounter:
         rows, length = batch["input_ids"].shape
         text = (2 * self.n_llm * rows * length + 2 * self.n_head * n_label_rows
                 + 4 * self.text_layers * self.text_width * rows * length * length)
-        patches_per_image = self._patches(batch)
+        patches_per_image = self.adapter.patches_per_image(batch, self.model_config)
         n_patches = sum(patches_per_image)
         vision = 2 * self.n_vision * n_patches + 4 * self.vision_layers * self.vision_width * sum(
             p * p for p in patches_per_image)
         return (self.mult_llm * text + self.mult_vision * vision
                 + self.mult_projector * 2 * self.n_projector * n_patches)
-
-    def _patches(self, batch: dict) -> list[int]:
-        if "image_grid_thw" in batch:
-            return [int(t * h * w) for t, h, w in batch["image_grid_thw"].tolist()]
-        pixels = batch.get("pixel_values")
-        if pixels is None or pixels.dim() != 4:
-            return []
-        return [(pixels.shape[-2] // self.patch) * (pixels.shape[-1] // self.patch)] * pixels.shape[0]
 
 
 def peak_memory_gb() -> float:

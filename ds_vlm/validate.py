@@ -16,10 +16,10 @@ import sys
 import time
 from collections import Counter
 
-from .config import ConfigError, load_config
-from .data.batching import RecordIndex
+from .config import ConfigError, load_tool_config
 from .data.encode import Encoder, set_pixel_bounds
 from .data.preflight import check_records, summarize
+from .data.sources import RecordIndex
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
@@ -43,11 +43,11 @@ def _extra(parser) -> None:
 def main(argv=None) -> int:
     from transformers import AutoConfig, AutoProcessor
 
+    from .data.batching import make_plan
     from .models import adapter_for
-    from .train import make_plan
 
     try:
-        config, extra = load_config(argv, _extra)
+        config, extra = load_tool_config(argv, _extra)
     except ConfigError as err:
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2

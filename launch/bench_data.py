@@ -27,8 +27,9 @@ def main() -> int:
     from torch.utils.data import DataLoader
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
+    from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder
+    from ds_vlm.data.sources import RecordIndex
     from ds_vlm.loss import LabelLoss, LabelRows
     from ds_vlm.models import adapter_for
 

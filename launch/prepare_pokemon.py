@@ -27,8 +27,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ds_vlm.data.formats import IMAGE_PLACEHOLDER, DataError, ImageRef, to_sample
+
 HUB_ID = "llamafactory/pokemon-gpt4o-captions"
-ROLES = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt", "model": "gpt", "system": "system"}
 BATCH = 256
 
 
@@ -90,50 +91,17 @@ def _parquet_rows(files):
 
 # -- converting --------------------------------------------------------------------------------
 
-def _text(content) -> str:
-    """A message's content: a string, or OpenAI-style parts (image parts become <image>)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        out = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "image":
-                out.append("<image>")
-            elif kind == "text":
-                out.append(part.get("text") or "")
-        return "".join(out)
-    raise SkipRecord(f"unsupported message content {type(content).__name__}")
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
-def conversation(row: dict) -> list[dict]:
-    if row.get("conversations"):
-        turns = [{"from": ROLES.get(t.get("from"), t.get("from")), "value": t.get("value") or ""}
-                 for t in row["conversations"]]
-    elif row.get("messages"):
-        turns = [{"from": ROLES.get(t.get("role"), t.get("role")), "value": _text(t.get("content"))}
-                 for t in row["messages"]]
-    else:
-        raise SkipRecord("no conversations or messages")
-    if not any(t["from"] == "gpt" for t in turns) or any(t["from"] not in ("human", "gpt", "system") for t in turns):
-        raise SkipRecord("needs human/gpt turns with an answer")
-    return turns
-
-
-def image_bytes(image, source_dir: Path) -> bytes:
-    """Raw encoded bytes of one image entry, whatever form `datasets`/parquet gave it."""
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            return bytes(image["bytes"])
-        image = image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image)
-    if isinstance(image, str):
-        path = Path(image) if os.path.isabs(image) else source_dir / image
-        if not path.is_file():
-            raise SkipRecord(f"image {image} not found")
-        return path.read_bytes()
-    raise SkipRecord(f"unsupported image entry {type(image).__name__}")
+def image_bytes(ref: ImageRef) -> bytes:
+    """Raw encoded bytes of one image, embedded or read from its file."""
+    if ref.data is not None:
+        return ref.data
+    if not os.path.isfile(ref.path):
+        raise SkipRecord(f"image {ref.path} not found")
+    with open(ref.path, "rb") as f:
+        return f.read()
 
 
 def image_suffix(data: bytes) -> str:
@@ -149,20 +117,21 @@ def image_suffix(data: bytes) -> str:
 
 
 def convert(row: dict, row_no: int, out: Path, source_dir: Path) -> dict:
-    turns = conversation(row)
-    images = list(row.get("images") or [])
-    placeholders = sum(t["value"].count("<image>") for t in turns)
-    if images and placeholders == 0:
-        first = next(t for t in turns if t["from"] == "human")
-        first["value"] = "<image>" * len(images) + first["value"]
-    elif placeholders != len(images):
-        raise SkipRecord(f"{placeholders} <image> placeholders for {len(images)} images")
+    """One source row -> a ShareGPT record with its images written under out/images/. The row is read by the
+    trainer's own readers (any layout it reads; images apart from the text get their placeholders)."""
+    try:
+        sample = to_sample(row, str(source_dir), row_no, image_root=str(source_dir), insert_placeholders=True)
+    except DataError as err:
+        raise SkipRecord(f"{err.kind}: {err.detail}") from err
     names = []
-    for k, image in enumerate(images):
-        data = image_bytes(image, source_dir)
+    for k, ref in enumerate(sample.images):
+        data = image_bytes(ref)
         name = f"images/{row_no:06d}_{k}{image_suffix(data)}"
         _write_atomic(out / name, data)
         names.append(name)
+    turns = [{"from": SHAREGPT_ROLES[m["role"]],
+              "value": "".join(p["text"] if p["type"] == "text" else IMAGE_PLACEHOLDER for p in m["content"])}
+             for m in sample.messages]
     return {"conversations": turns, "images": names}
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the trainer's requirements (CPU or GPU machine alike).
+# Create .venv and install the trainer (an editable package) with its requirements, pinned to the tested
+# versions (constraints.txt). `bash launch/setup.sh requirements-dev.txt` adds the test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

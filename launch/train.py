@@ -4,9 +4,7 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ds_vlm.cli import main  # noqa: E402
+from ds_vlm.cli import main
 
 if __name__ == "__main__":
     code = main()

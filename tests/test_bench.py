@@ -1,34 +1,27 @@
-"""launch/bench.py without training: the padding comparison and the Qwen3-VL-2B preset's architecture."""
+"""The benchmark (ds_vlm/bench, launch/bench.py) without training: the padding comparison and the Qwen3-VL-2B
+preset's architecture."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ds_vlm_bench", ROOT / "launch" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ds_vlm.bench import padding, presets, runner
 
 
-def test_token_budget_batches_compute_25_percent_fewer_tokens(bench, demo_dir, tmp_path):
+def test_token_budget_batches_compute_25_percent_fewer_tokens(demo_dir, tmp_path):
     """Real token lengths (real processor and encoder) of varied-length records; the same samples, each
     once, in fixed micro-batches of 8 and in token-budget ones."""
-    data = bench.build_shapes_data(tmp_path / "varied", 256, seed=42, side=64, varied=True)
-    lengths = bench.token_lengths(demo_dir / "model", data, max_length=100_000)
+    data = presets.build_shapes_data(tmp_path / "varied", 256, seed=42, side=64, varied=True)
+    lengths = presets.token_lengths(demo_dir / "model", data, max_length=100_000)
     assert len(lengths) == 256 and max(lengths) > 3 * min(lengths)  # really varied: answers and images
 
-    report = bench.padding_report(lengths, micro_batch_size=8, world_size=2)
+    report = padding.padding_report(lengths, micro_batch_size=8, world_size=2)
     fixed, budget = report["fixed"], report["token_budget"]
     assert fixed["samples"] == budget["samples"] == 256
     assert fixed["real_tokens"] == budget["real_tokens"] == sum(lengths)
@@ -36,16 +29,16 @@ def test_token_budget_batches_compute_25_percent_fewer_tokens(bench, demo_dir, t
     assert budget["largest_micro_batch_tokens"] <= report["max_tokens_per_batch"]
     saved = 1 - budget["computed_tokens"] / fixed["computed_tokens"]
     assert report["computed_tokens_saved"] == pytest.approx(saved)
-    assert saved >= bench.TOKEN_BUDGET_TARGET, report
+    assert saved >= padding.TOKEN_BUDGET_TARGET, report
     assert report["target_met"]
 
     # by hand, on three micro-batches: longest x count
-    assert bench.plan_cost([[0, 1], [2], []], [3, 5, 4])["computed_tokens"] == 2 * 5 + 4
+    assert padding.plan_cost([[0, 1], [2], []], [3, 5, 4])["computed_tokens"] == 2 * 5 + 4
 
 
-def test_qwen3_vl_2b_preset_is_the_real_architecture(bench):
+def test_qwen3_vl_2b_preset_is_the_real_architecture():
     """Config facts of Qwen/Qwen3-VL-2B-Instruct, ~2.13 B parameters counted on the meta device."""
-    config, tokenizer, processor = bench.preset_config("qwen3-vl-2b")
+    config, tokenizer, processor = presets.preset_config("qwen3-vl-2b")
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
             text.head_dim, text.intermediate_size, text.vocab_size) == (2048, 28, 16, 8, 128, 6144, 151936)
@@ -59,15 +52,16 @@ def test_qwen3_vl_2b_preset_is_the_real_architecture(bench):
     assert processor.image_processor.patch_size == vision.patch_size
     assert processor.image_processor.merge_size == vision.spatial_merge_size
 
-    n_params, n_trained = bench.count_parameters(config)
+    n_params, n_trained = presets.count_parameters(config)
     assert 2.05e9 < n_params < 2.2e9, n_params
     assert 1.7e9 < n_trained < n_params  # vision tower frozen by default
 
     # on this kind of machine a 2-rank fp32 run of it does not fit: the benchmark refuses it with numbers
-    assert bench.memory_estimate_gb(n_params, n_trained, "ds_zero3", 2, gpu=False) * 2 > 30
-    assert bench.memory_estimate_gb(n_params, n_trained, "ds_zero2", 1, gpu=True) < 100  # one H100/H200: fits
+    assert runner.memory_estimate_gb(n_params, n_trained, "ds_zero3", 2, gpu=False) * 2 > 30
+    assert runner.memory_estimate_gb(n_params, n_trained, "ds_zero2", 1, gpu=True) < 100  # one H100/H200: fits
 
 
+@pytest.mark.dist
 def test_gpu_check_runs_its_path_on_the_cpu(tmp_path):
     """launch/gpu_check.sh's program on the demo model: builds, trains through the StepRunner at two sizes,
     prints the table and the largest size that fits, and writes its JSON."""

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, read_metrics, run_train, train_command, train_env, write_json
+
 from ds_vlm import checkpoint as ckpt
+from ds_vlm.checkpoint import resume_point
 from ds_vlm.config import ConfigError, TrainConfig
-from ds_vlm.train import find_resume
+
+pytestmark = pytest.mark.dist  # every test here launches DeepSpeed runs or scripts
 
 STEPS, SAVE = 6, 2
 
@@ -179,14 +181,14 @@ def test_resume_with_a_changed_config_is_refused_with_the_difference(reference):
     config = TrainConfig(**{**meta["config"], "lr": 5e-4, "micro_batch_size": 4})
     run_meta = {**meta, "config": config.to_dict(), "global_batch": 8}
     with pytest.raises(ConfigError) as err:
-        find_resume(config, run_meta)
+        resume_point(config, run_meta)
     assert "lr: checkpoint 0.001, now 0.0005" in str(err.value)
     assert "global batch: checkpoint 4 (micro 2 x accum 1 x 2 ranks), now 8" in str(err.value)
     assert "--resume_ignore_config" in str(err.value)
     config.resume_ignore_config = True
-    assert find_resume(config, run_meta)[0] is not None
+    assert resume_point(config, run_meta)[0] is not None
     config.resume = "none"
-    assert find_resume(config, run_meta) == (None, False)
+    assert resume_point(config, run_meta) == (None, False)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(demo_dir, tmp_path):

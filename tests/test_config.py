@@ -7,8 +7,8 @@ import json
 import re
 
 import pytest
-
 from conftest import ROOT, write_json
+
 from ds_vlm.config import ConfigError, TrainConfig, load_config
 from ds_vlm.engine import lr_lambda, resolve_ds_config
 
@@ -34,10 +34,25 @@ def test_unknown_yaml_key_and_bad_values_are_named(tmp_path):
         load_config([*BASE, "--train_vision", "all", "--unfreeze_vision_layers", "2"])
 
 
-def test_every_config_key_is_documented_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in readme]
-    assert not missing, missing
+def test_the_flag_table_in_the_docs_is_the_config():
+    """docs/training.md holds `python -m ds_vlm.config`'s table: every key, its default and its values."""
+    from ds_vlm.config import flag_table
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text.split("<!-- flags:begin -->\n", 1)[1].split("\n<!-- flags:end -->", 1)[0]
+    assert table == flag_table()
+    for f in dataclasses.fields(TrainConfig):
+        assert f"| `{f.name}` |" in table, f.name
+
+
+def test_literal_values_are_checked_and_aliases_map(tmp_path):
+    with pytest.raises(ConfigError, match="--loss 'fused': must be one of chunked, liger, full"):
+        load_config([*BASE, "--loss", "fused"])
+    assert load_config([*BASE, "--unfreeze_vision_layers", "3"]).train_vision == "last:3"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("unfreeze_vision_layers: 2\nprecision: bf16\n")
+    config = load_config(["--config", str(cfg), *BASE])
+    assert config.train_vision == "last:2" and config.precision == "bf16"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_vlm.data.batching import BatchPlan, Collator, RecordIndex, count_targets
+from ds_vlm.data.batching import BatchPlan, Collator, count_targets
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder
-from ds_vlm.data.formats import DataError, RecordFile, to_sample
+from ds_vlm.data.formats import DataError, to_sample
 from ds_vlm.data.images import load_images
 from ds_vlm.data.preflight import check_records
+from ds_vlm.data.sources import RecordFile, RecordIndex
 from ds_vlm.models import adapter_for
 
 

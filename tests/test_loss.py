@@ -12,10 +12,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    full_logits_loss_sum,
+    read_metrics,
+    run_train,
+    train_command,
+    train_env,
+)
 
-from conftest import ROOT, full_logits_loss_sum, read_metrics, run_train, train_command, train_env
-from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
+from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
+from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
 from ds_vlm.loss import LabelLoss, LabelRows
 from ds_vlm.models import adapter_for
@@ -70,6 +78,7 @@ def test_chunked_loss_equals_full_logits_loss(family, family_models, mixed_data,
     assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
 
 
+@pytest.mark.dist
 def test_two_ranks_zero2_zero3_tied_and_untied(demo_dir, mixed_data, tmp_path):
     """One launch of 2 CPU ranks: for ZeRO-2 and ZeRO-3 (every parameter partitioned), with the demo's tied
     head and an untied copy, the chunked loss and the full-logits loss give the same global loss and the
@@ -93,12 +102,14 @@ def test_two_ranks_zero2_zero3_tied_and_untied(demo_dir, mixed_data, tmp_path):
         assert r["head_grad_norm"] > 0, r
 
 
+@pytest.mark.dist
 def test_peak_memory_at_qwen_vocabulary(tmp_path):
     """2 ranks, ZeRO-3, a tiny Qwen3-VL with the real 151,936-token vocabulary, ~1.8k-token samples (1,600
     image tokens and a long question) with short answers: the full-logits loss peaked at 5.5 GB per rank (RSS,
     ~0.9 GB of it imports); this one must stay under 2."""
-    from ds_vlm.demo import build_model_dir, caption, draw_shape
     import random
+
+    from ds_vlm.demo import build_model_dir, caption, draw_shape
 
     model = build_model_dir(tmp_path / "model", vocab_size=151_936)
     rng = random.Random(0)

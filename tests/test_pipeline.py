@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, read_metrics, run_train
-from ds_vlm.data.batching import BatchPlan, RecordIndex, TokenBudgetPlan, epoch_order
+from test_data import _write_bad_set
+
+from ds_vlm.data.batching import BatchPlan, TokenBudgetPlan, epoch_order
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder, set_pixel_bounds
 from ds_vlm.data.formats import DataError, to_sample
 from ds_vlm.data.images import load_images
+from ds_vlm.data.sources import RecordIndex
 from ds_vlm.models import adapter_for
-from test_data import _write_bad_set
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def test_every_container_and_layout_reads_the_same_records(all_formats):
         assert load_images(first)[0].size == (64, 64), source
 
 
+@pytest.mark.dist
 def test_every_format_trains_end_to_end(all_formats, demo_dir, tmp_path):
     out = tmp_path / "run"
     spec = ",".join(str(p) for p in all_formats)
@@ -96,7 +98,7 @@ def test_weighted_sources_sample_by_weight(tmp_path):
     assert counts[True] == 25 and counts[False] == 75  # 20 records upsampled to 75 draws
     assert set(i for i in order if i >= 80) == set(range(80, 100))
     spec = f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.parquet:0.3"
-    from ds_vlm.data.formats import parse_sources
+    from ds_vlm.data.sources import parse_sources
 
     assert parse_sources(spec) == [(f"{tmp_path}/a.jsonl", 0.7), (f"{tmp_path}/b.parquet", 0.3)]
     with pytest.raises(ValueError, match="every source or to none"):
@@ -176,6 +178,7 @@ def test_token_budget_batches_cover_the_epoch_and_pad_less():
     assert budget_tokens <= 0.75 * fixed_tokens, (budget_tokens, fixed_tokens)
 
 
+@pytest.mark.dist
 def test_validate_finds_and_names_every_planted_defect(demo_dir, tmp_path):
     path = _write_bad_set(tmp_path, demo_dir)
     good = json.loads(path.read_text().splitlines()[0])
@@ -210,6 +213,7 @@ def _normalisation_data(demo_dir: Path, tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.dist
 def test_loss_and_gradients_do_not_depend_on_the_split(demo_dir, tmp_path):
     """One step on the same 4 samples: (1 rank, mb 4, accum 1), (1 rank, mb 1, accum 4), (2 ranks, mb 1,
     accum 2). With Adam's eps = 1 the first update is lr * g / (|g| + 1), one-to-one in g (unlike the usual

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, read_metrics, run_train, write_json
-from ds_vlm.data.batching import BatchPlan, RecordIndex
+
+from ds_vlm.data.batching import BatchPlan
+from ds_vlm.data.sources import RecordIndex
 
 DS_CONFIGS = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
 STEPS, MICRO = 8, 2
@@ -37,6 +38,7 @@ def _mixed_steps(data: Path, micro: int, world: int = 2) -> int:
     return count
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("ds_name", DS_CONFIGS)
 def test_each_ds_config_trains_two_ranks_on_mixed_batches(ds_name, demo_dir, mixed_data, tmp_path):
     """Vision tower trained, half the records text-only: every ZeRO stage must train, not hang."""
@@ -72,6 +74,7 @@ def frozen_zero3_run(demo_dir, mixed_data, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.dist
 def test_zero3_frozen_vision_mixed_batches(frozen_zero3_run):
     out, proc = frozen_zero3_run
     rows = read_metrics(out)
@@ -79,13 +82,16 @@ def test_zero3_frozen_vision_mixed_batches(frozen_zero3_run):
     assert "eval loss" in proc.stderr
 
 
+@pytest.mark.dist
 def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
     from PIL import Image
 
     out, _ = frozen_zero3_run
     rows = read_metrics(out)
     assert all(r["mfu"] is None and r["tflops_per_gpu"] > 0 for r in rows)  # CPU: no peak, so no MFU
-    assert all(len(r["peak_mem_gb"]) == 2 and min(r["peak_mem_gb"]) > 0.1 for r in rows)
+    # per rank: the imports alone are ~0.8 GB of RSS; a 0.4 M-parameter model must not add more than ~1 GB
+    assert all(len(r["peak_mem_gb"]) == 2 and 0.3 < min(r["peak_mem_gb"]) <= max(r["peak_mem_gb"]) < 2.0
+               for r in rows), [r["peak_mem_gb"] for r in rows]
     assert all(0 < r["padding_efficiency"] <= 1 for r in rows)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if e.get("event") == "eval"]
@@ -93,7 +99,10 @@ def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 4, STEPS, STEPS]
     assert all(s["reference"].startswith("A ") and isinstance(s["answer"], str) for s in samples)
-    assert Image.open(out / "curves.png").size == (900, 780)
+    curves = Image.open(out / "curves.png").convert("RGB")
+    blue = (30, 80, 200)  # the curves' colour: each of the 3 panels (loss, lr, tokens/s) has its line drawn
+    assert all(sum(curves.getpixel((x, y)) == blue for x in range(60, 880, 2) for y in range(top + 30, top + 230))
+               > 50 for top in (0, 260, 520))
 
 
 def test_flops_counter_follows_the_config(demo_dir):
@@ -104,8 +113,7 @@ def test_flops_counter_follows_the_config(demo_dir):
     from ds_vlm.models import adapter_for
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
-    parts = adapter_for("qwen3_vl").parts(model)
-    counter = FlopsCounter(model, parts, TrainConfig(model="m", train_data="d", train_vision="all"))
+    counter = FlopsCounter(model, adapter_for("qwen3_vl"), TrainConfig(model="m", train_data="d", train_vision="all"))
     layers = model.model.language_model.layers
     assert counter.n_llm == sum(p.numel() for p in layers.parameters()) + sum(
         p.numel() for p in model.model.language_model.norm.parameters())  # no embedding, no head
@@ -119,11 +127,12 @@ def test_flops_counter_follows_the_config(demo_dir):
         + 3 * 2 * counter.n_projector * 64
 
 
+@pytest.mark.dist
 def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, demo_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ds_vlm.evaluate import generate_answers
+    from ds_vlm.generation import generate_answers
 
     out, _ = frozen_zero3_run
     hf = out / "hf"
@@ -142,6 +151,7 @@ def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, 
     assert json.loads((hf / "config.json").read_text())["model_type"] == "qwen3_vl"
 
 
+@pytest.mark.dist
 def test_bad_data_stops_the_run_before_training(demo_dir, tmp_path):
     good = json.loads((demo_dir / "data" / "train.jsonl").read_text().splitlines()[0])
     good["images"] = [str(demo_dir / "data" / good["images"][0])]
@@ -153,7 +163,7 @@ def test_bad_data_stops_the_run_before_training(demo_dir, tmp_path):
     assert proc.returncode != 0
     assert f"{data} record 6: missing_image: image file {tmp_path / 'gone.png'} does not exist" in proc.stderr
     assert "--bad_records skip" in proc.stderr
-    assert not read_metrics(out) if (out / "metrics.jsonl").exists() else True
+    assert read_metrics(out) == []  # stopped before the first step
 
     proc = run_train(_common(demo_dir / "model", data, out, ROOT / "ds_configs" / "zero2.json",
                              "--bad_records", "skip", "--max_steps", "2", "--export_hf", "false"))

@@ -1,1 +1,2 @@
-"""Benchmarks: each module one case, `python launch/bench.py` runs them and prints the report."""
+"""Benchmarks: `python launch/bench.py` (main.py: training cases against the transformers Trainer and a plain
+loop, padding, the loss's memory) and the GPU check (gpu_check.py)."""

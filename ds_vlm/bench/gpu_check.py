@@ -44,7 +44,13 @@ def build(preset: str, device: torch.device, attn: str):
     """(model on the device, processor, adapter) of the preset, random weights."""
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.demo import QWEN_SPECIAL_TOKENS, build_tokenizer, caption, COLORS, SHAPES
+    from ds_vlm.demo import (
+        COLORS,
+        QWEN_SPECIAL_TOKENS,
+        SHAPES,
+        build_tokenizer,
+        caption,
+    )
     from ds_vlm.engine import resolve_attention
     from ds_vlm.models import adapter_for
     from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
@@ -52,8 +58,9 @@ def build(preset: str, device: torch.device, attn: str):
     if preset == "tiny":
         import tempfile
 
-        from ds_vlm.demo import build_model_dir
         from transformers import AutoProcessor
+
+        from ds_vlm.demo import build_model_dir
 
         folder = build_model_dir(Path(tempfile.mkdtemp()) / "model")
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
@@ -118,12 +125,19 @@ def main(argv=None) -> int:
     import deepspeed
 
     from ds_vlm.config import TrainConfig
-    from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
+    from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder, set_pixel_bounds
-    from ds_vlm.engine import StepRunner, enable_checkpointing, param_groups, resolve_ds_config, set_trainable
+    from ds_vlm.data.sources import RecordIndex
+    from ds_vlm.distributed import init_distributed, setup_threads
+    from ds_vlm.engine import (
+        StepRunner,
+        enable_checkpointing,
+        param_groups,
+        resolve_ds_config,
+        set_trainable,
+    )
     from ds_vlm.loss import LabelLoss, check_loss_available
     from ds_vlm.metrics import FlopsCounter, device_peak_tflops
-    from ds_vlm.train import init_distributed, setup_threads
 
     _single_rank_env()
     setup_threads()
@@ -148,7 +162,7 @@ def main(argv=None) -> int:
     ds_config["optimizer"]["params"]["torch_adam"] = True  # skips FusedAdam's ~1 min JIT build
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config), config=ds_config)
     runner = StepRunner(engine, 1, torch.bfloat16 if cuda else torch.float32, LabelLoss(model, args.loss),
-                        FlopsCounter(model, adapter.parts(model), config))
+                        FlopsCounter(model, adapter, config))
     encoder = Encoder(processor, adapter, 1 << 20)
     sample = SFTDataset(RecordIndex([str(sample_record(tmp, side, args.answer_sentences))]), encoder)[0]
     length = int(sample["input_ids"].shape[1])

@@ -5,52 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset
 
 from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, merge_parts
-from .formats import RecordFile, Sample, expand_source, parse_sources, to_sample
 from .images import load_images
+from .sources import RecordIndex
 
-
-class RecordIndex:
-    """Several data sources seen as one list of records; global index -> (file, local index).
-
-    `spec` is 'a.jsonl,b.parquet' or, with sampling weights, 'a.jsonl:0.7,b.parquet:0.3'; a
-    source may be a file, a folder of parquet files or a `save_to_disk` folder.
-    """
-
-    def __init__(self, spec, image_root: str = "", data_format: str = "auto"):
-        sources = parse_sources(spec) if isinstance(spec, str) else [(str(p), None) for p in spec]
-        self.image_root, self.data_format = image_root, data_format
-        self.files, self.starts, self.source_ranges, self.weights = [], [], [], []
-        total = 0
-        for path, weight in sources:
-            first = total
-            for file_path in expand_source(path):
-                self.files.append(RecordFile(file_path))
-                self.starts.append(total)
-                total += len(self.files[-1])
-            self.source_ranges.append((first, total))
-            self.weights.append(weight)
-        self.total = total
-
-    def source_sizes(self, kept: list[int]) -> list[int]:
-        """How many of the kept global indices fall in each source."""
-        return [sum(start <= i < end for i in kept) for start, end in self.source_ranges]
-
-    def __len__(self) -> int:
-        return self.total
-
-    def locate(self, index: int) -> tuple[RecordFile, int]:
-        file_no = max(i for i, start in enumerate(self.starts) if start <= index)
-        return self.files[file_no], index - self.starts[file_no]
-
-    def sample(self, index: int) -> Sample:
-        f, local = self.locate(index)
-        return to_sample(f[local], f.path, local, self.image_root, self.data_format)
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 class SFTDataset(Dataset):
@@ -229,3 +194,13 @@ class Collator:
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens that enter the loss: next-token targets, so the first position never counts."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept: list) -> BatchPlan:
+    """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch."""
+    common = dict(n_samples=len(kept), micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
+                  world_size=world, seed=config.seed, source_sizes=records.source_sizes([c.index for c in kept]),
+                  weights=records.weights)
+    if config.max_tokens_per_batch:
+        return TokenBudgetPlan(**common, lengths=[c.n_tokens for c in kept], max_tokens=config.max_tokens_per_batch)
+    return BatchPlan(**common)

@@ -38,7 +38,7 @@ class Encoder:
     # -- text -------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
-            [_for_template(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+            [template_message(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant_target) pieces."""
@@ -102,7 +102,8 @@ class Encoder:
             raise DataError("too_long", sample.source, sample.index,
                             f"{len(is_image)} tokens > --max_length {self.max_length}, and truncating would leave "
                             "no answer token")
-        return keep_images({k: v[:, :cut] if k in TOKEN_KEYS else v for k, v in out.items()}, kept_images)
+        return self.adapter.keep_images({k: v[:, :cut] if k in TOKEN_KEYS else v for k, v in out.items()},
+                                        kept_images)
 
     def dummy(self) -> dict[str, torch.Tensor]:
         """One tiny image and its tokens, all labels ignored: run through the vision tower when a
@@ -117,19 +118,6 @@ class Encoder:
     def _process(self, text: str, images: list) -> dict[str, torch.Tensor]:
         out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-
-
-def keep_images(encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
-    """Vision tensors of the first n images only (Qwen-style patch rows with a grid, or one row per image)."""
-    out = dict(encoded)
-    if "image_grid_thw" in out:
-        rows = int(out["image_grid_thw"][:n_images].prod(-1).sum())
-        out["pixel_values"], out["image_grid_thw"] = out["pixel_values"][:rows], out["image_grid_thw"][:n_images]
-    elif "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"][:n_images]
-    if n_images == 0:
-        out = {k: v for k, v in out.items() if k not in ("pixel_values", "image_grid_thw", "image_sizes")}
-    return out
 
 
 def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
@@ -149,7 +137,7 @@ def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
     image_processor.size = new
 
 
-def _for_template(message: dict) -> dict:
+def template_message(message: dict) -> dict:
     """Text-only turns as plain strings (what every template accepts); others as typed parts."""
     parts = message["content"]
     if all(p["type"] == "text" for p in parts):

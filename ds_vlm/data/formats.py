@@ -7,10 +7,8 @@ same Sample: chat messages whose content is a list of parts ({"type": "image"} o
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -49,114 +47,6 @@ class Sample:
     index: int = -1
 
 
-class RecordFile:
-    """Random access to the records of one JSONL, JSON or parquet file, or a `save_to_disk` folder."""
-
-    def __init__(self, path: str):
-        self.path = str(path)
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(f"data file {self.path} does not exist")
-        suffix = Path(self.path).suffix.lower()
-        if is_saved_dataset(self.path) or suffix == ".parquet":
-            self._table = _open_table(self.path)
-            self._length = self._table.num_rows
-        elif suffix == ".jsonl":
-            self._offsets = _line_offsets(self.path)
-            self._length = len(self._offsets)
-        elif suffix == ".json":
-            with open(self.path) as f:
-                self._rows = json.load(f)
-            if not isinstance(self._rows, list):
-                raise ValueError(f"{self.path}: a .json data file must hold a list of records")
-            self._length = len(self._rows)
-        else:
-            raise ValueError(f"{self.path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> dict:
-        if hasattr(self, "_table"):
-            return self._table.slice(index, 1).to_pylist()[0]
-        if hasattr(self, "_rows"):
-            return self._rows[index]
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[index])
-            line = f.readline()
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError("bad_record", self.path, index, f"not valid JSON ({err})") from err
-
-    def __getstate__(self):  # DataLoader workers reopen parquet lazily instead of pickling the table
-        state = dict(self.__dict__)
-        state.pop("_table", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if "_length" in state and "_offsets" not in state and "_rows" not in state:
-            self._table = _open_table(self.path)
-
-
-def is_saved_dataset(path: str) -> bool:
-    """A folder written by `datasets.Dataset.save_to_disk`."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
-
-
-def _open_table(path: str):
-    """A memory-mapped Arrow table; images stay as stored ({bytes, path}), not decoded."""
-    if is_saved_dataset(path):
-        from datasets import load_from_disk
-
-        return load_from_disk(path).data.table
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path, memory_map=True)
-
-
-def expand_source(path: str) -> list[str]:
-    """A data path -> the files it holds: a file, a save_to_disk folder, or a folder of parquet files."""
-    if os.path.isdir(path) and not is_saved_dataset(path):
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            raise ValueError(f"{path} holds several splits (a DatasetDict); name one, e.g. {path}/train")
-        files = sorted(str(p) for p in Path(path).rglob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{path}: a folder with no parquet files and no save_to_disk dataset")
-        return files
-    return [path]
-
-
-def parse_sources(spec: str) -> list[tuple[str, Optional[float]]]:
-    """'a.jsonl:0.7,b.parquet:0.3' -> [(path, weight)]; a weight may be left out (None)."""
-    sources = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        path, weight = item, None
-        if ":" in item:
-            head, tail = item.rsplit(":", 1)
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                pass
-        if weight is not None and weight <= 0:
-            raise ValueError(f"{item}: a sampling weight must be > 0")
-        sources.append((path, weight))
-    if any(w is None for _, w in sources) and any(w is not None for _, w in sources):
-        raise ValueError(f"{spec}: give a weight to every source or to none")
-    return sources
-
-
-def _line_offsets(path: str) -> list[int]:
-    offsets, position = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                offsets.append(position)
-            position += len(line)
-    return offsets
-
-
 LAYOUTS = ("auto", "sharegpt", "llava", "messages", "openai")
 
 
@@ -171,8 +61,11 @@ def detect_layout(record: dict) -> str:
     return "messages"
 
 
-def to_sample(record: Any, source: str, index: int, image_root: str = "", data_format: str = "auto") -> Sample:
-    """Turn one record of any supported layout into a Sample, or raise DataError."""
+def to_sample(record: Any, source: str, index: int, image_root: str = "", data_format: str = "auto",
+              insert_placeholders: bool = False) -> Sample:
+    """Turn one record of any supported layout into a Sample, or raise DataError. `insert_placeholders`: a
+    record with images and no placeholder at all gets one per image at the start of its first user turn
+    (what launch/prepare_pokemon.py does to hub data that keeps its images apart from the text)."""
 
     def bad(kind: str, detail: str) -> DataError:
         return DataError(kind, source, index, detail)
@@ -208,6 +101,11 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
         images = inline_images
 
     placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
+    if insert_placeholders and images and not placeholders:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"][:0] = [{"type": "image"} for _ in images]
+            placeholders = len(images)
     if placeholders != len(images):
         raise bad("placeholder_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
     if not any(m["role"] == "assistant" for m in messages):

@@ -8,10 +8,10 @@ from typing import Optional
 
 from torch.utils.data import DataLoader, Dataset
 
-from .batching import RecordIndex
 from .encode import Encoder
 from .formats import DataError
 from .images import load_images
+from .sources import RecordIndex
 
 
 @dataclass
@@ -22,6 +22,10 @@ class RecordCheck:
     n_tokens: int = 0
     n_image_tokens: int = 0
     n_targets: int = 0
+
+
+class BadDataError(RuntimeError):
+    """Preflight found bad records and --bad_records is error."""
 
 
 class _CheckDataset(Dataset):
@@ -62,3 +66,27 @@ def summarize(checks: list[RecordCheck], show: int = 5) -> str:
     if len(bad) > show:
         lines.append(f"  ... and {len(bad) - show} more")
     return "\n".join(lines)
+
+
+def preflight(records: RecordIndex, encoder: Encoder, num_workers: int) -> list[RecordCheck]:
+    """Every rank checks its share of the records; every rank gets all the checks, in index order."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = check_records(records, encoder, list(range(rank, len(records), world)), num_workers)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return sorted((c for part in gathered for c in part), key=lambda c: c.index)
+
+
+def usable(checks: list[RecordCheck], bad_records: str, truncation: str, what: str) -> list[RecordCheck]:
+    """The good records' checks; bad records stop the run unless the flags say to drop them."""
+    bad = [c for c in checks if c.kind != "ok"]
+    dropped_by_choice = bad_records == "skip" or (truncation == "skip" and all(c.kind == "too_long" for c in bad))
+    if bad and not dropped_by_choice:
+        raise BadDataError(f"{len(bad)} bad record(s) in {what}; fix them or pass --bad_records skip.\n"
+                           + summarize(checks, show=10))
+    good = [c for c in checks if c.kind == "ok"]
+    if not good:
+        raise BadDataError(f"no usable record in {what}")
+    return good

@@ -1,15 +1,16 @@
-"""One adapter per model family; `adapter_for` picks it from the model config."""
+"""One adapter per model family; `adapter_for` picks it from the model config's `model_type`."""
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts
+from .base import Adapter, ModelParts, TinyModel
 from .llava import LlavaAdapter
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
                                  LlavaAdapter())
+FAMILIES = tuple(a.family for a in ADAPTERS)
 
 
 def adapter_for(model_type: str) -> Adapter:
@@ -20,4 +21,11 @@ def adapter_for(model_type: str) -> Adapter:
     raise ValueError(f"model type {model_type!r} is not supported; supported families: {supported}")
 
 
-__all__ = ["Adapter", "ModelParts", "adapter_for", "ADAPTERS"]
+def adapter_by_family(family: str) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+__all__ = ["Adapter", "ModelParts", "TinyModel", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES"]

@@ -1,10 +1,16 @@
-"""What the trainer needs to know about a model family, in one place per family."""
+"""What the trainer needs to know about a model family, in one place per family.
+
+Nothing outside `ds_vlm/models/` branches on a family or reads a family's config keys: the data path,
+the engine, the metrics, the demo, the tests and the benchmarks ask the family's `Adapter`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 
@@ -20,19 +26,54 @@ class ModelParts:
     vision_encoder: Optional[nn.Module] = None  # the module whose blocks --vision_checkpointing wraps
 
 
+@dataclass
+class TinyModel:
+    """A family's tiny random model for the demo, the tests and the benchmarks (built offline)."""
+
+    config: object       # the transformers config
+    model_class: type    # its *ForConditionalGeneration class
+    processor: object    # processor with the demo tokenizer
+
+
 class Adapter:
-    """One model family. Subclasses fill in the class attributes and `parts`."""
+    """One model family. Subclasses fill in the class attributes and the methods that differ."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
-    # What the chat template writes for one image; the processor expands it.
+    # What the chat template writes for one image (and one video, if the family has a video path); the
+    # processor expands it.
     image_text: str = ""
+    video_text: str = ""
 
+    # -- the model -------------------------------------------------------------------------
     def parts(self, model: nn.Module) -> ModelParts:
         raise NotImplementedError
 
+    def loading(self, zero3: bool):
+        """A context around `from_pretrained` for load-time fixes this family needs (none by default)."""
+        return contextlib.nullcontext()
+
+    def vision_depth_width(self, config) -> tuple[int, int]:
+        """(blocks, hidden width) of the vision tower, for the FLOP count."""
+        vision = config.vision_config
+        return vision.depth, vision.hidden_size
+
+    # -- vision tensors ----------------------------------------------------------------------
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The smallest image the processor and vision tower accept (keeps ZeRO ranks in step)."""
         ip = processor.image_processor
         side = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 1)
         return side, side
+
+    def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
+        """The encoded sample with the vision tensors of its first `n_images` images only (truncation)."""
+        raise NotImplementedError
+
+    def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
+        """Vision-tower patches of each image of a batch (for the FLOP count)."""
+        raise NotImplementedError
+
+    # -- the tiny model ----------------------------------------------------------------------------
+    def tiny(self, tokenizer, token_ids: dict) -> TinyModel:
+        """This family's tiny random model around the demo tokenizer (`token_ids`: its special tokens)."""
+        raise NotImplementedError

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts
+import torch
+
+from .base import Adapter, ModelParts, TinyModel
+from .tiny import IMAGE_SIZE, text_config
+
+TINY_PATCH = 16  # 64x64 images -> 4 x 4 patches -> 16 image tokens
 
 
 class LlavaAdapter(Adapter):
@@ -27,8 +32,49 @@ class LlavaAdapter(Adapter):
             vision_encoder=tower,
         )
 
+    def vision_depth_width(self, config) -> tuple[int, int]:
+        return config.vision_config.num_hidden_layers, config.vision_config.hidden_size
+
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The image processor resizes and crops every image to one size; use that size."""
         crop = getattr(processor.image_processor, "crop_size", None)  # a dict or transformers' SizeDict
         side = (crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)) or 14
         return side, side
+
+    def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
+        """One pixel_values row per image."""
+        out = dict(encoded)
+        if n_images == 0:
+            return {k: v for k, v in out.items() if k not in ("pixel_values", "image_sizes")}
+        out["pixel_values"] = out["pixel_values"][:n_images]
+        if "image_sizes" in out:
+            out["image_sizes"] = out["image_sizes"][:n_images]
+        return out
+
+    def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
+        pixels = batch.get("pixel_values")
+        if pixels is None:
+            return []
+        patch = config.vision_config.patch_size
+        return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * pixels.shape[0]
+
+    def tiny(self, tokenizer, token_ids: dict) -> TinyModel:
+        """A CLIP vision tower (patch 16, features of the second-to-last block), a 2-layer MLP projector and a
+        Llama language tower; the processor expands "<image>" to 16 tokens."""
+        import transformers as tf
+
+        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                      chat_template=tokenizer.chat_template)
+        config = tf.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE,
+                               patch_size=TINY_PATCH),
+            text_config=dict(model_type="llama", **text_config(tokenizer, token_ids), bos_token_id=None,
+                             eos_token_id=token_ids["<|im_end|>"]),
+            image_token_index=token_ids[self.image_text], image_seq_length=(IMAGE_SIZE // TINY_PATCH) ** 2,
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+        )
+        return TinyModel(config, tf.LlavaForConditionalGeneration, processor)

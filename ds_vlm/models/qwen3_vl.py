@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts
+from .base import ModelParts, TinyModel
+from .qwen import QwenVLAdapter, qwen_processor, qwen_token_ids
+from .tiny import IMAGE_SIZE, MROPE, text_config
+
+TINY_PATCH = 8  # the demo model: 64x64 images -> 8 x 8 patches -> 16 image tokens
 
 
-class Qwen3VLAdapter(Adapter):
+class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
-    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def parts(self, model) -> ModelParts:
         visual = model.model.visual
@@ -21,6 +24,33 @@ class Qwen3VLAdapter(Adapter):
             llm_decoder=model.model.language_model,
             vision_encoder=visual,
         )
+
+    def tiny(self, tokenizer, token_ids: dict, **text_extra) -> TinyModel:
+        """The demo model: patch 8, merge 2, vision 2 blocks x 64, deepstack at block 0."""
+        import transformers as tf
+
+        pixels = IMAGE_SIZE * IMAGE_SIZE
+        processor = qwen_processor(tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, tokenizer, TINY_PATCH, 2,
+                                   pixels // 4, pixels)
+        config = self.config_class()(
+            text_config=text_config(tokenizer, token_ids, {"mrope_section": MROPE, "mrope_interleaved": True},
+                                    **text_extra),
+            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=TINY_PATCH,
+                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                               num_position_embeddings=(IMAGE_SIZE // TINY_PATCH) ** 2, deepstack_visual_indexes=[0]),
+            **qwen_token_ids(token_ids), tie_word_embeddings=True,
+        )
+        return TinyModel(config, self.model_class(), processor)
+
+    def config_class(self):
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig
+
+    def model_class(self):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
 
 
 # --------------------------------------------------------------------------- real-size architecture
@@ -51,10 +81,7 @@ def qwen3_vl_2b_config(token_ids: dict):
     pad = token_ids["<|endoftext|>"]
     return Qwen3VLConfig(
         text_config=dict(QWEN3_VL_2B_TEXT, pad_token_id=pad, bos_token_id=pad, eos_token_id=token_ids["<|im_end|>"]),
-        vision_config=dict(QWEN3_VL_2B_VISION),
-        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        vision_config=dict(QWEN3_VL_2B_VISION), **qwen_token_ids(token_ids), tie_word_embeddings=True,
     )
 
 
@@ -63,9 +90,5 @@ def qwen3_vl_2b_processor(tokenizer):
     import transformers as tf
 
     min_pixels, max_pixels = QWEN3_VL_2B_PIXELS
-    image_processor = tf.Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=min_pixels, max_pixels=max_pixels,
-                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    video_processor = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
-    return tf.Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                               chat_template=tokenizer.chat_template)
+    return qwen_processor(tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, tokenizer, 16, 2, min_pixels, max_pixels,
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])

@@ -13,12 +13,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from conftest import ROOT, full_logits_loss_sum
 from deepspeed.utils import safe_get_full_grad
 
-from conftest import ROOT, full_logits_loss_sum
 from ds_vlm.config import TrainConfig
-from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
+from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
+from ds_vlm.data.sources import RecordIndex
 from ds_vlm.engine import load_model, param_groups, resolve_ds_config, set_trainable
 from ds_vlm.loss import LabelLoss, LabelRows
 

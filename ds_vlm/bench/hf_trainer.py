@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """The transformers Trainer on the same DeepSpeed json, for launch/bench.py (the LLaVA / Qwen-VL path).
 
-    deepspeed --num_gpus 2 launch/bench_hf_trainer.py --model DIR --train_data F.jsonl \
+    deepspeed --num_gpus 2 --module ds_vlm.bench.hf_trainer --model DIR --train_data F.jsonl \
         --deepspeed ds_configs/zero2.json --output_dir OUT [--max_steps 30 --micro_batch_size 8 ...]
 
 Only the training engine differs from launch/train.py: the samples come from ds_vlm's Encoder and
@@ -24,9 +23,7 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 # What the Trainer fills in from TrainingArguments when the json says "auto".
 AUTO_KEYS = (("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",),
@@ -100,15 +97,22 @@ def main() -> int:
 
         faulthandler.dump_traceback_later(float(os.environ["BENCH_TRACE_S"]), repeat=True)
 
-    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from ds_vlm.config import TrainConfig
-    from ds_vlm.data.batching import Collator, RecordIndex, SFTDataset
+    from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder
+    from ds_vlm.data.sources import RecordIndex
+    from ds_vlm.distributed import setup_threads
     from ds_vlm.engine import set_trainable
     from ds_vlm.models import adapter_for
-    from ds_vlm.train import setup_threads
 
     setup_threads()  # each CPU rank its share of the cores, as launch/train.py does
     os.makedirs(args.output_dir, exist_ok=True)
@@ -149,7 +153,7 @@ def main() -> int:
     try:
         from ds_vlm.metrics import FlopsCounter
 
-        flops_of = FlopsCounter(model, adapter.parts(model), TrainConfig(model=args.model,
+        flops_of = FlopsCounter(model, adapter, TrainConfig(model=args.model,
                                                                           train_data=args.train_data))
     except Exception:  # noqa: BLE001 - FLOPs are optional in the report
         flops_of = None
@@ -168,8 +172,8 @@ def main() -> int:
             meta = inputs.pop("_bench_meta")
             for key in ("samples", "tokens", "computed"):
                 pending[key] += meta[key]
-            if flops_of is not None:
-                pending["flops"] += flops_of(inputs)
+            if flops_of is not None:  # the same model FLOPs as ds-vlm's (the head on label rows only)
+                pending["flops"] += flops_of(inputs, meta["targets"])
             loss = super().training_step(model, inputs, num_items_in_batch)
             pending["loss"] = float(loss)
             return loss

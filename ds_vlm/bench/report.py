@@ -1,0 +1,104 @@
+"""The benchmark's report: the table, the targets and the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+
+from ds_vlm.bench.padding import TOKEN_BUDGET_TARGET
+from ds_vlm.bench.runner import REFERENCE
+
+LABELS = {"ds_zero0": "ds-vlm ZeRO-0", "ds_zero1": "ds-vlm ZeRO-1", "ds_zero2": "ds-vlm ZeRO-2",
+          "ds_zero3": "ds-vlm ZeRO-3", "plain": "plain PyTorch, 1 process", "hf_zero0": "HF Trainer ZeRO-0",
+          "hf_zero2": "HF Trainer ZeRO-2", "hf_zero3": "HF Trainer ZeRO-3"}
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def render(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Training ({report['preset']} preset, {s['num_ranks']} ranks unless noted, micro-batch "
+             f"{s['micro_batch_size']}/rank = global batch {s['micro_batch_size'] * s['num_ranks']}, {s['steps']} "
+             f"steps, first {s['warmup']} dropped; rates from the median step time"
+             + (f"; median of {s['repeats']} rounds" if s.get("repeats", 1) > 1 else "") + f"; {report['machine']})"]
+    ref = report["cases"].get(REFERENCE, {}).get("samples_per_s")
+    header = (f"{'case':<26}{'status':<10}{'samples/s':>10}{'tokens/s':>10}{'s/step':>8}{'vs HF Z2':>9}"
+              f"{'TFLOP/s/rank':>13}{'peak RSS/rank GB':>18}{'wall s':>8}")
+    lines += [header, "-" * len(header)]
+    for case, r in report["cases"].items():
+        status = "ok" if r["status"].startswith("ok") else (r["status"] if r["status"] in ("refused", "timeout")
+                                                             else "failed")
+        ratio = r.get("samples_per_s") / ref if ref and r.get("samples_per_s") else None
+        rss = "/".join(f"{x:.2f}" for x in r.get("peak_rss_gb") or []) or "-"
+        lines.append(f"{LABELS.get(case, case):<26}{status:<10}{_fmt(r.get('samples_per_s'), '.1f'):>10}"
+                     f"{_fmt(r.get('tokens_per_s'), '.0f'):>10}{_fmt(r.get('s_per_step'), '.3f'):>8}"
+                     f"{_fmt(ratio, '.2f'):>9}{_fmt(r.get('tflops_per_rank'), '.4f'):>13}{rss:>18}"
+                     f"{_fmt(r.get('wall_s'), '.0f'):>8}")
+    for case, r in report["cases"].items():
+        if not r["status"].startswith("ok"):
+            lines.append(f"  {LABELS.get(case, case)}: {r['status']}: "
+                         f"{r.get('reason') or ' | '.join(r.get('log_tail', [])[-3:])}")
+        for failed in r.get("rounds_failed", []):
+            lines.append(f"  {LABELS.get(case, case)}, round {failed['round']}: {failed['status']}"
+                         + ("" if failed["status"].startswith("ok") else " (not measured; see the JSON's log tail)"))
+    p = report.get("padding")
+    if p:
+        lg = p["lengths"]
+        lines += ["", f"Padding, no training: {p['records']} varied-length records (tokens per sample: "
+                      f"min {lg['min']}, "
+                      f"median {lg['median']}, mean {lg['mean']:.0f}, p90 {lg['p90']}, max {lg['max']}; "
+                      f"real encoder), one epoch, {p['world_size']} ranks",
+                  f"{'plan':<38}{'micro-batches':>14}{'samples/mb':>11}{'real tok':>10}{'computed tok':>13}"
+                  f"{'efficiency':>11}{'vs fixed':>9}"]
+        for name, key in ((f"fixed, micro-batch {p['micro_batch_size']}", "fixed"),
+                          (f"token budget {p['max_tokens_per_batch']}", "token_budget")):
+            q = p[key]
+            lines.append(f"{name:<38}{q['micro_batches']:>14}{q['mean_samples_per_micro_batch']:>11.1f}"
+                         f"{q['real_tokens']:>10}{q['computed_tokens']:>13}{q['padding_efficiency']:>11.1%}"
+                         f"{q['computed_tokens'] / p['fixed']['computed_tokens']:>9.2f}")
+    if report.get("loss_memory"):
+        from ds_vlm.bench import loss_memory
+
+        lines += ["", loss_memory.render(report["loss_memory"])]
+    lines += ["", "Targets:"]
+    for target in report["targets"].values():
+        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target["met"]]
+        lines.append(f"  [{verdict}] {target['what']}: {target['measured']}")
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> dict:
+    ours, hf = report["cases"].get("ds_zero2", {}), report["cases"].get(REFERENCE, {})
+    if ours.get("s_per_step") and hf.get("s_per_step"):
+        ratio = hf["s_per_step"] / ours["s_per_step"]
+        zero2 = {"met": ours["s_per_step"] <= hf["s_per_step"], "ratio": ratio,
+                 "measured": f"{ours['s_per_step']:.4f} s/step vs {hf['s_per_step']:.4f} s/step "
+                             f"(ds-vlm {ratio:.2f}x the Trainer's speed)"}
+    else:
+        zero2 = {"met": None, "measured": f"ds_zero2 {ours.get('status', 'not run')}, "
+                                          f"{REFERENCE} {hf.get('status', 'not run')}"}
+    zero2["what"] = "ds-vlm ZeRO-2 step no slower than the transformers Trainer's on the same json"
+    p = report.get("padding")
+    budget = {"what": f"token-budget batches compute >= {TOKEN_BUDGET_TARGET:.0%} fewer tokens than fixed ones",
+              "met": p["target_met"] if p else None,
+              "measured": f"{p['computed_tokens_saved']:.1%} fewer ({p['token_budget']['computed_tokens']} vs "
+                          f"{p['fixed']['computed_tokens']})" if p else "not run"}
+    out = {"zero2_vs_hf_trainer": zero2, "token_budget_padding": budget}
+    if report.get("loss_memory"):
+        from ds_vlm.bench import loss_memory
+
+        met, what = loss_memory.target(report["loss_memory"])
+        ratio = report["loss_memory"]["ratio"]
+        out["loss_memory"] = {"what": what.split(":")[0], "met": met,
+                              "measured": "not measured" if ratio is None else f"{ratio:.3f}"}
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU only, {cores} cores, gloo"

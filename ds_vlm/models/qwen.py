@@ -1,0 +1,42 @@
+"""What the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) share: the vision tokens,
+patch rows with a (t, h, w) grid per image, and the processor."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter
+
+
+class QwenVLAdapter(Adapter):
+    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    video_text = "<|vision_start|><|video_pad|><|vision_end|>"
+
+    def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
+        out = dict(encoded)
+        if n_images == 0:
+            return {k: v for k, v in out.items() if k not in ("pixel_values", "image_grid_thw")}
+        rows = int(out["image_grid_thw"][:n_images].prod(-1).sum())
+        out["pixel_values"], out["image_grid_thw"] = out["pixel_values"][:rows], out["image_grid_thw"][:n_images]
+        return out
+
+    def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
+        grid = batch.get("image_grid_thw")
+        return [] if grid is None else [int(t * h * w) for t, h, w in grid.tolist()]
+
+
+def qwen_token_ids(ids: dict) -> dict:
+    """The config's vision-token ids from the tokenizer's special tokens."""
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def qwen_processor(processor_cls, video_cls, tokenizer, patch: int, merge: int, min_pixels: int, max_pixels: int,
+                   **image_kwargs):
+    from transformers import Qwen2VLImageProcessor
+
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                            min_pixels=min_pixels, max_pixels=max_pixels, **image_kwargs)
+    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                         chat_template=tokenizer.chat_template)
