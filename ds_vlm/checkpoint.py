@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 MARKER = "ds_vlm_checkpoint.json"
 HF_CONFIG = "hf_config"
@@ -178,16 +178,18 @@ def _all_ok(ok: bool, src_rank_decides: bool = False) -> bool:
 
 
 # Settings whose change makes a resumed run differ from the uninterrupted one.
-EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "warmup_ratio", "min_lr_ratio")
+EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "warmup_ratio", "min_lr_ratio",
+                  "max_tokens_per_batch", "packing")
 
 
 def config_differences(meta: dict, config: dict, global_batch: int, total_steps: int) -> list[str]:
-    saved = meta["config"]
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config.get(key)!r}"
-             for key in EXACTNESS_KEYS if saved.get(key) != config.get(key)]
+    # a key the checkpoint's version did not have yet held its default
+    saved = {key: meta["config"].get(key, TrainConfig.__dataclass_fields__[key].default) for key in EXACTNESS_KEYS}
+    diffs = [f"{key}: checkpoint {saved[key]!r}, now {config.get(key)!r}"
+             for key in EXACTNESS_KEYS if saved[key] != config.get(key)]
     if meta["global_batch"] != global_batch:
-        diffs.append(f"global batch: checkpoint {meta['global_batch']} (micro {saved['micro_batch_size']} x accum "
-                     f"{saved['grad_accum']} x {meta['world_size']} ranks), now {global_batch}")
+        diffs.append(f"global batch: checkpoint {meta['global_batch']} (micro {meta['config']['micro_batch_size']} x "
+                     f"accum {meta['config']['grad_accum']} x {meta['world_size']} ranks), now {global_batch}")
     if meta["total_steps"] != total_steps:
         diffs.append(f"total steps (LR schedule): checkpoint {meta['total_steps']}, now {total_steps}")
     return diffs

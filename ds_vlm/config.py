@@ -49,8 +49,10 @@ class TrainConfig:
     truncation: Literal["error", "skip", "truncate"] = _key(
         "error", "over-long samples stop the run before training, are dropped (counted), or are cut (never inside "
                  "an image, never to zero answer tokens)")
-    max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of padded tokens (similar lengths "
-                                        "together) instead of --micro_batch_size; 0: off")
+    max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
+                                        "--packing, real ones) instead of --micro_batch_size; 0: off")
+    packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
+                                "each sample (varlen kernel on GPUs, block-diagonal mask elsewhere)")
     min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
     max_pixels: int = _key(0, "largest image area after resizing (0: the processor's)")
     # optimizer and schedule
@@ -68,8 +70,9 @@ class TrainConfig:
     loss: Literal["chunked", "liger", "full"] = _key(
         "chunked", "cross-entropy on label rows only, in chunks; liger: liger-kernel's fused kernel (CUDA); full: "
                    "all label rows' logits at once")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _key(
-        "auto", "the attention kernel; auto: flash_attention_2 where flash-attn and a GPU are there, else sdpa")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = _key(
+        "auto", "the attention kernel; auto: on a GPU with --packing PyTorch's varlen kernel, else flash_attention_2 "
+                "where flash-attn is installed, else sdpa")
     # what trains
     train_vision: str = _key("none", "none, all, or last:N vision blocks (the last N whose output is used)")
     train_projector: bool = _key(True, "train the merger / multi-modal projector")

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .attention import SampleBoundaries, resolve_attention
 from .config import ConfigError, TrainConfig
 from .loss import LabelLoss, LabelRows
 from .metrics import peak_memory_gb
@@ -108,27 +109,10 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
             config.model, dtype=dtype, trust_remote_code=config.trust_remote_code,
-            attn_implementation=resolve_attention(config.attn_implementation))
+            attn_implementation=resolve_attention(config.attn_implementation, config.packing))
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
-
-
-def resolve_attention(choice: str) -> str:
-    """--attn_implementation: `auto` is flash_attention_2 where flash-attn is installed and a GPU is there,
-    else sdpa; an explicit choice whose package or device is missing is an error naming it."""
-    import importlib.util
-
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if choice == "auto":
-        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
-    if choice == "flash_attention_2":
-        if not has_flash:
-            raise ConfigError("--attn_implementation flash_attention_2 needs the flash-attn package "
-                              "(pip install flash-attn, built for your CUDA); sdpa needs nothing")
-        if not torch.cuda.is_available():
-            raise ConfigError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa here")
-    return choice
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
@@ -261,8 +245,10 @@ class StepRunner:
     keeps no grad norm there, so it is measured on the host to skip non-finite steps.)
     """
 
-    def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None):
+    def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None,
+                 boundaries: Optional[SampleBoundaries] = None):
         self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
+        self.boundaries = boundaries
         self.count_flops = count_flops or (lambda batch, n_label_rows: 0.0)
         self.device = engine.device
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -284,8 +270,8 @@ class StepRunner:
         counting = _all_reduce(count)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm, skip_plain = None, False
-        for i, ((batch, _), rows) in enumerate(zip(micro_batches, label_rows)):
-            summed = self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+        for i, ((batch, meta), rows) in enumerate(zip(micro_batches, label_rows)):
+            summed = self.forward(batch, meta, rows)
             if counting is not None:
                 counting.wait()
                 counting = None
@@ -309,6 +295,14 @@ class StepRunner:
         return PendingStats(totals, _all_reduce(totals), grad_norm if grad_norm is not None else
                             self.engine.get_global_grad_norm(), applied)
 
+    def forward(self, batch: dict, meta: dict, rows: LabelRows) -> torch.Tensor:
+        """The summed loss of one micro-batch; a packed one's sample boundaries go to the language model."""
+        cu_seq_lens = batch.pop("cu_seq_lens", None)
+        if cu_seq_lens is None or self.boundaries is None:
+            return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+        with self.boundaries.armed(cu_seq_lens.to(self.device, non_blocking=True), meta["max_length"]):
+            return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (from pinned memory, without waiting); floating ones (pixels) in the model's
         dtype."""
@@ -319,9 +313,9 @@ class StepRunner:
     def eval_loss(self, micro_batches) -> dict:
         """Token-level mean loss over every rank's micro-batches, no update."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch, _ in micro_batches:
+        for batch, meta in micro_batches:
             rows = LabelRows.from_labels(batch.pop("labels"))
-            totals[0] += self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+            totals[0] += self.forward(batch, meta, rows)
             totals[1] += len(rows)
         work = _all_reduce(totals)
         if work is not None:

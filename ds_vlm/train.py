@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .attention import VARLEN, SampleBoundaries
 from .config import ConfigError, TrainConfig
 from .data.batching import BatchPlan, Collator, SFTDataset, make_plan
 from .data.encode import Encoder, set_pixel_bounds
@@ -135,7 +136,8 @@ class Trainer:
             self.eval_set = SFTDataset(eval_records, self.encoder, [c.index for c in eval_kept])
         self.plan = make_plan(config, self.world, records, kept)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.plan.steps_per_epoch
-        self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy())
+        positions = self.adapter.position_ids(self.model.config) if config.packing else None
+        self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions)
         self.run_meta = {"world_size": self.world, "zero_stage": self.zero_stage, "global_batch": self.plan.global_batch,
                          "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
                          "config": config.to_dict()}
@@ -153,8 +155,11 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=param_groups(self.groups, config), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        varlen = self.model.config.get_text_config()._attn_implementation in (VARLEN, "flash_attention_2")
+        boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder) if varlen else None
         self.runner = StepRunner(self.engine, self.world, torch.bfloat16 if self.bf16 else torch.float32,
-                                 LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config))
+                                 LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config),
+                                 boundaries)
         self.peak_tflops = device_peak_tflops(config.peak_tflops)
         self.checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit)
         self.reporter = Reporter(config.report_to if self.rank == 0 else "none", config.output_dir, config.to_dict())

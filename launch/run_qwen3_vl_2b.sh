@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Reference recipe: full SFT of Qwen3-VL-2B-Instruct on the Pokemon captions data on one node of
-# 8 GPUs: ZeRO-3, lr 2e-5, linear warmup + cosine, grad clip 1.0, activation checkpointing, vision
-# tower frozen (launch/configs/qwen3_vl_2b_pokemon.yaml). Prepares the data first if it is missing.
+# 8 GPUs with the seed recipe's settings (launch/configs/qwen3_vl_2b_pokemon.yaml): ZeRO-2, packed
+# micro-batches of up to 16,384 real tokens per GPU, lr 2e-5, AdamW (0.9, 0.95) with weight decay 0.1,
+# warmup then cosine to 0.1 of the peak, grad clip 1.0, the full model trained with activation
+# checkpointing. Prepares the data first if it is missing.
 #
-#   bash launch/run_qwen3_vl_2b.sh                      # ZeRO-3 on 8 GPUs
-#   bash launch/run_qwen3_vl_2b.sh zero2                # ZeRO-2 instead (same as ZERO=2)
+#   bash launch/run_qwen3_vl_2b.sh                      # ZeRO-2 on 8 GPUs
+#   bash launch/run_qwen3_vl_2b.sh zero3                # ZeRO-3 instead (same as ZERO=3)
 #   NUM_GPUS=4 bash launch/run_qwen3_vl_2b.sh --micro_batch_size 8 --epochs 1   # flags win over the yaml
 #   HOSTFILE=launch/hostfile bash launch/run_qwen3_vl_2b.sh                      # several nodes over ssh
 #   NODE_RANK=$SLURM_NODEID NNODES=2 MASTER_ADDR=node0 bash launch/run_qwen3_vl_2b.sh  # one launcher per node
 #
-# Env: ZERO (3; 0-3 or 3_offload: ds_configs/zeroZERO.json), NUM_GPUS (8 per node), MODEL
+# Env: ZERO (2; 0-3 or 3_offload: ds_configs/zeroZERO.json), NUM_GPUS (8 per node), MODEL
 # (Qwen/Qwen3-VL-2B-Instruct, or a local folder), DATA (data/pokemon: train.jsonl + test.jsonl),
 # OUT (runs/qwen3_vl_2b_pokemon_zeroZERO), CONFIG (the yaml), MASTER_PORT (29500), DEEPSPEED
 # (launcher command), DRY_RUN=1: print the commands instead of running them. Multi-node: HOSTFILE,
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 . launch/lib.sh
 launcher_cmd
 
-ZERO=${ZERO:-3}
+ZERO=${ZERO:-2}
 case "${1:-}" in
   zero[0-3] | zero3_offload) ZERO=${1#zero}; shift ;;
 esac

@@ -46,14 +46,18 @@ def _zero3_all_partitioned(tmp: Path) -> Path:
     return write_json(tmp / "zero3_all.json", ds)
 
 
+# The ZeRO-2 runs pack their micro-batches (--packing): exact resume holds for packed rows too.
+PACKING = {"zero3": (), "zero2": ("--packing",)}
+
+
 @pytest.fixture(scope="module")
 def reference(demo_dir, tmp_path_factory):
-    """Uninterrupted ZeRO-3 and ZeRO-2 runs: per-step losses, checkpoints every 2 steps, HF export."""
+    """Uninterrupted ZeRO-3 and ZeRO-2 (packed) runs: per-step losses, checkpoints every 2 steps, HF export."""
     tmp = tmp_path_factory.mktemp("reference")
     runs = {}
     for name, ds in (("zero3", _zero3_all_partitioned(tmp)), ("zero2", ROOT / "ds_configs" / "zero2.json")):
         out = tmp / name
-        _ok(run_train(_args(demo_dir, out, ds, "--export_hf", "true" if name == "zero3" else "false")))
+        _ok(run_train(_args(demo_dir, out, ds, *PACKING[name], "--export_hf", "true" if name == "zero3" else "false")))
         runs[name] = (out, ds)
     return runs
 
@@ -79,11 +83,11 @@ def _launch_and_kill_after(args: list[str], step: int, timeout: float = 240) -> 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference, demo_dir, tmp_path):
     ref_out, ds = reference[stage]
     out = tmp_path / "run"
-    _launch_and_kill_after(_args(demo_dir, out, ds, "--export_hf", "false"), step=3)
+    _launch_and_kill_after(_args(demo_dir, out, ds, *PACKING[stage], "--export_hf", "false"), step=3)
     killed_at = max(_losses(out))
     resumed_from = ckpt.find_checkpoint(str(out))
     assert resumed_from is not None and ckpt.read_meta(resumed_from)["step"] in (2, 4)
-    proc = run_train(_args(demo_dir, out, ds, "--export_hf", "false"))
+    proc = run_train(_args(demo_dir, out, ds, *PACKING[stage], "--export_hf", "false"))
     _ok(proc)
     start = ckpt.read_meta(resumed_from)["step"]
     assert f"resumed from {resumed_from} at step {start}" in proc.stderr
@@ -162,7 +166,7 @@ def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_d
     ref_out, ds = reference["zero2"]
     out = _output_dir_holding(ref_out, 4, tmp_path / "run")
     limit = 1 << 20
-    proc = run_train(_args(demo_dir, out, ds, "--export_hf", "false"),
+    proc = run_train(_args(demo_dir, out, ds, *PACKING["zero2"], "--export_hf", "false"),
                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode != 0
     assert "checkpoint at step 6 FAILED" in proc.stderr and "could not be written" in proc.stderr
@@ -171,7 +175,7 @@ def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_d
     assert not list((out / "checkpoints").glob("*.partial"))
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "checkpoint_failed" and e["step"] == 6 for e in events)
-    _ok(run_train(_args(demo_dir, out, ds, "--export_hf", "false")))  # and it still resumes from step 4
+    _ok(run_train(_args(demo_dir, out, ds, *PACKING["zero2"], "--export_hf", "false")))  # still resumes from 4
     assert ckpt.find_checkpoint(str(out)).name == "step_00000006"
 
 

@@ -223,14 +223,14 @@ def _split_launch(cmd: list[str]) -> tuple[list[str], list[str]]:
 
 # case: (script arguments, environment, ZeRO stage, launcher settings expected)
 RECIPE_CASES = {
-    "default": ([], {}, 3, {"num_gpus": 8, "master_port": 29500, "no_ssh": False}),
-    "zero2 word": (["zero2"], {}, 2, {"num_gpus": 8}),
-    "env overrides": (["--epochs", "1"], {"ZERO": "2", "NUM_GPUS": "4", "MODEL": "/models/qwen3-vl-2b",
-                                          "OUT": "runs/x", "MASTER_PORT": "29555"}, 2,
+    "default": ([], {}, 2, {"num_gpus": 8, "master_port": 29500, "no_ssh": False}),
+    "zero3 word": (["zero3"], {}, 3, {"num_gpus": 8}),
+    "env overrides": (["--epochs", "1"], {"ZERO": "3", "NUM_GPUS": "4", "MODEL": "/models/qwen3-vl-2b",
+                                          "OUT": "runs/x", "MASTER_PORT": "29555"}, 3,
                       {"num_gpus": 4, "master_port": 29555}),
-    "ssh hostfile": ([], {"HOSTFILE": "launch/hostfile.example"}, 3,
+    "ssh hostfile": ([], {"HOSTFILE": "launch/hostfile.example"}, 2,
                      {"hostfile": "launch/hostfile.example", "no_ssh": False, "num_gpus": -1}),
-    "no_ssh node": ([], {"NODE_RANK": "1", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "INCLUDE": "node0@node1"}, 3,
+    "no_ssh node": ([], {"NODE_RANK": "1", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "INCLUDE": "node0@node1"}, 2,
                     {"no_ssh": True, "node_rank": 1, "master_addr": "10.0.0.1", "include": "node0@node1"}),
 }
 
@@ -261,8 +261,11 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     assert (ROOT / config.deepspeed).is_file() and (ROOT / flags[flags.index("--config") + 1]).is_file()
     assert json.loads((ROOT / config.deepspeed).read_text())["zero_optimization"]["stage"] == stage
     assert config.model == env.get("MODEL", "Qwen/Qwen3-VL-2B-Instruct")
-    assert config.lr == 2e-5 and config.grad_clip == 1.0 and config.warmup_ratio > 0
-    assert config.gradient_checkpointing and config.train_vision == "none" and config.train_llm
+    # the seed recipe's settings
+    assert config.lr == 2e-5 and config.grad_clip == 1.0 and config.warmup_ratio > 0 and config.min_lr_ratio == 0.1
+    assert config.weight_decay == 0.1 and (config.adam_beta1, config.adam_beta2) == (0.9, 0.95)
+    assert config.packing and config.max_tokens_per_batch >= config.max_length
+    assert config.gradient_checkpointing and config.train_vision == "all" and config.train_llm
     assert config.train_data.endswith("train.jsonl") and config.eval_data.endswith("test.jsonl")
     if case == "env overrides":
         assert config.epochs == 1 and config.output_dir == "runs/x"

@@ -44,6 +44,7 @@ def build(preset: str, device: torch.device, attn: str):
     """(model on the device, processor, adapter) of the preset, random weights."""
     from transformers import AutoModelForImageTextToText
 
+    from ds_vlm.attention import resolve_attention
     from ds_vlm.demo import (
         COLORS,
         QWEN_SPECIAL_TOKENS,
@@ -51,7 +52,6 @@ def build(preset: str, device: torch.device, attn: str):
         build_tokenizer,
         caption,
     )
-    from ds_vlm.engine import resolve_attention
     from ds_vlm.models import adapter_for
     from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
 

@@ -54,6 +54,7 @@ from ds_vlm.bench.presets import (
 from ds_vlm.bench.report import _fmt, machine, render, targets
 from ds_vlm.bench.runner import (
     ALL_CASES,
+    BATCH_CASES,
     DEFAULT_CASES,
     RUN_ORDER,
     available_memory_gb,
@@ -160,11 +161,21 @@ def main(argv=None) -> int:
     except ImportError:
         pass
 
+    # -- padding: fixed vs token-budget vs packed micro-batches, no training ------------------------
+    print(f"[bench] padding: encoding {args.padding_records} varied-length records", flush=True)
+    args.varied_data = build_shapes_data(work / "varied", args.padding_records, args.seed,
+                                         PRESETS[args.preset]["image_side"], varied=True)
+    lengths = token_lengths(model_dir, args.varied_data, max_length=100_000)
+    report["padding"] = padding_report(lengths, args.micro_batch_size, args.num_ranks, args.max_tokens_per_batch,
+                                       args.seed)
+    args.token_budget, args.varied_max_length = report["padding"]["max_tokens_per_batch"], max(lengths)
+
     # -- training cases ----------------------------------------------------------------------
     available = available_memory_gb(gpu)
     runnable = []
     for case in sorted(cases, key=RUN_ORDER.index):
-        need = memory_estimate_gb(n_params, n_trainable, case, args.num_ranks, gpu)
+        need = memory_estimate_gb(n_params, n_trainable, "ds_zero2" if case in BATCH_CASES else case,
+                                  args.num_ranks, gpu)
         need_here = need if gpu or case == "plain" else need * args.num_ranks
         if need_here > 0.85 * available:
             where = "one GPU's free memory" if gpu else ("free host memory" if case == "plain"
@@ -203,14 +214,6 @@ def main(argv=None) -> int:
                   f"{result['wall_s']:.0f} s", flush=True)
     for case, results in rounds.items():
         report["cases"][case] = combine_rounds(results)
-
-    # -- padding: fixed vs token-budget micro-batches, no training -----------------------------
-    print(f"[bench] padding: encoding {args.padding_records} varied-length records", flush=True)
-    varied = build_shapes_data(work / "varied", args.padding_records, args.seed, PRESETS[args.preset]["image_side"],
-                               varied=True)
-    lengths = token_lengths(model_dir, varied, max_length=100_000)
-    report["padding"] = padding_report(lengths, args.micro_batch_size, args.num_ranks, args.max_tokens_per_batch,
-                                       args.seed)
 
     # -- the loss's memory: full logits against logits at label rows, no training -------------------
     if args.loss_memory_tokens:

@@ -18,10 +18,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: ds_configs/, launch/train.py
 
-ALL_CASES = ("ds_zero0", "ds_zero2", "ds_zero3", "plain", "hf_zero0", "hf_zero2", "hf_zero3")
+# batch_*: ds-vlm on ZeRO-2 on the varied-length data: fixed micro-batches, a token budget, packing + budget
+BATCH_CASES = ("batch_fixed", "batch_budget", "batch_packed")
+ALL_CASES = ("ds_zero0", "ds_zero2", "ds_zero3", "plain", "hf_zero0", "hf_zero2", "hf_zero3", *BATCH_CASES)
 DEFAULT_CASES = ALL_CASES
 # Run order: each engine's ZeRO-2 and ZeRO-3 back to back with the Trainer's (a shared machine's load drifts).
-RUN_ORDER = ("ds_zero2", "hf_zero2", "ds_zero3", "hf_zero3", "ds_zero0", "hf_zero0", "plain")
+RUN_ORDER = ("ds_zero2", "hf_zero2", "ds_zero3", "hf_zero3", "ds_zero0", "hf_zero0", "plain", "batch_budget",
+             "batch_packed", "batch_fixed")
 REFERENCE = "hf_zero2"
 
 # --------------------------------------------------------------------------- memory
@@ -151,10 +154,21 @@ def remove_shm_buffers(port: int) -> None:
 
 
 def case_command(case: str, args, model: Path, data: Path, out: Path, port: int) -> list[str]:
+    """The command of one case. batch_* cases train on `args.varied_data` (its longest sample is
+    `args.varied_max_length`) with the token budget `args.token_budget`."""
+    if case in BATCH_CASES:
+        data = args.varied_data
     common = ["--model", str(model), "--train_data", str(data), "--output_dir", str(out), "--max_steps",
               str(args.steps), "--micro_batch_size", str(args.micro_batch_size), "--lr", str(args.lr),
-              "--max_length", str(args.max_length), "--num_workers", str(args.num_workers),
-              "--gradient_checkpointing", args.gradient_checkpointing, "--seed", str(args.seed)]
+              "--max_length", str(args.varied_max_length if case in BATCH_CASES else args.max_length),
+              "--num_workers", str(args.num_workers), "--gradient_checkpointing", args.gradient_checkpointing,
+              "--seed", str(args.seed)]
+    if case in BATCH_CASES:
+        budget = ["--max_tokens_per_batch", str(args.token_budget)]
+        flags = {"batch_fixed": [], "batch_budget": budget, "batch_packed": ["--packing", *budget]}[case]
+        return launcher(args.num_ranks, port) + [
+            str(ROOT / "launch" / "train.py"), *common, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
+            "--grad_accum", "1", "--warmup_ratio", "0", "--export_hf", "false", "--resume", "none", *flags]
     if case.startswith("ds_zero"):
         return launcher(args.num_ranks, port) + [
             str(ROOT / "launch" / "train.py"), *common,
@@ -254,6 +268,9 @@ def summarize(case: str, rows: list[dict], warmup: int, world: int, peak_tflops:
            "tokens_per_s": statistics.median(r["tokens"] for r in measured) / step
            if all(r.get("tokens") is not None for r in measured) else None,
            "loss_first": rows[0].get("loss"), "loss_last": rows[-1].get("loss")}
+    if all(r.get("padding_efficiency") for r in measured):  # ds-vlm's own runs log it
+        out["padding_efficiency"] = statistics.median(r["padding_efficiency"] for r in measured)
+        out["computed_tokens_per_step"] = statistics.median(r["tokens"] / r["padding_efficiency"] for r in measured)
     if all(r.get("flops") for r in measured):
         out["tflops_per_rank"] = statistics.median(r["flops"] / r["step_time_s"] / ranks / 1e12 for r in measured)
     elif all(r.get("tflops_per_rank") is not None for r in measured):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -127,8 +128,9 @@ class TokenBudgetPlan(BatchPlan):
     """Micro-batches formed by a token budget instead of a fixed size.
 
     Each epoch's order is cut into windows of 64 x world x grad_accum samples; each window
-    is sorted by length and packed greedily so that (longest sample x count) stays within
-    `max_tokens`; the micro-batches are then shuffled (seeded) and dealt to the slots of
+    is sorted by length and packed greedily so that the tokens the forward computes over
+    (longest sample x count; with `packing`, the sum of the lengths) stay within `max_tokens`;
+    the micro-batches are then shuffled (seeded) and dealt to the slots of
     successive optimizer steps. Every sample of the epoch is used once; the last step may
     leave slots empty (masked dummies). Samples per step vary; the loss stays a token-level
     mean over the global batch.
@@ -137,10 +139,17 @@ class TokenBudgetPlan(BatchPlan):
     lengths: Optional[list[int]] = None
     max_tokens: int = 0
     window: int = 64
+    packing: bool = False  # a packed micro-batch costs the sum of its lengths, a padded one longest x count
 
     @cached_property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.epoch_micro_batches(0)) / (self.world_size * self.grad_accum))
+
+    def _cost(self, current: list[int], candidate: int) -> int:
+        """Tokens the forward computes over if `candidate` joins the micro-batch `current`."""
+        if self.packing:
+            return sum(self.lengths[i] for i in current) + self.lengths[candidate]
+        return max(self.lengths[candidate], *(self.lengths[i] for i in current)) * (len(current) + 1)
 
     def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
         key = ("packed", epoch)
@@ -149,13 +158,12 @@ class TokenBudgetPlan(BatchPlan):
         order, span = self.epoch_order(epoch), self.window * self.world_size * self.grad_accum
         packed: list[list[int]] = []
         for start in range(0, len(order), span):
-            current, longest = [], 0
+            current = []
             for i in sorted(order[start:start + span], key=lambda i: self.lengths[i]):
-                if current and max(longest, self.lengths[i]) * (len(current) + 1) > self.max_tokens:
+                if current and self._cost(current, i) > self.max_tokens:
                     packed.append(current)
-                    current, longest = [], 0
+                    current = []
                 current.append(i)
-                longest = max(longest, self.lengths[i])
             if current:
                 packed.append(current)
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch + 7)
@@ -164,16 +172,24 @@ class TokenBudgetPlan(BatchPlan):
 
 
 class Collator:
-    """Pads samples into one batch; a batch with no image gets the dummy image appended."""
+    """Samples -> one micro-batch, padded to its longest sample (one row each) or, with `positions` (the
+    adapter's per-sample position ids; --packing), packed into one row: samples concatenated, each with its
+    own positions (which restart at every sample: that is how attention is kept inside it) and the sample
+    boundaries as `cu_seq_lens` for varlen kernels. A micro-batch with no image gets the dummy image (padded:
+    appended to the first sample; packed: as its own sample), all of its labels ignored."""
 
-    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor]):
+    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None):
         self.pad_token_id = pad_token_id
         self.dummy = dummy
+        self.positions = positions
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
-        """(batch, meta); meta counts only real samples: samples, tokens, targets."""
+        """(batch, meta); meta counts only real samples: samples, tokens, targets; and what the forward
+        computes over: computed (padding and dummy included)."""
         meta = {"samples": len(samples), "tokens": sum(int(s["input_ids"].shape[1]) for s in samples),
                 "targets": sum(count_targets(s["labels"]) for s in samples)}
+        if self.positions is not None:
+            return self._pack(list(samples), meta)
         samples = list(samples)
         if not any("pixel_values" in s for s in samples):
             samples = [merge_parts([samples[0], self.dummy])] + samples[1:] if samples else [dict(self.dummy)]
@@ -184,8 +200,25 @@ class Collator:
                 if key in TOKEN_KEYS:
                     value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=self._pad_value(key))
                 batch.setdefault(key, []).append(value)
-        meta["computed"] = length * len(samples)  # tokens the forward runs over, padding and dummy included
+        meta["computed"] = length * len(samples)
         return {key: torch.cat(values, dim=0) for key, values in batch.items()}, meta
+
+    def _pack(self, samples: list[dict[str, torch.Tensor]], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        if not any("pixel_values" in s for s in samples):
+            samples.append(self.dummy)
+        parts, positions = [], []
+        for sample in samples:
+            part = {k: v for k, v in sample.items() if k != "attention_mask"}  # no mask: attention is per sample
+            part["labels"] = part["labels"].clone()
+            part["labels"][:, 0] = IGNORE_INDEX  # the previous sample's last token never predicts this one
+            parts.append(part)
+            positions.append(self.positions(sample))
+        lengths = [int(s["input_ids"].shape[1]) for s in samples]
+        batch = merge_parts(parts)
+        batch["position_ids"] = torch.cat(positions, dim=-1)
+        batch["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        meta.update(computed=sum(lengths), max_length=max(lengths))
+        return batch, meta
 
     def _pad_value(self, key: str) -> int:
         return {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
@@ -202,5 +235,6 @@ def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept: list)
                   world_size=world, seed=config.seed, source_sizes=records.source_sizes([c.index for c in kept]),
                   weights=records.weights)
     if config.max_tokens_per_batch:
-        return TokenBudgetPlan(**common, lengths=[c.n_tokens for c in kept], max_tokens=config.max_tokens_per_batch)
+        return TokenBudgetPlan(**common, lengths=[c.n_tokens for c in kept], max_tokens=config.max_tokens_per_batch,
+                               packing=config.packing)
     return BatchPlan(**common)

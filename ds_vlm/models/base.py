@@ -73,7 +73,19 @@ class Adapter:
         """Vision-tower patches of each image of a batch (for the FLOP count)."""
         raise NotImplementedError
 
+    def position_ids(self, config):
+        """For --packing: a picklable function from one encoded sample to its position ids (they restart at 0
+        at each sample; the collator concatenates them). Plain 1-d positions by default."""
+        return TextPositions()
+
     # -- the tiny model ----------------------------------------------------------------------------
     def tiny(self, tokenizer, token_ids: dict) -> TinyModel:
         """This family's tiny random model around the demo tokenizer (`token_ids`: its special tokens)."""
         raise NotImplementedError
+
+
+class TextPositions:
+    """0 .. L-1 for a sample of L tokens, shape (1, L)."""
+
+    def __call__(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.arange(encoded["input_ids"].shape[1]).unsqueeze(0)

@@ -24,6 +24,30 @@ class QwenVLAdapter(Adapter):
         grid = batch.get("image_grid_thw")
         return [] if grid is None else [int(t * h * w) for t, h, w in grid.tolist()]
 
+    def position_ids(self, config) -> "RopeIndex":
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        return RopeIndex(MODEL_MAPPING[type(config)], config)
+
+
+class RopeIndex:
+    """The model's own multimodal rope index (`get_rope_index`) for one sample, without the model: it needs
+    only the config, so a DataLoader worker can run it. Returns (4, 1, L): the text positions, which
+    transformers reads to find where packed samples begin, then the 3 rows of mrope (temporal, height,
+    width). With 3 rows only, transformers would see one sequence and attend across samples."""
+
+    def __init__(self, model_class, config):
+        self.model_class, self.config = model_class, config
+
+    def get_vision_position_ids(self, *args, **kwargs):  # what get_rope_index calls on its model
+        return self.model_class.get_vision_position_ids(self, *args, **kwargs)
+
+    def __call__(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        extra = {k: encoded[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in encoded}
+        mrope, _ = self.model_class.get_rope_index(self, encoded["input_ids"], encoded["mm_token_type_ids"], **extra)
+        text = torch.arange(encoded["input_ids"].shape[1]).view(1, 1, -1)
+        return torch.cat([text, mrope], dim=0)
+
 
 def qwen_token_ids(ids: dict) -> dict:
     """The config's vision-token ids from the tokenizer's special tokens."""
