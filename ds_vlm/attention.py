@@ -76,6 +76,20 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
+def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """sdpa that keeps attention inside each sample of a packed row, from its restarting position ids (a
+    block-diagonal causal mask, O(L^2)): the core attention under sequence parallelism on a CPU, where the
+    mask transformers built for one rank's slice does not apply to the gathered sequence."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if position_ids is not None and query.shape[2] > 1 and getattr(module, "is_causal", True):
+        positions = position_ids.reshape(-1, position_ids.shape[-1])
+        sample = (positions == 0).cumsum(-1)  # which sample each token belongs to, per row
+        causal = torch.ones(query.shape[2], query.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = (sample[:, None, :, None] == sample[:, None, None, :]) & causal
+    return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+
+
 def _varlen_mask(*args, attention_mask=None, **kwargs):
     """The mask transformers builds for "ds_vlm_varlen": none for a packed or unpadded row (the kernel keeps
     attention inside each sample and causal), sdpa's padding mask for a padded batch."""

@@ -207,9 +207,10 @@ def resume_point(config, run_meta: dict):
         return None, False
     meta = read_meta(found)
     diffs = config_differences(meta, run_meta["config"], run_meta["global_batch"], run_meta["total_steps"])
-    if config.max_tokens_per_batch and meta["world_size"] != run_meta["world_size"]:
-        diffs.append(f"world size with token-budget batching: checkpoint {meta['world_size']}, now "
-                     f"{run_meta['world_size']} (micro-batches are dealt per rank)")
+    saved_dp = meta.get("data_parallel_size", meta["world_size"])
+    if config.max_tokens_per_batch and saved_dp != run_meta["data_parallel_size"]:
+        diffs.append(f"data-parallel size with token-budget batching: checkpoint {saved_dp}, now "
+                     f"{run_meta['data_parallel_size']} (micro-batches are dealt per data-parallel rank)")
     if meta.get("n_train_samples") != run_meta["n_train_samples"]:
         diffs.append(f"usable train samples: checkpoint {meta.get('n_train_samples')}, now "
                      f"{run_meta['n_train_samples']}")

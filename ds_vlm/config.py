@@ -51,6 +51,8 @@ class TrainConfig:
                  "an image, never to zero answer tokens)")
     max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
                                         "--packing, real ones) instead of --micro_batch_size; 0: off")
+    sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
+                                     "the groups; 1: off")
     packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
                                 "each sample (varlen kernel on GPUs, block-diagonal mask elsewhere)")
     min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
@@ -138,6 +140,7 @@ class TrainConfig:
         need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
         need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         need(self.logging_steps >= 1, "--logging_steps must be >= 1")
+        need(self.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
         return self
 
     def to_dict(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ class LoadedModel:
     hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
 
 
-def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
-    """Load model + processor; under ZeRO-3 the weights arrive already partitioned."""
+def load_model(config: TrainConfig, ds_config: dict, sequence_parallel=None) -> LoadedModel:
+    """Load model + processor; under ZeRO-3 the weights arrive already partitioned. With sequence parallelism
+    the text model's attention is the Ulysses wrapper around the chosen kernel."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -106,10 +108,12 @@ def load_model(config: TrainConfig, ds_config: dict) -> LoadedModel:
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    attention = resolve_attention(config.attn_implementation, config.packing)
+    if sequence_parallel is not None:
+        attention = sequence_parallel.attn_implementation(attention, model_config)
     with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code,
-            attn_implementation=resolve_attention(config.attn_implementation, config.packing))
+            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
@@ -246,9 +250,9 @@ class StepRunner:
     """
 
     def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None,
-                 boundaries: Optional[SampleBoundaries] = None):
+                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None):
         self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
-        self.boundaries = boundaries
+        self.boundaries, self.sp = boundaries, sequence_parallel
         self.count_flops = count_flops or (lambda batch, n_label_rows: 0.0)
         self.device = engine.device
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -264,7 +268,8 @@ class StepRunner:
     def start(self, micro_batches: list[tuple[dict, dict]], with_stats: bool = True) -> "PendingStats":
         """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later, from
         `PendingStats.result()`, and only `with_stats` (a step that is not logged all-reduces nothing more)."""
-        label_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
+        all_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
+        label_rows = [self.local_rows(rows, batch) for rows, (batch, _) in zip(all_rows, micro_batches)]
         n_local = sum(len(rows) for rows in label_rows)
         count = torch.full((), float(n_local), dtype=torch.float64, device=self.device)
         counting = _all_reduce(count)
@@ -287,20 +292,30 @@ class StepRunner:
         applied = self.engine.was_step_applied() and not skip_plain
         if not with_stats:
             return PendingStats(None, None, None, applied)
-        host = [n_local] + [sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
-        host.append(sum(self.count_flops(batch, len(rows)) for (batch, _), rows in zip(micro_batches, label_rows)))
+        # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs
+        share = 1 / self.sp.size if self.sp else 1
+        host = [n_local] + [share * sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
+        host.append(share * sum(self.count_flops(batch, len(rows)) for (batch, _), rows in zip(micro_batches, all_rows)))
         memory = [0.0] * self.world_size  # every rank fills its own slot
         memory[dist.get_rank() if dist.is_initialized() else 0] = peak_memory_gb()
         totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
         return PendingStats(totals, _all_reduce(totals), grad_norm if grad_norm is not None else
                             self.engine.get_global_grad_norm(), applied)
 
+    def local_rows(self, rows: LabelRows, batch: dict) -> LabelRows:
+        """This rank's label rows: all of them, or under sequence parallelism those of its slice."""
+        return rows if self.sp is None else self.sp.local_rows(rows, batch["input_ids"].shape[1])
+
     def forward(self, batch: dict, meta: dict, rows: LabelRows) -> torch.Tensor:
-        """The summed loss of one micro-batch; a packed one's sample boundaries go to the language model."""
+        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism); a packed
+        one's sample boundaries go to the language model."""
         cu_seq_lens = batch.pop("cu_seq_lens", None)
-        if cu_seq_lens is None or self.boundaries is None:
-            return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
-        with self.boundaries.armed(cu_seq_lens.to(self.device, non_blocking=True), meta["max_length"]):
+        with contextlib.ExitStack() as stack:
+            if cu_seq_lens is not None and self.boundaries is not None:
+                stack.enter_context(self.boundaries.armed(cu_seq_lens.to(self.device, non_blocking=True),
+                                                          meta["max_length"]))
+            if self.sp is not None:
+                stack.enter_context(self.sp.armed())
             return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
 
     def to_device(self, batch: dict) -> dict:
@@ -314,7 +329,7 @@ class StepRunner:
         """Token-level mean loss over every rank's micro-batches, no update."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch, meta in micro_batches:
-            rows = LabelRows.from_labels(batch.pop("labels"))
+            rows = self.local_rows(LabelRows.from_labels(batch.pop("labels")), batch)
             totals[0] += self.forward(batch, meta, rows)
             totals[1] += len(rows)
         work = _all_reduce(totals)

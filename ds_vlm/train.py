@@ -39,6 +39,7 @@ from .engine import (
 )
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
+from .parallel import SequenceParallel
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,6 +87,9 @@ class Trainer:
         init_distributed(self.config.dist_timeout_s)
         release_shm_buffer()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # data parallelism runs over groups of --sequence_parallel ranks that share their samples
+        self.sp = SequenceParallel(self.config.sequence_parallel) if self.config.sequence_parallel > 1 else None
+        self.dp_rank, self.dp_size = (self.sp.dp_rank, self.sp.dp_size) if self.sp else (self.rank, self.world)
         seed_everything(self.config.seed)
         self.log = RunLog(self.config.output_dir, enabled=self.rank == 0)
 
@@ -94,15 +98,18 @@ class Trainer:
         self.ds_config = resolve_ds_config(config, self.world)
         try:
             check_loss_available(config.loss)
-            loaded = load_model(config, self.ds_config)
+            loaded = load_model(config, self.ds_config, self.sp)
             set_pixel_bounds(loaded.processor, config.min_pixels, config.max_pixels)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self.loaded, self.model, self.processor, self.adapter = loaded, loaded.model, loaded.processor, loaded.adapter
         self.groups = set_trainable(self.model, self.adapter, config)
         enable_checkpointing(self.model, self.adapter, config)
+        if self.sp is not None:
+            self.sp.install(self.adapter.parts(self.model).llm_decoder, self.adapter)
         self.encoder = Encoder(self.processor, self.adapter, config.max_length, config.truncation)
-        self.log.info(f"world {self.world}, ZeRO stage {self.zero_stage}, precision "
+        self.log.info(f"world {self.world}" + (f" ({self.dp_size} groups of {self.sp.size} sequence-parallel ranks)"
+                                               if self.sp else "") + f", ZeRO stage {self.zero_stage}, precision "
                       f"{'bf16' if self.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
 
     @property
@@ -134,11 +141,14 @@ class Trainer:
         if config.eval_data:
             eval_records, eval_kept = self._dataset(config.eval_data)
             self.eval_set = SFTDataset(eval_records, self.encoder, [c.index for c in eval_kept])
-        self.plan = make_plan(config, self.world, records, kept)
+        self.plan = make_plan(config, self.dp_size, records, kept)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.plan.steps_per_epoch
         positions = self.adapter.position_ids(self.model.config) if config.packing else None
-        self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions)
-        self.run_meta = {"world_size": self.world, "zero_stage": self.zero_stage, "global_batch": self.plan.global_batch,
+        self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions,
+                                 multiple_of=config.sequence_parallel)
+        self.run_meta = {"world_size": self.world, "data_parallel_size": self.dp_size,
+                         "sequence_parallel": config.sequence_parallel, "zero_stage": self.zero_stage,
+                         "global_batch": self.plan.global_batch,
                          "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
                          "config": config.to_dict()}
 
@@ -159,7 +169,7 @@ class Trainer:
         boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder) if varlen else None
         self.runner = StepRunner(self.engine, self.world, torch.bfloat16 if self.bf16 else torch.float32,
                                  LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config),
-                                 boundaries)
+                                 boundaries, self.sp)
         self.peak_tflops = device_peak_tflops(config.peak_tflops)
         self.checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit)
         self.reporter = Reporter(config.report_to if self.rank == 0 else "none", config.output_dir, config.to_dict())
@@ -183,8 +193,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
         config, progress = self.config, self.progress
-        loader = iter(make_loader(self.train_set, self.plan, self.rank, progress.step, self.total_steps, self.collator,
-                                  config.num_workers))
+        loader = iter(make_loader(self.train_set, self.plan, self.dp_rank, progress.step, self.total_steps,
+                                  self.collator, config.num_workers))
         progress.clock = time.perf_counter()
         while progress.step < self.total_steps:
             self.train_step(loader)
@@ -260,8 +270,8 @@ class Trainer:
         return result
 
     def eval_loss(self) -> dict:
-        plan = BatchPlan(len(self.eval_set), self.config.micro_batch_size, 1, self.world, self.config.seed)
-        loader = make_loader(self.eval_set, plan, self.rank, 0, plan.steps_per_epoch, self.collator, 0)
+        plan = BatchPlan(len(self.eval_set), self.config.micro_batch_size, 1, self.dp_size, self.config.seed)
+        loader = make_loader(self.eval_set, plan, self.dp_rank, 0, plan.steps_per_epoch, self.collator, 0)
         self.engine.eval()
         try:
             return self.runner.eval_loss(loader)

@@ -7,11 +7,12 @@
 #
 #   bash launch/run_qwen3_vl_2b.sh                      # ZeRO-2 on 8 GPUs
 #   bash launch/run_qwen3_vl_2b.sh zero3                # ZeRO-3 instead (same as ZERO=3)
+#   SP=2 bash launch/run_qwen3_vl_2b.sh                 # every sequence split over 2 GPUs (Ulysses), 4 groups
 #   NUM_GPUS=4 bash launch/run_qwen3_vl_2b.sh --micro_batch_size 8 --epochs 1   # flags win over the yaml
 #   HOSTFILE=launch/hostfile bash launch/run_qwen3_vl_2b.sh                      # several nodes over ssh
 #   NODE_RANK=$SLURM_NODEID NNODES=2 MASTER_ADDR=node0 bash launch/run_qwen3_vl_2b.sh  # one launcher per node
 #
-# Env: ZERO (2; 0-3 or 3_offload: ds_configs/zeroZERO.json), NUM_GPUS (8 per node), MODEL
+# Env: ZERO (2; 0-3 or 3_offload: ds_configs/zeroZERO.json), SP (1: sequence-parallel group size), NUM_GPUS (8 per node), MODEL
 # (Qwen/Qwen3-VL-2B-Instruct, or a local folder), DATA (data/pokemon: train.jsonl + test.jsonl),
 # OUT (runs/qwen3_vl_2b_pokemon_zeroZERO), CONFIG (the yaml), MASTER_PORT (29500), DEEPSPEED
 # (launcher command), DRY_RUN=1: print the commands instead of running them. Multi-node: HOSTFILE,
@@ -44,8 +45,9 @@ if [[ ! -f $DATA/train.jsonl ]]; then  # llamafactory/pokemon-gpt4o-captions fro
   fi
 fi
 
+SP=${SP:-1}
 train_flags=(--config "$CONFIG" --model "$MODEL" --train_data "$DATA/train.jsonl" --eval_data "$DATA/test.jsonl"
-             --deepspeed "$DS_JSON" --output_dir "$OUT" "$@")
+             --deepspeed "$DS_JSON" --output_dir "$OUT" --sequence_parallel "$SP" "$@")
 if [[ -n "${HOSTFILE:-}${NODE_RANK:-}${NNODES:-}" ]] || (( ${SLURM_NNODES:-1} > 1 )); then
   export GPUS_PER_NODE=${GPUS_PER_NODE:-$NUM_GPUS}
   exec bash launch/run_multinode.sh "${train_flags[@]}"

@@ -224,7 +224,7 @@ def _split_launch(cmd: list[str]) -> tuple[list[str], list[str]]:
 # case: (script arguments, environment, ZeRO stage, launcher settings expected)
 RECIPE_CASES = {
     "default": ([], {}, 2, {"num_gpus": 8, "master_port": 29500, "no_ssh": False}),
-    "zero3 word": (["zero3"], {}, 3, {"num_gpus": 8}),
+    "zero3 word, SP=2": (["zero3"], {"SP": "2"}, 3, {"num_gpus": 8}),
     "env overrides": (["--epochs", "1"], {"ZERO": "3", "NUM_GPUS": "4", "MODEL": "/models/qwen3-vl-2b",
                                           "OUT": "runs/x", "MASTER_PORT": "29555"}, 3,
                       {"num_gpus": 4, "master_port": 29555}),
@@ -267,6 +267,7 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     assert config.packing and config.max_tokens_per_batch >= config.max_length
     assert config.gradient_checkpointing and config.train_vision == "all" and config.train_llm
     assert config.train_data.endswith("train.jsonl") and config.eval_data.endswith("test.jsonl")
+    assert config.sequence_parallel == int(env.get("SP", 1))
     if case == "env overrides":
         assert config.epochs == 1 and config.output_dir == "runs/x"
 

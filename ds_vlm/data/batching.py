@@ -178,10 +178,11 @@ class Collator:
     boundaries as `cu_seq_lens` for varlen kernels. A micro-batch with no image gets the dummy image (padded:
     appended to the first sample; packed: as its own sample), all of its labels ignored."""
 
-    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None):
+    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1):
         self.pad_token_id = pad_token_id
         self.dummy = dummy
         self.positions = positions
+        self.multiple_of = multiple_of  # --sequence_parallel: every row's length divides by it
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
         """(batch, meta); meta counts only real samples: samples, tokens, targets; and what the forward
@@ -193,7 +194,7 @@ class Collator:
         samples = list(samples)
         if not any("pixel_values" in s for s in samples):
             samples = [merge_parts([samples[0], self.dummy])] + samples[1:] if samples else [dict(self.dummy)]
-        length = max(s["input_ids"].shape[1] for s in samples)
+        length = _round_up(max(s["input_ids"].shape[1] for s in samples), self.multiple_of)
         batch: dict[str, list[torch.Tensor]] = {}
         for s in samples:
             for key, value in s.items():
@@ -206,6 +207,10 @@ class Collator:
     def _pack(self, samples: list[dict[str, torch.Tensor]], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
         if not any("pixel_values" in s for s in samples):
             samples.append(self.dummy)
+        total = sum(int(s["input_ids"].shape[1]) for s in samples)
+        padding = _round_up(total, self.multiple_of) - total
+        if padding:  # a segment of its own at the end: nothing attends to it, it has no label
+            samples.append(self._padding(samples[0], padding))
         parts, positions = [], []
         for sample in samples:
             part = {k: v for k, v in sample.items() if k != "attention_mask"}  # no mask: attention is per sample
@@ -222,6 +227,15 @@ class Collator:
 
     def _pad_value(self, key: str) -> int:
         return {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+
+    def _padding(self, like: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """A text-only segment of `length` pad tokens, with the per-token keys of `like`."""
+        return {key: torch.full((1, length), self._pad_value(key), dtype=value.dtype)
+                for key, value in like.items() if key in TOKEN_KEYS}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def count_targets(labels: torch.Tensor) -> int:

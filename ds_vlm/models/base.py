@@ -73,6 +73,11 @@ class Adapter:
         """Vision-tower patches of each image of a batch (for the FLOP count)."""
         raise NotImplementedError
 
+    def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
+        """For --sequence_parallel: the language model's inputs that hold one entry per token, besides the
+        embeddings and position ids, cut to the tokens [start, end) (none by default)."""
+        return language_kwargs
+
     def position_ids(self, config):
         """For --packing: a picklable function from one encoded sample to its position ids (they restart at 0
         at each sample; the collator concatenates them). Plain 1-d positions by default."""

@@ -25,6 +25,19 @@ class Qwen3VLAdapter(QwenVLAdapter):
             vision_encoder=visual,
         )
 
+    def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
+        """The visual position mask, and the deepstack features of the visual tokens in [start, end) (they are
+        rows in the order of the visual tokens over the whole batch)."""
+        mask = language_kwargs.get("visual_pos_masks")
+        if mask is None:
+            return language_kwargs
+        order = (mask.flatten().cumsum(0) - 1).view(mask.shape)  # each visual token's deepstack row
+        local = mask[:, start:end]
+        rows = order[:, start:end][local]
+        deepstack = language_kwargs.get("deepstack_visual_embeds")
+        return dict(language_kwargs, visual_pos_masks=local,
+                    deepstack_visual_embeds=None if deepstack is None else [e[rows] for e in deepstack])
+
     def tiny(self, tokenizer, token_ids: dict, **text_extra) -> TinyModel:
         """The demo model: patch 8, merge 2, vision 2 blocks x 64, deepstack at block 0."""
         import transformers as tf
