@@ -1,7 +1,8 @@
 """One typed run config: YAML file + command-line flags (flags win), validated once.
 
 Every key is a field of `TrainConfig` with its type, default and help; a `Literal[...]` type is the one
-place its allowed values are listed. `python -m ds_vlm.config` prints the flag table of docs/training.md.
+place its allowed values are listed. `python -m ds_vlm.config` prints the flag table of docs/training.md
+(`--update docs/training.md` rewrites it there).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class TrainConfig:
     train_data: str = _key("", "JSONL / JSON / parquet files or folders, comma-separated; `path:weight` samples "
                                "sources by weight")
     eval_data: str = _key("", "held-out records: eval loss (and sample answers) at --eval_steps and at the end")
-    data_format: Literal["auto", "sharegpt", "llava", "messages", "openai"] = _key(
+    data_format: Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca"] = _key(
         "auto", "force one record layout (records in another are named as bad)")
     image_root: str = _key("", "folder relative image paths are resolved against (default: the data file's folder)")
     deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
@@ -272,5 +273,16 @@ def flag_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    sys.stdout.write(flag_table() + "\n")
+def update_flag_table(path: str) -> None:
+    """Replace the table between the flag markers of a markdown file with `flag_table()`."""
+    text = Path(path).read_text()
+    begin, end = "<!-- flags:begin -->\n", "\n<!-- flags:end -->"
+    head, rest = text.split(begin, 1)
+    Path(path).write_text(head + begin + flag_table() + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":  # python -m ds_vlm.config [--update docs/training.md]
+    if sys.argv[1:2] == ["--update"]:
+        update_flag_table(sys.argv[2])
+    else:
+        sys.stdout.write(flag_table() + "\n")

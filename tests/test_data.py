@@ -80,7 +80,7 @@ def _write_bad_set(tmp: Path, demo_dir: Path) -> Path:
     image = str(demo_dir / "data" / good["images"][0])
     (tmp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     records = [
-        {**good, "images": [image]},                                   # 0 ok
+        {**good, "images": [image], "id": "r0"},                       # 0 ok (an id nothing reads)
         {**good, "images": [str(tmp / "nope.png")]},                   # 1 missing image
         {**good, "images": [str(tmp / "broken.png")]},                 # 2 unreadable image
         {**good, "images": [image, image]},                            # 3 one <image>, two images

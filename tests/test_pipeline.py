@@ -3,6 +3,7 @@ and a loss that does not depend on how the global batch is split."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -66,11 +67,32 @@ def all_formats(demo_dir, tmp_path_factory) -> list[Path]:
     saved = datasets.Dataset(pa.Table.from_pylist(
         [{**r, "images": [{"bytes": Path(im).read_bytes(), "path": None}]} for r, im in zip(rows, images)]))
     saved.save_to_disk(str(out / "saved"))
-    return [data / "train.jsonl", out / "llava.json", messages, openai, out / "parquet_dir", out / "saved"]
+    swift = write_jsonl("swift.jsonl", [
+        {"system": "Be brief.", "query": "<image>What is in this picture?", "response": a, "images": [im]}
+        for im, a in zip(images, answers)])
+    (out / "alpaca.json").write_text(json.dumps([
+        {"instruction": "<image>What is in this picture?", "input": "", "output": a, "images": [im]}
+        for im, a in zip(images, answers)]))
+    # LLaMA-Factory's newer typed parts, a base64 image, and two records that must not train: audio, a web URL
+    url = "data:image/png;base64," + base64.b64encode(Path(images[0]).read_bytes()).decode()
+    mixed = write_jsonl("mixed_peers.jsonl", [
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "value": images[1]},
+                                                   {"type": "text", "value": "What is in this picture?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "value": answers[1]}]}]},
+        {"messages": [{"role": "user", "content": "<audio>What is said?"}, {"role": "assistant", "content": "Hi."}],
+         "audios": ["speech.wav"]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": "What is in this picture?"}]},
+                      {"role": "assistant", "content": answers[0]}]},
+        {"conversations": [{"from": "human", "value": "<image>What is in this picture?"},
+                           {"from": "gpt", "value": answers[2]}], "images": ["http://example.com/a.png"]},
+    ])
+    return [data / "train.jsonl", out / "llava.json", messages, openai, out / "parquet_dir", out / "saved", swift,
+            out / "alpaca.json", mixed]
 
 
 def test_every_container_and_layout_reads_the_same_records(all_formats):
-    for source in all_formats:
+    for source in all_formats[:-1]:  # the last one mixes in bad records
         records = RecordIndex(str(source))
         first = records.sample(0)
         assert len(records) >= 8, source
@@ -85,9 +107,13 @@ def test_every_format_trains_end_to_end(all_formats, demo_dir, tmp_path):
     proc = run_train(["--model", str(demo_dir / "model"), "--train_data", spec, "--deepspeed",
                       str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(out), "--max_steps", "6",
                       "--micro_batch_size", "4", "--lr", "2e-3", "--warmup_ratio", "0", "--num_workers", "1",
-                      "--export_hf", "false"])
+                      "--export_hf", "false", "--bad_records", "skip"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "records: ok 89" in proc.stderr  # 48 demo records + 5 x 8 + one text-only OpenAI record
+    # 48 demo records + 7 x 8 + one text-only OpenAI record + 2 good peer records; the 2 bad ones named
+    assert "records: ok 107, unsupported_media 1, bad_record 1" in proc.stderr
+    mixed = all_formats[-1]
+    assert f"{mixed} record 1: unsupported_media: turn 0 (user): an <audio> placeholder" in proc.stderr
+    assert f"{mixed} record 3: bad_record: image 'http://example.com/a.png' is a URL" in proc.stderr
     rows = read_metrics(out)
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
 
@@ -197,6 +223,7 @@ def test_validate_finds_and_names_every_planted_defect(demo_dir, tmp_path):
         assert f"{path} record {index}: {kind}" in out
     assert "steps per epoch: 1 (2 usable samples, global batch 4 = 2 x 1 x 2)" in out
     assert "token length" in out and "image tokens per sample" in out
+    assert "ignored key `id` in 1 record " in out
     proc = subprocess.run(cmd + ["--max_bad", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout
 

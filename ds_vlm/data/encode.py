@@ -41,12 +41,22 @@ class Encoder:
             [template_message(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
-        """The rendered conversation cut into (text, is_assistant_target) pieces."""
+        """The rendered conversation cut into (text, is_assistant_target) pieces; an assistant turn with
+        'loss': false is left in the text, not a target."""
+        try:
+            return self._segments(sample)
+        except DataError:
+            raise
+        except Exception as err:  # jinja2 errors, a template's raise_exception, type errors in a template
+            raise DataError("bad_record", sample.source, sample.index, f"the chat template cannot render this "
+                            f"conversation: {type(err).__name__}: {str(err)[:200]}") from err
+
+    def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
         messages = sample.messages
         full = self.render(messages)
         pieces, cursor = [], 0
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or not message.get("learn", True):
                 continue
             prefix = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
@@ -66,6 +76,9 @@ class Encoder:
     # -- tensors ----------------------------------------------------------------------
     def encode(self, sample: Sample, images: list) -> dict[str, torch.Tensor]:
         """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1."""
+        if sample.videos:
+            raise DataError("unsupported_media", sample.source, sample.index,
+                            f"{len(sample.videos)} video(s): this trainer does not train on video yet")
         parts, remaining = [], list(images)
         for text, is_target in self.segments(sample):
             n_images = text.count(self.image_token)
@@ -138,11 +151,12 @@ def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
 
 
 def template_message(message: dict) -> dict:
-    """Text-only turns as plain strings (what every template accepts); others as typed parts."""
+    """What a chat template takes: text-only turns as plain strings (what every template accepts), others as
+    typed parts."""
     parts = message["content"]
     if all(p["type"] == "text" for p in parts):
         return {"role": message["role"], "content": "".join(p["text"] for p in parts)}
-    return message
+    return {"role": message["role"], "content": parts}
 
 
 # Per-token tensors (padded along the sequence); everything else a processor returns is

@@ -1,26 +1,46 @@
-"""Readers: data files -> records -> Sample(messages, images).
+"""Readers: one record of any supported layout -> Sample(messages, images, videos).
 
-A record is one row of a JSONL/JSON/parquet file. Every supported layout becomes the
-same Sample: chat messages whose content is a list of parts ({"type": "image"} or
-{"type": "text", "text": ...}) and the images those parts refer to, in order.
+Every layout becomes the same Sample: chat messages whose content is a list of parts ({"type": "text",
+"text": ...}, {"type": "image"}, {"type": "video"}) and the media those parts refer to, in order.
+Layouts (auto-detected per record, or forced by --data_format):
+    sharegpt  {"conversations": [{"from": "human", "value": "<image>..."}, ...], "images": [...], "system": ...}
+    llava     {"conversations": [...], "image": "coco/1.jpg"}
+    messages  {"messages": [{"role": "user", "content": "<image>..."}, ...], "images": [...]}
+    openai    {"messages": [{"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", ...}]}]}
+    swift     {"query": ..., "response": ..., "history": [[q, r], ...], "system": ..., "images": [...]}
+    alpaca    {"instruction": ..., "input": ..., "output": ..., "history": [[q, r], ...], "system": ...}
+Nothing is dropped silently: every key of a record is used or listed in `Sample.ignored` (preflight and
+validate count them); a text turn that is empty, an audio part, a URL to fetch are errors naming the record.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image>", "<video>", "<audio>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "model": "assistant"}
+LAYOUTS = ("auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca")
+# Keys each layout reads at the top of a record (media keys are read by every layout).
+LAYOUT_KEYS = {"sharegpt": {"conversations"}, "llava": {"conversations"}, "messages": {"messages"},
+               "openai": {"messages"}, "swift": {"query", "response", "history"},
+               "alpaca": {"instruction", "input", "output", "history"}}
+MEDIA_KEYS = {"images", "image", "videos", "video", "audios", "audio", "system"}
+TURN_KEYS = {"from", "role", "value", "content", "loss"}
+PART_KEYS = {"type", "text", "value", "image", "image_url", "url", "path", "video", "video_url"}
+_PLACEHOLDERS = re.compile(f"({IMAGE_PLACEHOLDER}|{VIDEO_PLACEHOLDER}|{AUDIO_PLACEHOLDER})")
 
 
 class DataError(ValueError):
     """A bad record, named by file and index; `kind` is one of KINDS."""
 
-    KINDS = ("missing_image", "unreadable_image", "placeholder_mismatch", "no_assistant_turn",
-             "too_long", "bad_record")
+    KINDS = ("missing_image", "unreadable_image", "missing_video", "unreadable_video", "placeholder_mismatch",
+             "no_assistant_turn", "too_long", "unsupported_media", "bad_record")
 
     def __init__(self, kind: str, source: str, index: int, detail: str):
         assert kind in self.KINDS, kind
@@ -40,25 +60,39 @@ class ImageRef:
 
 
 @dataclass
+class VideoRef:
+    """One video: a file, or its frames as image files (Qwen's list-of-frames form)."""
+
+    path: Optional[str] = None
+    frames: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return self.path or f"<{len(self.frames)} frames from {self.frames[0] if self.frames else '?'}>"
+
+
+@dataclass
 class Sample:
-    messages: list[dict]
+    messages: list[dict]  # {"role", "content": [parts], "learn": bool (assistant turns)}
     images: list[ImageRef] = field(default_factory=list)
     source: str = ""
     index: int = -1
-
-
-LAYOUTS = ("auto", "sharegpt", "llava", "messages", "openai")
+    videos: list[VideoRef] = field(default_factory=list)
+    ignored: tuple[str, ...] = ()  # keys of the record nothing read ("id", "turn.weight", ...)
 
 
 def detect_layout(record: dict) -> str:
-    """sharegpt: conversations + images; llava: conversations + image; messages: role/content strings;
-    openai: messages whose content is a list of typed parts."""
     if "conversations" in record:
         return "llava" if "image" in record and "images" not in record else "sharegpt"
-    turns = record.get("messages")
-    if isinstance(turns, list) and any(isinstance(t, dict) and isinstance(t.get("content"), list) for t in turns):
-        return "openai"
-    return "messages"
+    if "messages" in record:
+        turns = record["messages"]
+        typed = isinstance(turns, list) and any(isinstance(t, dict) and isinstance(t.get("content"), list)
+                                                for t in turns)
+        return "openai" if typed else "messages"
+    if "query" in record or "response" in record:
+        return "swift"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    return "unknown"
 
 
 def to_sample(record: Any, source: str, index: int, image_root: str = "", data_format: str = "auto",
@@ -66,97 +100,208 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
     """Turn one record of any supported layout into a Sample, or raise DataError. `insert_placeholders`: a
     record with images and no placeholder at all gets one per image at the start of its first user turn
     (what launch/prepare_pokemon.py does to hub data that keeps its images apart from the text)."""
-
-    def bad(kind: str, detail: str) -> DataError:
-        return DataError(kind, source, index, detail)
-
+    reader = _Reader(source, index, image_root or os.path.dirname(os.path.abspath(source)))
     if not isinstance(record, dict):
-        raise bad("bad_record", f"expected an object, got {type(record).__name__}")
-    turns = record.get("conversations", record.get("messages"))
-    if not isinstance(turns, list) or not turns:
-        raise bad("bad_record", "no 'conversations' or 'messages' list")
-    if data_format != "auto" and detect_layout(record) != data_format:
-        raise bad("bad_record", f"the record is in {detect_layout(record)} layout, not {data_format} (--data_format)")
-    root = image_root or os.path.dirname(os.path.abspath(source))
-    images_field = record.get("images", record.get("image"))
-    if images_field is None:
-        images_field = []
-    elif not isinstance(images_field, list):
-        images_field = [images_field]
-    images = [_image_ref(item, root, bad) for item in images_field]
+        raise reader.bad("bad_record", f"expected an object, got {type(record).__name__}")
+    layout = detect_layout(record)
+    if layout == "unknown":
+        raise reader.bad("bad_record", f"no conversation in it (keys {sorted(record)[:8]}); supported layouts: "
+                                       f"{', '.join(LAYOUTS[1:])}")
+    if data_format != "auto" and layout != data_format:
+        raise reader.bad("bad_record", f"the record is in {layout} layout, not {data_format} (--data_format)")
+    messages = reader.messages(record, layout)
+    images = reader.media(record, ("images", "image"), reader.image_ref)
+    videos = reader.media(record, ("videos", "video"), reader.video_ref)
+    if any(record.get(key) for key in ("audios", "audio")):
+        raise reader.bad("unsupported_media", "audio is not supported (an 'audios' field)")
+    if reader.inline_images or reader.inline_videos:
+        if images or videos:
+            raise reader.bad("bad_record", "media both inside the messages and in an 'images'/'videos' field")
+        images, videos = reader.inline_images, reader.inline_videos
+    _insert_placeholders(messages, images, insert_placeholders)
+    for kind, refs, placeholder in (("image", images, IMAGE_PLACEHOLDER), ("video", videos, VIDEO_PLACEHOLDER)):
+        count = sum(part["type"] == kind for m in messages for part in m["content"])
+        if count != len(refs):
+            raise reader.bad("placeholder_mismatch", f"{count} {placeholder} placeholder(s) but {len(refs)} {kind}(s)")
+    if not any(m["role"] == "assistant" and m["learn"] for m in messages):
+        raise reader.bad("no_assistant_turn", "the conversation has no assistant/gpt turn to learn from"
+                         + (" (every one has 'loss': false)" if any(m["role"] == "assistant" for m in messages)
+                            else ""))
+    if any(part["type"] != "text" for m in messages if m["role"] == "assistant" for part in m["content"]):
+        raise reader.bad("bad_record", "an image or video inside an assistant turn cannot be a training target")
+    ignored = sorted(set(record) - LAYOUT_KEYS[layout] - MEDIA_KEYS) + sorted(reader.ignored)
+    return Sample(messages=messages, images=images, source=source, index=index, videos=videos,
+                  ignored=tuple(ignored))
 
-    messages, inline_images = [], []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            raise bad("bad_record", "a turn is not an object")
-        role = ROLE_NAMES.get(str(turn.get("from", turn.get("role", ""))).lower())
-        if role is None:
-            raise bad("bad_record", f"unknown speaker {turn.get('from', turn.get('role'))!r}")
-        content = turn.get("value", turn.get("content"))
-        parts = _content_parts(content, root, inline_images, bad)
-        messages.append({"role": role, "content": parts})
-    if inline_images:
-        if images:
-            raise bad("bad_record", "images both inside the messages and in an 'images' field")
-        images = inline_images
 
-    placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
-    if insert_placeholders and images and not placeholders:
+def _insert_placeholders(messages: list[dict], images: list, insert: bool) -> None:
+    if insert and images and not any(part["type"] == "image" for m in messages for part in m["content"]):
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is not None:
             first_user["content"][:0] = [{"type": "image"} for _ in images]
-            placeholders = len(images)
-    if placeholders != len(images):
-        raise bad("placeholder_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise bad("no_assistant_turn", "the conversation has no assistant/gpt turn to learn from")
-    if any(part["type"] == "image" for m in messages if m["role"] == "assistant" for part in m["content"]):
-        raise bad("bad_record", "an image inside an assistant turn cannot be a training target")
-    return Sample(messages=messages, images=images, source=source, index=index)
 
 
-def _content_parts(content, root: str, inline_images: list, bad) -> list[dict]:
-    if isinstance(content, str):
+class _Reader:
+    """Reads one record, keeping what it found inside the turns and the keys it did not use."""
+
+    def __init__(self, source: str, index: int, root: str):
+        self.source, self.index, self.root = source, index, root
+        self.inline_images: list[ImageRef] = []
+        self.inline_videos: list[VideoRef] = []
+        self.ignored: set[str] = set()
+
+    def bad(self, kind: str, detail: str) -> DataError:
+        return DataError(kind, self.source, self.index, detail)
+
+    # -- turns --------------------------------------------------------------------------------
+    def messages(self, record: dict, layout: str) -> list[dict]:
+        turns = self._turns(record, layout)
+        messages = [self._message(turn, i) for i, turn in enumerate(turns)]
+        system = record.get("system")
+        if system is not None:
+            if not isinstance(system, str) or not system.strip():
+                raise self.bad("bad_record", "the 'system' field is empty or not text")
+            if any(m["role"] == "system" for m in messages):
+                raise self.bad("bad_record", "both a 'system' field and a system turn; give one")
+            messages.insert(0, {"role": "system", "content": self._parts(system, "system field"), "learn": False})
+        return messages
+
+    def _turns(self, record: dict, layout: str) -> list[dict]:
+        if layout in ("sharegpt", "llava", "messages", "openai"):
+            turns = record["conversations" if layout in ("sharegpt", "llava") else "messages"]
+            if not isinstance(turns, list) or not turns:
+                raise self.bad("bad_record", "the conversation is not a non-empty list of turns")
+            return turns
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+            raise self.bad("bad_record", "'history' must be a list of [query, response] pairs")
+        if layout == "swift":
+            query, response = record.get("query"), record.get("response")
+        else:  # alpaca: the instruction, then the input on its own line (LLaMA-Factory's joining)
+            query = "\n".join(str(x) for x in (record.get("instruction"), record.get("input")) if x)
+            response = record.get("output")
+        pairs = [*history, (query, response)]
+        return [{"role": role, "content": text} for q, r in pairs for role, text in (("user", q), ("assistant", r))]
+
+    def _message(self, turn, number: int) -> dict:
+        if not isinstance(turn, dict):
+            raise self.bad("bad_record", f"turn {number} is not an object")
+        self.ignored.update(f"turn.{key}" for key in turn if key not in TURN_KEYS)
+        speaker = turn.get("from", turn.get("role"))
+        role = ROLE_NAMES.get(str(speaker).lower())
+        if role is None:
+            raise self.bad("bad_record", f"turn {number}: unknown speaker {speaker!r}")
+        parts = self._parts(turn.get("value", turn.get("content")), f"turn {number} ({role})")
+        loss = turn.get("loss")
+        if loss is not None and not isinstance(loss, bool):
+            raise self.bad("bad_record", f"turn {number}: 'loss' must be true or false, not {loss!r}")
+        if loss and role != "assistant":
+            raise self.bad("bad_record", f"turn {number} ({role}): 'loss': true on a turn that is not the "
+                                         "assistant's; only assistant turns are learned")
+        return {"role": role, "content": parts, "learn": role == "assistant" and loss is not False}
+
+    # -- content --------------------------------------------------------------------------------
+    def _parts(self, content, where: str) -> list[dict]:
+        if isinstance(content, list):
+            parts = [p for part in content for p in self._typed_part(part, where)]
+        elif isinstance(content, str):
+            parts = self._text_parts(content, where)
+        elif content is None:
+            parts = []
+        else:
+            raise self.bad("bad_record", f"{where}: content must be text or a list of parts, not "
+                                         f"{type(content).__name__}")
+        if not any(p["type"] != "text" or p["text"].strip() for p in parts):
+            raise self.bad("bad_record", f"{where} is empty")
+        return parts
+
+    def _text_parts(self, text: str, where: str) -> list[dict]:
+        """A string with <image>/<video> placeholders -> parts; <audio> is refused."""
         parts = []
-        for i, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
-            if i:
-                parts.append({"type": "image"})
-            if piece:
+        for piece in _PLACEHOLDERS.split(text):
+            if piece == AUDIO_PLACEHOLDER:
+                raise self.bad("unsupported_media", f"{where}: an {AUDIO_PLACEHOLDER} placeholder; audio is not "
+                                                    "supported")
+            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                parts.append({"type": piece[1:-1]})
+            elif piece:
                 parts.append({"type": "text", "text": piece})
         return parts
-    if isinstance(content, list):  # OpenAI-style list of typed parts
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.extend(_content_parts(part.get("text", ""), root, inline_images, bad))
-            elif kind in ("image", "image_url"):
-                source = part.get("image", part.get("image_url", part.get("path")))
-                if isinstance(source, dict) and "url" in source:
-                    source = source["url"]
-                if source is not None:
-                    inline_images.append(_image_ref(source, root, bad))
-                parts.append({"type": "image"})
-            else:
-                raise bad("bad_record", f"unsupported content part {part!r:.80}")
-        return parts
-    raise bad("bad_record", f"turn content must be text or a list of parts, got {type(content).__name__}")
 
+    def _typed_part(self, part, where: str) -> list[dict]:
+        """OpenAI-style parts, in the spellings peers use: text under "text" or "value"; an image under "image",
+        "image_url" ({"url": ...} or a string), "url", "path" or "value"; a video likewise."""
+        if not isinstance(part, dict) or "type" not in part:
+            raise self.bad("bad_record", f"{where}: a content part without a 'type': {str(part)[:60]}")
+        self.ignored.update(f"part.{key}" for key in part if key not in PART_KEYS)
+        kind = part["type"]
+        if kind == "text":
+            text = part.get("text", part.get("value"))
+            if not isinstance(text, str):
+                raise self.bad("bad_record", f"{where}: a text part with no text (under 'text' or 'value')")
+            return self._text_parts(text, where)
+        if kind in ("image", "image_url", "video", "video_url"):
+            media = "image" if kind.startswith("image") else "video"
+            value = next((part[k] for k in (kind, f"{media}_url", "url", "path", "value") if k in part), None)
+            if isinstance(value, dict):
+                value = value.get("url", value.get("path", value.get("bytes")))
+            if value is not None:  # a part without its media refers to the record's images/videos field
+                refs = self.inline_images if media == "image" else self.inline_videos
+                refs.append(self.image_ref(value) if media == "image" else self.video_ref(value))
+            return [{"type": media}]
+        if kind in ("audio", "input_audio", "audio_url"):
+            raise self.bad("unsupported_media", f"{where}: an audio part; audio is not supported")
+        raise self.bad("bad_record", f"{where}: unsupported content part type {kind!r}")
 
-def _image_ref(item, root: str, bad) -> ImageRef:
-    if isinstance(item, (bytes, bytearray)):
-        return ImageRef(data=bytes(item))
-    if isinstance(item, dict):
-        data, path = item.get("bytes"), item.get("path")
-        if data:
-            return ImageRef(path=path, data=bytes(data))
-        if path:
-            return _image_ref(path, root, bad)
-        raise bad("bad_record", "an image entry has neither bytes nor path")
-    if isinstance(item, str):
+    # -- media ----------------------------------------------------------------------------------
+    def media(self, record: dict, keys: tuple[str, str], make) -> list:
+        value = next((record[k] for k in keys if k in record), None)
+        if value is None:
+            return []
+        return [make(item) for item in (value if isinstance(value, list) else [value])]
+
+    def image_ref(self, item) -> ImageRef:
+        if isinstance(item, (bytes, bytearray)):
+            return ImageRef(data=bytes(item))
+        if isinstance(item, dict):
+            data, path = item.get("bytes"), item.get("path")
+            if data:
+                return ImageRef(path=path, data=bytes(data))
+            if path:
+                return self.image_ref(path)
+            raise self.bad("bad_record", "an image entry has neither bytes nor path")
+        if isinstance(item, str):
+            if item.startswith("data:"):
+                return ImageRef(data=self._data_url(item))
+            return ImageRef(path=self._local_path(item, "image"))
+        raise self.bad("bad_record", f"an image entry of type {type(item).__name__} is not a path, bytes or "
+                                     "{bytes, path}")
+
+    def video_ref(self, item) -> VideoRef:
+        if isinstance(item, list) and item and all(isinstance(f, str) for f in item):
+            return VideoRef(frames=[self._local_path(f, "video frame") for f in item])
+        if isinstance(item, dict) and item.get("path"):
+            return VideoRef(path=self._local_path(item["path"], "video"))
+        if isinstance(item, str):
+            return VideoRef(path=self._local_path(item, "video"))
+        raise self.bad("bad_record", f"a video entry of type {type(item).__name__} is not a path or a list of "
+                                     "frame paths")
+
+    def _local_path(self, item: str, what: str) -> str:
         if item.startswith("file://"):
             item = item[len("file://"):]
-        if "://" in item:
-            raise bad("bad_record", f"image {item!r} is a URL; download it first (nothing is fetched at train time)")
-        return ImageRef(path=item if os.path.isabs(item) else os.path.join(root, item))
-    raise bad("bad_record", f"an image entry of type {type(item).__name__} is not a path, bytes or {{bytes, path}}")
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", item):
+            raise self.bad("bad_record", f"{what} {item[:80]!r} is a URL: {what}s must be local files (download "
+                                         "them beforehand; nothing is fetched at train time)")
+        return item if os.path.isabs(item) else os.path.join(self.root, item)
+
+    def _data_url(self, url: str) -> bytes:
+        """data:image/png;base64,... -> the image's bytes."""
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64") or not payload:
+            raise self.bad("bad_record", f"an embedded image {header[:40]!r}... is not a base64 data: URL")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise self.bad("bad_record", f"an embedded image ({header[:40]}, {len(payload)} characters) does not "
+                                         f"decode as base64: {err}") from err

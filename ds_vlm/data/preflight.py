@@ -22,6 +22,7 @@ class RecordCheck:
     n_tokens: int = 0
     n_image_tokens: int = 0
     n_targets: int = 0
+    ignored: tuple[str, ...] = ()  # keys of the record nothing read (they are reported, with a count)
 
 
 class BadDataError(RuntimeError):
@@ -45,7 +46,7 @@ class _CheckDataset(Dataset):
             return RecordCheck(index, err.kind, str(err))
         ids, labels = encoded["input_ids"][0], encoded["labels"][0]
         return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
-                           n_targets=int((labels[1:] != -100).sum()))
+                           n_targets=int((labels[1:] != -100).sum()), ignored=sample.ignored)
 
 
 def check_records(records: RecordIndex, encoder: Encoder, indices: Optional[list[int]] = None,
@@ -65,6 +66,9 @@ def summarize(checks: list[RecordCheck], show: int = 5) -> str:
     lines += [f"  {c.message}" for c in bad[:show]]
     if len(bad) > show:
         lines.append(f"  ... and {len(bad) - show} more")
+    ignored = Counter(key for c in checks for key in c.ignored)
+    lines += [f"ignored key `{key}` in {n} record{'s' * (n != 1)} (not read by any layout; check it is not data)"
+              for key, n in sorted(ignored.items())]
     return "\n".join(lines)
 
 
