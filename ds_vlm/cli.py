@@ -1,4 +1,9 @@
-"""Command-line front of the trainer: errors a user can fix print one clear line, not a traceback."""
+"""Command-line front of the trainer: errors a user can fix print one clear line, not a traceback.
+
+Exit statuses: 0 done; 2 an error the message explains (config, data, rendezvous, divergence);
+75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
+(a rank stopped responding: the watchdog names it); 1 anything else (a traceback).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,15 @@ from .data.formats import DataError
 def main(argv=None) -> int:
     from .data.preflight import BadDataError
     from .distributed import RendezvousError
+    from .faults import PREEMPTED_EXIT, Preempted
     from .train import TrainingDiverged, run
 
     try:
         config = load_config(argv)
         run(config)
+    except Preempted as err:
+        print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except (ConfigError, DataError, BadDataError, TrainingDiverged, RendezvousError, FileNotFoundError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -102,8 +102,9 @@ class TrainConfig:
     report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
     peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
     seed: int = _key(42, "data order and initialisation")
-    dist_timeout_s: int = _key(900, "a collective or rendezvous that waits this long fails the run instead of "
-                                    "hanging")
+    dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
+                                    "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
+                                    "rendezvous and every collective")
 
     @property
     def vision_blocks_to_train(self) -> Optional[int]:

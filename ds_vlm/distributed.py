@@ -36,6 +36,11 @@ def init_distributed(timeout_s: int) -> None:
         env = os.environ.get
         where = f"{env('MASTER_ADDR', '?')}:{env('MASTER_PORT', '?')}"
         joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
+        if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+            raise RendezvousError(
+                f"port {env('MASTER_PORT', '?')} on node 0 ({env('MASTER_ADDR', '?')}) is already in use: another job "
+                f"or a process left over from an earlier run holds it. Pick another --master_port (MASTER_PORT in the "
+                f"recipes), or find the holder with `ss -ltnp | grep {env('MASTER_PORT', '')}`.") from err
         if joined:
             what = (f"only {joined[1]} of {joined[2]} ranks joined the rendezvous at {where} within {timeout_s} s: "
                     f"a node did not join")

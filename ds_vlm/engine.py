@@ -250,9 +250,10 @@ class StepRunner:
     """
 
     def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None,
-                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None):
+                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None, phase=None):
         self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
         self.boundaries, self.sp = boundaries, sequence_parallel
+        self.phase = phase or (lambda name: None)  # tells the watchdog what the step is doing
         self.count_flops = count_flops or (lambda batch, n_label_rows: 0.0)
         self.device = engine.device
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -276,10 +277,12 @@ class StepRunner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm, skip_plain = None, False
         for i, ((batch, meta), rows) in enumerate(zip(micro_batches, label_rows)):
+            self.phase("forward")
             summed = self.forward(batch, meta, rows)
             if counting is not None:
                 counting.wait()
                 counting = None
+            self.phase("backward")
             self.engine.backward(summed * (self.world_size / count).float(), scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
@@ -287,6 +290,7 @@ class StepRunner:
                 if skip_plain:  # what ZeRO 1-3 do on an invalid norm: drop the grads, no update
                     for param in self.engine.module.parameters():
                         param.grad = None
+            self.phase("step")
             self.engine.step()
             loss_sum += summed.detach()
         applied = self.engine.was_step_applied() and not skip_plain

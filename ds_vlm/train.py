@@ -37,6 +37,7 @@ from .engine import (
     resolve_ds_config,
     set_trainable,
 )
+from .faults import Preempted, StopSignals, Watchdog, ignore_stop_signals
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
 from .parallel import SequenceParallel
@@ -65,6 +66,7 @@ def seed_everything(seed: int) -> None:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    ignore_stop_signals()
 
 
 def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
@@ -92,6 +94,8 @@ class Trainer:
         self.dp_rank, self.dp_size = (self.sp.dp_rank, self.sp.dp_size) if self.sp else (self.rank, self.world)
         seed_everything(self.config.seed)
         self.log = RunLog(self.config.output_dir, enabled=self.rank == 0)
+        self.stop = StopSignals(self.rank)
+        self.watchdog = Watchdog(self.rank, self.world, 0.9 * self.config.dist_timeout_s)
 
     def setup_model(self) -> None:
         config = self.config
@@ -169,7 +173,7 @@ class Trainer:
         boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder) if varlen else None
         self.runner = StepRunner(self.engine, self.world, torch.bfloat16 if self.bf16 else torch.float32,
                                  LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config),
-                                 boundaries, self.sp)
+                                 boundaries, self.sp, self.watchdog.phase)
         self.peak_tflops = device_peak_tflops(config.peak_tflops)
         self.checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit)
         self.reporter = Reporter(config.report_to if self.rank == 0 else "none", config.output_dir, config.to_dict())
@@ -214,15 +218,21 @@ class Trainer:
         lr = self.config.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others scale alike
         step = progress.step + 1
         logged = step % self.config.logging_steps == 0 or step == self.total_steps
-        pending = self.runner.start([next(loader) for _ in range(self.config.grad_accum)], with_stats=logged)
+        self.stop.vote()
+        self.watchdog.phase("data", step)
+        micro = [next(loader) for _ in range(self.config.grad_accum)]
+        pending = self.runner.start(micro, with_stats=logged)
         now = time.perf_counter()
         elapsed, progress.clock = now - progress.clock, now
+        self.watchdog.phase("log")
         self.log_step()
         progress.step = step
         progress.bad_in_a_row = 0 if pending.applied else progress.bad_in_a_row + 1
         progress.skipped += not pending.applied
         if logged:
             progress.unlogged = (step, pending, elapsed, lr)
+        if self.stop.agreed():
+            self.preempt()
         if progress.bad_in_a_row >= self.config.max_bad_steps:
             self.log_step()
             raise TrainingDiverged(
@@ -247,7 +257,18 @@ class Trainer:
         self.log.step(record)
         self.reporter.log(step, record)
 
+    def preempt(self) -> None:
+        """Every rank: the step is done; log it, checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
+        self.log_step()
+        saved = self.save()
+        step = self.progress.step
+        self.log.event({"event": "preempted", "step": step, "checkpoint_saved": saved})
+        self.log.close()
+        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.root}/step_{step:08d} "
+                        "written; run the same command to resume" if saved else "the checkpoint FAILED"))
+
     def save(self) -> bool:
+        self.watchdog.phase("checkpoint")
         step = self.progress.step
         ok, error = self.checkpointer.save(self.engine, step, self.run_meta, self.processor)
         path = str(self.checkpointer.root / f"step_{step:08d}")
@@ -259,6 +280,7 @@ class Trainer:
         return ok
 
     def evaluate(self) -> dict:
+        self.watchdog.phase("eval")
         step = self.progress.step
         result = self.eval_loss()
         result.update(self.eval_answers())
@@ -307,12 +329,14 @@ class Trainer:
             result.update(self.evaluate())
         saved = self.save()
         if config.export_hf:
+            self.watchdog.phase("export")
             ckpt.export_hf(self.engine, self.processor, os.path.join(config.output_dir, "hf"))
             self.log.info(f"exported {os.path.join(config.output_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
         if self.rank == 0:
             plot_curves(os.path.join(config.output_dir, "metrics.jsonl"), os.path.join(config.output_dir, "curves.png"))
+        self.watchdog.phase(None)
         if not saved:
             raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see metrics.jsonl")
         return result

@@ -1,12 +1,16 @@
 # Sourced by the launch/run_*.sh recipes (not run by itself).
 
 # run_launcher group|pid CMD...
-#   Run the DeepSpeed launcher CMD in its own process group and pass SIGINT, SIGTERM and SIGHUP on to
-#   it, so that stopping this script (Ctrl-C, `kill PID`, scancel, a pod being deleted) stops every
+#   Run the DeepSpeed launcher CMD in its own process group and pass SIGINT, SIGTERM, SIGUSR1 and SIGHUP on
+#   to it, so that stopping this script (Ctrl-C, `kill PID`, scancel, a pod being deleted) stops every
 #   process of the run. `group` signals the launcher's whole group (its launch.py and every rank):
 #   DeepSpeed's runner forwards nothing by itself in single-node and --no_ssh mode, so a signal to
 #   its pid alone would leave launch.py and the ranks running. `pid` signals the runner only (the
 #   ssh/pdsh path, where the runner's own handler stops the remote ranks).
+#   SIGTERM, SIGUSR1 and SIGHUP are preemption for the trainer: each rank finishes its step, writes a
+#   checkpoint and exits 75. DeepSpeed's launcher itself dies at once on them, so with `group` this waits
+#   for every process of the group (the ranks still saving) and then returns 75, which a job script can
+#   requeue on.
 #   DRY_RUN=1 prints CMD (shell-quoted, one line) instead of running it.
 run_launcher() {
   local target=$1
@@ -17,6 +21,7 @@ run_launcher() {
     return 0
   fi
   local pid rc=0
+  RUN_PREEMPTED=0
   set -m                                   # job control on: the launcher gets its own process group
   "$@" </dev/null &
   pid=$!
@@ -24,12 +29,17 @@ run_launcher() {
   local dest=$pid
   [[ $target == group ]] && dest=-$pid
   trap 'kill -INT -- '"$dest"' 2>/dev/null' INT
-  trap 'kill -TERM -- '"$dest"' 2>/dev/null' TERM HUP
+  trap 'RUN_PREEMPTED=1; kill -TERM -- '"$dest"' 2>/dev/null' TERM HUP
+  trap 'RUN_PREEMPTED=1; kill -USR1 -- '"$dest"' 2>/dev/null' USR1
   while :; do
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break    # still alive: wait was cut short by a signal we passed on
   done
-  trap - INT TERM HUP
+  if [[ $target == group ]]; then
+    while kill -0 -- "-$pid" 2>/dev/null; do sleep 1; done   # ranks still finishing their step and checkpoint
+  fi
+  trap - INT TERM HUP USR1
+  (( RUN_PREEMPTED )) && rc=75
   return "$rc"
 }
 

@@ -97,6 +97,37 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
 
 
+def test_preemption_checkpoints_the_finished_step_and_resumes_exactly(reference, demo_dir, tmp_path):
+    """SIGTERM to the launcher's whole process group mid-run (what SLURM and Kubernetes do): every rank finishes
+    its step, a checkpoint of the last finished step is written, a `preempted` event logged, the ranks exit 75;
+    the resumed run's later losses equal the uninterrupted run's."""
+    ref_out, ds = reference["zero2"]
+    out = tmp_path / "run"
+    args = _args(demo_dir, out, ds, *PACKING["zero2"], "--export_hf", "false")
+    proc = subprocess.Popen(train_command(args), cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").exists() and read_metrics(out)) and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=180)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (preempted,) = [e for e in events if e.get("event") == "preempted"]
+    stop = preempted["step"]
+    assert preempted["checkpoint_saved"] and 1 <= stop < STEPS, text[-3000:]
+    assert max(_losses(out)) == stop  # no finished step's work is lost: the checkpoint holds the last one
+    assert ckpt.find_checkpoint(str(out)).name == f"step_{stop:08d}"
+    assert f"ds-vlm: preempted after step {stop}: checkpoint" in text and "resume (exit 75)" in text
+    proc = run_train(args)
+    _ok(proc)
+    assert f"at step {stop}" in proc.stderr
+    expected, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(stop + 1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
 def _output_dir_holding(ref_out: Path, step: int, out: Path) -> Path:
     """A fresh output dir whose only (and latest) checkpoint is the reference run's at `step`."""
     tag = f"step_{step:08d}"

@@ -53,8 +53,10 @@ def check_records(records: RecordIndex, encoder: Encoder, indices: Optional[list
                   num_workers: int = 0) -> list[RecordCheck]:
     """One RecordCheck per record, in index order; decoding and encoding run in workers."""
     indices = list(range(len(records))) if indices is None else indices
+    from ..faults import ignore_stop_signals
+
     loader = DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
-                        collate_fn=lambda x: x)
+                        collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
     return list(loader)
 
 
