@@ -114,9 +114,10 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves and finds checkpoints of one run; every method is called on all ranks."""
 
-    def __init__(self, output_dir: str, keep: int = 0):
+    def __init__(self, output_dir: str, keep: int = 0, trained_only: bool = False):
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
+        self.trained_only = trained_only  # LoRA: the frozen base weights come from --model, not the checkpoint
         self.rank = dist.get_rank()
 
     def save(self, engine, step: int, meta: dict, processor) -> tuple[bool, str]:
@@ -130,7 +131,7 @@ class Checkpointer:
         error = ""
         try:
             engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"ds_vlm_step": step},
-                                   save_latest=False)
+                                   save_latest=False, exclude_frozen_parameters=self.trained_only)
             torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         except Exception as err:  # disk full, quota, I/O errors: report, keep earlier checkpoints
             error = f"rank {self.rank}: {type(err).__name__}: {err}"
@@ -245,11 +246,11 @@ def ensure_universal(checkpoint: Path) -> Path:
     return target
 
 
-def load(engine, checkpoint: Path, universal: bool) -> None:
+def load(engine, checkpoint: Path, universal: bool, trained_only: bool = False) -> None:
     """Engine, optimizer and LR schedule from `checkpoint`; this rank's RNG states if it saved them."""
     source = universal_dir(checkpoint) if universal else checkpoint
     path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+                                     load_lr_scheduler_states=True, load_module_strict=not trained_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
     rng_file = checkpoint / f"rng_rank{dist.get_rank():05d}.pt"
@@ -287,9 +288,47 @@ def save_hf(model, state: dict, processor, out_dir: str, max_shard_size: str = "
     os.replace(staging, out_dir)
 
 
-def export_hf(engine, processor, out_dir: str) -> None:
-    """All ranks: consolidated weights of the live engine -> out_dir on rank 0."""
+def plain_model(config, state: dict, generation_config=None):
+    """A model of `config` whose parameters are `state`'s tensors (no copy), built on the meta device. While
+    a ZeRO-3 run's HfDeepSpeedConfig is alive, transformers would build it partitioned (zero.Init: collectives
+    only rank 0 would join), so that config is set aside meanwhile."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    dtype = next(iter(state.values())).dtype
+    live, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model
+
+
+def save_lora_exports(state: dict, lora, config, generation_config, processor, out_dir: str, adapter_dir: str):
+    """LoRA: out_dir gets the weights with the adapters merged (plain `from_pretrained`), adapter_dir peft's
+    adapter folder. `state` is the peft model's full state dict."""
+    from .lora import merged_state_dict, save_adapter
+
+    merged = merged_state_dict(state, lora)
+    save_hf(plain_model(config, merged, generation_config), merged, processor, out_dir)
+    save_adapter(state, lora, adapter_dir)
+
+
+def export_hf(engine, processor, out_dir: str, lora=None) -> None:
+    """All ranks: consolidated weights of the live engine -> out_dir on rank 0 (with LoRA: merged, and peft's
+    adapter folder beside it, `adapter/`)."""
     state = gathered_state_dict(engine)
     if dist.get_rank() == 0:
-        save_hf(engine.module, state, processor, out_dir)
+        if lora is None:
+            save_hf(engine.module, state, processor, out_dir)
+        else:
+            save_lora_exports(state, lora, engine.module.config, engine.module.generation_config, processor, out_dir,
+                              str(Path(out_dir).parent / "adapter"))
     dist.barrier()

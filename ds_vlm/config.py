@@ -80,6 +80,14 @@ class TrainConfig:
     train_vision: str = _key("none", "none, all, or last:N vision blocks (the last N whose output is used)")
     train_projector: bool = _key(True, "train the merger / multi-modal projector")
     train_llm: bool = _key(True, "train the language tower and LM head")
+    lora_rank: int = _key(0, "LoRA rank R on the linear layers --lora_targets names in the parts that train; 0: "
+                             "off (full fine-tuning)")
+    lora_alpha: float = _key(16.0, "LoRA scaling: the update is B A x alpha / R")
+    lora_dropout: float = _key(0.05, "dropout on the LoRA input")
+    lora_targets: str = _key("default", "default (the language tower's attention and MLP projections), all-linear "
+                                        "(every linear layer of a trained part but the LM head), or comma-separated "
+                                        "module names / regular expressions on full names")
+    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the frozen weights in 4 bits (bitsandbytes, a GPU, not ZeRO-3)")
     gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
     vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
     # data handling
@@ -122,7 +130,7 @@ class TrainConfig:
 
         for name, choices in choice_fields().items():
             need(getattr(self, name) in choices,
-                 f"--{name} {getattr(self, name)!r}: must be one of {', '.join(choices)}")
+                 f"--{name} {getattr(self, name)!r}: must be one of {', '.join(map(str, choices))}")
         need(bool(self.model), "--model is required (a local folder or hub id)")
         need(bool(self.train_data), "--train_data is required")
         need(not for_training or Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such file")
@@ -143,6 +151,9 @@ class TrainConfig:
         need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         need(self.logging_steps >= 1, "--logging_steps must be >= 1")
         need(self.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
+        need(self.lora_rank >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+             "--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1)")
+        need(not self.lora_bits or self.lora_rank, "--lora_bits 4 needs --lora_rank > 0 (QLoRA trains LoRA adapters)")
         return self
 
     def to_dict(self) -> dict:
@@ -178,7 +189,7 @@ def _converter(kind):
     if kind is bool:
         return _str2bool
     if typing.get_origin(kind) is Literal:
-        return str
+        return type(typing.get_args(kind)[0])  # the values' type (str, or int for --lora_bits)
     return kind
 
 
@@ -205,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
             parser.add_argument(f"--{f.name}", type=_converter(kind), default=argparse.SUPPRESS,
-                                metavar="|".join(choices) if choices else None, help=help_text)
+                                metavar="|".join(map(str, choices)) if choices else None, help=help_text)
     for alias, (target, _) in ALIASES.items():
         parser.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"old name: sets --{target}")
     return parser
@@ -265,7 +276,7 @@ def flag_table() -> str:
     rows = ["| flag / key | default | values | meaning |", "|---|---|---|---|"]
     for f in fields(TrainConfig):
         kind = types[f.name]
-        values = (", ".join(typing.get_args(kind)) if typing.get_origin(kind) is Literal
+        values = (", ".join(map(str, typing.get_args(kind))) if typing.get_origin(kind) is Literal
                   else getattr(kind, "__name__", str(kind)))
         default = f"`{f.default}`" if f.default != "" else ""
         rows.append(f"| `{f.name}` | {default} | {values} | {f.metadata.get('help', '')} |")

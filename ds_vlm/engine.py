@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .attention import SampleBoundaries, resolve_attention
+from .attention import resolve_attention
 from .config import ConfigError, TrainConfig
-from .loss import LabelLoss, LabelRows
-from .metrics import peak_memory_gb
 from .models import Adapter, adapter_for
 
 # --------------------------------------------------------------------------- ds config
@@ -111,12 +107,34 @@ def load_model(config: TrainConfig, ds_config: dict, sequence_parallel=None) -> 
     attention = resolve_attention(config.attn_implementation, config.packing)
     if sequence_parallel is not None:
         attention = sequence_parallel.attn_implementation(attention, model_config)
+    quantization = quantization_config(config, adapter, dtype, hf_ds_config is not None)
     with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention)
+            config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention,
+            **({"quantization_config": quantization} if quantization else {}))
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
+
+
+def quantization_config(config: TrainConfig, adapter: Adapter, dtype, zero3: bool):
+    """--lora_bits 4 (QLoRA): the language tower's frozen linear weights in 4-bit NF4 through bitsandbytes; the
+    vision tower, projector and LM head stay in `dtype`. Refused where it cannot run."""
+    if not config.lora_bits:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--lora_bits 4 needs the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise ConfigError("--lora_bits 4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); use --lora_bits 0 here")
+    if zero3:
+        raise ConfigError("--lora_bits 4 does not work with ZeRO-3 (4-bit weights cannot be partitioned); use "
+                          "ds_configs/zero2.json, or --lora_bits 0")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(adapter.keep_full_precision))
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
@@ -138,6 +156,12 @@ def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig)
             raise ConfigError(f"asked to train the last {blocks} vision blocks; the model has {len(parts.vision_blocks)}")
         for block in list(parts.vision_blocks)[-blocks:]:
             block.requires_grad_(True)
+    return part_parameters(model, adapter)
+
+
+def part_parameters(model: torch.nn.Module, adapter: Adapter) -> dict[str, list]:
+    """{part: [(name, param)]} for every parameter of the model (LoRA's included, once applied)."""
+    parts = adapter.parts(model)
     owner = {}
     for part, modules in (("vision", parts.vision), ("projector", parts.projector), ("llm", parts.llm)):
         for module in modules:
@@ -229,149 +253,3 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-# --------------------------------------------------------------------------- step
-
-
-class StepRunner:
-    """One optimizer step over this rank's micro-batches, with the token-level mean loss over the global batch.
-
-    DeepSpeed averages gradients over ranks; we skip its 1/grad_accum scaling and scale each micro-batch's
-    summed loss by world_size / (label tokens in the global batch), so the update is d(sum of all token
-    losses)/dθ divided by the global token count, whatever the split into ranks and accumulation steps.
-
-    Nothing in a step waits for the device. The step's label tokens are counted on the host from the
-    collated labels; their global sum is all-reduced from a device tensor started before the first forward
-    and waited for just before the first backward (a stream wait on GPUs). Loss sums stay on the device and
-    are all-reduced with the step's other numbers after the optimizer step; the returned `PendingStats`
-    reads them (one host sync) only when the step is logged. (ZeRO-0 in fp32 is the exception: DeepSpeed
-    keeps no grad norm there, so it is measured on the host to skip non-finite steps.)
-    """
-
-    def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None,
-                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None, phase=None):
-        self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
-        self.boundaries, self.sp = boundaries, sequence_parallel
-        self.phase = phase or (lambda name: None)  # tells the watchdog what the step is doing
-        self.count_flops = count_flops or (lambda batch, n_label_rows: 0.0)
-        self.device = engine.device
-        self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
-
-    def _grad_norm(self) -> float:
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-    def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
-        """One optimizer step; waits for its logged sums."""
-        return self.start(micro_batches).result()
-
-    def start(self, micro_batches: list[tuple[dict, dict]], with_stats: bool = True) -> "PendingStats":
-        """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later, from
-        `PendingStats.result()`, and only `with_stats` (a step that is not logged all-reduces nothing more)."""
-        all_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
-        label_rows = [self.local_rows(rows, batch) for rows, (batch, _) in zip(all_rows, micro_batches)]
-        n_local = sum(len(rows) for rows in label_rows)
-        count = torch.full((), float(n_local), dtype=torch.float64, device=self.device)
-        counting = _all_reduce(count)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad_norm, skip_plain = None, False
-        for i, ((batch, meta), rows) in enumerate(zip(micro_batches, label_rows)):
-            self.phase("forward")
-            summed = self.forward(batch, meta, rows)
-            if counting is not None:
-                counting.wait()
-                counting = None
-            self.phase("backward")
-            self.engine.backward(summed * (self.world_size / count).float(), scale_wrt_gas=False)
-            if i == len(micro_batches) - 1 and self._plain_fp32:
-                grad_norm = self._grad_norm()
-                skip_plain = not math.isfinite(grad_norm)
-                if skip_plain:  # what ZeRO 1-3 do on an invalid norm: drop the grads, no update
-                    for param in self.engine.module.parameters():
-                        param.grad = None
-            self.phase("step")
-            self.engine.step()
-            loss_sum += summed.detach()
-        applied = self.engine.was_step_applied() and not skip_plain
-        if not with_stats:
-            return PendingStats(None, None, None, applied)
-        # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs
-        share = 1 / self.sp.size if self.sp else 1
-        host = [n_local] + [share * sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
-        host.append(share * sum(self.count_flops(batch, len(rows)) for (batch, _), rows in zip(micro_batches, all_rows)))
-        memory = [0.0] * self.world_size  # every rank fills its own slot
-        memory[dist.get_rank() if dist.is_initialized() else 0] = peak_memory_gb()
-        totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
-        return PendingStats(totals, _all_reduce(totals), grad_norm if grad_norm is not None else
-                            self.engine.get_global_grad_norm(), applied)
-
-    def local_rows(self, rows: LabelRows, batch: dict) -> LabelRows:
-        """This rank's label rows: all of them, or under sequence parallelism those of its slice."""
-        return rows if self.sp is None else self.sp.local_rows(rows, batch["input_ids"].shape[1])
-
-    def forward(self, batch: dict, meta: dict, rows: LabelRows) -> torch.Tensor:
-        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism); a packed
-        one's sample boundaries go to the language model."""
-        cu_seq_lens = batch.pop("cu_seq_lens", None)
-        with contextlib.ExitStack() as stack:
-            if cu_seq_lens is not None and self.boundaries is not None:
-                stack.enter_context(self.boundaries.armed(cu_seq_lens.to(self.device, non_blocking=True),
-                                                          meta["max_length"]))
-            if self.sp is not None:
-                stack.enter_context(self.sp.armed())
-            return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
-
-    def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (from pinned memory, without waiting); floating ones (pixels) in the model's
-        dtype."""
-        return {k: v.to(self.device, self.dtype, non_blocking=True) if v.is_floating_point()
-                else v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    @torch.no_grad()
-    def eval_loss(self, micro_batches) -> dict:
-        """Token-level mean loss over every rank's micro-batches, no update."""
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch, meta in micro_batches:
-            rows = self.local_rows(LabelRows.from_labels(batch.pop("labels")), batch)
-            totals[0] += self.forward(batch, meta, rows)
-            totals[1] += len(rows)
-        work = _all_reduce(totals)
-        if work is not None:
-            work.wait()
-        loss_sum, n_targets = totals.tolist()
-        return {"eval_loss": loss_sum / max(1, n_targets), "eval_targets": int(n_targets)}
-
-
-@dataclass
-class PendingStats:
-    """A step's numbers, all-reduced in the background; `result()` waits and reads them (one host sync)."""
-
-    totals: Optional[torch.Tensor]  # loss sum, label tokens, tokens, samples, computed, flops, peak GB per rank
-    work: Any
-    grad_norm: Any                  # a float or a device tensor (DeepSpeed's), read in result()
-    applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
-
-    def result(self) -> dict:
-        if self.work is not None:
-            self.work.wait()
-        loss_sum, n_targets, n_tokens, n_samples, n_computed, flops, *memory = self.totals.tolist()
-        loss = loss_sum / n_targets
-        norm = float(self.grad_norm) if self.grad_norm is not None else None
-        return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
-                "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
-                "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
-                "skipped": not (self.applied and math.isfinite(loss))}
-
-
-def _all_reduce(tensor: torch.Tensor):
-    """Start a sum over ranks in place; returns the work handle (None outside a process group)."""
-    return dist.all_reduce(tensor, async_op=True) if dist.is_initialized() else None
-
-
-def _on_device(values: list[float], device) -> torch.Tensor:
-    """Host numbers as a float64 device tensor, copied without blocking the host (pinned on GPUs)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)

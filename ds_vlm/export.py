@@ -1,11 +1,13 @@
 """Export a Hugging Face folder from a saved checkpoint, offline, on CPU.
 
-    python -m ds_vlm.export CHECKPOINT_DIR OUT_DIR [--dtype bf16|fp32] [--max_shard_size 5GB]
+    python -m ds_vlm.export CHECKPOINT_DIR OUT_DIR [--dtype bf16|fp32] [--max_shard_size 5GB] [--adapter_dir D]
 
 CHECKPOINT_DIR is a checkpoint (OUTPUT_DIR/checkpoints/step_N), a checkpoints/ folder or an
 output dir (its newest complete checkpoint is used). The fp32 master weights of every ZeRO
 stage are consolidated from the rank files (frozen parameters included) and written as
-safetensors with the config, generation config and processor files saved in the checkpoint.
+safetensors with the config, generation config and processor files saved in the checkpoint. A LoRA
+checkpoint holds only what trained: the base weights are read from the run's --model, the adapters
+merged into OUT_DIR, and peft's adapter folder written to --adapter_dir (default OUT_DIR-adapter).
 Checkpoint files are read with torch.load(weights_only=True) and an allow-list of the few
 DeepSpeed types they hold: nothing in them can run code.
 """
@@ -20,7 +22,15 @@ from unittest import mock
 
 import torch
 
-from .checkpoint import HF_CONFIG, find_checkpoint, read_meta, save_hf
+from .checkpoint import (
+    HF_CONFIG,
+    find_checkpoint,
+    plain_model,
+    read_meta,
+    save_hf,
+    save_lora_exports,
+)
+from .lora import from_description
 
 
 @contextlib.contextmanager
@@ -55,33 +65,47 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
-def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
-    from transformers import (
-        AutoConfig,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        GenerationConfig,
-    )
+def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+           adapter_dir: str = "") -> Path:
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
     checkpoint = find_checkpoint(checkpoint_dir)
     if checkpoint is None:
         raise SystemExit(f"ds-vlm export: no complete checkpoint in {checkpoint_dir}")
-    state = consolidated_state_dict(checkpoint)
+    meta = read_meta(checkpoint)
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    state = {k: v.to(torch_dtype) for k, v in consolidated_state_dict(checkpoint).items()}
     hf_config = checkpoint / HF_CONFIG
     config = AutoConfig.from_pretrained(hf_config)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise SystemExit(f"ds-vlm export: the checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    if (hf_config / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(hf_config)
+    generation = (GenerationConfig.from_pretrained(hf_config) if (hf_config / "generation_config.json").is_file()
+                  else None)
     processor = AutoProcessor.from_pretrained(hf_config)
+    if meta.get("lora"):  # the checkpoint holds what trained; the frozen base weights are the run's --model
+        lora = from_description(meta["lora"])
+        full = {**base_weights_for(meta["config"]["model"], lora, torch_dtype), **state}
+        save_lora_exports(full, lora, config, generation, processor, str(out_dir),
+                          adapter_dir or str(out_dir).rstrip("/") + "-adapter")
+        return checkpoint
+    try:
+        model = plain_model(config, state, generation)
+    except ValueError as err:
+        raise SystemExit(f"ds-vlm export: the checkpoint {err}") from err
     save_hf(model, state, processor, str(out_dir), max_shard_size=max_shard_size)
     return checkpoint
+
+
+def base_weights_for(model_path: str, lora, dtype) -> dict[str, torch.Tensor]:
+    """The base model's weights under the names the LoRA-wrapped model gives them."""
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    targets = set(lora.target_modules)
+    out = {}
+    for key, value in base.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        inner = f"{module}.base_layer.{leaf}" if module in targets else key
+        out[f"base_model.model.{inner}"] = value
+    return out
 
 
 def main(argv=None) -> int:
@@ -90,8 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--max_shard_size", default="5GB", help="safetensors files are split above this size")
+    parser.add_argument("--adapter_dir", default="", help="LoRA runs: where peft's adapter folder goes "
+                                                           "(default: OUT_DIR-adapter)")
     args = parser.parse_args(argv)
-    checkpoint = export(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size)
+    checkpoint = export(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_dir)
     print(f"exported {checkpoint} -> {args.out_dir} ({args.dtype})")
     return 0
 

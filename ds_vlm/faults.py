@@ -15,6 +15,7 @@ HUNG_EXIT (3); the launcher then stops the rest and exits non-zero.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -117,7 +118,8 @@ class Watchdog:
             lines.append(f"  rank {self.rank}'s data loader returned no batch: its data source stalls (a hung file "
                          "system or a slow remote mount?)")
         lines += self._others()
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        print("\n".join(lines) + f"\n  where rank {self.rank}'s threads are:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(HUNG_EXIT)
 
     def _others(self) -> list[str]:

@@ -28,19 +28,21 @@ from .data.preflight import preflight, summarize, usable
 from .data.sources import RecordIndex
 from .distributed import init_distributed, release_shm_buffer, setup_threads
 from .engine import (
-    StepRunner,
     enable_checkpointing,
     load_model,
     lr_lambda,
     optimizer_groups,
     param_groups,
+    part_parameters,
     resolve_ds_config,
     set_trainable,
 )
 from .faults import Preempted, StopSignals, Watchdog, ignore_stop_signals
+from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
 from .parallel import SequenceParallel
+from .step import StepRunner
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,10 +74,12 @@ def _worker_init(_):
 def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
     from torch.utils.data import DataLoader
 
+    # its own generator: creating the iterator draws a seed, which from the global RNG would shift every later
+    # random draw (LoRA dropout) of a resumed run against the uninterrupted one
     return DataLoader(dataset, batch_sampler=list(plan.iterate(rank, start, steps)), collate_fn=collator,
                       num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(start))
 
 
 class Trainer:
@@ -108,6 +112,10 @@ class Trainer:
             raise ConfigError(str(err)) from err
         self.loaded, self.model, self.processor, self.adapter = loaded, loaded.model, loaded.processor, loaded.adapter
         self.groups = set_trainable(self.model, self.adapter, config)
+        self.trained, self.lora = self.model, None  # what DeepSpeed trains: the model, or its peft wrapper
+        if config.lora_rank:
+            self.trained, self.lora = apply_lora(self.model, self.adapter, config)
+            self.groups = part_parameters(self.model, self.adapter)
         enable_checkpointing(self.model, self.adapter, config)
         if self.sp is not None:
             self.sp.install(self.adapter.parts(self.model).llm_decoder, self.adapter)
@@ -152,7 +160,7 @@ class Trainer:
                                  multiple_of=config.sequence_parallel)
         self.run_meta = {"world_size": self.world, "data_parallel_size": self.dp_size,
                          "sequence_parallel": config.sequence_parallel, "zero_stage": self.zero_stage,
-                         "global_batch": self.plan.global_batch,
+                         "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
                          "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
                          "config": config.to_dict()}
 
@@ -167,7 +175,7 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.warmup_ratio, config.min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=param_groups(self.groups, config), config=self.ds_config,
+            model=self.trained, model_parameters=param_groups(self.groups, config), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
         varlen = self.model.config.get_text_config()._attn_implementation in (VARLEN, "flash_attention_2")
         boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder) if varlen else None
@@ -175,12 +183,12 @@ class Trainer:
                                  LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config),
                                  boundaries, self.sp, self.watchdog.phase)
         self.peak_tflops = device_peak_tflops(config.peak_tflops)
-        self.checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit)
+        self.checkpointer = ckpt.Checkpointer(config.output_dir, config.save_total_limit, trained_only=bool(self.lora))
         self.reporter = Reporter(config.report_to if self.rank == 0 else "none", config.output_dir, config.to_dict())
 
     def resume(self) -> None:
         if self.resume_from is not None:
-            ckpt.load(self.engine, self.resume_from, self.universal)
+            ckpt.load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
             self.progress.step = ckpt.read_meta(self.resume_from)["step"]
             self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
                           + (" (universal format)" if self.universal else ""))
@@ -330,7 +338,7 @@ class Trainer:
         saved = self.save()
         if config.export_hf:
             self.watchdog.phase("export")
-            ckpt.export_hf(self.engine, self.processor, os.path.join(config.output_dir, "hf"))
+            ckpt.export_hf(self.engine, self.processor, os.path.join(config.output_dir, "hf"), self.lora)
             self.log.info(f"exported {os.path.join(config.output_dir, 'hf')}")
         self.log.close()
         self.reporter.close()

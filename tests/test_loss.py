@@ -179,7 +179,7 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
     numbers afterwards (when it is logged) is one .tolist()."""
     import torch.distributed as dist
 
-    from ds_vlm.engine import StepRunner
+    from ds_vlm.step import StepRunner
 
     calls = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):

@@ -130,7 +130,6 @@ def main(argv=None) -> int:
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.distributed import init_distributed, setup_threads
     from ds_vlm.engine import (
-        StepRunner,
         enable_checkpointing,
         param_groups,
         resolve_ds_config,
@@ -138,6 +137,7 @@ def main(argv=None) -> int:
     )
     from ds_vlm.loss import LabelLoss, check_loss_available
     from ds_vlm.metrics import FlopsCounter, device_peak_tflops
+    from ds_vlm.step import StepRunner
 
     _single_rank_env()
     setup_threads()

@@ -11,6 +11,7 @@ from .base import Adapter
 class QwenVLAdapter(Adapter):
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     video_text = "<|vision_start|><|video_pad|><|vision_end|>"
+    keep_full_precision = ("visual", "lm_head")
 
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         out = dict(encoded)
