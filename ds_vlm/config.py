@@ -58,6 +58,9 @@ class TrainConfig:
                                 "each sample (varlen kernel on GPUs, block-diagonal mask elsewhere)")
     min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
     max_pixels: int = _key(0, "largest image area after resizing (0: the processor's)")
+    video_fps: float = _key(2.0, "frames sampled per second of video")
+    video_max_frames: int = _key(32, "at most this many frames per video (spread over it when longer)")
+    video_max_pixels: int = _key(0, "largest frame area after resizing (0: the video processor's)")
     # optimizer and schedule
     lr: float = _key(2e-5, "peak learning rate")
     warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
@@ -143,6 +146,8 @@ class TrainConfig:
         need(self.max_tokens_per_batch == 0 or self.max_tokens_per_batch >= self.max_length,
              "--max_tokens_per_batch must be 0 (off) or >= --max_length, so every sample fits in a micro-batch")
         need(self.min_pixels >= 0 and self.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
+        need(self.video_fps > 0 and self.video_max_frames >= 2 and self.video_max_pixels >= 0,
+             "--video_fps must be > 0, --video_max_frames >= 2, --video_max_pixels >= 0")
         need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
              f"--train_vision {self.train_vision!r}: use none, all or last:N")
         need(self.num_workers >= 0, "--num_workers must be >= 0")

@@ -5,7 +5,8 @@
 writes DIR/model/ (config, random safetensors weights, tokenizer, chat template,
 image (and video) processor) and DIR/data/ (train/test splits of coloured shapes in the
 layout of the Pokemon captions data, as JSONL with image files and as parquet with
-the images embedded). Nothing is downloaded.
+the images embedded; with --videos N, also clips of a shape sliding left or right).
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 PROMPT = "<image>What is in this picture?"
+VIDEO_PROMPT = "<video>Where does it move?"
+DIRECTIONS = ("left", "right")
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -64,15 +67,19 @@ def caption(color: str, shape: str) -> str:
     return f"A {color} {shape}."
 
 
-def draw_shape(color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE):
+def video_caption(color: str, shape: str, direction: str) -> str:
+    return f"A {color} {shape} moving {direction}."
+
+
+def draw_shape(color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE, background=None,
+               extent: int = 0, at: tuple[int, int] | None = None):
     from PIL import Image, ImageDraw
 
-    background = tuple(rng.randint(200, 255) for _ in range(3))
+    background = background or tuple(rng.randint(200, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
-    extent = rng.randint(size * 3 // 8, size * 3 // 4)
-    x0 = rng.randint(0, size - extent)
-    y0 = rng.randint(0, size - extent)
+    extent = extent or rng.randint(size * 3 // 8, size * 3 // 4)
+    x0, y0 = at or (rng.randint(0, size - extent), rng.randint(0, size - extent))
     box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
     fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLORS[color])
     if shape == "circle":
@@ -123,7 +130,9 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
     from transformers import GenerationConfig
 
     adapter = adapter_by_family(family)
-    words = [caption(c, s) for c in COLORS for s in SHAPES] + [PROMPT.replace("<image>", "")]
+    words = ([caption(c, s) for c in COLORS for s in SHAPES] + [PROMPT.replace("<image>", "")]
+             + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+             + [VIDEO_PROMPT.replace("<video>", "")])
     extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
     tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
@@ -170,6 +179,43 @@ def build_data_dir(out: Path, n_train: int = 2000, n_test: int = 100, seed: int 
     return out
 
 
+def write_video(path: Path, color: str, shape: str, direction: str, rng: random.Random, frames: int = 8,
+                fps: int = 4, size: int = IMAGE_SIZE) -> None:
+    """An MPEG-4 clip (PyAV) of a shape sliding left or right across the frame."""
+    import av
+
+    background = tuple(rng.randint(200, 255) for _ in range(3))
+    extent = size * 3 // 8
+    y0 = rng.randint(0, size - extent)
+    xs = [round(i * (size - extent) / (frames - 1)) for i in range(frames)]
+    if direction == "left":
+        xs.reverse()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for x in xs:
+            img = draw_shape(color, shape, rng, size, background, extent, (x, y0))
+            container.mux(stream.encode(av.VideoFrame.from_image(img)))
+        container.mux(stream.encode())
+
+
+def build_video_data(out: Path, n_train: int = 200, n_test: int = 20, seed: int = 0) -> Path:
+    """Write video_train/video_test JSONL splits (ShareGPT layout with a `videos` column) and their clips."""
+    rng = random.Random(seed + 1)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_train), ("test", n_test)):
+        with open(out / f"video_{split}.jsonl", "w") as f:
+            for i in range(count):
+                color, shape, direction = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
+                rel = f"videos/{split}_{i:05d}.mp4"
+                write_video(out / rel, color, shape, direction, rng)
+                f.write(json.dumps({"conversations": [
+                    {"from": "human", "value": VIDEO_PROMPT},
+                    {"from": "gpt", "value": video_caption(color, shape, direction)}], "videos": [rel]}) + "\n")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write model/ and data/ into")
@@ -177,11 +223,16 @@ def main(argv=None):
     parser.add_argument("--test_size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", default="qwen3_vl", choices=FAMILIES, help="model family of the tiny model")
+    parser.add_argument("--videos", type=int, default=0, metavar="N",
+                        help="also write N training clips (and N/10 test clips) as data/video_{train,test}.jsonl")
     args = parser.parse_args(argv)
     out = Path(args.out)
     build_model_dir(out / "model", seed=args.seed, family=args.family)
     build_data_dir(out / "data", args.train_size, args.test_size, seed=args.seed)
-    print(f"demo model: {out / 'model'}\ndemo data:  {out / 'data'} (train.jsonl, test.jsonl, *.parquet)")
+    if args.videos:
+        build_video_data(out / "data", args.videos, max(1, args.videos // 10), seed=args.seed)
+    print(f"demo model: {out / 'model'}\ndemo data:  {out / 'data'} (train.jsonl, test.jsonl, *.parquet"
+          + (", video_train.jsonl, video_test.jsonl" if args.videos else "") + ")")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,19 @@ import sys
 import torch
 
 from .data.sources import RecordIndex
+from .data.videos import VideoSampling
 from .generation import generate_answers, reference
 
 
-def exact_match(model_dir: str, data: str, limit: int = 0, out: str = "") -> dict:
+def exact_match(model_dir: str, data: str, limit: int = 0, out: str = "",
+                video_sampling: VideoSampling | None = None) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     records = RecordIndex(data.split(","))
     samples = [records.sample(i) for i in range(len(records) if not limit else min(limit, len(records)))]
-    answers = generate_answers(model, processor, samples)
+    answers = generate_answers(model, processor, samples, video_sampling=video_sampling)
     rows = [{"source": s.source, "index": s.index, "reference": reference(s), "answer": a,
              "correct": a == reference(s)} for s, a in zip(samples, answers)]
     if out:
@@ -44,8 +46,11 @@ def main(argv=None) -> int:
     parser.add_argument("--show", type=int, default=5, help="print this many wrong answers")
     parser.add_argument("--out", default="", help="write every answer as JSONL here")
     parser.add_argument("--min_accuracy", type=float, default=0.0, help="exit 1 below this accuracy")
+    parser.add_argument("--video_fps", type=float, default=VideoSampling.fps, help="as the run was trained with")
+    parser.add_argument("--video_max_frames", type=int, default=VideoSampling.max_frames)
     args = parser.parse_args(argv)
-    result = exact_match(args.model, args.data, args.limit, args.out)
+    result = exact_match(args.model, args.data, args.limit, args.out, VideoSampling(args.video_fps,
+                                                                                    args.video_max_frames))
     for row in [r for r in result["rows"] if not r["correct"]][:args.show]:
         print(f"  wrong: record {row['index']}: expected {row['reference']!r}, got {row['answer']!r}")
     print(f"exact-match caption accuracy: {result['accuracy']:.1%} ({result['correct']}/{result['total']})")

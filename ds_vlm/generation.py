@@ -6,32 +6,40 @@ import torch
 
 from .data.encode import template_message
 from .data.images import load_images
+from .data.videos import VideoSampling, load_videos
 
 
 def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,
-                     **generate_kwargs) -> list[str]:
-    """Greedy answers to each sample's messages up to (not including) its last assistant turn."""
+                     video_sampling: VideoSampling | None = None, **generate_kwargs) -> list[str]:
+    """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
+    sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return _generate(model, processor, samples, max_new_tokens, batch_size, generate_kwargs)
+        return _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling or VideoSampling(),
+                         generate_kwargs)
     finally:
         tokenizer.padding_side = side
 
 
-def _generate(model, processor, samples, max_new_tokens, batch_size, generate_kwargs) -> list[str]:
+def _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling, generate_kwargs) -> list[str]:
     tokenizer = processor.tokenizer
     answers = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        texts, images = [], []
+        texts, images, videos = [], [], []
         for sample in chunk:
             last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
             prompt = [template_message(m) for m in sample.messages[:last]]
             texts.append(processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
             images.extend(load_images(sample))
+            videos.extend(load_videos(sample, video_sampling))
+        media = {}
+        if videos:  # sampled already: the processor takes the frames and their timestamps as they are
+            media = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
+                         do_sample_frames=False)
         inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True,
-                           add_special_tokens=False)
+                           add_special_tokens=False, **media)
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         with torch.no_grad():

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .attention import VARLEN, SampleBoundaries
 from .config import ConfigError, TrainConfig
 from .data.batching import BatchPlan, Collator, SFTDataset, make_plan
-from .data.encode import Encoder, set_pixel_bounds
+from .data.encode import encoder_for
 from .data.preflight import preflight, summarize, usable
 from .data.sources import RecordIndex
 from .distributed import init_distributed, release_shm_buffer, setup_threads
@@ -107,7 +107,7 @@ class Trainer:
         try:
             check_loss_available(config.loss)
             loaded = load_model(config, self.ds_config, self.sp)
-            set_pixel_bounds(loaded.processor, config.min_pixels, config.max_pixels)
+            self.encoder = encoder_for(loaded.processor, loaded.adapter, config)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self.loaded, self.model, self.processor, self.adapter = loaded, loaded.model, loaded.processor, loaded.adapter
@@ -119,7 +119,6 @@ class Trainer:
         enable_checkpointing(self.model, self.adapter, config)
         if self.sp is not None:
             self.sp.install(self.adapter.parts(self.model).llm_decoder, self.adapter)
-        self.encoder = Encoder(self.processor, self.adapter, config.max_length, config.truncation)
         self.log.info(f"world {self.world}" + (f" ({self.dp_size} groups of {self.sp.size} sequence-parallel ranks)"
                                                if self.sp else "") + f", ZeRO stage {self.zero_stage}, precision "
                       f"{'bf16' if self.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
@@ -149,15 +148,17 @@ class Trainer:
         config = self.config
         records, kept = self._dataset(config.train_data)
         self.train_set = SFTDataset(records, self.encoder, [c.index for c in kept])
-        self.eval_set = None
+        self.eval_set, self.eval_checks = None, []
         if config.eval_data:
-            eval_records, eval_kept = self._dataset(config.eval_data)
-            self.eval_set = SFTDataset(eval_records, self.encoder, [c.index for c in eval_kept])
+            eval_records, self.eval_checks = self._dataset(config.eval_data)
+            self.eval_set = SFTDataset(eval_records, self.encoder, [c.index for c in self.eval_checks])
         self.plan = make_plan(config, self.dp_size, records, kept)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.plan.steps_per_epoch
         positions = self.adapter.position_ids(self.model.config) if config.packing else None
+        has_video = any(c.n_video_tokens for c in kept) or any(c.n_video_tokens for c in self.eval_checks)
         self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions,
-                                 multiple_of=config.sequence_parallel)
+                                 multiple_of=config.sequence_parallel,
+                                 dummy_video=self.encoder.dummy_video() if has_video else None)
         self.run_meta = {"world_size": self.world, "data_parallel_size": self.dp_size,
                          "sequence_parallel": config.sequence_parallel, "zero_stage": self.zero_stage,
                          "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
@@ -319,6 +320,7 @@ class Trainer:
         self.engine.eval()
         try:
             answers = generate_answers(self.engine.module, self.processor, samples, max_new_tokens=64,
+                                       video_sampling=self.encoder.video_sampling,
                                        synced_gpus=self.engine.zero_optimization_partition_weights())
         finally:
             self.engine.train()

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 
 from .config import ConfigError, load_tool_config
-from .data.encode import Encoder, set_pixel_bounds
+from .data.encode import encoder_for
 from .data.preflight import check_records, summarize
 from .data.sources import RecordIndex
 
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model_type = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code).model_type
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
-    encoder = Encoder(processor, adapter_for(model_type), config.max_length, config.truncation)
+    encoder = encoder_for(processor, adapter_for(model_type), config)
     records = RecordIndex(config.train_data, config.image_root, config.data_format)
     checks = check_records(records, encoder, num_workers=extra["workers"])
     elapsed = time.perf_counter() - start

@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, merge_parts
-from .images import load_images
 from .sources import RecordIndex
 
 if TYPE_CHECKING:
@@ -31,7 +30,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.records.sample(self.indices[i])
-        return self.encoder.encode(sample, load_images(sample))
+        return self.encoder.encode(sample, *self.encoder.media(sample))
 
 
 def epoch_order(n_samples: int, seed: int, epoch: int, source_sizes: Optional[list[int]] = None,
@@ -178,9 +177,11 @@ class Collator:
     boundaries as `cu_seq_lens` for varlen kernels. A micro-batch with no image gets the dummy image (padded:
     appended to the first sample; packed: as its own sample), all of its labels ignored."""
 
-    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1,
+                 dummy_video: Optional[dict[str, torch.Tensor]] = None):
         self.pad_token_id = pad_token_id
         self.dummy = dummy
+        self.dummy_video = dummy_video  # set when the data holds videos: every micro-batch then has one
         self.positions = positions
         self.multiple_of = multiple_of  # --sequence_parallel: every row's length divides by it
 
@@ -192,8 +193,8 @@ class Collator:
         if self.positions is not None:
             return self._pack(list(samples), meta)
         samples = list(samples)
-        if not any("pixel_values" in s for s in samples):
-            samples = [merge_parts([samples[0], self.dummy])] + samples[1:] if samples else [dict(self.dummy)]
+        for dummy in self._dummies(samples):
+            samples = [merge_parts([samples[0], dummy])] + samples[1:] if samples else [dict(dummy)]
         length = _round_up(max(s["input_ids"].shape[1] for s in samples), self.multiple_of)
         batch: dict[str, list[torch.Tensor]] = {}
         for s in samples:
@@ -204,9 +205,15 @@ class Collator:
         meta["computed"] = length * len(samples)
         return {key: torch.cat(values, dim=0) for key, values in batch.items()}, meta
 
+    def _dummies(self, samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """What the micro-batch needs so that the vision tower runs on an image (and a video) on every rank."""
+        needed = [] if any("pixel_values" in s for s in samples) else [self.dummy]
+        if self.dummy_video is not None and not any("pixel_values_videos" in s for s in samples):
+            needed.append(self.dummy_video)
+        return needed
+
     def _pack(self, samples: list[dict[str, torch.Tensor]], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
-        if not any("pixel_values" in s for s in samples):
-            samples.append(self.dummy)
+        samples += self._dummies(samples)
         total = sum(int(s["input_ids"].shape[1]) for s in samples)
         padding = _round_up(total, self.multiple_of) - total
         if padding:  # a segment of its own at the end: nothing attends to it, it has no label

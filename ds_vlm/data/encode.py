@@ -9,9 +9,12 @@ No token id is hard-coded.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .formats import DataError, Sample
+from .images import load_images
+from .videos import VideoSampling, load_videos
 
 IGNORE_INDEX = -100
 
@@ -23,8 +26,12 @@ class Encoder:
     """`truncation`: what an over-long sample does: error/skip raise DataError(too_long) (preflight
     stops or drops it), truncate cuts it at max_length, never inside an image's tokens."""
 
-    def __init__(self, processor, adapter, max_length: int, truncation: str = "error"):
+    def __init__(self, processor, adapter, max_length: int, truncation: str = "error",
+                 video_sampling: VideoSampling | None = None):
         self.processor = processor
+        self.video_sampling = video_sampling or VideoSampling()
+        # the token a video's frames expand to; None: this family has no video path
+        self.video_token = (getattr(processor, "video_token", None) or "<|video_pad|>") if adapter.video_text else None
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = adapter
         self.max_length = max_length
@@ -74,28 +81,36 @@ class Encoder:
         return pieces
 
     # -- tensors ----------------------------------------------------------------------
-    def encode(self, sample: Sample, images: list) -> dict[str, torch.Tensor]:
-        """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1."""
-        if sample.videos:
+    def media(self, sample: Sample) -> tuple[list, list]:
+        """The sample's decoded images and sampled videos (what `encode` takes)."""
+        if sample.videos and self.video_token is None:
             raise DataError("unsupported_media", sample.source, sample.index,
-                            f"{len(sample.videos)} video(s): this trainer does not train on video yet")
-        parts, remaining = [], list(images)
+                            f"{len(sample.videos)} video(s): the {self.adapter.family} family has no video path")
+        return load_images(sample), load_videos(sample, self.video_sampling)
+
+    def encode(self, sample: Sample, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
+        """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1. `videos`:
+        (frames, metadata) pairs, as `media` gives them."""
+        parts, images, videos = [], list(images), list(videos)
         for text, is_target in self.segments(sample):
             n_images = text.count(self.image_token)
-            segment_images, remaining = remaining[:n_images], remaining[n_images:]
-            encoded = self._process(text, segment_images)
+            n_videos = text.count(self.video_token) if self.video_token else 0
+            encoded = self._process(text, images[:n_images], videos[:n_videos])
+            images, videos = images[n_images:], videos[n_videos:]
             ids = encoded["input_ids"]
             encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
             parts.append(encoded)
-        if remaining:
+        if images or videos:
             raise DataError("placeholder_mismatch", sample.source, sample.index,
-                            f"the chat template placed fewer images than the record has ({len(remaining)} left over)")
+                            f"the chat template placed fewer images or videos than the record has ({len(images)} "
+                            f"image(s), {len(videos)} video(s) left over)")
         out = merge_parts(parts)
         length = out["input_ids"].shape[1]
         if length > self.max_length:
-            if self.truncation != "truncate":
+            if self.truncation != "truncate" or sample.videos:
                 raise DataError("too_long", sample.source, sample.index,
-                                f"{length} tokens (image tokens included) > --max_length {self.max_length}")
+                                f"{length} tokens (image and video tokens included) > --max_length {self.max_length}"
+                                + (" (a sample with video is never truncated)" if sample.videos else ""))
             out = self._truncate(out, sample)
         if not (out["labels"] != IGNORE_INDEX).any():
             raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
@@ -128,9 +143,46 @@ class Encoder:
         encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
         return encoded
 
-    def _process(self, text: str, images: list) -> dict[str, torch.Tensor]:
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    def dummy_video(self) -> dict[str, torch.Tensor]:
+        """Two tiny black frames and their tokens, labels ignored: once any record has a video, a micro-batch
+        without one gets this, so that every rank runs the vision tower on videos too."""
+        from transformers.video_utils import VideoMetadata
+
+        width, height = self.adapter.dummy_image_size(self.processor)
+        frames = np.zeros((2, height, width, 3), dtype=np.uint8)
+        metadata = VideoMetadata(total_num_frames=2, fps=self.video_sampling.fps, width=width, height=height,
+                                 duration=2 / self.video_sampling.fps, frames_indices=np.arange(2))
+        encoded = self._process(self.adapter.video_text, [], [(frames, metadata)])
+        encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
+        return encoded
+
+    def _process(self, text: str, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
+        kwargs = {}
+        if videos:  # frames sampled already, with the metadata the processor writes timestamps from
+            kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
+                          do_sample_frames=False)
+        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False,
+                             **kwargs)
+        return {k: torch.as_tensor(v) if k == "second_per_grid_ts" else v for k, v in out.items()
+                if isinstance(v, torch.Tensor) or k == "second_per_grid_ts"}
+
+
+def set_video_pixel_bounds(processor, max_pixels: int) -> None:
+    """Apply --video_max_pixels to the video processor's frames."""
+    video_processor = getattr(processor, "video_processor", None)
+    if not max_pixels or video_processor is None:
+        return
+    size = video_processor.size
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    video_processor.size = {"shortest_edge": min(shortest or max_pixels, max_pixels), "longest_edge": max_pixels}
+
+
+def encoder_for(processor, adapter, config) -> "Encoder":
+    """The Encoder a run's flags describe: pixel bounds applied to the processor, video sampling."""
+    set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
+    set_video_pixel_bounds(processor, config.video_max_pixels)
+    return Encoder(processor, adapter, config.max_length, config.truncation,
+                   VideoSampling(config.video_fps, config.video_max_frames))
 
 
 def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:

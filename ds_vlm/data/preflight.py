@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from .encode import Encoder
 from .formats import DataError
-from .images import load_images
 from .sources import RecordIndex
 
 
@@ -21,6 +20,7 @@ class RecordCheck:
     message: str = ""
     n_tokens: int = 0
     n_image_tokens: int = 0
+    n_video_tokens: int = 0
     n_targets: int = 0
     ignored: tuple[str, ...] = ()  # keys of the record nothing read (they are reported, with a count)
 
@@ -33,6 +33,8 @@ class _CheckDataset(Dataset):
     def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
         self.records, self.encoder, self.indices = records, encoder, indices
         self.image_token_id = encoder.tokenizer.convert_tokens_to_ids(encoder.image_token)
+        self.video_token_id = (encoder.tokenizer.convert_tokens_to_ids(encoder.video_token) if encoder.video_token
+                               else None)
 
     def __len__(self):
         return len(self.indices)
@@ -41,11 +43,12 @@ class _CheckDataset(Dataset):
         index = self.indices[i]
         try:
             sample = self.records.sample(index)
-            encoded = self.encoder.encode(sample, load_images(sample))
+            encoded = self.encoder.encode(sample, *self.encoder.media(sample))
         except DataError as err:
             return RecordCheck(index, err.kind, str(err))
         ids, labels = encoded["input_ids"][0], encoded["labels"][0]
         return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
+                           n_video_tokens=int((ids == self.video_token_id).sum()) if self.video_token_id else 0,
                            n_targets=int((labels[1:] != -100).sum()), ignored=sample.ignored)
 
 

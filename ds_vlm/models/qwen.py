@@ -22,8 +22,12 @@ class QwenVLAdapter(Adapter):
         return out
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
-        grid = batch.get("image_grid_thw")
-        return [] if grid is None else [int(t * h * w) for t, h, w in grid.tolist()]
+        """Images' and videos' patches (a video's attention runs within each frame pair: t x (h w)^2)."""
+        out = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            grid = batch.get(key)
+            out += [] if grid is None else [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
+        return out
 
     def position_ids(self, config) -> "RopeIndex":
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -62,6 +66,7 @@ def qwen_processor(processor_cls, video_cls, tokenizer, patch: int, merge: int, 
 
     image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
                                             min_pixels=min_pixels, max_pixels=max_pixels, **image_kwargs)
-    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                          chat_template=tokenizer.chat_template)

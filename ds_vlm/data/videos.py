@@ -1,0 +1,90 @@
+"""Open, sample and check videos (PyAV); failures become DataError naming the record.
+
+A video is a file or its frames as image files (Qwen's list-of-frames form, taken as --video_fps frames a
+second). Frames are sampled at --video_fps, at most --video_max_frames of them, spread evenly over the
+video when it is longer; the metadata (fps, sampled frame indices) goes with them to the processor, which
+writes the timestamps Qwen3-VL puts between frame groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import DataError, Sample, VideoRef
+
+
+@dataclass
+class VideoSampling:
+    fps: float = 2.0
+    max_frames: int = 32
+
+
+def _indices(total: int, native_fps: float, sampling: VideoSampling) -> np.ndarray:
+    """Frame indices at sampling.fps (at least 2: a temporal patch), at most sampling.max_frames, even count."""
+    if total <= 0:
+        return np.array([], dtype=int)
+    wanted = int(total / max(native_fps, 1e-6) * sampling.fps) if native_fps else total
+    count = max(2, min(sampling.max_frames, wanted, total))
+    count -= count % 2 if count > 2 else 0
+    return np.linspace(0, total - 1, count).round().astype(int)
+
+
+def load_video(ref: VideoRef, sample: Sample, sampling: VideoSampling):
+    """(frames as a (T, H, W, 3) uint8 array, transformers' VideoMetadata)."""
+    from transformers.video_utils import VideoMetadata
+
+    def fail(kind: str, detail: str) -> DataError:
+        return DataError(kind, sample.source, sample.index, detail)
+
+    if ref.frames:
+        from .formats import ImageRef
+        from .images import load_image
+
+        for frame in ref.frames:
+            if not os.path.isfile(frame):
+                raise fail("missing_video", f"video frame {frame} does not exist")
+        picked = _indices(len(ref.frames), sampling.fps, sampling)
+        frames = np.stack([np.asarray(load_image(ImageRef(path=ref.frames[i]), sample)) for i in picked])
+        return frames, VideoMetadata(total_num_frames=len(ref.frames), fps=sampling.fps, width=frames.shape[2],
+                                     height=frames.shape[1], duration=len(ref.frames) / sampling.fps,
+                                     video_backend="frames", frames_indices=picked)
+    if not os.path.isfile(ref.path):
+        raise fail("missing_video", f"video file {ref.path} does not exist")
+    try:
+        picked, frames, total, fps = _decode(ref.path, sampling)
+    except Exception as err:  # PyAV raises many types for corrupt data
+        raise fail("unreadable_video", f"cannot decode video {ref.describe()}: {type(err).__name__}: "
+                                       f"{str(err)[:160]}") from err
+    if not frames:
+        raise fail("unreadable_video", f"video {ref.describe()} has no frames" + ("" if fps else " (no video stream)"))
+    frames = np.stack(frames)
+    return frames, VideoMetadata(total_num_frames=total, fps=fps, width=frames.shape[2], height=frames.shape[1],
+                                 duration=total / fps, video_backend="pyav", frames_indices=picked)
+
+
+def _decode(path: str, sampling: VideoSampling) -> tuple[np.ndarray, list, int, float]:
+    """(sampled indices, their RGB frames, frame count, native fps), holding only the sampled frames in memory. A
+    container that does not state its frame count (WebM, some MKV) is counted by a first decoding pass."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            return np.array([], dtype=int), [], 0, 0.0
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or sampling.fps
+        total = stream.frames or sum(1 for _ in container.decode(stream))
+    picked = _indices(total, fps, sampling)
+    wanted, kept, decoded = set(picked.tolist()), {}, 0
+    with av.open(path) as container:
+        for decoded, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+            if decoded - 1 in wanted:
+                kept[decoded - 1] = frame.to_ndarray(format="rgb24")
+    picked = np.array([i for i in picked if i in kept], dtype=int)  # a stated count can exceed the frames there
+    return picked, [kept[i] for i in picked], decoded, fps
+
+
+def load_videos(sample: Sample, sampling: VideoSampling) -> list:
+    return [load_video(ref, sample, sampling) for ref in sample.videos]
