@@ -1,6 +1,6 @@
 """Command-line front of the trainer: errors a user can fix print one clear line, not a traceback.
 
-Exit statuses: 0 done; 2 an error the message explains (config, data, rendezvous, divergence);
+Exit statuses: 0 done; 2 an error the message explains (config, data, too many bad records, rendezvous, divergence);
 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
 (a rank stopped responding: the watchdog names it); 1 anything else (a traceback).
 """
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     from .data.preflight import BadDataError
     from .distributed import RendezvousError
     from .faults import PREEMPTED_EXIT, Preempted
-    from .train import TrainingDiverged, run
+    from .train import TooManyBadRecords, TrainingDiverged, run
 
     try:
         config = load_config(argv)
@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     except Preempted as err:
         print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    except (ConfigError, DataError, BadDataError, TrainingDiverged, RendezvousError, FileNotFoundError) as err:
+    except (ConfigError, DataError, BadDataError, TrainingDiverged, TooManyBadRecords, RendezvousError,
+            FileNotFoundError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -96,6 +96,14 @@ class TrainConfig:
     # data handling
     bad_records: Literal["error", "skip"] = _key("error", "bad records stop the run before training, or are "
                                                           "dropped and counted")
+    preflight: str = _key("cached", "cached: every record checked before training, results kept in the data cache "
+                                    "and reused while file, processor and encoding flags are unchanged; full: "
+                                    "check again; sample:N: N random records per file, the rest estimated; off: "
+                                    "none (records found bad in training are skipped and counted)")
+    max_bad: int = _key(0, "with --preflight off or sample:N, records found bad in training are skipped, named and "
+                           "counted; more than this many stop the run (validate: more than this many bad fail)")
+    data_cache: str = _key("", "folder of the data cache (JSON-list indexes, preflight results); default "
+                               "$DS_VLM_CACHE or ~/.cache/ds_vlm")
     num_workers: int = _key(1, "DataLoader workers per rank (image decoding, processor)")
     # output
     save_steps: int = _key(0, "checkpoint every N steps (always one at the end)")
@@ -151,6 +159,11 @@ class TrainConfig:
         need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
              f"--train_vision {self.train_vision!r}: use none, all or last:N")
         need(self.num_workers >= 0, "--num_workers must be >= 0")
+        need(bool(re.fullmatch(r"cached|full|off|sample:[1-9]\d*", self.preflight)),
+             f"--preflight {self.preflight!r}: use cached, full, off or sample:N")
+        need(self.max_bad >= 0, "--max_bad must be >= 0")
+        need(not self.max_tokens_per_batch or self.preflight in ("cached", "full"),
+             "--max_tokens_per_batch needs every record's length: use --preflight cached or full")
         need(self.eval_steps >= 0 and self.eval_generate >= 0, "--eval_steps/--eval_generate must be >= 0")
         need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
         need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +25,7 @@ from .attention import VARLEN, SampleBoundaries
 from .config import ConfigError, TrainConfig
 from .data.batching import BatchPlan, Collator, SFTDataset, make_plan
 from .data.encode import encoder_for
+from .data.formats import DataError
 from .data.preflight import preflight, summarize, usable
 from .data.sources import RecordIndex
 from .distributed import init_distributed, release_shm_buffer, setup_threads
@@ -49,6 +51,10 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 
+class TooManyBadRecords(RuntimeError):
+    """More than --max_bad records met in training (--preflight off or sample:N) were bad."""
+
+
 @dataclass
 class Progress:
     """What the loop carries from step to step."""
@@ -56,6 +62,7 @@ class Progress:
     step: int = 0                     # optimizer steps done
     bad_in_a_row: int = 0             # consecutive skipped (non-finite) steps
     skipped: int = 0                  # skipped steps in all
+    bad_records: int = 0              # records left out in training for being bad (all ranks)
     clock: float = 0.0                # when the last step (or save, or evaluation) ended
     unlogged: Optional[tuple] = None  # (step, PendingStats, seconds, lr) of a step logged while the next one runs
 
@@ -71,12 +78,26 @@ def _worker_init(_):
     ignore_stop_signals()
 
 
+class _MicroBatches:
+    """This rank's micro-batches from `start` to `steps`, made as they are read (a million-record epoch is
+    never held as lists)."""
+
+    def __init__(self, plan: BatchPlan, rank: int, start: int, steps: int):
+        self.plan, self.rank, self.start, self.steps = plan, rank, start, steps
+
+    def __iter__(self):
+        return self.plan.iterate(self.rank, self.start, self.steps)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.plan.grad_accum
+
+
 def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
     from torch.utils.data import DataLoader
 
     # its own generator: creating the iterator draws a seed, which from the global RNG would shift every later
     # random draw (LoRA dropout) of a resumed run against the uninterrupted one
-    return DataLoader(dataset, batch_sampler=list(plan.iterate(rank, start, steps)), collate_fn=collator,
+    return DataLoader(dataset, batch_sampler=_MicroBatches(plan, rank, start, steps), collate_fn=collator,
                       num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(start))
@@ -131,31 +152,31 @@ class Trainer:
     def bf16(self) -> bool:
         return self.ds_config["bf16"]["enabled"]
 
-    def _dataset(self, spec: str) -> tuple[RecordIndex, list]:
-        """A data spec's records and the checks of the usable ones (preflight: every record, every rank a share)."""
+    def _dataset(self, spec: str) -> SFTDataset:
+        """A data spec's usable records, as preflight found them (or as it left them: --preflight off)."""
         config = self.config
-        records = RecordIndex(spec, config.image_root, config.data_format)
-        checks = preflight(records, self.encoder, config.num_workers)
-        self.log.info(f"preflight {spec}: {summarize(checks)}")
+        records = RecordIndex(spec, config.image_root, config.data_format, config.data_cache)
+        checks, said = preflight(records, self.encoder, config.preflight, config.data_cache, config.num_workers,
+                                 progress=self.rank == 0)
+        self.log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
         kept = usable(checks, config.bad_records, config.truncation, spec)
         if len(kept) < len(checks):
-            bad = [c.kind for c in checks if c.kind != "ok"]
-            self.log.event({"event": "skipped_records", "data": spec, "count": len(bad),
-                            "kinds": {k: bad.count(k) for k in set(bad)}})
-        return records, kept
+            self.log.event({"event": "skipped_records", "data": spec, "count": len(checks) - len(kept),
+                            "kinds": {k: n for k, n in checks.select(checks.bad).counts().items()}})
+        return SFTDataset(records, self.encoder, kept.index, skip_bad=config.preflight not in ("cached", "full"),
+                          checks=kept)
 
     def setup_data(self) -> None:
         config = self.config
-        records, kept = self._dataset(config.train_data)
-        self.train_set = SFTDataset(records, self.encoder, [c.index for c in kept])
-        self.eval_set, self.eval_checks = None, []
-        if config.eval_data:
-            eval_records, self.eval_checks = self._dataset(config.eval_data)
-            self.eval_set = SFTDataset(eval_records, self.encoder, [c.index for c in self.eval_checks])
-        self.plan = make_plan(config, self.dp_size, records, kept)
+        self.train_set = self._dataset(config.train_data)
+        self.eval_set = self._dataset(config.eval_data) if config.eval_data else None
+        kept = self.train_set.checks
+        self.plan = make_plan(config, self.dp_size, self.train_set.records, kept)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.plan.steps_per_epoch
         positions = self.adapter.position_ids(self.model.config) if config.packing else None
-        has_video = any(c.n_video_tokens for c in kept) or any(c.n_video_tokens for c in self.eval_checks)
+        # a dummy video rides along when some record has a video (or when nobody checked: --preflight off)
+        has_video = any(bool(s.checks.n_video_tokens.any()) for s in (self.train_set, self.eval_set) if s) or (
+            self.train_set.skip_bad and self.encoder.video_token is not None)
         self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions,
                                  multiple_of=config.sequence_parallel,
                                  dummy_video=self.encoder.dummy_video() if has_video else None)
@@ -227,9 +248,12 @@ class Trainer:
         lr = self.config.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others scale alike
         step = progress.step + 1
         logged = step % self.config.logging_steps == 0 or step == self.total_steps
-        self.stop.vote()
         self.watchdog.phase("data", step)
         micro = [next(loader) for _ in range(self.config.grad_accum)]
+        bad = [message for _, meta in micro for message in meta.pop("bad")]
+        for message in bad:
+            print(f"ds-vlm rank {self.rank}: step {step}: left out a bad record: {message}", file=sys.stderr, flush=True)
+        self.stop.vote(len(bad))
         pending = self.runner.start(micro, with_stats=logged)
         now = time.perf_counter()
         elapsed, progress.clock = now - progress.clock, now
@@ -242,12 +266,27 @@ class Trainer:
             progress.unlogged = (step, pending, elapsed, lr)
         if self.stop.agreed():
             self.preempt()
+        if self.stop.bad_seen > progress.bad_records:
+            self.bad_records_met(step)
         if progress.bad_in_a_row >= self.config.max_bad_steps:
             self.log_step()
             raise TrainingDiverged(
                 f"{progress.bad_in_a_row} optimizer steps in a row (up to step {progress.step}) had a non-finite loss "
                 f"or gradient and were skipped; stopping. Last good checkpoint: "
                 f"{ckpt.find_checkpoint(self.config.output_dir) or 'none'}. Lower --lr or check the data.")
+
+    def bad_records_met(self, step: int) -> None:
+        """Records left out for being bad (every rank knows the total): logged; more than --max_bad stop."""
+        progress, limit = self.progress, self.config.max_bad
+        self.log.event({"event": "bad_records", "step": step, "new": self.stop.bad_seen - progress.bad_records,
+                        "total": self.stop.bad_seen})
+        progress.bad_records = self.stop.bad_seen
+        if progress.bad_records > limit:
+            self.log_step()
+            raise TooManyBadRecords(
+                f"{progress.bad_records} records met in training were bad, more than --max_bad {limit}; stopping "
+                f"after step {step}. Each is named in the ranks' output; check the data with "
+                f"`python -m ds_vlm.validate` or train with --preflight cached.")
 
     def log_step(self) -> None:
         """Write the unlogged step's line (waits for its all-reduced numbers: the one host sync of a step)."""
@@ -314,7 +353,12 @@ class Trainer:
         needs); rank 0 appends them to samples.jsonl. Returns exact-match accuracy."""
         from .generation import generate_answers, reference
 
-        samples = [self.eval_set.records.sample(i) for i in self.eval_set.indices[:self.config.eval_generate]]
+        samples = []
+        for i in self.eval_set.indices[:self.config.eval_generate]:
+            try:
+                samples.append(self.eval_set.records.sample(int(i)))
+            except DataError:  # --preflight off: a bad record is left out here too
+                pass
         if not samples:
             return {}
         self.engine.eval()

@@ -4,7 +4,8 @@
                               [--workers 2] [--max_bad 0] [--show 10]
 
 Takes the trainer's flags (or --config F.yaml), so it checks exactly what the run would
-see: counts by kind (ok, missing_image, unreadable_image, placeholder_mismatch,
+see (and its results go to the data cache, where the run then finds them; --preflight
+works as in training): counts by kind (ok, missing_image, unreadable_image, placeholder_mismatch,
 no_assistant_turn, too_long, bad_record), the first offenders with file and record index,
 histograms of token length and image tokens, and the steps per epoch for the batch
 settings. Exits 1 when the bad records exceed --max_bad.
@@ -18,7 +19,7 @@ from collections import Counter
 
 from .config import ConfigError, load_tool_config
 from .data.encode import encoder_for
-from .data.preflight import check_records, summarize
+from .data.preflight import OK, preflight, summarize
 from .data.sources import RecordIndex
 
 
@@ -36,7 +37,6 @@ def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
 def _extra(parser) -> None:
     parser.add_argument("--world_size", type=int, default=1, help="ranks the run will use (for steps per epoch)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the check")
-    parser.add_argument("--max_bad", type=int, default=0, help="exit 1 when more records than this are bad")
     parser.add_argument("--show", type=int, default=10, help="offenders to print")
 
 
@@ -55,26 +55,26 @@ def main(argv=None) -> int:
     model_type = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code).model_type
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     encoder = encoder_for(processor, adapter_for(model_type), config)
-    records = RecordIndex(config.train_data, config.image_root, config.data_format)
-    checks = check_records(records, encoder, num_workers=extra["workers"])
+    records = RecordIndex(config.train_data, config.image_root, config.data_format, config.data_cache)
+    checks, said = preflight(records, encoder, config.preflight, config.data_cache, extra["workers"], progress=True)
     elapsed = time.perf_counter() - start
-    ok = [c for c in checks if c.kind == "ok"]
-    bad = len(checks) - len(ok)
-    print(f"{config.train_data}: {len(checks)} records checked in {elapsed:.1f} s "
-          f"({len(checks) / max(elapsed, 1e-9):.0f} records/s, {extra['workers']} workers)")
+    ok = checks.select(checks.kind == OK)
+    bad = int(checks.bad.sum())
+    print(f"{config.train_data}: {said}; {elapsed:.1f} s in all ({extra['workers']} workers)")
     print(summarize(checks, show=extra["show"]))
     print("token length (image tokens included):")
-    print("\n".join(histogram([c.n_tokens for c in ok])))
+    print("\n".join(histogram(ok.n_tokens.tolist())))
     print("image tokens per sample:")
-    print("\n".join(histogram([c.n_image_tokens for c in ok])))
-    if ok:
-        plan = make_plan(config, extra["world_size"], records, ok)
+    print("\n".join(histogram(ok.n_image_tokens.tolist())))
+    kept = checks.select(~checks.bad)  # with sample:N, the unchecked records count as usable
+    if len(kept):
+        plan = make_plan(config, extra["world_size"], records, kept)
         batch = (f"token budget {config.max_tokens_per_batch}" if config.max_tokens_per_batch else
                  f"global batch {plan.global_batch} = {config.micro_batch_size} x {config.grad_accum} x "
                  f"{extra['world_size']}")
-        print(f"steps per epoch: {plan.steps_per_epoch} ({len(ok)} usable samples, {batch})")
-    if bad > extra["max_bad"]:
-        print(f"FAIL: {bad} bad record(s) > --max_bad {extra['max_bad']}")
+        print(f"steps per epoch: {plan.steps_per_epoch} ({len(kept)} usable samples, {batch})")
+    if bad > config.max_bad:
+        print(f"FAIL: {bad} bad record(s) > --max_bad {config.max_bad}")
         return 1
     print("OK")
     return 0

@@ -14,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The data cache of every test (and of the runs they start): a session folder, never ~/.cache."""
+    path = tmp_path_factory.mktemp("data_cache")
+    os.environ["DS_VLM_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """Tiny model + 48 train / 8 test shape images (JSONL and parquet)."""

@@ -91,6 +91,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference
     _ok(proc)
     start = ckpt.read_meta(resumed_from)["step"]
     assert f"resumed from {resumed_from} at step {start}" in proc.stderr
+    assert "48 records, 48 from the cache" in proc.stderr  # the restart did not encode the data again
     expected, got = _losses(ref_out), _losses(out)
     assert killed_at >= 3 and sorted(got) == list(range(1, STEPS + 1))
     for step in range(start + 1, STEPS + 1):

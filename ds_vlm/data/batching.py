@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, merge_parts
+from .formats import DataError
 from .sources import RecordIndex
 
 if TYPE_CHECKING:
@@ -19,18 +21,26 @@ if TYPE_CHECKING:
 
 
 class SFTDataset(Dataset):
-    """Encoded samples for the records listed in `indices` (the ones preflight kept)."""
+    """Encoded samples for the records listed in `indices` (the ones preflight kept; a numpy array, so that
+    forked workers share it). With `skip_bad` (records preflight did not check), a bad record comes out as
+    {"bad": its message}, which the collator leaves out and counts."""
 
-    def __init__(self, records: RecordIndex, encoder: Encoder, indices: Optional[list[int]] = None):
-        self.records, self.encoder = records, encoder
-        self.indices = list(range(len(records))) if indices is None else list(indices)
+    def __init__(self, records: RecordIndex, encoder: Encoder, indices=None, skip_bad: bool = False, checks=None):
+        self.records, self.encoder, self.skip_bad = records, encoder, skip_bad
+        self.checks = checks  # preflight's Checks of these records, when the trainer made it
+        self.indices = np.arange(len(records)) if indices is None else np.asarray(indices, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sample = self.records.sample(self.indices[i])
-        return self.encoder.encode(sample, *self.encoder.media(sample))
+    def __getitem__(self, i: int) -> dict:
+        try:
+            sample = self.records.sample(int(self.indices[i]))
+            return self.encoder.encode(sample, *self.encoder.media(sample))
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            return {"bad": str(err)}
 
 
 def epoch_order(n_samples: int, seed: int, epoch: int, source_sizes: Optional[list[int]] = None,
@@ -187,8 +197,10 @@ class Collator:
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
         """(batch, meta); meta counts only real samples: samples, tokens, targets; and what the forward
-        computes over: computed (padding and dummy included)."""
-        meta = {"samples": len(samples), "tokens": sum(int(s["input_ids"].shape[1]) for s in samples),
+        computes over: computed (padding and dummy included); `bad`: the messages of records left out."""
+        bad = [s["bad"] for s in samples if "bad" in s]
+        samples = [s for s in samples if "bad" not in s]
+        meta = {"bad": bad, "samples": len(samples), "tokens": sum(int(s["input_ids"].shape[1]) for s in samples),
                 "targets": sum(count_targets(s["labels"]) for s in samples)}
         if self.positions is not None:
             return self._pack(list(samples), meta)
@@ -250,12 +262,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept: list) -> BatchPlan:
-    """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch."""
+def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept) -> BatchPlan:
+    """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch (`kept`: preflight's Checks
+    of the usable records)."""
     common = dict(n_samples=len(kept), micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
-                  world_size=world, seed=config.seed, source_sizes=records.source_sizes([c.index for c in kept]),
+                  world_size=world, seed=config.seed, source_sizes=records.source_sizes(kept.index),
                   weights=records.weights)
     if config.max_tokens_per_batch:
-        return TokenBudgetPlan(**common, lengths=[c.n_tokens for c in kept], max_tokens=config.max_tokens_per_batch,
+        return TokenBudgetPlan(**common, lengths=kept.n_tokens.tolist(), max_tokens=config.max_tokens_per_batch,
                                packing=config.packing)
     return BatchPlan(**common)

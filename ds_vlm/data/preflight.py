@@ -1,16 +1,36 @@
-"""Run records through the real readers, image decoder and processor before training."""
+"""Run records through the real readers, image decoder and processor before training, once per data file.
+
+`preflight` checks what the data cache (cache.py) does not hold yet, every rank a share, and keeps each data
+file's results there as columns (`Checks`): a later start, a resume or `validate` with the same file, model
+processor and encoding flags reads them instead of encoding again. --preflight picks how much is checked:
+
+    cached   (default) results from the cache where valid, the rest checked (and cached)
+    full     every record checked again (and cached)
+    sample:N N random records per file without a cache entry checked, the rest estimated from them
+    off      nothing checked: records found bad while training are skipped and counted (--max_bad)
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from . import cache
 from .encode import Encoder
 from .formats import DataError
 from .sources import RecordIndex
+
+KINDS = ("ok", *DataError.KINDS, "unchecked")  # a kind's code is its position here
+OK, UNCHECKED = 0, len(KINDS) - 1
 
 
 @dataclass
@@ -52,50 +72,213 @@ class _CheckDataset(Dataset):
                            n_targets=int((labels[1:] != -100).sum()), ignored=sample.ignored)
 
 
+def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -> DataLoader:
+    from ..faults import ignore_stop_signals
+
+    return DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
+                      collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
+
+
 def check_records(records: RecordIndex, encoder: Encoder, indices: Optional[list[int]] = None,
                   num_workers: int = 0) -> list[RecordCheck]:
     """One RecordCheck per record, in index order; decoding and encoding run in workers."""
     indices = list(range(len(records))) if indices is None else indices
-    from ..faults import ignore_stop_signals
-
-    loader = DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
-                        collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
-    return list(loader)
+    return list(_loader(records, encoder, indices, num_workers))
 
 
-def summarize(checks: list[RecordCheck], show: int = 5) -> str:
+class Checks:
+    """Preflight's results for a set of records, as columns: global index, kind code (see KINDS), token,
+    image-token, video-token and target counts; the bad records' messages and the ignored keys' counts."""
+
+    COLUMNS = ("kind", "n_tokens", "n_image_tokens", "n_video_tokens", "n_targets")
+
+    def __init__(self, index, kind=None, n_tokens=None, n_image_tokens=None, n_video_tokens=None, n_targets=None,
+                 messages: Optional[dict] = None, ignored: Optional[Counter] = None):
+        self.index = np.asarray(index, dtype=np.int64)
+        n = len(self.index)
+        self.kind = np.zeros(n, np.uint8) if kind is None else np.asarray(kind, np.uint8)
+        for name, values in zip(self.COLUMNS[1:], (n_tokens, n_image_tokens, n_video_tokens, n_targets)):
+            setattr(self, name, np.zeros(n, np.int32) if values is None else np.asarray(values, np.int32))
+        self.messages = dict(messages or {})  # global index -> message, bad records only
+        self.ignored = Counter(ignored or {})
+
+    @classmethod
+    def of(cls, checks: list[RecordCheck]) -> "Checks":
+        return cls([c.index for c in checks], [KINDS.index(c.kind) for c in checks],
+                   *([getattr(c, name) for c in checks] for name in cls.COLUMNS[1:]),
+                   messages={c.index: c.message for c in checks if c.kind != "ok"},
+                   ignored=Counter(key for c in checks for key in c.ignored))
+
+    @classmethod
+    def unchecked(cls, start: int, count: int) -> "Checks":
+        return cls(np.arange(start, start + count), np.full(count, UNCHECKED, np.uint8))
+
+    @classmethod
+    def concat(cls, parts: list["Checks"]) -> "Checks":
+        index = np.concatenate([p.index for p in parts]) if parts else np.zeros(0, np.int64)
+        order = np.argsort(index, kind="stable")
+        columns = [np.concatenate([getattr(p, name) for p in parts])[order] if parts else None
+                   for name in cls.COLUMNS]
+        return cls(index[order], *columns, messages={k: v for p in parts for k, v in p.messages.items()},
+                   ignored=sum((p.ignored for p in parts), Counter()))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def select(self, mask: np.ndarray) -> "Checks":
+        index = self.index[mask]
+        kept = set(index[np.isin(index, list(self.messages))].tolist()) if self.messages else set()
+        return Checks(index, *(getattr(self, name)[mask] for name in self.COLUMNS),
+                      messages={i: m for i, m in self.messages.items() if i in kept}, ignored=self.ignored)
+
+    def shifted(self, offset: int) -> "Checks":
+        return Checks(self.index + offset, *(getattr(self, name) for name in self.COLUMNS),
+                      messages={i + offset: m for i, m in self.messages.items()}, ignored=self.ignored)
+
+    def counts(self) -> Counter:
+        return Counter({KINDS[code]: int(n) for code, n in enumerate(np.bincount(self.kind, minlength=len(KINDS)))
+                        if n})
+
+    @property
+    def bad(self) -> np.ndarray:
+        return (self.kind != OK) & (self.kind != UNCHECKED)
+
+    def save(self, path: Path) -> None:
+        """An atomic write (a temporary file renamed) of the columns, messages and ignored-key counts."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        meta = json.dumps({"messages": {str(k): v for k, v in self.messages.items()}, "ignored": self.ignored})
+        with open(tmp, "wb") as f:
+            np.savez(f, index=self.index, meta=np.array(meta), **{name: getattr(self, name) for name in self.COLUMNS})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Checks":
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            return cls(data["index"], *(data[name] for name in cls.COLUMNS),
+                       messages={int(k): v for k, v in meta["messages"].items()}, ignored=Counter(meta["ignored"]))
+
+
+def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, num_workers: int = 0,
+                  progress: bool = False) -> Checks:
+    """Like check_records, straight into columns (no object per record kept); a progress bar with an ETA
+    when `progress`."""
+    from tqdm import tqdm
+
+    out = Checks(indices)
+    bar = tqdm(total=len(indices), desc="preflight", unit="rec", mininterval=2.0,
+               disable=not progress or len(indices) < 2000)
+    for i, check in enumerate(_loader(records, encoder, out.index.tolist(), num_workers)):
+        out.kind[i] = KINDS.index(check.kind)
+        for name in Checks.COLUMNS[1:]:
+            getattr(out, name)[i] = getattr(check, name)
+        if check.kind != "ok":
+            out.messages[check.index] = check.message
+        out.ignored.update(check.ignored)
+        bar.update()
+    bar.close()
+    return out
+
+
+MODES = re.compile(r"cached|full|off|sample:[1-9]\d*")
+
+
+def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cache_dir: str = "",
+              num_workers: int = 0, progress: bool = False) -> tuple[Checks, str]:
+    """Every record's Checks (in index order, on every rank) and a line saying where they came from. The
+    ranks check their shares of what the cache lacks; the node's first rank writes the new cache entries."""
+    import torch.distributed as dist
+
+    assert MODES.fullmatch(mode), mode
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    root = cache.writable(cache.cache_root(cache_dir)) if mode != "off" else None
+    key = cache.encoding_key(encoder, records.data_format, records.image_root) if root else ""
+    entries = [root / "preflight" / f"{cache.fingerprint(f.path)}-{key}.npz" if root else None for f in records.files]
+    reuse = mode == "cached" or mode.startswith("sample")
+    hits = [bool(reuse and entry is not None and entry.exists()) for entry in entries]
+    if distributed:  # rank 0 decides, so that every rank checks the same records even as entries appear
+        shared = [hits]
+        dist.broadcast_object_list(shared, src=0)
+        hits = shared[0]
+    parts, todo, whole = [], [], []
+    sample = int(mode.split(":")[1]) if mode.startswith("sample") else 0
+    rng = np.random.default_rng(0)
+    for file_no, (f, entry) in enumerate(zip(records.files, entries)):
+        start = records.starts[file_no]
+        if hits[file_no]:
+            parts.append(Checks.load(entry).shifted(start))
+        elif mode == "off":
+            parts.append(Checks.unchecked(start, len(f)))
+        elif sample and sample < len(f):
+            chosen = np.sort(rng.choice(len(f), sample, replace=False))
+            todo.append(chosen + start)
+            unchosen = np.setdiff1d(np.arange(len(f)), chosen)
+            parts.append(Checks(unchosen + start, np.full(len(unchosen), UNCHECKED, np.uint8)))
+        else:
+            todo.append(np.arange(start, start + len(f)))
+            whole.append(file_no)
+    todo = np.concatenate(todo) if todo else np.zeros(0, np.int64)
+    began = time.perf_counter()
+    checked = check_columns(records, encoder, todo[rank::world], num_workers, progress)
+    if distributed and len(todo):
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, checked)
+        checked = Checks.concat(gathered)
+    elapsed = time.perf_counter() - began
+    if root is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # files checked whole: cached
+        for file_no in whole:
+            start, f = records.starts[file_no], records.files[file_no]
+            mask = (checked.index >= start) & (checked.index < start + len(f))
+            checked.select(mask).shifted(-start).save(entries[file_no])
+    result = Checks.concat(parts + [checked])
+    from_cache = sum(len(records.files[i]) for i, hit in enumerate(hits) if hit)
+    said = [f"{len(result)} records"]
+    if from_cache:
+        said.append(f"{from_cache} from the cache ({root})")
+    if len(todo):
+        said.append(f"{len(todo)} checked in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.0f}/s)")
+    if sample:
+        said.append(estimate(checked, len(result) - from_cache))
+    if mode == "off":
+        said.append("none checked (--preflight off: bad records met in training are skipped and counted)")
+    return result, ", ".join(said)
+
+
+def estimate(sampled: Checks, population: int) -> str:
+    """What a sample says about the records it was drawn from."""
+    n, bad = len(sampled), int(sampled.bad.sum())
+    ok = sampled.kind == OK
+    share = bad / max(n, 1)
+    mean = float(sampled.n_tokens[ok].mean()) if ok.any() else 0.0
+    return (f"sample of {n} of {population}: {bad} bad ({share:.1%}), estimate ~{round(share * population)} bad "
+            f"records, mean length {mean:.0f} tokens (~{mean * population * (1 - share) / 1e6:.1f} M tokens)")
+
+
+def summarize(checks, show: int = 5) -> str:
     """Counts by kind and the first offenders, one line each."""
-    counts = Counter(c.kind for c in checks)
+    checks = Checks.of(checks) if isinstance(checks, list) else checks
+    counts = checks.counts()
     lines = ["records: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))]
-    bad = [c for c in checks if c.kind != "ok"]
-    lines += [f"  {c.message}" for c in bad[:show]]
+    bad = sorted(checks.messages)
+    lines += [f"  {checks.messages[i]}" for i in bad[:show]]
     if len(bad) > show:
         lines.append(f"  ... and {len(bad) - show} more")
-    ignored = Counter(key for c in checks for key in c.ignored)
     lines += [f"ignored key `{key}` in {n} record{'s' * (n != 1)} (not read by any layout; check it is not data)"
-              for key, n in sorted(ignored.items())]
+              for key, n in sorted(checks.ignored.items())]
     return "\n".join(lines)
 
 
-def preflight(records: RecordIndex, encoder: Encoder, num_workers: int) -> list[RecordCheck]:
-    """Every rank checks its share of the records; every rank gets all the checks, in index order."""
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = check_records(records, encoder, list(range(rank, len(records), world)), num_workers)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return sorted((c for part in gathered for c in part), key=lambda c: c.index)
-
-
-def usable(checks: list[RecordCheck], bad_records: str, truncation: str, what: str) -> list[RecordCheck]:
-    """The good records' checks; bad records stop the run unless the flags say to drop them."""
-    bad = [c for c in checks if c.kind != "ok"]
-    dropped_by_choice = bad_records == "skip" or (truncation == "skip" and all(c.kind == "too_long" for c in bad))
-    if bad and not dropped_by_choice:
-        raise BadDataError(f"{len(bad)} bad record(s) in {what}; fix them or pass --bad_records skip.\n"
+def usable(checks: Checks, bad_records: str, truncation: str, what: str) -> Checks:
+    """The good (and unchecked) records' checks; bad records stop the run unless the flags say to drop them."""
+    bad = checks.bad
+    kinds = set(KINDS[code] for code in np.unique(checks.kind[bad]))
+    dropped_by_choice = bad_records == "skip" or (truncation == "skip" and kinds == {"too_long"})
+    if bad.any() and not dropped_by_choice:
+        raise BadDataError(f"{int(bad.sum())} bad record(s) in {what}; fix them or pass --bad_records skip.\n"
                            + summarize(checks, show=10))
-    good = [c for c in checks if c.kind == "ok"]
-    if not good:
+    good = checks.select(~bad)
+    if not len(good):
         raise BadDataError(f"no usable record in {what}")
     return good

@@ -1,7 +1,9 @@
 """Data sources -> records: files and folders, random access to each record, several sources as one index.
 
 A record is one row of a JSONL/JSON/parquet file or of a `save_to_disk` folder; `RecordIndex.sample`
-turns one into a Sample through the readers of `formats.py`.
+turns one into a Sample through the readers of `formats.py`. Nothing holds all records in memory: a JSONL
+file is read by line offsets (a numpy array), a JSON list is converted once into a JSONL file in the data
+cache (see cache.py) and read the same way, parquet and `save_to_disk` tables are memory-mapped.
 """
 
 from __future__ import annotations
@@ -11,29 +13,31 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from . import cache
 from .formats import DataError, Sample, to_sample
 
 
 class RecordFile:
     """Random access to the records of one JSONL, JSON or parquet file, or a `save_to_disk` folder."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_dir: str = ""):
         self.path = str(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"data file {self.path} does not exist")
         suffix = Path(self.path).suffix.lower()
+        self._lines = self.path  # the JSONL file read by offset (for a JSON list: its converted copy)
         if is_saved_dataset(self.path) or suffix == ".parquet":
             self._table = _open_table(self.path)
             self._length = self._table.num_rows
         elif suffix == ".jsonl":
-            self._offsets = _line_offsets(self.path)
+            self._offsets = line_offsets(self.path)
             self._length = len(self._offsets)
         elif suffix == ".json":
-            with open(self.path) as f:
-                self._rows = json.load(f)
-            if not isinstance(self._rows, list):
-                raise ValueError(f"{self.path}: a .json data file must hold a list of records")
-            self._length = len(self._rows)
+            self._lines = str(_json_as_lines(self.path, cache_dir))
+            self._offsets = line_offsets(self._lines)
+            self._length = len(self._offsets)
         else:
             raise ValueError(f"{self.path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -43,10 +47,8 @@ class RecordFile:
     def __getitem__(self, index: int) -> dict:
         if hasattr(self, "_table"):
             return self._table.slice(index, 1).to_pylist()[0]
-        if hasattr(self, "_rows"):
-            return self._rows[index]
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[index])
+        with open(self._lines, "rb") as f:
+            f.seek(int(self._offsets[index]))
             line = f.readline()
         try:
             return json.loads(line)
@@ -60,7 +62,7 @@ class RecordFile:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if "_length" in state and "_offsets" not in state and "_rows" not in state:
+        if "_offsets" not in state:
             self._table = _open_table(self.path)
 
 
@@ -112,14 +114,79 @@ def parse_sources(spec: str) -> list[tuple[str, Optional[float]]]:
     return sources
 
 
-def _line_offsets(path: str) -> list[int]:
-    offsets, position = [], 0
+def line_offsets(path: str, chunk: int = 1 << 24) -> np.ndarray:
+    """Byte offsets of the non-blank lines of a file, as int64 (found with numpy, 16 MB at a time)."""
+    starts, ends, position = [np.zeros(1, np.int64)], [], 0
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                offsets.append(position)
-            position += len(line)
-    return offsets
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64) + position
+            ends.append(newlines)
+            starts.append(newlines + 1)
+            position += len(block)
+    starts, ends = np.concatenate(starts), np.concatenate(ends + [np.array([position], np.int64)])
+    keep = ends - starts > 0
+    short = np.flatnonzero(keep & (ends - starts < 64))
+    if len(short):  # whitespace-only lines are not records
+        with open(path, "rb") as f:
+            for i in short:
+                f.seek(int(starts[i]))
+                keep[i] = bool(f.read(int(ends[i] - starts[i])).strip())
+    return starts[keep]
+
+
+def _json_as_lines(path: str, cache_dir: str = "") -> Path:
+    """A JSON list file as a JSONL file of its records, built once in the data cache (or next to nothing:
+    in a temporary folder when the cache cannot be written)."""
+    root = cache.writable(cache.cache_root(cache_dir))
+    if root is None:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="ds_vlm_index_"))
+    return cache.built_once(root / "index" / f"{cache.fingerprint(path)}.jsonl", lambda tmp: _convert(path, tmp))
+
+
+def _convert(path: str, out: str, chunk: int = 1 << 24) -> None:
+    """Stream a JSON list's elements into a JSONL file, 16 MB of text at a time (never the whole list)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        buffer, pos, eof, count = f.read(chunk).lstrip(), 0, False, 0
+        if not buffer.startswith("["):
+            raise ValueError(f"{path}: a .json data file must hold a list of records")
+        pos = 1
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(buffer) and not eof:
+                buffer, pos = f.read(chunk), 0
+                eof = not buffer
+                continue
+            if pos < len(buffer) and buffer[pos] == "]":
+                return
+            try:
+                value, end = decoder.raw_decode(buffer, pos)
+                after = end
+                while after < len(buffer) and buffer[after] in " \t\r\n":
+                    after += 1
+                # an element ends at a comma or the closing bracket; anything else may be a cut (a number)
+                complete = after < len(buffer) and buffer[after] in ",]"
+                if not complete and eof:
+                    raise json.JSONDecodeError("expected ',' or ']' after a record", buffer, after)
+            except json.JSONDecodeError as err:
+                if eof:
+                    raise ValueError(f"{path}: not a valid JSON list after record {count} ({err})") from err
+                complete = False
+            if not complete:
+                more = f.read(chunk)
+                eof = not more
+                buffer, pos = buffer[pos:] + more, 0
+                continue
+            g.write(json.dumps(value, ensure_ascii=False) + "\n")
+            count, pos = count + 1, end
+            if pos > chunk:  # drop what was read
+                buffer, pos = buffer[pos:], 0
 
 
 class RecordIndex:
@@ -129,31 +196,32 @@ class RecordIndex:
     source may be a file, a folder of parquet files or a `save_to_disk` folder.
     """
 
-    def __init__(self, spec, image_root: str = "", data_format: str = "auto"):
+    def __init__(self, spec, image_root: str = "", data_format: str = "auto", cache_dir: str = ""):
         sources = parse_sources(spec) if isinstance(spec, str) else [(str(p), None) for p in spec]
-        self.image_root, self.data_format = image_root, data_format
+        self.image_root, self.data_format, self.cache_dir = image_root, data_format, cache_dir
         self.files, self.starts, self.source_ranges, self.weights = [], [], [], []
         total = 0
         for path, weight in sources:
             first = total
             for file_path in expand_source(path):
-                self.files.append(RecordFile(file_path))
+                self.files.append(RecordFile(file_path, cache_dir))
                 self.starts.append(total)
                 total += len(self.files[-1])
             self.source_ranges.append((first, total))
             self.weights.append(weight)
         self.total = total
 
-    def source_sizes(self, kept: list[int]) -> list[int]:
-        """How many of the kept global indices fall in each source."""
-        return [sum(start <= i < end for i in kept) for start, end in self.source_ranges]
+    def source_sizes(self, kept) -> list[int]:
+        """How many of the kept global indices (sorted) fall in each source."""
+        kept = np.asarray(kept)
+        return [int(np.searchsorted(kept, end) - np.searchsorted(kept, start)) for start, end in self.source_ranges]
 
     def __len__(self) -> int:
         return self.total
 
     def locate(self, index: int) -> tuple[RecordFile, int]:
-        file_no = max(i for i, start in enumerate(self.starts) if start <= index)
-        return self.files[file_no], index - self.starts[file_no]
+        file_no = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.files[file_no], int(index) - self.starts[file_no]
 
     def sample(self, index: int) -> Sample:
         f, local = self.locate(index)
