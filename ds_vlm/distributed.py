@@ -30,6 +30,8 @@ def init_distributed(timeout_s: int) -> None:
 
     import deepspeed
 
+    if torch.cuda.is_available():  # before any collective: NCCL's object collectives (preflight) use this device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as err:  # DistStoreError / DistNetworkError from the TCPStore rendezvous

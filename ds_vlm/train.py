@@ -23,7 +23,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .attention import VARLEN, SampleBoundaries
 from .config import ConfigError, TrainConfig
-from .data.batching import BatchPlan, Collator, SFTDataset, make_plan
+from .data.batching import BatchPlan, Collator, SFTDataset, make_loader, make_plan
 from .data.encode import encoder_for
 from .data.formats import DataError
 from .data.preflight import preflight, summarize, usable
@@ -39,7 +39,7 @@ from .engine import (
     resolve_ds_config,
     set_trainable,
 )
-from .faults import Preempted, StopSignals, Watchdog, ignore_stop_signals
+from .faults import Preempted, StopSignals, Watchdog
 from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves
@@ -71,36 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-    ignore_stop_signals()
-
-
-class _MicroBatches:
-    """This rank's micro-batches from `start` to `steps`, made as they are read (a million-record epoch is
-    never held as lists)."""
-
-    def __init__(self, plan: BatchPlan, rank: int, start: int, steps: int):
-        self.plan, self.rank, self.start, self.steps = plan, rank, start, steps
-
-    def __iter__(self):
-        return self.plan.iterate(self.rank, self.start, self.steps)
-
-    def __len__(self) -> int:
-        return (self.steps - self.start) * self.plan.grad_accum
-
-
-def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
-    from torch.utils.data import DataLoader
-
-    # its own generator: creating the iterator draws a seed, which from the global RNG would shift every later
-    # random draw (LoRA dropout) of a resumed run against the uninterrupted one
-    return DataLoader(dataset, batch_sampler=_MicroBatches(plan, rank, start, steps), collate_fn=collator,
-                      num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(start))
 
 
 class Trainer:

@@ -80,18 +80,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(args: list[str], nprocs: int = 2) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-            "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+def train_command(args: list[str], nprocs: int = 2, launcher: str = "ranks") -> list[str]:
+    """N local ranks of launch/train.py: by the DeepSpeed launcher (`deepspeed`, as users run it), or with its
+    environment by tests/scripts/ranks.py (`ranks`: the same ranks without the launcher's ~5 s start-up)."""
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+                "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+    return [sys.executable, str(ROOT / "tests" / "scripts" / "ranks.py"), str(nprocs), str(free_port()),
+            str(ROOT / "launch" / "train.py"), *args]
 
 
 def train_env(extra_env: dict | None = None) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}))
 
 
-def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: dict | None = None, **popen):
-    """`deepspeed --num_gpus N launch/train.py ARGS` on CPU ranks; returns the CompletedProcess."""
-    return subprocess.run(train_command(args, nprocs), cwd=ROOT, env=train_env(extra_env), capture_output=True,
+def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: dict | None = None,
+              launcher: str = "ranks", **popen):
+    """`deepspeed --num_gpus N launch/train.py ARGS` on CPU ranks (see train_command); the CompletedProcess."""
+    return subprocess.run(train_command(args, nprocs, launcher), cwd=ROOT, env=train_env(extra_env), capture_output=True,
                           text=True, timeout=timeout, **popen)
 
 

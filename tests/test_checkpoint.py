@@ -105,8 +105,8 @@ def test_preemption_checkpoints_the_finished_step_and_resumes_exactly(reference,
     ref_out, ds = reference["zero2"]
     out = tmp_path / "run"
     args = _args(demo_dir, out, ds, *PACKING["zero2"], "--export_hf", "false")
-    proc = subprocess.Popen(train_command(args), cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(train_command(args, launcher="deepspeed"), cwd=ROOT, env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not ((out / "metrics.jsonl").exists() and read_metrics(out)) and time.time() < deadline:
         assert proc.poll() is None

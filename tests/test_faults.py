@@ -30,8 +30,8 @@ def _args(demo_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _start(args: list[str], sink=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen(train_command(args), cwd=ROOT, env=train_env(), stdout=sink, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(train_command(args, launcher="deepspeed"), cwd=ROOT, env=train_env(), stdout=sink,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -105,7 +105,7 @@ def test_the_rendezvous_port_in_use_is_said_as_such(demo_dir, tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         args = _args(demo_dir, demo_dir / "data" / "train.jsonl", tmp_path / "run")
-        command = train_command(args)
+        command = train_command(args, launcher="deepspeed")
         command[command.index("--master_port") + 1] = str(port)
         proc = subprocess.run(command, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

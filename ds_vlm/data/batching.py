@@ -1,4 +1,4 @@
-"""Datasets, the deterministic global-batch plan, and collation into padded batches."""
+"""Datasets, the deterministic global-batch plan, collation into padded or packed batches, and the loader."""
 
 from __future__ import annotations
 
@@ -272,3 +272,35 @@ def make_plan(config: TrainConfig, world: int, records: RecordIndex, kept) -> Ba
         return TokenBudgetPlan(**common, lengths=kept.n_tokens.tolist(), max_tokens=config.max_tokens_per_batch,
                                packing=config.packing)
     return BatchPlan(**common)
+
+
+def _worker_init(_):
+    from ..faults import ignore_stop_signals
+
+    torch.set_num_threads(1)
+    ignore_stop_signals()
+
+
+class _MicroBatches:
+    """This rank's micro-batches from `start` to `steps`, made as they are read (a million-record epoch is
+    never held as lists)."""
+
+    def __init__(self, plan: BatchPlan, rank: int, start: int, steps: int):
+        self.plan, self.rank, self.start, self.steps = plan, rank, start, steps
+
+    def __iter__(self):
+        return self.plan.iterate(self.rank, self.start, self.steps)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.plan.grad_accum
+
+
+def make_loader(dataset, plan: BatchPlan, rank: int, start: int, steps: int, collator, num_workers: int):
+    from torch.utils.data import DataLoader
+
+    # its own generator: creating the iterator draws a seed, which from the global RNG would shift every later
+    # random draw (LoRA dropout) of a resumed run against the uninterrupted one
+    return DataLoader(dataset, batch_sampler=_MicroBatches(plan, rank, start, steps), collate_fn=collator,
+                      num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(start))

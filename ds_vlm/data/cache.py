@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -82,7 +83,7 @@ def built_once(path: Path, build: Callable[[str], None]) -> Path:
         return path
     with _locked(path):
         if not path.exists():
-            tmp = f"{path}.tmp{os.getpid()}"
+            tmp = temporary_name(path)
             try:
                 build(tmp)
                 os.replace(tmp, path)
@@ -90,6 +91,11 @@ def built_once(path: Path, build: Callable[[str], None]) -> Path:
                 if os.path.exists(tmp):
                     os.remove(tmp)
     return path
+
+
+def temporary_name(path: Path) -> str:
+    """A name no other process writes to, even on another node sharing the folder."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 def writable(root: Path) -> Optional[Path]:

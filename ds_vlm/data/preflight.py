@@ -146,7 +146,7 @@ class Checks:
     def save(self, path: Path) -> None:
         """An atomic write (a temporary file renamed) of the columns, messages and ignored-key counts."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp = cache.temporary_name(path)
         meta = json.dumps({"messages": {str(k): v for k, v in self.messages.items()}, "ignored": self.ignored})
         with open(tmp, "wb") as f:
             np.savez(f, index=self.index, meta=np.array(meta), **{name: getattr(self, name) for name in self.COLUMNS})
@@ -239,7 +239,7 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
         said.append(f"{from_cache} from the cache ({root})")
     if len(todo):
         said.append(f"{len(todo)} checked in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.0f}/s)")
-    if sample:
+    if sample and len(todo):
         said.append(estimate(checked, len(result) - from_cache))
     if mode == "off":
         said.append("none checked (--preflight off: bad records met in training are skipped and counted)")
