@@ -142,7 +142,7 @@ class Trainer:
         self.eval_set = self._dataset(config.eval_data) if config.eval_data else None
         kept = self.train_set.checks
         self.plan = make_plan(config, self.dp_size, self.train_set.records, kept)
-        self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.plan.steps_per_epoch
+        self.total_steps = config.max_steps if config.max_steps > 0 else self.plan.steps_in(config.epochs)
         positions = self.adapter.position_ids(self.model.config) if config.packing else None
         # a dummy video rides along when some record has a video (or when nobody checked: --preflight off)
         has_video = any(bool(s.checks.n_video_tokens.any()) for s in (self.train_set, self.eval_set) if s) or (

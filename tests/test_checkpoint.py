@@ -79,7 +79,7 @@ def _launch_and_kill_after(args: list[str], step: int, timeout: float = 240) -> 
         proc.wait()
 
 
-@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+@pytest.mark.parametrize("stage", ["zero3"])  # ZeRO-2 (packed): the preemption test below resumes it exactly
 def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference, demo_dir, tmp_path):
     ref_out, ds = reference[stage]
     out = tmp_path / "run"

@@ -76,7 +76,8 @@ def test_a_stopped_rank_is_named_and_the_run_ends(demo_dir, tmp_path):
 def test_a_stalled_data_loader_is_named(demo_dir, tmp_path):
     """Rank 1's DataLoader worker stops (a hung file system would look the same): rank 1 says its data loader
     returned nothing, rank 0 says rank 1 is alive in phase data; both within --dist_timeout_s; the launcher
-    exits non-zero."""
+    exits non-zero. (The worker is let go once rank 1 has reported, so that the launcher's 30 s grace before
+    SIGKILL does not stretch the test.)"""
     out, log = tmp_path / "run", tmp_path / "log.txt"
     with open(log, "w") as sink:  # not a pipe: the stopped worker would hold it open after everything else ended
         proc = _start(_args(demo_dir, demo_dir / "data" / "train.jsonl", out, "--num_workers", "1"), sink)
@@ -85,6 +86,14 @@ def test_a_stalled_data_loader_is_named(demo_dir, tmp_path):
             (worker,) = _rank(proc, 1).children()
             worker.send_signal(signal.SIGSTOP)
             began = time.monotonic()
+            while proc.poll() is None and time.monotonic() - began < TIMEOUT + 40:
+                if "rank 1's data loader returned no batch" in log.read_text():
+                    try:
+                        worker.send_signal(signal.SIGCONT)  # reported: let it go (the launcher would wait 30 s)
+                    except psutil.NoSuchProcess:
+                        pass
+                    break
+                time.sleep(0.1)
             proc.wait(timeout=180)
         finally:
             try:

@@ -202,6 +202,16 @@ def test_token_budget_batches_cover_the_epoch_and_pad_less():
     assert all(max(lengths[i] for i in mb) * len(mb) <= budget
                for s in range(plan.steps_per_epoch) for mb in plan.micro_batches(s, None) if len(mb) > 1)
     assert budget_tokens <= 0.75 * fixed_tokens, (budget_tokens, fixed_tokens)
+    # later epochs pack their own order into a step or two more or fewer: every step still holds samples,
+    # every epoch holds each sample once (a step with no sample at all once divided the loss by zero)
+    epoch_steps = [plan.epoch_steps(e) for e in range(6)]
+    assert len(set(epoch_steps)) > 1 and plan.steps_in(6) == sum(epoch_steps)
+    start = 0
+    for steps in epoch_steps:
+        batches = [plan.micro_batches(s, None) for s in range(start, start + steps)]
+        assert all(any(mb for mb in step) for step in batches)
+        assert sorted(i for step in batches for mb in step for i in mb) == list(range(len(lengths)))
+        start += steps
 
 
 @pytest.mark.dist

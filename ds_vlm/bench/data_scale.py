@@ -5,10 +5,11 @@
 
 Writes a tiny model, a few hundred small images and N records (2 in 3 with an image, the rest text-only;
 half in one JSONL file, half in one JSON list), then trains 1 step on `--ranks` CPU ranks, ZeRO-2, with a
-fresh data cache (cold: the JSON list is indexed and every record preflighted) and again with the same
-cache (warm). The same two runs on `--baseline` records give the memory reference. Prints and writes
-cold_start_s, warm_start_s and peak_rss_gb (per rank, the rank processes' ru_maxrss as metrics.jsonl logs
-it) against the targets: warm start under 60 s, RSS at most 1 GB above the baseline's.
+fresh data cache (cold: the JSON list is indexed and every record preflighted) and again `--warm_rounds`
+times with the same cache (warm). The same runs on `--baseline` records give the memory reference. Prints
+and writes cold_start_s, warm_start_s (the worst warm round; every round is listed) and peak_rss_gb (per
+rank, the rank processes' ru_maxrss as metrics.jsonl logs it; the largest over the warm rounds) against
+the targets: warm start under 60 s, RSS at most 1 GB above the baseline's, in every round.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers per rank")
     parser.add_argument("--work", default="runs/bench_data", help="generated data, runs and caches go here")
+    parser.add_argument("--warm_rounds", type=int, default=3, help="warm starts per size (every one is reported; "
+                                                                   "the targets hold only if they hold in all)")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds one run may take")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         result[f"{name}_write_s"] = round(time.perf_counter() - began, 1)
         cache = work / f"cache_{count}"
         shutil.rmtree(cache, ignore_errors=True)
-        for start in ("cold", "warm"):
+        for start in ["cold"] + [f"warm{i + 1}" for i in range(args.warm_rounds)]:
             run = time_to_first_step(model, data, work / f"run_{count}_{start}", cache, args.ranks, args.num_workers,
                                      args.timeout)
             result[f"{name}_{start}"] = run
@@ -118,6 +121,10 @@ def main(argv=None) -> int:
                   f"{run['peak_rss_gb']} GB", flush=True)
             for line in run["preflight"]:
                 print(f"    {line}", flush=True)
+        warm = [result[f"{name}_warm{i + 1}"] for i in range(args.warm_rounds)]
+        result[f"{name}_warm"] = {"start_s": max(r["start_s"] for r in warm),  # the worst round
+                                  "rounds_start_s": [r["start_s"] for r in warm],
+                                  "peak_rss_gb": [max(r["peak_rss_gb"][i] for r in warm) for i in range(args.ranks)]}
     large, base = result["large_warm"], result["baseline_warm"]
     result.update(cold_start_s=result["large_cold"]["start_s"], warm_start_s=large["start_s"],
                   peak_rss_gb=large["peak_rss_gb"], cold_peak_rss_gb=result["large_cold"]["peak_rss_gb"],
@@ -126,7 +133,8 @@ def main(argv=None) -> int:
     result["targets"] = {"warm_start_under_60s": large["start_s"] < WARM_TARGET_S,
                          "rss_at_most_1gb_over_baseline": rss_over <= RSS_MARGIN_GB}
     print(f"cold_start_s {result['cold_start_s']} (preflight of {args.records} records at the processor's speed)")
-    print(f"warm_start_s {result['warm_start_s']} (target < {WARM_TARGET_S:.0f}): "
+    print(f"warm_start_s {result['warm_start_s']}, the worst of rounds {large['rounds_start_s']} (target < "
+          f"{WARM_TARGET_S:.0f}): "
           f"{'met' if result['targets']['warm_start_under_60s'] else 'NOT met'}")
     print(f"peak_rss_gb per rank {large['peak_rss_gb']} (warm; cold {result['cold_peak_rss_gb']}) vs "
           f"{base['peak_rss_gb']} on {args.baseline} records: +{rss_over:.2f} GB at most (target <= "

@@ -113,9 +113,17 @@ class BatchPlan:
         """Every dataset position of `step`, all ranks and accumulation steps."""
         return [i for mb in self.micro_batches(step, None) for i in mb]
 
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within it) of a global step."""
+        return divmod(step, self.steps_per_epoch)
+
+    def steps_in(self, epochs: int) -> int:
+        """Optimizer steps in the first `epochs` epochs."""
+        return epochs * self.steps_per_epoch
+
     def micro_batches(self, step: int, rank: Optional[int], epoch_cache: Optional[dict] = None) -> list[list[int]]:
         """This rank's micro-batches of `step` (all ranks' if rank is None)."""
-        epoch, offset = divmod(step, self.steps_per_epoch)
+        epoch, offset = self.locate(step)
         cache = {} if epoch_cache is None else epoch_cache
         if epoch not in cache:
             cache.clear()
@@ -152,7 +160,26 @@ class TokenBudgetPlan(BatchPlan):
 
     @cached_property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.epoch_micro_batches(0)) / (self.world_size * self.grad_accum))
+        """The first epoch's steps; later epochs pack their own order and may differ by a step or two."""
+        return self.epoch_steps(0)
+
+    def epoch_steps(self, epoch: int) -> int:
+        if not hasattr(self, "_epoch_steps"):
+            self._epoch_steps: dict[int, int] = {}
+        if epoch not in self._epoch_steps:
+            self._epoch_steps[epoch] = math.ceil(len(self.epoch_micro_batches(epoch)) /
+                                                 (self.world_size * self.grad_accum))
+        return self._epoch_steps[epoch]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        epoch = 0
+        while step >= self.epoch_steps(epoch):  # epochs differ in length: walk them (each packed once)
+            step -= self.epoch_steps(epoch)
+            epoch += 1
+        return epoch, step
+
+    def steps_in(self, epochs: int) -> int:
+        return sum(self.epoch_steps(e) for e in range(epochs))
 
     def _cost(self, current: list[int], candidate: int) -> int:
         """Tokens the forward computes over if `candidate` joins the micro-batch `current`."""
