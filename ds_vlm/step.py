@@ -137,7 +137,7 @@ class PendingStats:
         if self.work is not None:
             self.work.wait()
         loss_sum, n_targets, n_tokens, n_samples, n_computed, flops, *memory = self.totals.tolist()
-        loss = loss_sum / n_targets
+        loss = loss_sum / n_targets if n_targets else math.nan  # a step with no label token (all its records bad)
         norm = float(self.grad_norm) if self.grad_norm is not None else None
         return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
                 "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in memory],
