@@ -11,10 +11,7 @@ per DataLoader worker count against the model's step time.
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
     if "--loader" in sys.argv[1:]:

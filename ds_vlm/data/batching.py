@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -157,6 +157,7 @@ class TokenBudgetPlan(BatchPlan):
     max_tokens: int = 0
     window: int = 64
     packing: bool = False  # a packed micro-batch costs the sum of its lengths, a padded one longest x count
+    _epoch_steps: dict = field(default_factory=dict, init=False, repr=False)  # epoch -> its steps, once packed
 
     @cached_property
     def steps_per_epoch(self) -> int:
@@ -164,8 +165,6 @@ class TokenBudgetPlan(BatchPlan):
         return self.epoch_steps(0)
 
     def epoch_steps(self, epoch: int) -> int:
-        if not hasattr(self, "_epoch_steps"):
-            self._epoch_steps: dict[int, int] = {}
         if epoch not in self._epoch_steps:
             self._epoch_steps[epoch] = math.ceil(len(self.epoch_micro_batches(epoch)) /
                                                  (self.world_size * self.grad_accum))

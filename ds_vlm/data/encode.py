@@ -44,6 +44,8 @@ class Encoder:
         # a segment with no image or video is only tokenized (several times faster than the processor's call,
         # most of which is argument checking); used only if it gives what the processor gives on a probe
         self._text_only_fast = False
+        # the processor marks image/video tokens in `mm_token_type_ids` (all 0 in a text-only segment)
+        self._mm_token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
         probe = "<|im_start|>user\nA probe, 12 words: é ü 中文.<|im_end|>\n"
         self._text_only_fast = _same_tensors(self._process(probe, []), self._tokenize(probe))
 
@@ -52,11 +54,6 @@ class Encoder:
         if self._mm_token_types:
             out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
         return out
-
-    @property
-    def _mm_token_types(self) -> bool:
-        """The processor marks image/video tokens in `mm_token_type_ids` (all 0 in a text-only segment)."""
-        return "mm_token_type_ids" in getattr(self.processor, "model_input_names", ())
 
     # -- text -------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -52,7 +52,7 @@ class BadDataError(RuntimeError):
 class _CheckDataset(Dataset):
     def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
         self.records, self.encoder, self.indices = records, encoder, indices
-        self.image_token_id = encoder.tokenizer.convert_tokens_to_ids(encoder.image_token)
+        self.image_token_id = encoder.image_token_id
         self.video_token_id = (encoder.tokenizer.convert_tokens_to_ids(encoder.video_token) if encoder.video_token
                                else None)
 
