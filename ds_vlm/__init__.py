@@ -1,9 +1,25 @@
 """ds-vlm: DeepSpeed-native supervised fine-tuning of vision-language models."""
 
+import hashlib
 import os
 import sys
+from pathlib import Path
 
-# DeepSpeed JIT-builds its ops into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, shared by every
-# install on the machine: two venvs then rebuild each other's ops on every start and wait on each other's
-# build locks). Unless the user chose a folder, keep the builds inside this environment.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+def _extensions_dir() -> str:
+    """Where DeepSpeed JIT-builds its ops (TORCH_EXTENSIONS_DIR) unless the user chose: inside this environment
+    (torch's default, ~/.cache/torch_extensions, is shared by every install on the machine: two venvs then
+    rebuild each other's ops on every start and wait on each other's build locks). A read-only environment (a
+    shared cluster install) gets a per-user folder named after it instead."""
+    inside = Path(sys.prefix) / "torch_extensions"
+    try:
+        inside.mkdir(parents=True, exist_ok=True)
+        if os.access(inside, os.W_OK | os.X_OK):
+            return str(inside)
+    except OSError:
+        pass
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path.home() / ".cache" / "ds_vlm" / "torch_extensions" / f"{Path(sys.prefix).name}-{tag}")
+
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())

@@ -1,124 +1,211 @@
 """The attention kernel, and keeping attention inside each sample of a packed row.
 
 A packed micro-batch is one row of several samples (`--packing`). Attention must never cross from one
-sample into another:
-- on a CPU (and wherever sdpa or eager attention runs), transformers builds a block-diagonal causal mask
-  from the text position ids, which restart at 0 at every sample (the collator writes them);
-- on CUDA, a varlen kernel takes the samples' boundaries (`cu_seq_lens`) instead of a mask: PyTorch's own
-  `torch.nn.attention.varlen.varlen_attn` (registered here as the attention implementation
-  "ds_vlm_varlen"), or flash-attention 2 where flash-attn is installed. `SampleBoundaries` hands the
-  boundaries to the language model only, never to the vision tower (whose own attention runs per image).
+sample into another. Packed rows go through one varlen interface, whatever the machine: the collator knows
+the samples' boundaries (`cu_seq_lens`) and the longest sample on the host, `SampleBoundaries` hands them to
+the language model's attention (never to the vision tower, which finds its own per-image boundaries), and
+the implementation registered as "ds_vlm_varlen" runs them on the best kernel there is:
+- on CUDA, PyTorch's `torch.nn.attention.varlen.varlen_attn` (called as the installed torch's signature
+  allows), or flash-attention 2 where flash-attn is installed (`auto` prefers it);
+- on a CPU, sdpa sample by sample (the boundaries are host numbers there: no sync, and never an L x L mask).
+The Qwen vision towers run the same function under a second name, "ds_vlm_flash_varlen_vision"
+(`route_vision_varlen`): transformers hands a vision tower its images' boundaries (`cu_seqlens`) only when
+its implementation's name says flash, and otherwise loops over the images with a host read per block. (The
+language model's name cannot say flash: transformers would then try to load a flash-attention kernel.)
+Anything unpacked (generation, eval with padding, a padded batch) runs plain sdpa with transformers' mask.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
+from .console import say_once
+
 VARLEN = "ds_vlm_varlen"
+VISION_VARLEN = "ds_vlm_flash_varlen_vision"
 
 
-def has_torch_varlen() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attention(choice: str, packing: bool = False) -> str:
-    """--attn_implementation -> the name transformers loads. `auto`: on CUDA, with --packing PyTorch's varlen
-    kernel (else flash-attention 2 if installed, else sdpa with a block-diagonal mask), without packing
-    flash-attention 2 if installed, else sdpa; on a CPU sdpa. An explicit choice whose package or device is
-    missing is an error naming it."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    cuda = torch.cuda.is_available()
+@functools.lru_cache(maxsize=None)
+def torch_varlen_signature() -> Optional[frozenset]:
+    """The keyword parameters of this torch's `varlen_attn`, or None where it has none (torch < 2.9). 2.9-2.10
+    take `is_causal`; later ones `window_size`, `scale` and `enable_gqa` (adapted in `_torch_varlen`)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    return params if {"window_size", "is_causal"} & params else None
+
+
+def resolve_attention(choice: str, packing: bool = False, cuda: Optional[bool] = None) -> str:
+    """--attn_implementation -> the name transformers loads.
+
+    auto: with --packing the varlen interface (on CUDA flash-attention 2 if installed, else PyTorch's varlen
+    kernel, else sdpa with transformers' block-diagonal mask, said in one line; on a CPU the per-sample sdpa
+    loop); without packing flash-attention 2 where installed on CUDA, else sdpa. varlen: the varlen interface
+    (on CUDA without PyTorch's kernel: flash-attention 2, then sdpa, said in one line). flash_attention_2
+    without its package or a GPU is an error naming what is missing."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    flash = has_flash_attn() and cuda
     if choice == "auto":
-        if cuda and packing and has_torch_varlen():
-            choice = "varlen"
-        else:
-            return "flash_attention_2" if has_flash and cuda else "sdpa"
+        if not packing:
+            return "flash_attention_2" if flash else "sdpa"
+        choice = "flash_attention_2" if flash else "varlen"
     if choice == "flash_attention_2":
-        if not has_flash:
+        if not has_flash_attn():
             raise ValueError("--attn_implementation flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn, built for your CUDA); sdpa needs nothing")
         if not cuda:
             raise ValueError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa here")
+        return choice
     if choice == "varlen":
-        if not (cuda and has_torch_varlen()):
-            raise ValueError("--attn_implementation varlen needs a CUDA GPU and a PyTorch with "
-                             "torch.nn.attention.varlen (2.9 or later); use sdpa here")
+        if cuda and torch_varlen_signature() is None:
+            fallback = "flash_attention_2" if flash else "sdpa"
+            say_once(f"this torch ({torch.__version__}) has no torch.nn.attention.varlen kernel: packed rows run on "
+                      f"{fallback}" + (" with a block-diagonal mask (O(L^2) memory)" if fallback == "sdpa" else ""))
+            return fallback
         register_varlen()
         return VARLEN
     return choice
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                     max_length_q=None, position_ids=None, **kwargs):
-    """transformers' attention-function signature around `varlen_attn`: (1, heads, L, dim) in, (1, L, heads,
-    dim) out. The sample boundaries come from `SampleBoundaries` (no host sync); a packed row without them
-    (restarting position ids) gets them from its positions (a host sync, but never attention across samples).
-    Anything else (generation, a padded batch, the vision tower) is plain sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def kernel_description(implementation: str, cuda: Optional[bool] = None) -> str:
+    """What actually runs for a resolved implementation name on this machine (for logs and the GPU check)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if implementation != VARLEN:
+        return implementation
+    if not cuda:
+        return "varlen interface: per-sample sdpa on the CPU"
+    params = torch_varlen_signature() or frozenset()
+    return f"varlen interface: torch varlen_attn ({'window_size' if 'window_size' in params else 'is_causal'})"
 
-    if cu_seq_lens_q is None and query.shape[0] == 1 and query.shape[2] > 1 and position_ids is not None:
-        starts = (position_ids.reshape(-1, position_ids.shape[-1])[0] == 0).nonzero().flatten()
-        if starts.numel() > 1:
-            cu_seq_lens_q = torch.cat([starts, starts.new_tensor([query.shape[2]])]).to(torch.int32)
-            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-    if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+
+def _repeat_kv(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    """(L, kv heads, dim) -> (L, kv heads x groups, dim), each kv head repeated for its query heads."""
+    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def _torch_varlen(q, k, v, cu_seq_lens, max_length: int, scale: Optional[float], causal: bool) -> torch.Tensor:
+    """PyTorch's varlen kernel, called as this torch allows: (L, heads, dim) in and out."""
     from torch.nn.attention.varlen import varlen_attn
 
+    params = torch_varlen_signature()
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
+        raise ValueError(f"this torch's varlen_attn takes no scale; the model asks for {scale}, not 1/sqrt(dim)")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (_repeat_kv(t, q.shape[1] // t.shape[1]) for t in (k, v))
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **kwargs)
+
+
+def _per_sample_sdpa(q, k, v, cu_seq_lens, scale: Optional[float], causal: bool) -> torch.Tensor:
+    """sdpa sample by sample (the CPU's varlen kernel): (L, heads, dim) in and out, no mask anywhere."""
+    bounds = cu_seq_lens.tolist()  # a CPU tensor: no device to wait for
+    groups = q.shape[1] // k.shape[1]
+    q, k, v = (t.transpose(0, 1) for t in (q, _repeat_kv(k, groups), _repeat_kv(v, groups)))  # (heads, L, dim)
+    outputs = [torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=causal,
+                                                                scale=scale)
+               for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(outputs, dim=1).transpose(0, 1)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """transformers' attention-function signature around the varlen kernels: (1, heads, L, dim) in, (1, L, heads,
+    dim) out. With sample boundaries (a packed row: `SampleBoundaries`; a Qwen vision tower: its images), each
+    sample attends within itself (causally in the language model); without them, plain sdpa with the mask
+    transformers made (generation, padded batches)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim)
-    causal = getattr(module, "is_causal", True)
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                      window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if query.device.type == "cuda":
+        if max_length_q is None:  # a caller that did not say: read it (one host sync)
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        out = _torch_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling, causal)
+    else:
+        out = _per_sample_sdpa(q, k, v, cu_seq_lens_q, scaling, causal)
     return out.unsqueeze(0), None
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """sdpa that keeps attention inside each sample of a packed row, from its restarting position ids (a
-    block-diagonal causal mask, O(L^2)): the core attention under sequence parallelism on a CPU, where the
-    mask transformers built for one rank's slice does not apply to the gathered sequence."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if position_ids is not None and query.shape[2] > 1 and getattr(module, "is_causal", True):
-        positions = position_ids.reshape(-1, position_ids.shape[-1])
-        sample = (positions == 0).cumsum(-1)  # which sample each token belongs to, per row
-        causal = torch.ones(query.shape[2], query.shape[2], dtype=torch.bool, device=query.device).tril()
-        attention_mask = (sample[:, None, :, None] == sample[:, None, None, :]) & causal
-    return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
-
-
 def _varlen_mask(*args, attention_mask=None, **kwargs):
-    """The mask transformers builds for "ds_vlm_varlen": none for a packed or unpadded row (the kernel keeps
-    attention inside each sample and causal), sdpa's padding mask for a padded batch."""
+    """The mask transformers builds for the varlen interface: none while sample boundaries are armed (they keep
+    attention inside each sample; `SampleBoundaries` passes a stand-in mask so that transformers does not read
+    the position ids back to find them), else sdpa's (a padded batch, generation, or a packed row run without
+    its boundaries: then the block-diagonal mask from the positions, never attention across samples)."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if SampleBoundaries.active is not None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)  # packed samples found from the positions too
 
 
 def register_varlen() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    for name in (VARLEN, VISION_VARLEN):
+        AttentionInterface.register(name, varlen_attention)
+        AttentionMaskInterface.register(name, _varlen_mask)
+
+
+def route_vision_varlen(vision_config) -> bool:
+    """A vision tower loaded with the varlen interface gets it under the name that makes transformers pass its
+    images' boundaries (set after loading: the name is checked only then). True if it was changed."""
+    if getattr(vision_config, "_attn_implementation", None) != VARLEN:
+        return False
+    vision_config._attn_implementation_internal = VISION_VARLEN
+    return True
 
 
 class SampleBoundaries:
     """While armed, the language model's forward gets the packed row's sample boundaries as the kwargs that
-    flash-attention 2 and "ds_vlm_varlen" read (cu_seq_lens_q/k, max_length_q/k); the vision tower never
-    sees them. Unarmed, nothing is added."""
+    flash-attention 2 and the varlen interface read (cu_seq_lens_q/k, max_length_q/k); the vision tower never
+    sees them. Unarmed, nothing is added.
 
-    def __init__(self, language_model: torch.nn.Module):
+    With `stand_in_mask` (our own implementations, whose mask functions know the armed state: the varlen
+    interface, the Ulysses wrapper): transformers would otherwise look for packed samples itself, by reading
+    the position ids back from the device once per forward; an all-ones attention mask in their place stops
+    that, and the mask function makes no mask while the boundaries are armed. Never for flash_attention_2,
+    which would take the mask's unpadding path and ignore the boundaries."""
+
+    active: Optional["SampleBoundaries"] = None  # the armed instance, for the mask function
+
+    def __init__(self, language_model: torch.nn.Module, stand_in_mask: bool = False):
         self._armed: dict | None = None
+        self.stand_in_mask = stand_in_mask
         language_model.register_forward_pre_hook(self._inject, with_kwargs=True)
 
     def _inject(self, module, args, kwargs):
         if self._armed is None:
             return None
-        return args, {**kwargs, **self._armed}
+        embeds = kwargs.get("inputs_embeds")
+        extra = dict(self._armed)
+        if self.stand_in_mask and embeds is not None and kwargs.get("attention_mask") is None:
+            extra["attention_mask"] = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        return args, {**kwargs, **extra}
 
     @contextmanager
     def armed(self, cu_seq_lens: torch.Tensor | None, max_length: int):
@@ -127,7 +214,9 @@ class SampleBoundaries:
             return
         self._armed = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
                        "max_length_k": max_length}
+        SampleBoundaries.active = self
         try:
             yield
         finally:
             self._armed = None
+            SampleBoundaries.active = None

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
+from .distributed import all_ok, barrier
 
 MARKER = "ds_vlm_checkpoint.json"
 HF_CONFIG = "hf_config"
@@ -127,7 +128,7 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*.partial"):
                 shutil.rmtree(stale, ignore_errors=True)
-        dist.barrier()
+        barrier()
         error = ""
         try:
             engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"ds_vlm_step": step},
@@ -135,7 +136,7 @@ class Checkpointer:
             torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         except Exception as err:  # disk full, quota, I/O errors: report, keep earlier checkpoints
             error = f"rank {self.rank}: {type(err).__name__}: {err}"
-        agreed = _all_ok(not error)
+        agreed = all_ok(not error)
         if agreed and self.rank == 0:
             try:
                 engine.module.config.save_pretrained(partial / HF_CONFIG)
@@ -150,29 +151,20 @@ class Checkpointer:
                 _write_atomic(self.root / LATEST, final.name)
             except Exception as err:
                 error = f"rank 0: {type(err).__name__}: {err}"
-        ok = _all_ok(agreed and not error, src_rank_decides=True)
+        ok = all_ok(agreed and not error, src_rank_decides=True)
         if not ok:
             error = error or "another rank failed to write its part"
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
         elif self.keep and self.rank == 0:
             self._prune()
-        dist.barrier()
+        barrier()
         return ok, error
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.root.glob("step_*") if is_complete(p))
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _all_ok(ok: bool, src_rank_decides: bool = False) -> bool:
-    flag = torch.tensor([1.0 if ok else 0.0])
-    if src_rank_decides:
-        dist.broadcast(flag, src=0)
-    else:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 # --------------------------------------------------------------------------- resume
@@ -242,7 +234,7 @@ def ensure_universal(checkpoint: Path) -> Path:
         shutil.copy(checkpoint / MARKER, staging / MARKER)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    dist.barrier()
+    barrier()
     return target
 
 
@@ -292,14 +284,21 @@ def plain_model(config, state: dict, generation_config=None):
     """A model of `config` whose parameters are `state`'s tensors (no copy), built on the meta device. While
     a ZeRO-3 run's HfDeepSpeedConfig is alive, transformers would build it partitioned (zero.Init: collectives
     only rank 0 would join), so that config is set aside meanwhile."""
+    import copy
+    from collections import Counter
+
     from transformers import AutoModelForImageTextToText
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    dtype = next(iter(state.values())).dtype
+    dtype = Counter(v.dtype for v in state.values() if v.is_floating_point()).most_common(1)[0][0]
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # QLoRA's run: these weights are full precision (dequantized)
+        del config.quantization_config
     live, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
     try:
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+            # plain sdpa: the run's own kernels (the varlen interface) are registered names that mean nothing here
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = live
     model.load_state_dict(state, strict=False, assign=True)
@@ -316,7 +315,7 @@ def save_lora_exports(state: dict, lora, config, generation_config, processor, o
     adapter folder. `state` is the peft model's full state dict."""
     from .lora import merged_state_dict, save_adapter
 
-    merged = merged_state_dict(state, lora)
+    merged = merged_state_dict(state, lora)  # quantized weights must be dequantized before (export_hf does)
     save_hf(plain_model(config, merged, generation_config), merged, processor, out_dir)
     save_adapter(state, lora, adapter_dir)
 
@@ -329,6 +328,9 @@ def export_hf(engine, processor, out_dir: str, lora=None) -> None:
         if lora is None:
             save_hf(engine.module, state, processor, out_dir)
         else:
+            from .lora import dequantized_state_dict
+
+            state = dequantized_state_dict(engine.module, state)  # QLoRA: 4-bit weights back to full precision
             save_lora_exports(state, lora, engine.module.config, engine.module.generation_config, processor, out_dir,
                               str(Path(out_dir).parent / "adapter"))
-    dist.barrier()
+    barrier()

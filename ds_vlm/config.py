@@ -104,7 +104,8 @@ class TrainConfig:
                            "counted; more than this many stop the run (validate: more than this many bad fail)")
     data_cache: str = _key("", "folder of the data cache (JSON-list indexes, preflight results); default "
                                "$DS_VLM_CACHE or ~/.cache/ds_vlm")
-    num_workers: int = _key(1, "DataLoader workers per rank (image decoding, processor)")
+    num_workers: int = _key(-1, "DataLoader workers per rank (image decoding, processor); -1: from the cores per "
+                                "local rank (on a GPU one core left for the rank itself, at most 8; on a CPU 1)")
     # output
     save_steps: int = _key(0, "checkpoint every N steps (always one at the end)")
     save_total_limit: int = _key(0, "keep only the newest K complete checkpoints (0: all)")
@@ -124,6 +125,15 @@ class TrainConfig:
     dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
                                     "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
                                     "rendezvous and every collective")
+
+    @property
+    def loader_workers(self) -> int:
+        """--num_workers, with -1 resolved from the cores this local rank has."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        from .distributed import default_loader_workers
+
+        return default_loader_workers()
 
     @property
     def vision_blocks_to_train(self) -> Optional[int]:
@@ -158,7 +168,7 @@ class TrainConfig:
              "--video_fps must be > 0, --video_max_frames >= 2, --video_max_pixels >= 0")
         need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
              f"--train_vision {self.train_vision!r}: use none, all or last:N")
-        need(self.num_workers >= 0, "--num_workers must be >= 0")
+        need(self.num_workers >= -1, "--num_workers must be >= 0, or -1 (from the cores)")
         need(bool(re.fullmatch(r"cached|full|off|sample:[1-9]\d*", self.preflight)),
              f"--preflight {self.preflight!r}: use cached, full, off or sample:N")
         need(self.max_bad >= 0, "--max_bad must be >= 0")

@@ -1,9 +1,19 @@
-"""Processes: the rendezvous (with errors that say what failed), CPU threads, DeepSpeed's shared memory."""
+"""Processes: the rendezvous (with errors that say what failed), CPU threads, DeepSpeed's shared memory, and
+every collective ds-vlm runs itself.
+
+Collectives: NCCL takes only CUDA tensors, gloo CPU ones, and a tensor on the wrong device fails only on the
+hardware whose backend refuses it (a CPU tensor on the default group of an NCCL job raises "No backend type
+associated with device type cpu"; gloo on a CPU accepts it, so no CPU test would see the mistake). So no
+module of ds_vlm calls `torch.distributed` collectives directly (a test enforces it): they call the helpers
+here, which put each tensor on the communication device of the group they use (`comm_device`) and bring
+the result back where the caller keeps it.
+"""
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,9 +27,25 @@ def setup_threads() -> None:
     """On CPU, give each local rank its share of the cores (the default oversubscribes badly)."""
     if torch.cuda.is_available():
         return
-    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(cores_per_local_rank())
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cores_per_local_rank() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores // max(1, local_ranks)))
+    return max(1, (cores or 1) // max(1, local_world_size()))
+
+
+def default_loader_workers(cuda: Optional[bool] = None) -> int:
+    """DataLoader workers per rank when --num_workers is -1. On a GPU each worker decodes and processes
+    images while the rank's own core drives the GPU: the rank's share of the cores less one, at most 8 (about
+    10 Pokemon-sized images a second per worker were measured on a CPU core; docs/training.md). On a CPU the
+    ranks compute on those cores themselves: 1."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return max(1, min(8, cores_per_local_rank() - 1)) if cuda else 1
 
 
 def init_distributed(timeout_s: int) -> None:
@@ -62,11 +88,125 @@ def release_shm_buffer() -> None:
     when the run ends, even on kill -9."""
     if torch.cuda.is_available() or not os.path.isdir("/dev/shm"):
         return
-    dist.barrier()
+    barrier()
     env = os.environ.get
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env('MASTER_ADDR', '')}_{env('MASTER_PORT', '')}_"
-            f"{dist.get_rank()}")
+            f"{rank()}")
     try:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:
         pass
+
+
+# --------------------------------------------------------------------------- who we are
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def backend_device_type(backend: str) -> str:
+    """The device type a backend communicates tensors on: "cuda" for NCCL (and its relatives), else "cpu"."""
+    backend = str(backend).lower()
+    return "cuda" if any(name in backend for name in ("nccl", "hccl", "rccl")) else "cpu"
+
+
+def comm_device(group=None) -> torch.device:
+    """Where a tensor must be for a collective on `group` (None: the default group): the current CUDA device for
+    NCCL, the CPU for gloo."""
+    if backend_device_type(dist.get_backend(group)) == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _CopyBack:
+    """The work of a collective run on a copy of the caller's tensor: waiting copies the result back."""
+
+    def __init__(self, work, moved: torch.Tensor, original: torch.Tensor):
+        self.work, self.moved, self.original = work, moved, original
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        self.original.copy_(self.moved)
+        return True
+
+    def is_completed(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+
+def _run(collective, tensor: torch.Tensor, group, async_op: bool, **kwargs):
+    """`collective(t, ...)` on `tensor` where `group` communicates; the result lands in `tensor`."""
+    if not is_distributed():
+        return None
+    device = comm_device(group)
+    moved = tensor if tensor.device == device else tensor.to(device)
+    work = collective(moved, group=group, async_op=async_op, **kwargs)
+    if moved is tensor:
+        return work
+    copy = _CopyBack(work, moved, tensor)
+    if async_op:
+        return copy
+    copy.wait()
+    return None
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None, async_op: bool = False):
+    """Reduce `tensor` over the ranks of `group` in place (op: sum, min or max). With async_op, returns a work
+    handle whose wait() completes it (None outside a process group)."""
+    reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    return _run(dist.all_reduce, tensor, group, async_op, op=reduce_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
+    """`tensor` from global rank `src` to every rank of `group`, in place."""
+    return _run(dist.broadcast, tensor, group, async_op, src=src)
+
+
+def barrier(group=None) -> None:
+    if not is_distributed():
+        return
+    if backend_device_type(dist.get_backend(group)) == "cuda":
+        # NCCL's barrier guesses a device from the rank; name the one this rank uses
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
+
+
+def all_gather_object(obj: Any, group=None) -> list:
+    """Every rank's `obj`, in rank order (pickled; NCCL moves it through this rank's current CUDA device)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """Global rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=src, group=group, device=comm_device(group))
+    return shared[0]
+
+
+def all_ok(ok: bool, src_rank_decides: bool = False, group=None) -> bool:
+    """Whether every rank of `group` is ok (or, with src_rank_decides, what rank 0 says), on every rank."""
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if src_rank_decides:
+        broadcast(flag, src=0, group=group)
+    else:
+        all_reduce(flag, op="min", group=group)
+    return bool(flag.item())

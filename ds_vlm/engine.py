@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .attention import resolve_attention
+from .console import say_once
 from .config import ConfigError, TrainConfig
 from .models import Adapter, adapter_for
 
@@ -72,6 +73,31 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
     return ds
 
 
+def settle_optimizer(ds: dict) -> str:
+    """Which AdamW the run gets, decided before deepspeed.initialize (which would fail there): DeepSpeed's
+    FusedAdam where its op loads (prebuilt, or JIT-built with the machine's compiler: nvcc on CUDA, gcc on a
+    CPU), else PyTorch's own AdamW (fused on a GPU), said once. ZeRO-Offload keeps DeepSpeed's CPU Adam (it
+    needs no nvcc). Returns a short description for the run's log."""
+    params = ds["optimizer"]["params"]
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if params.get("torch_adam") or offload:
+        return "torch AdamW" if params.get("torch_adam") else "DeepSpeed CPU Adam (ZeRO-Offload)"
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        get_accelerator().create_op_builder("FusedAdamBuilder").load(verbose=False)
+        return "DeepSpeed FusedAdam"
+    except Exception as err:  # no nvcc, a CUDA toolkit that does not match torch's, no compiler, a read-only cache
+        params["torch_adam"] = True
+        fused = torch.cuda.is_available()
+        if fused:
+            params["fused"] = True
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        say_once(f"DeepSpeed's FusedAdam op cannot be built here ({type(err).__name__}: {first}); using "
+                  f"torch.optim.AdamW{' (fused)' if fused else ''} instead: the same update")
+        return f"torch AdamW{' (fused)' if fused else ''} (FusedAdam could not be built)"
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -108,10 +134,14 @@ def load_model(config: TrainConfig, ds_config: dict, sequence_parallel=None) -> 
     if sequence_parallel is not None:
         attention = sequence_parallel.attn_implementation(attention, model_config)
     quantization = quantization_config(config, adapter, dtype, hf_ds_config is not None)
+    # 4-bit weights are quantized as they reach the GPU: load them onto this rank's own
+    quantized = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} \
+        if quantization else {}
     with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
             config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention,
-            **({"quantization_config": quantization} if quantization else {}))
+            **quantized)
+    adapter.prepare(model)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
@@ -138,24 +168,26 @@ def quantization_config(config: TrainConfig, adapter: Adapter, dtype, zero3: boo
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: TrainConfig) -> dict[str, list]:
-    """Freeze everything, then unfreeze the chosen parts; returns {part: [(name, param)]}."""
+    """Freeze everything, then unfreeze the chosen parts; returns {part: [(name, param)]}. Quantized weights
+    (QLoRA's 4-bit ones, stored as integers) stay frozen inside a trained part: LoRA trains beside them."""
     parts = adapter.parts(model)
     model.requires_grad_(False)
+    chosen = []
     if config.train_llm:
-        for module in parts.llm:
-            module.requires_grad_(True)
+        chosen += parts.llm
     if config.train_projector:
-        for module in parts.projector:
-            module.requires_grad_(True)
+        chosen += parts.projector
     blocks = config.vision_blocks_to_train
     if blocks == -1:
-        for module in parts.vision:
-            module.requires_grad_(True)
+        chosen += parts.vision
     elif blocks:
         if blocks > len(parts.vision_blocks):
             raise ConfigError(f"asked to train the last {blocks} vision blocks; the model has {len(parts.vision_blocks)}")
-        for block in list(parts.vision_blocks)[-blocks:]:
-            block.requires_grad_(True)
+        chosen += list(parts.vision_blocks)[-blocks:]
+    for module in chosen:
+        for param in module.parameters():
+            if param.is_floating_point():
+                param.requires_grad_(True)
     return part_parameters(model, adapter)
 
 

@@ -24,7 +24,6 @@ import threading
 import time
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT = 75
@@ -37,15 +36,12 @@ class Preempted(RuntimeError):
 
 
 class StopSignals:
-    """The first SIGTERM/SIGUSR1 asks for a stop; `vote()` then `agreed()` decide, on every rank alike,
-    after which step to stop. The vote is an all-reduce over a gloo group on CPU tensors, started with the
-    step and read after it: no device sync and no barrier of its own. It also sums the bad records the ranks
-    left out of the step (--preflight off), so that every rank knows the same total (`bad_seen`)."""
+    """The first SIGTERM/SIGUSR1 asks for a stop (`requested`); the ranks agree on the step after which to
+    stop through the step's own all-reduce (the label count carries every rank's request: see
+    StepRunner.start), so the stop costs no collective and no barrier of its own."""
 
     def __init__(self, rank: int):
-        self.rank, self.requested, self._first_at, self.bad_seen = rank, False, None, 0
-        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self._flag, self._work = torch.zeros(2, dtype=torch.float64), None
+        self.rank, self.requested, self._first_at = rank, False, None
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
 
@@ -58,15 +54,6 @@ class StopSignals:
                       f"then exit {PREEMPTED_EXIT} (a second signal exits at once)", file=sys.stderr, flush=True)
         elif now - self._first_at >= 2.0:
             os._exit(128 + signum)
-
-    def vote(self, bad: int = 0) -> None:
-        self._flag[0], self._flag[1] = float(self.requested), float(bad)
-        self._work = dist.all_reduce(self._flag, group=self.group, async_op=True)
-
-    def agreed(self) -> bool:
-        self._work.wait()
-        self.bad_seen += int(self._flag[1])
-        return bool(self._flag[0] > 0)
 
 
 def ignore_stop_signals(_worker_id=None) -> None:

@@ -44,7 +44,7 @@ def target_modules(model, parts, config: TrainConfig) -> list[str]:
                 hit = True
             else:
                 hit = any(last == item or re.fullmatch(item, full) for item in spec.split(","))
-            if hit and any(p.requires_grad for p in module.parameters()):
+            if hit and (any(p.requires_grad for p in module.parameters()) or is_quantized(module)):
                 chosen.append(full)
     if not chosen:
         raise ConfigError(f"--lora_targets {spec!r} matches no linear layer of the parts that train "
@@ -99,13 +99,47 @@ def apply_lora(model, adapter, config: TrainConfig):
     return peft_model, lora_config(config, targets, full)
 
 
+def is_quantized(module: torch.nn.Module) -> bool:
+    """A layer whose weight is stored quantized (QLoRA's 4-bit bitsandbytes weights: integers plus a
+    `quant_state`); it cannot train itself, LoRA trains beside it."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.is_floating_point() and hasattr(weight, "quant_state")
+
+
+def _dequantize(weight: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def dequantized_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the model's state dict) with every quantized weight replaced by its full-precision value (in
+    its compute dtype) and the quantization's own entries (absmax, quant_map, quant_state...) left out: what
+    a plain model of the same config loads."""
+    quantized = {f"{name}.weight": module.weight for name, module in model.named_modules() if is_quantized(module)}
+    if not quantized:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key in quantized:
+            weight = quantized[key]
+            dtype = getattr(weight.quant_state, "dtype", None) or torch.bfloat16
+            out[key] = _dequantize(weight).to("cpu", dtype)
+        elif not any(key.startswith(name + ".") for name in quantized):
+            out[key] = value
+    return out
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], peft_config) -> dict[str, torch.Tensor]:
-    """The peft model's full state dict -> the plain model's, LoRA merged: W + B A x alpha / r."""
+    """The peft model's full state dict (quantized weights dequantized first: `dequantized_state_dict`) -> the
+    plain model's, LoRA merged: W + B A x alpha / r."""
     scale = peft_config.lora_alpha / peft_config.r
     out = {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key:
             continue
+        if not value.is_floating_point():
+            raise ValueError(f"{key} is stored as {value.dtype}: dequantize the state dict before merging LoRA")
         plain = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
         if ".base_layer." in key and key.endswith(".weight"):
             module = key[:key.index(".base_layer.")]

@@ -105,10 +105,34 @@ def full_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: tor
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
-def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+class _LigerLinearCrossEntropy(torch.autograd.Function):
+    """liger-kernel's fused linear cross-entropy (its Triton forward, which computes the gradients as it goes),
+    with fp32 accumulation of the weight gradient, and a backward of our own: liger's compares the incoming
+    gradient with 1.0 on the host (`torch.equal`, a device sync per micro-batch), and ours never does (our
+    loss is always scaled, so the multiply always runs anyway). liger's forward still reads its target
+    count back once (`.item()`)."""
 
-    return liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum").float()
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+        out = fused_linear_cross_entropy_forward(hidden, weight, targets, bias=bias, reduction="sum",
+                                                 accum_dtype=torch.float32)
+        loss, grad_hidden, grad_weight, grad_bias = out[0], out[-3], out[-2], out[-1]
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = []
+        for grad, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
+            grads.append(grad.mul_(grad_total).to(dtype) if needed and grad is not None else None)
+        return (*grads, None)
+
+
+def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    return _LigerLinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 
 def check_loss_available(kind: str) -> None:

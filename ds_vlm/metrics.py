@@ -84,7 +84,8 @@ class FlopsCounter:
     """Model FLOPs of a training step from the config and the batch shapes (no recomputation counted).
 
     Per token of the language tower: 2 x (its non-embedding, non-head parameters) for the matmuls plus
-    4 x layers x attention width x sequence length for QK^T and AV; the LM head, 2 x its parameters per
+    4 x layers x attention width x its sample's length for QK^T and AV (padding and other samples of a packed
+    row are not attended to, so they count nothing); the LM head, 2 x its parameters per
     label row only (the loss computes logits nowhere else); per vision patch the same with the vision
     tower's depth and the patches of its image. A trained part costs 3 forwards (forward, input grads,
     weight grads); a frozen one that gradients pass through costs 2; a frozen one at the input costs 1.
@@ -107,10 +108,13 @@ class FlopsCounter:
         self.mult_projector = 3 if config.train_projector else (2 if vision_trained else 1)
         self.mult_llm = 3 if config.train_llm else (2 if config.train_projector or vision_trained else 1)
 
-    def __call__(self, batch: dict, n_label_rows: int) -> float:
-        rows, length = batch["input_ids"].shape
-        text = (2 * self.n_llm * rows * length + 2 * self.n_head * n_label_rows
-                + 4 * self.text_layers * self.text_width * rows * length * length)
+    def __call__(self, batch: dict, n_label_rows: int, sample_lengths: list[int]) -> float:
+        """FLOPs of one micro-batch: the language tower over the real tokens of each sample (`sample_lengths`:
+        a packed row's samples, or each padded row's unpadded length), attention within each sample only, so
+        a packed row and the same samples padded count alike."""
+        tokens = sum(sample_lengths)
+        text = (2 * self.n_llm * tokens + 2 * self.n_head * n_label_rows
+                + 4 * self.text_layers * self.text_width * sum(n * n for n in sample_lengths))
         patches_per_image = self.adapter.patches_per_image(batch, self.model_config)
         n_patches = sum(patches_per_image)
         vision = 2 * self.n_vision * n_patches + 4 * self.vision_layers * self.vision_width * sum(
@@ -119,15 +123,33 @@ class FlopsCounter:
                 + self.mult_projector * 2 * self.n_projector * n_patches)
 
 
-def peak_memory_gb() -> float:
-    """Peak allocated GPU memory, or peak RSS of this process on CPU."""
-    import resource
-
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak RSS (VmHWM)."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def peak_memory_gb() -> tuple[float, float]:
+    """(peak allocated, peak reserved) GPU memory since the last `reset_peak_memory`; on a CPU (peak RSS, 0)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9, 0.0
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 0.0  # KiB on Linux, since start
 
 
 # --------------------------------------------------------------------------- reporters

@@ -9,9 +9,11 @@ adds to DeepSpeed's attention wrapper is the VLM glue:
   per-token (Qwen3-VL: the visual position mask and the matching deepstack features);
 - the wrapper is registered under its own attention name for the text model only; the vision tower keeps
   its own attention (the wrapper would fail its position-ids check there);
-- inside the wrapper the core attention is sample-aware: with --packing a row holds several samples, and
-  after the all-to-all the gathered position ids say where each begins (varlen on GPUs, a block-diagonal
-  mask on CPUs); plain sdpa would attend across samples;
+- inside the wrapper the core attention is sample-aware: with --packing a row holds several samples, whose
+  boundaries over the whole sequence the collator knows (`SampleBoundaries` hands them to the language
+  model; after the all-to-all each rank holds the whole sequence for its heads): the varlen interface
+  (attention.py) keeps each sample to itself with no host sync and no L x L mask; plain sdpa would attend
+  across samples;
 - the loss: labels are shifted on the whole sequence, then each rank keeps the label rows of its slice, so
   each label token is counted once in the global count.
 DeepSpeed itself is initialised for plain data parallelism over all ranks (no `mpu`): with an SP mpu its
@@ -28,7 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from .attention import VARLEN, packed_sdpa_attention, varlen_attention
+from .attention import varlen_attention
 from .loss import LabelRows
 
 ULYSSES = "ds_vlm_ulysses"
@@ -76,9 +78,10 @@ class SequenceParallel:
                                                               // self.world_size])
                 return super().forward(module, query, key, value, None, *args, **kwargs)
 
-        core_attention = {VARLEN: varlen_attention, "sdpa": packed_sdpa_attention}.get(core)
-        if core_attention is None:  # flash_attention_2: transformers finds packed samples from the position ids
-            core_attention = AttentionInterface._global_mapping[core]
+        # sample-aware core attention: the packed row's boundaries come from SampleBoundaries (host numbers, the
+        # whole sequence's: after the all-to-all each rank holds all of it for its heads), unpacked rows attend
+        # causally without a mask (padding is at the end of a row)
+        core_attention = AttentionInterface._global_mapping[core] if core == "flash_attention_2" else varlen_attention
         wrapper = VLMUlysses(core_attention, batch_size=1, attn_head_count=text.num_attention_heads,
                              attn_head_size=getattr(text, "head_dim", None) or
                              text.hidden_size // text.num_attention_heads,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .attention import VARLEN, SampleBoundaries
+from .attention import VARLEN, SampleBoundaries, kernel_description
 from .config import ConfigError, TrainConfig
 from .data.batching import BatchPlan, Collator, SFTDataset, make_loader, make_plan
 from .data.encode import encoder_for
@@ -38,6 +38,7 @@ from .engine import (
     part_parameters,
     resolve_ds_config,
     set_trainable,
+    settle_optimizer,
 )
 from .faults import Preempted, StopSignals, Watchdog
 from .lora import apply_lora, describe
@@ -111,8 +112,9 @@ class Trainer:
         if self.sp is not None:
             self.sp.install(self.adapter.parts(self.model).llm_decoder, self.adapter)
         self.log.info(f"world {self.world}" + (f" ({self.dp_size} groups of {self.sp.size} sequence-parallel ranks)"
-                                               if self.sp else "") + f", ZeRO stage {self.zero_stage}, precision "
-                      f"{'bf16' if self.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
+                                               if self.sp else "") + f", backend {dist.get_backend()}, ZeRO stage "
+                      f"{self.zero_stage}, precision {'bf16' if self.bf16 else 'fp32'}, torch threads "
+                      f"{torch.get_num_threads()}")
 
     @property
     def zero_stage(self) -> int:
@@ -126,7 +128,7 @@ class Trainer:
         """A data spec's usable records, as preflight found them (or as it left them: --preflight off)."""
         config = self.config
         records = RecordIndex(spec, config.image_root, config.data_format, config.data_cache)
-        checks, said = preflight(records, self.encoder, config.preflight, config.data_cache, config.num_workers,
+        checks, said = preflight(records, self.encoder, config.preflight, config.data_cache, config.loader_workers,
                                  progress=self.rank == 0)
         self.log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
         kept = usable(checks, config.bad_records, config.truncation, spec)
@@ -143,12 +145,13 @@ class Trainer:
         kept = self.train_set.checks
         self.plan = make_plan(config, self.dp_size, self.train_set.records, kept)
         self.total_steps = config.max_steps if config.max_steps > 0 else self.plan.steps_in(config.epochs)
-        positions = self.adapter.position_ids(self.model.config) if config.packing else None
+        needs_positions = config.packing or self.adapter.padded_batch_positions
+        positions = self.adapter.position_ids(self.model.config) if needs_positions else None
         # a dummy video rides along when some record has a video (or when nobody checked: --preflight off)
         has_video = any(bool(s.checks.n_video_tokens.any()) for s in (self.train_set, self.eval_set) if s) or (
             self.train_set.skip_bad and self.encoder.video_token is not None)
         self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions,
-                                 multiple_of=config.sequence_parallel,
+                                 multiple_of=config.sequence_parallel, packing=config.packing,
                                  dummy_video=self.encoder.dummy_video() if has_video else None)
         self.run_meta = {"world_size": self.world, "data_parallel_size": self.dp_size,
                          "sequence_parallel": config.sequence_parallel, "zero_stage": self.zero_stage,
@@ -166,11 +169,17 @@ class Trainer:
             ckpt.ensure_universal(self.resume_from)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.warmup_ratio, config.min_lr_ratio)
+        optimizer = settle_optimizer(self.ds_config)
+        self.log.info(f"optimizer {optimizer}; attention "
+                      f"{kernel_description(self.model.config.get_text_config()._attn_implementation)}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
-        varlen = self.model.config.get_text_config()._attn_implementation in (VARLEN, "flash_attention_2")
-        boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder) if varlen else None
+        boundaries = None
+        implementation = self.model.config.get_text_config()._attn_implementation
+        if config.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None):
+            boundaries = SampleBoundaries(self.adapter.parts(self.model).llm_decoder,
+                                          stand_in_mask=implementation != "flash_attention_2")
         self.runner = StepRunner(self.engine, self.world, torch.bfloat16 if self.bf16 else torch.float32,
                                  LabelLoss(self.model, config.loss), FlopsCounter(self.model, self.adapter, config),
                                  boundaries, self.sp, self.watchdog.phase)
@@ -198,7 +207,7 @@ class Trainer:
     def train(self) -> None:
         config, progress = self.config, self.progress
         loader = iter(make_loader(self.train_set, self.plan, self.dp_rank, progress.step, self.total_steps,
-                                  self.collator, config.num_workers))
+                                  self.collator, config.loader_workers))
         progress.clock = time.perf_counter()
         while progress.step < self.total_steps:
             self.train_step(loader)
@@ -223,8 +232,8 @@ class Trainer:
         bad = [message for _, meta in micro for message in meta.pop("bad")]
         for message in bad:
             print(f"ds-vlm rank {self.rank}: step {step}: left out a bad record: {message}", file=sys.stderr, flush=True)
-        self.stop.vote(len(bad))
-        pending = self.runner.start(micro, with_stats=logged)
+        pending = self.runner.start(micro, with_stats=logged, stop_requested=self.stop.requested,
+                                    bad_records=len(bad))
         now = time.perf_counter()
         elapsed, progress.clock = now - progress.clock, now
         self.watchdog.phase("log")
@@ -234,10 +243,10 @@ class Trainer:
         progress.skipped += not pending.applied
         if logged:
             progress.unlogged = (step, pending, elapsed, lr)
-        if self.stop.agreed():
+        if pending.stop:
             self.preempt()
-        if self.stop.bad_seen > progress.bad_records:
-            self.bad_records_met(step)
+        if pending.bad_records:
+            self.bad_records_met(step, pending.bad_records)
         if progress.bad_in_a_row >= self.config.max_bad_steps:
             self.log_step()
             raise TrainingDiverged(
@@ -245,12 +254,11 @@ class Trainer:
                 f"or gradient and were skipped; stopping. Last good checkpoint: "
                 f"{ckpt.find_checkpoint(self.config.output_dir) or 'none'}. Lower --lr or check the data.")
 
-    def bad_records_met(self, step: int) -> None:
+    def bad_records_met(self, step: int, new: int) -> None:
         """Records left out for being bad (every rank knows the total): logged; more than --max_bad stop."""
         progress, limit = self.progress, self.config.max_bad
-        self.log.event({"event": "bad_records", "step": step, "new": self.stop.bad_seen - progress.bad_records,
-                        "total": self.stop.bad_seen})
-        progress.bad_records = self.stop.bad_seen
+        progress.bad_records += new
+        self.log.event({"event": "bad_records", "step": step, "new": new, "total": progress.bad_records})
         if progress.bad_records > limit:
             self.log_step()
             raise TooManyBadRecords(
@@ -271,6 +279,7 @@ class Trainer:
                   "step_time_s": elapsed, "tokens": stats["tokens"], "targets": stats["targets"],
                   "padding_efficiency": stats["tokens"] / max(1, stats["computed"]), "tflops_per_gpu": tflops,
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None, "peak_mem_gb": stats["peak_mem_gb"],
+                  "peak_reserved_gb": stats["peak_reserved_gb"],
                   "skipped": stats["skipped"], "skipped_steps": self.progress.skipped}
         self.log.step(record)
         self.reporter.log(step, record)

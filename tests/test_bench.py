@@ -62,16 +62,29 @@ def test_qwen3_vl_2b_preset_is_the_real_architecture():
 
 
 @pytest.mark.dist
-def test_gpu_check_runs_its_path_on_the_cpu(tmp_path):
-    """launch/gpu_check.sh's program on the demo model: builds, trains through the StepRunner at two sizes,
-    prints the table and the largest size that fits, and writes its JSON."""
+def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
+    """`bash launch/gpu_check.sh --dry_run`: every stage that can run on a CPU runs (the real entry on ZeRO-2 and
+    ZeRO-3, packed; exact resume; the export reloaded and generating; LoRA; the sweep's path on the tiny model)
+    and passes; the CUDA-only ones are skipped with the reason; the JSON has one record per stage."""
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-m", "ds_vlm.bench.gpu_check", "--preset", "tiny", "--sizes", "64,400",
-                           "--steps", "1", "--answer_sentences", "2", "--out", str(out)], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
-    assert result["rows"][1]["samples"] > result["rows"][0]["samples"] == 1
-    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["loss"] > 0 for r in result["rows"])
-    assert f"largest size that fits: {result['largest_tokens']} tokens per step" in proc.stdout
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--dry_run", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    stages = {s["name"]: s for s in json.loads(out.read_text())["stages"]}
+    assert list(stages) == ["train_zero2", "train_zero3", "save_resume", "export", "lora", "qlora", "liger",
+                            "sweep_2b"]
+    assert {n for n, s in stages.items() if s["status"] == "skipped"} == {"qlora", "liger"}
+    assert all(s["status"] == "ok" for n, s in stages.items() if n not in ("qlora", "liger"))
+    assert all("CUDA only" in stages[n]["detail"]["reason"] for n in ("qlora", "liger"))
+    for name in ("train_zero2", "train_zero3"):
+        detail = stages[name]["detail"]
+        assert len(detail["losses"]) == 4 and detail["backend"] == "gloo"
+        assert detail["attention"] == "varlen interface: per-sample sdpa on the CPU"
+        assert detail["optimizer"] == "DeepSpeed FusedAdam"
+    assert stages["save_resume"]["detail"]["max_rel_difference"] < 1e-5
+    assert stages["export"]["detail"]["answer"]
+    sweep = stages["sweep_2b"]["detail"]
+    assert [r["status"] for r in sweep["rows"]] == ["ok", "ok"] and sweep["largest_tokens"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in sweep["rows"])

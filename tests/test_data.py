@@ -121,7 +121,8 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
     assert batch["pixel_values"].shape == e_image["pixel_values"].shape
     assert meta == {"bad": [], "samples": 2, "tokens": e_text["input_ids"].shape[1] + e_image["input_ids"].shape[1],
                     "targets": count_targets(e_text["labels"]) + count_targets(e_image["labels"]),
-                    "computed": batch["input_ids"].numel()}
+                    "computed": batch["input_ids"].numel(),
+                    "sample_lengths": [e_text["input_ids"].shape[1], e_image["input_ids"].shape[1]]}
     assert (batch["labels"][0, e_text["input_ids"].shape[1]:] == IGNORE_INDEX).all()
 
     batch, meta = collate([e_text])  # text only: the dummy image rides along, ignored by the loss

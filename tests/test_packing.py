@@ -51,7 +51,8 @@ def _setup(model_dir: Path, data: Path):
     encoder = Encoder(AutoProcessor.from_pretrained(model_dir), adapter, 4096)
     dataset = SFTDataset(RecordIndex([str(data)]), encoder)
     padded = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
-    packed = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), adapter.position_ids(model.config))
+    packed = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), adapter.position_ids(model.config),
+                       packing=True)
     return model, dataset, padded, packed
 
 
@@ -91,6 +92,41 @@ def test_packed_equals_padded(family, family_models, records):
     vision = adapter_for(family).parts(model).vision_blocks[0]
     assert any(p.grad is not None for p in vision.parameters())  # the vision tower ran (the dummy image)
     assert got[2]["computed"] > got[2]["tokens"]  # the dummy's tokens are computed, not counted
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batches_carry_host_positions_and_count_flops_as_packed(family, family_models, records, monkeypatch):
+    """A padded batch with the adapter's positions computed on the host (the collator's, for every Qwen family)
+    gives the loss and gradients of the model computing them itself, and the forward never calls the model's
+    rope index (on a GPU it reads token types back to the host row by row). The same samples padded and packed
+    count the same model FLOPs (attention within each sample, the real tokens only)."""
+    from ds_vlm.config import TrainConfig
+    from ds_vlm.metrics import FlopsCounter
+
+    model, dataset, padded, packed = _setup(family_models(family), records)
+    adapter = adapter_for(family)
+    samples = [dataset[i] for i in (0, 1, 2)]
+    reference = _loss_and_grads(model, padded(samples))
+    if adapter.padded_batch_positions:  # as the trainer builds its collator (LLaVA: plain positions in the model)
+        batch = Collator(padded.pad_token_id, padded.dummy, adapter.position_ids(model.config))(samples)
+        assert batch[0]["position_ids"].shape[:2] == (4, 3)  # the text row and mrope's 3, per padded row
+        with monkeypatch.context() as patch:
+            patch.setattr(type(model.model), "get_rope_index",
+                          lambda *a, **k: pytest.fail("the rope index was computed in the forward"))
+            _assert_same(_loss_and_grads(model, batch), reference)
+    counter = FlopsCounter(model, adapter, TrainConfig(model="m", train_data="d"))
+    images = [dataset[0], dataset[2], dataset[3]]
+
+    def flops(collated):
+        return counter(collated[0], count_targets_of(collated), collated[1]["sample_lengths"])
+
+    assert flops(padded(images)) == flops(packed(images)) > 0
+    assert flops(padded(images)) < counter(padded(images)[0], count_targets_of(padded(images)),
+                                           [padded(images)[0]["input_ids"].shape[1]] * 3)  # padding is not work
+
+
+def count_targets_of(collated) -> int:
+    return len(LabelRows.from_labels(collated[0]["labels"]))
 
 
 def _token_losses(model, collated, **forward_kwargs) -> torch.Tensor:
@@ -173,55 +209,123 @@ def test_two_ranks_zero3_packed_equals_padded(demo_dir, tmp_path):
     assert max(r["padding_efficiency"] for r in rows["padded"]) < 0.99  # the answers differ in length
 
 
-def test_varlen_kernel_plumbing_on_cpu(demo_dir, records, monkeypatch):
-    """The CUDA path on a CPU: the model loaded with the "ds_vlm_varlen" attention and the sample boundaries
-    handed to the language model only, with PyTorch's varlen kernel replaced by a reference (causal sdpa per
-    sample, grouped-query heads repeated): the same loss and gradients as sdpa with the block-diagonal mask.
-    Without them, a packed row's boundaries come from its restarting positions (the same loss); a single
-    sample is plain sdpa."""
-    import torch.nn.attention.varlen as varlen
+def test_varlen_interface_on_cpu(demo_dir, records, monkeypatch):
+    """The packed path as the trainer runs it: the model loaded with the varlen interface and its adapter's
+    preparation, the sample boundaries handed to the language model only. On a CPU each sample attends within
+    itself through sdpa with no mask at all (never an L x L one, spied on every call); the loss and gradients
+    equal sdpa with transformers' block-diagonal mask; the vision tower gets its images' boundaries (non-causal).
+    Unarmed, a packed row is plain sdpa with that mask (the same loss)."""
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations import sdpa_attention
 
-    from ds_vlm.attention import VARLEN, SampleBoundaries, register_varlen
+    from ds_vlm.attention import VARLEN, SampleBoundaries, resolve_attention
 
-    calls = []
+    sdpa_masks, varlen_calls = [], []
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-        calls.append(window_size)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = torch.empty_like(q)
-        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-                *(t[start:end].transpose(0, 1) for t in (q, k, v)), scale=scale,
-                is_causal=window_size == (-1, 0)).transpose(0, 1)
-        return out
+    def spy_sdpa(*args, attn_mask=None, **kwargs):
+        sdpa_masks.append(attn_mask)
+        return original_sdpa(*args, attn_mask=attn_mask, **kwargs)
 
-    monkeypatch.setattr(varlen, "varlen_attn", reference)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(sdpa_attention.torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
     model, dataset, _, packed = _setup(demo_dir / "model", records)
     expected = _loss_and_grads(model, packed([dataset[i] for i in (0, 1, 2)]))
-    register_varlen()
+    assert resolve_attention("auto", packing=True, cuda=False) == VARLEN
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model", dtype=torch.float32,
                                                         attn_implementation=VARLEN)
+    adapter = adapter_for("qwen3_vl")
+    adapter.prepare(model)
     model.config.get_text_config().use_cache = False
     model.train()
-    boundaries = SampleBoundaries(adapter_for("qwen3_vl").parts(model).llm_decoder)
+    import ds_vlm.attention as attention
+
+    original_varlen = attention._per_sample_sdpa
+
+    def spy_varlen(q, k, v, cu, scale, causal):
+        varlen_calls.append((q.shape[1], causal, len(cu) - 1))
+        return original_varlen(q, k, v, cu, scale, causal)
+
+    monkeypatch.setattr(attention, "_per_sample_sdpa", spy_varlen)
+    boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=True)
     batch, meta = packed([dataset[i] for i in (0, 1, 2)])
     batch = dict(batch)
     rows = LabelRows.from_labels(batch.pop("labels"))
+    sdpa_masks.clear()
     with boundaries.armed(batch.pop("cu_seq_lens"), meta["max_length"]):
         loss = LabelLoss(model)(model, batch, rows)
     loss.backward()
     got = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     _assert_same(got, expected)
-    assert calls == [(-1, 0)] * model.config.text_config.num_hidden_layers  # causal, text layers only
-    calls.clear()
+    assert sdpa_masks and all(m is None for m in sdpa_masks)  # no mask built anywhere, vision tower included
+    text_heads, vision_heads = model.config.text_config.num_attention_heads, model.config.vision_config.num_heads
+    text = [c for c in varlen_calls if c[0] == text_heads and c[1]]
+    vision = [c for c in varlen_calls if c[0] == vision_heads and not c[1]]
+    assert len(text) == model.config.text_config.num_hidden_layers and all(c[2] == 3 for c in text)
+    assert len(vision) == model.config.vision_config.depth and all(c[2] == 3 for c in vision)  # 3 images
+    varlen_calls.clear()
     with torch.no_grad():
         unarmed = LabelLoss(model)(model, dict(batch), rows)
     torch.testing.assert_close(unarmed, expected[0], rtol=1e-5, atol=0)
-    assert len(calls) == model.config.text_config.num_hidden_layers
-    calls.clear()
-    single, _ = packed([dataset[0]])
-    with torch.no_grad():
-        model(**{k: v for k, v in single.items() if k not in ("labels", "cu_seq_lens")})
-    assert calls == []
+    assert not [c for c in varlen_calls if c[1]]  # the language model fell back to sdpa with the mask
+
+
+@pytest.mark.parametrize("signature", ["window_size, scale, enable_gqa", "is_causal only"])
+def test_torch_varlen_call_adapts_to_the_installed_signature(signature, monkeypatch):
+    """PyTorch's varlen_attn gained scale, window_size and enable_gqa after 2.10 (2.9-2.10 take is_causal):
+    the call uses what this torch offers (causal via either; grouped-query heads repeated where enable_gqa is
+    missing) and gives per-sample causal attention either way."""
+    import torch.nn.attention.varlen as varlen
+
+    import ds_vlm.attention as attention
+
+    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+            enable_gqa=False):
+        assert enable_gqa == (k.shape[1] != q.shape[1]) and window_size in ((-1, 0), (-1, -1))
+        return reference(q, k, v, cu_q, scale, window_size == (-1, 0))
+
+    def old(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert k.shape[1] == q.shape[1]  # no enable_gqa: the kv heads must come repeated
+        return reference(q, k, v, cu_q, None, is_causal)
+
+    def reference(q, k, v, cu, scale, causal):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return attention._per_sample_sdpa(q, k, v, cu, scale, causal)
+
+    monkeypatch.setattr(varlen, "varlen_attn", new if signature.startswith("window") else old)
+    attention.torch_varlen_signature.cache_clear()
+    try:
+        q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+        cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+        out = attention._torch_varlen(q, k, v, cu, 7, 8 ** -0.5, True)
+        first = torch.nn.functional.scaled_dot_product_attention(
+            q[:3].transpose(0, 1), k[:3].repeat_interleave(2, 1).transpose(0, 1),
+            v[:3].repeat_interleave(2, 1).transpose(0, 1), is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(out[:3], first)
+        if signature == "is_causal only":
+            with pytest.raises(ValueError, match="takes no scale"):
+                attention._torch_varlen(q, k, v, cu, 7, 0.5, True)
+    finally:
+        attention.torch_varlen_signature.cache_clear()
+
+
+def test_the_attention_kernel_each_machine_gets(monkeypatch):
+    """auto: packed rows on the varlen interface (CPU: per-sample sdpa; CUDA: flash-attention 2 where installed,
+    else PyTorch's varlen kernel, else sdpa with the mask, said once); unpacked batches on flash-attention 2
+    where installed, else sdpa."""
+    import ds_vlm.attention as attention
+
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
+    assert attention.resolve_attention("auto", packing=True, cuda=False) == attention.VARLEN
+    assert attention.resolve_attention("auto", packing=False, cuda=False) == "sdpa"
+    assert attention.resolve_attention("auto", packing=True, cuda=True) == attention.VARLEN
+    assert attention.resolve_attention("auto", packing=False, cuda=True) == "sdpa"
+    monkeypatch.setattr(attention, "torch_varlen_signature", lambda: None)  # torch < 2.9
+    assert attention.resolve_attention("auto", packing=True, cuda=True) == "sdpa"
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
+    assert attention.resolve_attention("auto", packing=True, cuda=True) == "flash_attention_2"
+    assert attention.resolve_attention("varlen", packing=True, cuda=True) == "flash_attention_2"
+    assert attention.resolve_attention("auto", packing=False, cuda=True) == "flash_attention_2"
+    assert attention.resolve_attention("auto", packing=True, cuda=False) == attention.VARLEN
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        attention.resolve_attention("flash_attention_2", cuda=False)

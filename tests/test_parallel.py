@@ -51,7 +51,8 @@ def test_sequences_are_padded_to_split_evenly_or_refused(demo_dir, mixed_data):
     lengths = [int(s["input_ids"].shape[1]) for s in samples]
     rope = adapter_for("qwen3_vl").position_ids(AutoConfig.from_pretrained(demo_dir / "model"))
     for positions in (None, rope):  # padded rows, then one packed row
-        batch, meta = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=3)(samples)
+        batch, meta = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=3,
+                               packing=positions is not None)(samples)
         assert batch["input_ids"].shape[1] % 3 == 0 and meta["tokens"] == sum(lengths)
         assert count_targets(batch["labels"]) == meta["targets"]  # the padding has no label
         if positions is not None:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,11 +145,9 @@ def test_more_bad_records_than_max_bad_stop_the_run(tmp_path):
 
     trainer = Trainer(TrainConfig(max_bad=2, output_dir=str(tmp_path)))
     trainer.log, trainer.progress = RunLog(str(tmp_path), enabled=True), Progress()
-    trainer.stop = SimpleNamespace(bad_seen=2)
-    trainer.bad_records_met(step=3)  # 2 is within --max_bad 2: logged, the run goes on
-    trainer.stop.bad_seen = 3
+    trainer.bad_records_met(step=3, new=2)  # 2 is within --max_bad 2: logged, the run goes on
     with pytest.raises(TooManyBadRecords, match="3 records met in training were bad, more than --max_bad 2"):
-        trainer.bad_records_met(step=4)
+        trainer.bad_records_met(step=4, new=1)
     trainer.log.close()
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(e["step"], e["new"], e["total"]) for e in events if e.get("event") == "bad_records"] == [(3, 2, 2), (4, 1, 3)]

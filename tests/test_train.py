@@ -121,10 +121,12 @@ def test_flops_counter_follows_the_config(demo_dir):
     text_only = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
     # the head only on the 3 label rows; 2 layers, attention width 4 heads x 16
     expected = 3 * (2 * counter.n_llm * 20 + 2 * counter.n_head * 3 + 4 * 2 * 64 * 2 * 10 * 10)
-    assert counter(text_only, 3) == expected
+    assert counter(text_only, 3, [10, 10]) == expected
     with_image = {**text_only, "image_grid_thw": torch.tensor([[1, 8, 8]])}
-    assert counter(with_image, 3) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
+    assert counter(with_image, 3, [10, 10]) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
         + 3 * 2 * counter.n_projector * 64
+    # attention within each sample only: one row of two samples of 10 counts as two rows of 10, not 20^2
+    assert counter({"input_ids": torch.zeros(1, 20, dtype=torch.long)}, 3, [10, 10]) == expected
 
 
 @pytest.mark.dist

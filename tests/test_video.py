@@ -138,7 +138,8 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     assert "pixel_values_videos" in samples[0] and "pixel_values" in samples[1] and "pixel_values" not in samples[2]
     pad_id, dummy, dummy_video = encoder.tokenizer.pad_token_id, encoder.dummy(), encoder.dummy_video()
     padded = Collator(pad_id, dummy, dummy_video=dummy_video)
-    packed = Collator(pad_id, dummy, encoder.adapter.position_ids(model.config), dummy_video=dummy_video)
+    packed = Collator(pad_id, dummy, encoder.adapter.position_ids(model.config), dummy_video=dummy_video,
+                      packing=True)
     reference, got = _loss_and_grads(model, padded(samples)), _loss_and_grads(model, packed(samples))
     _assert_same(got, reference)
     assert got[2]["computed"] == got[2]["tokens"]  # video and image present: nothing added

@@ -1,16 +1,23 @@
-"""One GPU, the real Qwen3-VL-2B architecture with random weights, bf16 training steps at growing sizes.
+"""The acceptance script for one short GPU run: each stage in its own process, with its own time budget.
 
-    python -m ds_vlm.bench.gpu_check [--sizes 8192,16384,32768,65536] [--steps 3] [--out F.json]
-    bash launch/gpu_check.sh                     # the same, after installing carried wheels (see there)
+    python -m ds_vlm.bench.gpu_check [--stages train_zero2,sweep_2b] [--out gpu_check.json] [--dry_run]
+    bash launch/gpu_check.sh ...                 # the same, after installing carried wheels (see there)
 
-Builds Qwen3-VL-2B-Instruct's architecture in GPU memory (no download, no disk), a processor with the demo
-tokenizer, and Pokemon-like samples (one 1280x1280 image = 1,600 image tokens, a question and a ~10% answer,
-~1.8k tokens); then trains through this trainer's own path (DeepSpeed ZeRO-2 json, the StepRunner, the
-label-rows loss, activation checkpointing on the language tower, the vision tower frozen) on micro-batches
-of ~8k, 16k, 32k and 64k tokens, one rank. Prints tokens/s, model TFLOP/s, MFU and peak memory per size
-and the largest size that fits; a size that runs out of memory is reported as such and ends the sweep.
-Last, one step runs under `torch.cuda.set_sync_debug_mode("warn")`: the host syncs it reports, by file.
-On a CPU, `--preset tiny` runs the same path on the demo's model (what the tests run).
+Stages (in this order; `--stages a,b` runs some):
+    train_zero2, train_zero3  the real entry (`deepspeed --num_gpus 1 launch/train.py`) on a small random
+                              Qwen3-VL built offline: bf16, NCCL, packed, on the best attention kernel this
+                              machine's torch and packages offer (recorded), a few steps
+    save_resume               a checkpoint at step 2, resumed: steps 3-4 give the uninterrupted run's losses
+    export                    train_zero3's hf/ reloaded with from_pretrained, and it generates
+    lora                      LoRA on ZeRO-2: trains, exports merged and peft folders, the merged one loads
+    qlora                     the same with 4-bit base weights (skipped where bitsandbytes is missing)
+    liger                     --loss liger equals the chunked loss (value and gradients) at Qwen's vocabulary
+    sweep_2b                  the Qwen3-VL-2B architecture, packed, at growing tokens per step: tokens/s, MFU,
+                              peak allocated and reserved memory, the largest size that fits (gpu_sweep.py)
+The result (`--out`): {"stages": [{name, status: ok|failed|skipped, seconds, detail}], ...}. A stage that
+fails or runs out of its budget is recorded and the next one runs; the exit status is 1 if any failed.
+`--dry_run` (what the test suite runs) uses the CPU: the tiny model, 1 CPU rank, fp32, gloo; the CUDA-only
+stages are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -18,210 +25,142 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-import warnings
-from collections import Counter
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[2]  # the repository: launch/train.py, ds_configs/
 
-QUESTION = "What is in this picture? Describe the shape and its colour."
-ANSWER_SENTENCE = "It is a {color} {shape} on a light background."
-
-
-def _single_rank_env() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
-
-
-def build(preset: str, device: torch.device, attn: str):
-    """(model on the device, processor, adapter) of the preset, random weights."""
-    from transformers import AutoModelForImageTextToText
-
-    from ds_vlm.attention import resolve_attention
-    from ds_vlm.demo import (
-        COLORS,
-        QWEN_SPECIAL_TOKENS,
-        SHAPES,
-        build_tokenizer,
-        caption,
-    )
-    from ds_vlm.models import adapter_for
-    from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
-
-    if preset == "tiny":
-        import tempfile
-
-        from transformers import AutoProcessor
-
-        from ds_vlm.demo import build_model_dir
-
-        folder = build_model_dir(Path(tempfile.mkdtemp()) / "model")
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
-                                                            attn_implementation=resolve_attention(attn))
-        return model.to(device), AutoProcessor.from_pretrained(folder), adapter_for("qwen3_vl")
-    words = [caption(c, s) for c in COLORS for s in SHAPES] + [QUESTION]
-    words += [ANSWER_SENTENCE.format(color=c, shape=s) for c in COLORS for s in SHAPES]
-    tokenizer = build_tokenizer(words)
-    config = qwen3_vl_2b_config({t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16,
-                                                        attn_implementation=resolve_attention(attn))
-    processor = qwen3_vl_2b_processor(tokenizer)
-    return model, processor, adapter_for("qwen3_vl")
+# name -> (seconds it may take on the GPU, what it needs besides a CPU: None, or (module, reason))
+STAGES = {
+    "train_zero2": (240, None),   # the first start JIT-builds DeepSpeed's FusedAdam (about a minute with nvcc)
+    "train_zero3": (90, None),
+    "save_resume": (120, None),
+    "export": (60, None),
+    "lora": (90, None),
+    "qlora": (120, ("bitsandbytes", "QLoRA needs bitsandbytes and a CUDA GPU")),
+    "liger": (60, ("liger_kernel", "--loss liger needs liger-kernel (Triton) and a CUDA GPU")),
+    "sweep_2b": (300, None),
+}
+TRAIN_FLAGS = ["--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "4", "--packing", "--lr", "1e-3",
+               "--warmup_ratio", "0", "--max_length", "512", "--dist_timeout_s", "120", "--num_workers", "1"]
 
 
-def sample_record(tmp: Path, side: int, answer_sentences: int) -> Path:
-    """One Pokemon-like record: an image of `side` pixels, a question, an answer of a few sentences."""
-    import random
-
-    from ds_vlm.demo import draw_shape
-
-    draw_shape("red", "circle", random.Random(0), size=side).save(tmp / "image.png")
-    answer = " ".join(ANSWER_SENTENCE.format(color="red", shape="circle") for _ in range(answer_sentences))
-    record = {"conversations": [{"from": "human", "value": "<image>" + QUESTION}, {"from": "gpt", "value": answer}],
-              "images": ["image.png"]}
-    (tmp / "data.jsonl").write_text(json.dumps(record) + "\n")
-    return tmp / "data.jsonl"
+# --------------------------------------------------------------------------- the orchestrator
 
 
-def sync_report(runner, micro) -> dict:
-    """Host syncs reported by CUDA's sync debug mode during one step, counted by the file that caused them."""
-    if not torch.cuda.is_available():
-        return {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            pending = runner.start(micro)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    pending.result()
-    return dict(Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}" for w in caught
-                        if "synchroniz" in str(w.message)))
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def skip_reason(name: str, dry_run: bool) -> str:
+    """Why a stage cannot run here ('' if it can)."""
+    import importlib.util
+
+    needs = STAGES[name][1]
+    if needs is None:
+        return ""
+    module, reason = needs
+    if dry_run or not cuda_available():
+        return f"{reason}: CUDA only (this is {'a dry run' if dry_run else 'a machine without CUDA'})"
+    if importlib.util.find_spec(module) is None:
+        return f"{reason}: {module} is not installed here"
+    return ""
+
+
+def run_stage(name: str, work: Path, dry_run: bool, budget: float) -> dict:
+    """One stage in its own process; its record."""
+    started = time.perf_counter()
+    reason = skip_reason(name, dry_run)
+    if reason:
+        return {"name": name, "status": "skipped", "seconds": 0.0, "detail": {"reason": reason}}
+    result = work / f"{name}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "ds_vlm.bench.gpu_check", "--run_stage", name, "--workdir", str(work)]
+    log = work / f"{name}.log"
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd + (["--dry_run"] if dry_run else []), cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=budget, env=_env())
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    seconds = round(time.perf_counter() - started, 1)
+    tail = log.read_text(errors="replace")[-2500:] if log.exists() else ""
+    if result.exists():
+        detail = json.loads(result.read_text())
+        status = "ok" if code == 0 else "failed"
+    else:
+        detail = {"error": f"over its {budget:.0f} s budget" if code is None else f"exit {code}", "log_tail": tail}
+        status = "failed"
+    if status == "failed" and "log_tail" not in detail:
+        detail["log_tail"] = tail
+    return {"name": name, "status": status, "seconds": seconds, "detail": detail}
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def prepare(work: Path) -> None:
+    """The small random Qwen3-VL and its data, built once per work folder (no download)."""
+    from ds_vlm.demo import build_data_dir, build_model_dir
+
+    if not (work / "model" / "config.json").exists():
+        build_model_dir(work / "model")
+    if not (work / "data" / "train.jsonl").exists():
+        build_data_dir(work / "data", n_train=64, n_test=4)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("2b", "tiny"), default="2b")
-    parser.add_argument("--sizes", default="8192,16384,32768,65536", help="tokens per step (one micro-batch)")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per size (after one warm-up step)")
-    parser.add_argument("--image_side", type=int, default=1280, help="pixels; 1280: 1,600 image tokens at patch 16")
-    parser.add_argument("--answer_sentences", type=int, default=16, help="~10 tokens each")
-    parser.add_argument("--attn_implementation", default="auto")
-    parser.add_argument("--loss", default="chunked")
-    parser.add_argument("--out", default="")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    parser.add_argument("--out", default="", help="write the stages' records as JSON here")
+    parser.add_argument("--dry_run", action="store_true", help="on the CPU, the tiny model; CUDA-only stages skipped")
+    parser.add_argument("--workdir", default="", help="keep the model, data and runs here (default: temporary)")
+    parser.add_argument("--run_stage", default="", help=argparse.SUPPRESS)  # one stage, in its own process
     args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_vlm_gpu_check_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.run_stage:
+        from ds_vlm.bench import gpu_stages
 
-    import tempfile
+        detail = getattr(gpu_stages, args.run_stage)(work, args.dry_run)
+        (work / f"{args.run_stage}.json").write_text(json.dumps(detail, indent=2, default=str))
+        return 0
+    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    import torch
 
-    import deepspeed
-
-    from ds_vlm.config import TrainConfig
-    from ds_vlm.data.batching import Collator, SFTDataset
-    from ds_vlm.data.encode import Encoder, set_pixel_bounds
-    from ds_vlm.data.sources import RecordIndex
-    from ds_vlm.distributed import init_distributed, setup_threads
-    from ds_vlm.engine import (
-        enable_checkpointing,
-        param_groups,
-        resolve_ds_config,
-        set_trainable,
-    )
-    from ds_vlm.loss import LabelLoss, check_loss_available
-    from ds_vlm.metrics import FlopsCounter, device_peak_tflops
-    from ds_vlm.step import StepRunner
-
-    _single_rank_env()
-    setup_threads()
-    init_distributed(600)
-    check_loss_available(args.loss)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    tmp = Path(tempfile.mkdtemp())
-    started = time.perf_counter()
-    model, processor, adapter = build(args.preset, device, args.attn_implementation)
-    side = args.image_side if args.preset == "2b" else 64  # the demo model's image size
-    if args.preset == "2b":
-        set_pixel_bounds(processor, 0, side * side)
-    zero2 = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json"
-    config = TrainConfig(model="(in memory)", train_data=str(tmp), deepspeed=str(zero2),
-                         precision="bf16" if cuda else "fp32", loss=args.loss,
-                         attn_implementation=args.attn_implementation).validate(for_training=False)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    groups = set_trainable(model, adapter, config)
-    enable_checkpointing(model, adapter, config)
-    ds_config = resolve_ds_config(config, 1)
-    ds_config["optimizer"]["params"]["torch_adam"] = True  # skips FusedAdam's ~1 min JIT build
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config), config=ds_config)
-    runner = StepRunner(engine, 1, torch.bfloat16 if cuda else torch.float32, LabelLoss(model, args.loss),
-                        FlopsCounter(model, adapter, config))
-    encoder = Encoder(processor, adapter, 1 << 20)
-    sample = SFTDataset(RecordIndex([str(sample_record(tmp, side, args.answer_sentences))]), encoder)[0]
-    length = int(sample["input_ids"].shape[1])
-    labels = int((sample["labels"] != -100).sum())
-    collate = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
-    peak_tflops = device_peak_tflops(0.0)
-    setup_s = time.perf_counter() - started
-    print(f"model built and engine ready in {setup_s:.0f} s on {torch.cuda.get_device_name() if cuda else 'cpu'}; "
-          f"attention {model.config._attn_implementation}; one sample = {length} tokens ({labels} labels)", flush=True)
-
-    rows, fits = [], 0
-    for size in (int(s) for s in args.sizes.split(",")):
-        n = max(1, size // length)
-        batch, meta = collate([sample] * n)
-        if cuda:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-            torch.cuda.reset_peak_memory_stats()
-        times, row = [], {"target_tokens": size, "samples": n, "tokens": n * length}
-        try:
-            for step in range(1 + args.steps):
-                begin = time.perf_counter()
-                stats = runner.run([(dict(batch), dict(meta))])
-                if cuda:
-                    torch.cuda.synchronize()
-                if step:
-                    times.append(time.perf_counter() - begin)
-        except torch.OutOfMemoryError:
-            row["status"] = "out of memory"
-            rows.append(row)
-            break
-        step_s = sorted(times)[len(times) // 2]
-        flops = runner.count_flops(batch, n * labels)
-        tflops = flops / step_s / 1e12
-        row.update(status="ok", step_s=step_s, tokens_per_s=n * length / step_s, tflops=tflops,
-                   mfu=tflops / peak_tflops if peak_tflops else None, loss=stats["loss"],
-                   peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else max(stats["peak_mem_gb"]))
-        rows.append(row)
-        fits = n * length
-        print(json.dumps(row), flush=True)
-    syncs = sync_report(runner, [(dict(batch), dict(meta))]) if fits else {}
-
-    print(f"\n{'Qwen3-VL-2B architecture' if args.preset == '2b' else 'the demo model'}, {config.precision}, "
-          f"1 {'GPU' if cuda else 'CPU rank'}, ZeRO-2 json, sample {length} tokens, loss {args.loss}, "
-          f"attention {model.config._attn_implementation}")
-    print(f"{'tokens/step':>12} {'samples':>8} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GB':>8}  status")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['tokens']:>12} {r['samples']:>8} {'':>8} {'':>10} {'':>8} {'':>6} {'':>8}  {r['status']}")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['tokens']:>12} {r['samples']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops']:>8.1f} {mfu:>6} {r['peak_mem_gb']:>8.1f}  ok")
-    print(f"largest size that fits: {fits} tokens per step")
-    print(f"host syncs in one step (CUDA sync debug mode, by file): {syncs or 'none'}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"torch {torch.__version__}, GPU {gpu}{' (dry run on the CPU)' if args.dry_run else ''}; work {work}",
+          flush=True)
+    prepare(work)
+    records, began = [], time.perf_counter()
+    for name in names:
+        budget = STAGES[name][0] * (3 if args.dry_run else 1)  # a shared 2-core CPU is slower than the GPU host
+        record = run_stage(name, work, args.dry_run, budget)
+        records.append(record)
+        summary = {k: v for k, v in record["detail"].items() if k != "log_tail"}
+        print(f"[{record['status']:>7}] {name} ({record['seconds']:.0f} s): {json.dumps(summary, default=str)[:600]}",
+              flush=True)
+    report = {"stages": records, "torch": torch.__version__, "gpu": gpu, "dry_run": args.dry_run,
+              "seconds": round(time.perf_counter() - began, 1)}
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "largest_tokens": fits, "syncs": syncs,
-                                              "sample_tokens": length, "setup_s": setup_s}, indent=2))
-    return 0
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    failed = [r["name"] for r in records if r["status"] == "failed"]
+    print(f"{len(records) - len(failed)} of {len(records)} stages not failed in {report['seconds']:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    if not args.workdir and not failed:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

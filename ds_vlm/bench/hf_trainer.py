@@ -173,7 +173,7 @@ def main() -> int:
             for key in ("samples", "tokens", "computed"):
                 pending[key] += meta[key]
             if flops_of is not None:  # the same model FLOPs as ds-vlm's (the head on label rows only)
-                pending["flops"] += flops_of(inputs, meta["targets"])
+                pending["flops"] += flops_of(inputs, meta["targets"], meta["sample_lengths"])
             loss = super().training_step(model, inputs, num_items_in_batch)
             pending["loss"] = float(loss)
             return loss

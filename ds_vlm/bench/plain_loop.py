@@ -78,7 +78,7 @@ def plain_loop(argv: list[str]) -> int:
         for step, (batch, meta) in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             rows = LabelRows.from_labels(batch.pop("labels").cpu())
-            flops = flops_of(batch, len(rows)) if flops_of is not None else None
+            flops = flops_of(batch, len(rows), meta["sample_lengths"]) if flops_of is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 summed = label_loss(model, batch, rows.to(device))
             (summed / meta["targets"]).backward()

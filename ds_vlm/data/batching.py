@@ -207,28 +207,34 @@ class TokenBudgetPlan(BatchPlan):
 
 
 class Collator:
-    """Samples -> one micro-batch, padded to its longest sample (one row each) or, with `positions` (the
-    adapter's per-sample position ids; --packing), packed into one row: samples concatenated, each with its
-    own positions (which restart at every sample: that is how attention is kept inside it) and the sample
-    boundaries as `cu_seq_lens` for varlen kernels. A micro-batch with no image gets the dummy image (padded:
-    appended to the first sample; packed: as its own sample), all of its labels ignored."""
+    """Samples -> one micro-batch, padded to its longest sample (one row each) or, with `packing`, packed into
+    one row: samples concatenated, each with its own positions (which restart at every sample: that is how
+    attention is kept inside it) and the sample boundaries as `cu_seq_lens` for varlen kernels. `positions`:
+    the adapter's per-sample position ids (needed for packing; for a padded batch they save the model from
+    computing them on the device: Qwen's rope index reads token types back to the host per row). A micro-batch
+    with no image gets the dummy image (padded: appended to the first sample; packed: as its own sample), all
+    of its labels ignored."""
 
     def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1,
-                 dummy_video: Optional[dict[str, torch.Tensor]] = None):
+                 dummy_video: Optional[dict[str, torch.Tensor]] = None, packing: bool = False):
+        if packing and positions is None:
+            raise ValueError("packing needs the adapter's position ids")
         self.pad_token_id = pad_token_id
         self.dummy = dummy
         self.dummy_video = dummy_video  # set when the data holds videos: every micro-batch then has one
         self.positions = positions
+        self.packing = packing
         self.multiple_of = multiple_of  # --sequence_parallel: every row's length divides by it
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
         """(batch, meta); meta counts only real samples: samples, tokens, targets; and what the forward
-        computes over: computed (padding and dummy included); `bad`: the messages of records left out."""
+        computes over: computed (padding and dummy included), sample_lengths (each attended span: a padded
+        row's unpadded length, a packed row's segments); `bad`: the messages of records left out."""
         bad = [s["bad"] for s in samples if "bad" in s]
         samples = [s for s in samples if "bad" not in s]
         meta = {"bad": bad, "samples": len(samples), "tokens": sum(int(s["input_ids"].shape[1]) for s in samples),
                 "targets": sum(count_targets(s["labels"]) for s in samples)}
-        if self.positions is not None:
+        if self.packing:
             return self._pack(list(samples), meta)
         samples = list(samples)
         for dummy in self._dummies(samples):
@@ -236,12 +242,14 @@ class Collator:
         length = _round_up(max(s["input_ids"].shape[1] for s in samples), self.multiple_of)
         batch: dict[str, list[torch.Tensor]] = {}
         for s in samples:
+            if self.positions is not None:
+                s = dict(s, position_ids=self.positions(s))
             for key, value in s.items():
-                if key in TOKEN_KEYS:
-                    value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=self._pad_value(key))
+                if key in TOKEN_KEYS or key == "position_ids":
+                    value = torch.nn.functional.pad(value, (0, length - value.shape[-1]), value=self._pad_value(key))
                 batch.setdefault(key, []).append(value)
-        meta["computed"] = length * len(samples)
-        return {key: torch.cat(values, dim=0) for key, values in batch.items()}, meta
+        meta.update(computed=length * len(samples), sample_lengths=[int(s["input_ids"].shape[1]) for s in samples])
+        return {key: torch.cat(values, dim=-2 if key == "position_ids" else 0) for key, values in batch.items()}, meta
 
     def _dummies(self, samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """What the micro-batch needs so that the vision tower runs on an image (and a video) on every rank."""
@@ -267,7 +275,7 @@ class Collator:
         batch = merge_parts(parts)
         batch["position_ids"] = torch.cat(positions, dim=-1)
         batch["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        meta.update(computed=sum(lengths), max_length=max(lengths))
+        meta.update(computed=sum(lengths), max_length=max(lengths), sample_lengths=lengths)
         return batch, meta
 
     def _pad_value(self, key: str) -> int:

@@ -188,20 +188,18 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
               num_workers: int = 0, progress: bool = False) -> tuple[Checks, str]:
     """Every record's Checks (in index order, on every rank) and a line saying where they came from. The
     ranks check their shares of what the cache lacks; the node's first rank writes the new cache entries."""
-    import torch.distributed as dist
+    from .. import distributed as comm
 
     assert MODES.fullmatch(mode), mode
-    distributed = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    distributed = comm.is_distributed()
+    rank, world = comm.rank(), comm.world_size()
     root = cache.writable(cache.cache_root(cache_dir)) if mode != "off" else None
     key = cache.encoding_key(encoder, records.data_format, records.image_root) if root else ""
     entries = [root / "preflight" / f"{cache.fingerprint(f.path)}-{key}.npz" if root else None for f in records.files]
     reuse = mode == "cached" or mode.startswith("sample")
     hits = [bool(reuse and entry is not None and entry.exists()) for entry in entries]
     if distributed:  # rank 0 decides, so that every rank checks the same records even as entries appear
-        shared = [hits]
-        dist.broadcast_object_list(shared, src=0)
-        hits = shared[0]
+        hits = comm.broadcast_object(hits, src=0)
     parts, todo, whole = [], [], []
     sample = int(mode.split(":")[1]) if mode.startswith("sample") else 0
     rng = np.random.default_rng(0)
@@ -223,9 +221,7 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
     began = time.perf_counter()
     checked = check_columns(records, encoder, todo[rank::world], num_workers, progress)
     if distributed and len(todo):
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, checked)
-        checked = Checks.concat(gathered)
+        checked = Checks.concat(comm.all_gather_object(checked))
     elapsed = time.perf_counter() - began
     if root is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # files checked whole: cached
         for file_no in whole:

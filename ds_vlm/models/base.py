@@ -55,6 +55,9 @@ class Adapter:
         """A context around `from_pretrained` for load-time fixes this family needs (none by default)."""
         return contextlib.nullcontext()
 
+    def prepare(self, model: nn.Module) -> None:
+        """Changes to a loaded model that keep its weights and names but run faster or safer (none by default)."""
+
     def vision_depth_width(self, config) -> tuple[int, int]:
         """(blocks, hidden width) of the vision tower, for the FLOP count."""
         vision = config.vision_config
@@ -84,6 +87,10 @@ class Adapter:
         """For --packing: a picklable function from one encoded sample to its position ids (they restart at 0
         at each sample; the collator concatenates them). Plain 1-d positions by default."""
         return TextPositions()
+
+    # Whether padded batches should carry the position ids too: where the model would otherwise compute them
+    # on the device with host reads (Qwen's multimodal rope index), the collator does it on the host.
+    padded_batch_positions: bool = False
 
     # -- the tiny model ----------------------------------------------------------------------------
     def tiny(self, tokenizer, token_ids: dict) -> TinyModel:

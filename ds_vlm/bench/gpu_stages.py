@@ -1,0 +1,178 @@
+"""The GPU check's stages (gpu_check.py runs each in its own process): each returns its detail, or raises.
+
+The training stages run the trainer as users do, `deepspeed --num_gpus 1 launch/train.py` (the launcher as
+`python -m deepspeed.launcher.runner`, which the `deepspeed` script is), on the small model and data that
+gpu_check.prepare built in the work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ds_vlm.bench.gpu_check import ROOT, TRAIN_FLAGS, _env
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, resume: bool = False) -> dict:
+    """One run of the real entry; its metrics, what it said it runs on, and its output folder. A run already
+    made in this work folder (another stage's) is read, not repeated; `resume`: the folder holds a checkpoint
+    to go on from."""
+    out = work / name
+    log = work / f"{name}.train.log"
+    if not (out / "metrics.jsonl").exists() or not log.exists():
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+               str(_free_port()), str(ROOT / "launch" / "train.py"), "--model", str(work / "model"),
+               "--train_data", str(work / "data" / "train.jsonl"), "--deepspeed",
+               str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *TRAIN_FLAGS, *extra]
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=timeout)
+        if proc.returncode != 0:
+            raise StageFailed(f"{name}: the run exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+    text = log.read_text(errors="replace")
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r and "event" not in r]
+    said = re.search(r"optimizer (.+?); attention (.+)", text)
+    backend = re.search(r"backend (\w+)", text)
+    return {"out": out, "rows": rows, "log": text, "detail": {
+        "losses": [r["loss"] for r in rows], "step_time_s": [round(r["step_time_s"], 4) for r in rows],
+        "peak_mem_gb": rows[-1]["peak_mem_gb"] if rows else None,
+        "peak_reserved_gb": rows[-1].get("peak_reserved_gb") if rows else None,
+        "optimizer": said[1] if said else None, "attention": said[2].strip() if said else None,
+        "backend": backend[1] if backend else None}}
+
+
+def _check_trained(run: dict, steps: int = 4) -> dict:
+    import math
+
+    losses = run["detail"]["losses"]
+    if len(losses) != steps or not all(math.isfinite(x) for x in losses):
+        raise StageFailed(f"expected {steps} finite losses, got {losses}")
+    return run["detail"]
+
+
+def train_zero2(work: Path, dry_run: bool) -> dict:
+    return _check_trained(_train(work, "zero2", "2"))
+
+
+def train_zero3(work: Path, dry_run: bool) -> dict:
+    return _check_trained(_train(work, "zero3", "3"))
+
+
+def save_resume(work: Path, dry_run: bool) -> dict:
+    """train_zero2's run saved at steps 2 and 4; its copy without step 4 resumes from 2: the same losses."""
+    whole = _train(work, "zero2", "2")
+    resumed_dir = work / "resumed"
+    shutil.rmtree(resumed_dir, ignore_errors=True)
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole["out"] / "checkpoints" / "step_00000002", resumed_dir / "checkpoints" / "step_00000002")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_00000002")
+    (work / "resumed.train.log").unlink(missing_ok=True)
+    resumed = _train(work, "resumed", "2", "--export_hf", "false", resume=True)
+    if "resumed from" not in resumed["log"]:
+        raise StageFailed("the second run did not resume:\n" + resumed["log"][-2000:])
+    first, second = whole["detail"]["losses"][2:], resumed["detail"]["losses"]
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(first, second))
+    if len(second) != 2 or worst > 1e-5:
+        raise StageFailed(f"steps 3-4: uninterrupted {first}, resumed {second} (rel difference {worst:.2e})")
+    return {"uninterrupted": first, "resumed": second, "max_rel_difference": worst}
+
+
+def export(work: Path, dry_run: bool) -> dict:
+    """train_zero3's hf/ with plain from_pretrained, then a greedy answer to a held-out record."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ds_vlm.data.sources import RecordIndex
+    from ds_vlm.generation import generate_answers
+
+    hf = _train(work, "zero3", "3")["out"] / "hf"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.bfloat16 if device == "cuda" else None)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(hf)
+    samples = [RecordIndex([str(work / "data" / "test.jsonl")]).sample(0)]
+    answer = generate_answers(model, processor, samples, max_new_tokens=8)[0]
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    return {"hf": str(hf), "answer": answer, "dtypes": dtypes, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _lora_run(work: Path, name: str, *extra: str) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    run = _train(work, name, "2", "--lora_rank", "8", "--lora_alpha", "16", *extra)
+    detail = _check_trained(run)
+    out = run["out"]
+    for folder in ("hf", "adapter"):
+        if not (out / folder).is_dir():
+            raise StageFailed(f"no {folder}/ folder in {out}")
+    config = json.loads((out / "hf" / "config.json").read_text())
+    if "quantization_config" in config:
+        raise StageFailed("the merged export's config still says it is quantized")
+    merged = AutoModelForImageTextToText.from_pretrained(out / "hf")
+    detail.update(merged_dtypes=sorted({str(p.dtype) for p in merged.parameters()}),
+                  adapter_files=sorted(p.name for p in (out / "adapter").iterdir()))
+    if any(not p.is_floating_point() for p in merged.parameters()):
+        raise StageFailed(f"the merged export holds integer weights: {detail['merged_dtypes']}")
+    del merged
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return detail
+
+
+def lora(work: Path, dry_run: bool) -> dict:
+    return _lora_run(work, "lora")
+
+
+def qlora(work: Path, dry_run: bool) -> dict:
+    return _lora_run(work, "qlora", "--lora_bits", "4")
+
+
+def liger(work: Path, dry_run: bool) -> dict:
+    """liger-kernel's fused loss against the chunked one, at Qwen's head (2048 x 151,936, bf16) and 2,048 label
+    rows: loss and both gradients."""
+    import torch
+
+    from ds_vlm.loss import chunked_loss_sum, liger_loss_sum
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(2048, 2048, device="cuda") * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(151_936, 2048, device="cuda") * 0.02).bfloat16().requires_grad_()
+    targets = torch.randint(0, 151_936, (2048,), device="cuda")
+    results = {}
+    for name, fn in (("chunked", chunked_loss_sum), ("liger", liger_loss_sum)):
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, None, targets)
+        (loss * 0.5).backward()  # a scaled loss, as the trainer's always is
+        results[name] = (loss.detach().float(), hidden.grad.float(), weight.grad.float())
+    (la, ha, wa), (lb, hb, wb) = results["chunked"], results["liger"]
+    rel = {"loss": float((la - lb).abs() / la.abs()),
+           "grad_hidden": float((ha - hb).norm() / ha.norm()), "grad_weight": float((wa - wb).norm() / wa.norm())}
+    if max(rel.values()) > 2e-2:
+        raise StageFailed(f"liger differs from the chunked loss: {rel}")
+    return {"relative_difference": rel, "loss": float(la)}
+
+
+def sweep_2b(work: Path, dry_run: bool) -> dict:
+    from ds_vlm.bench.gpu_sweep import sweep
+
+    if dry_run:
+        return sweep(preset="tiny", sizes=[64, 400], steps=1, answer_sentences=2)
+    return sweep(preset="2b", sizes=[8192, 16384, 32768, 65536], steps=3)
