@@ -117,15 +117,16 @@ def _torch_varlen(q, k, v, cu_seq_lens, max_length: int, scale: Optional[float],
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **kwargs)
 
 
-def _per_sample_sdpa(q, k, v, cu_seq_lens, scale: Optional[float], causal: bool) -> torch.Tensor:
-    """sdpa sample by sample (the CPU's varlen kernel): (L, heads, dim) in and out, no mask anywhere."""
+def _per_sample_sdpa(query, key, value, cu_seq_lens, scale: Optional[float], causal: bool) -> torch.Tensor:
+    """sdpa sample by sample (the CPU's varlen kernel): (1, heads, L, dim) in, (1, L, heads, dim) out, no mask
+    anywhere (grouped-query heads through sdpa's own enable_gqa)."""
     bounds = cu_seq_lens.tolist()  # a CPU tensor: no device to wait for
-    groups = q.shape[1] // k.shape[1]
-    q, k, v = (t.transpose(0, 1) for t in (q, _repeat_kv(k, groups), _repeat_kv(v, groups)))  # (heads, L, dim)
-    outputs = [torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=causal,
-                                                                scale=scale)
-               for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return torch.cat(outputs, dim=1).transpose(0, 1)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    gqa = key.shape[1] != query.shape[1]
+    # split, not slices: split's backward is one concatenation, each slice's would be a zero-filled full copy
+    outputs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+               for q, k, v in zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
@@ -139,15 +140,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    if query.device.type == "cuda":
-        if max_length_q is None:  # a caller that did not say: read it (one host sync)
-            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-        out = _torch_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling, causal)
-    else:
-        out = _per_sample_sdpa(q, k, v, cu_seq_lens_q, scaling, causal)
-    return out.unsqueeze(0), None
+    if query.device.type != "cuda":
+        return _per_sample_sdpa(query, key, value, cu_seq_lens_q, scaling, causal), None
+    if max_length_q is None:  # a caller that did not say: read it (one host sync)
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim)
+    return _torch_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling, causal).unsqueeze(0), None
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):

@@ -55,7 +55,7 @@ class TrainConfig:
     sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
                                      "the groups; 1: off")
     packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
-                                "each sample (varlen kernel on GPUs, block-diagonal mask elsewhere)")
+                                "each sample (the sample boundaries go to a varlen kernel, never a mask)")
     min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
     max_pixels: int = _key(0, "largest image area after resizing (0: the processor's)")
     video_fps: float = _key(2.0, "frames sampled per second of video")
@@ -77,8 +77,9 @@ class TrainConfig:
         "chunked", "cross-entropy on label rows only, in chunks; liger: liger-kernel's fused kernel (CUDA); full: "
                    "all label rows' logits at once")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = _key(
-        "auto", "the attention kernel; auto: on a GPU with --packing PyTorch's varlen kernel, else flash_attention_2 "
-                "where flash-attn is installed, else sdpa")
+        "auto", "the attention kernel; auto: flash_attention_2 on a GPU with flash-attn installed; else with "
+                "--packing the varlen interface (PyTorch's varlen kernel on a GPU, sdpa per sample on a CPU), without "
+                "it sdpa (docs/training.md: which kernel each machine gets)")
     # what trains
     train_vision: str = _key("none", "none, all, or last:N vision blocks (the last N whose output is used)")
     train_projector: bool = _key(True, "train the merger / multi-modal projector")

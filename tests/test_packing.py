@@ -243,7 +243,7 @@ def test_varlen_interface_on_cpu(demo_dir, records, monkeypatch):
     original_varlen = attention._per_sample_sdpa
 
     def spy_varlen(q, k, v, cu, scale, causal):
-        varlen_calls.append((q.shape[1], causal, len(cu) - 1))
+        varlen_calls.append((q.shape[1], causal, len(cu) - 1))  # (1, heads, L, dim)
         return original_varlen(q, k, v, cu, scale, causal)
 
     monkeypatch.setattr(attention, "_per_sample_sdpa", spy_varlen)
@@ -288,9 +288,9 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(signature, monkeypa
         assert k.shape[1] == q.shape[1]  # no enable_gqa: the kv heads must come repeated
         return reference(q, k, v, cu_q, None, is_causal)
 
-    def reference(q, k, v, cu, scale, causal):
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return attention._per_sample_sdpa(q, k, v, cu, scale, causal)
+    def reference(q, k, v, cu, scale, causal):  # (L, heads, dim) as varlen_attn takes them
+        out = attention._per_sample_sdpa(*(t.transpose(0, 1)[None] for t in (q, k, v)), cu, scale, causal)
+        return out[0]
 
     monkeypatch.setattr(varlen, "varlen_attn", new if signature.startswith("window") else old)
     attention.torch_varlen_signature.cache_clear()

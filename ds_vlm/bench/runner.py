@@ -268,6 +268,8 @@ def summarize(case: str, rows: list[dict], warmup: int, world: int, peak_tflops:
            "tokens_per_s": statistics.median(r["tokens"] for r in measured) / step
            if all(r.get("tokens") is not None for r in measured) else None,
            "loss_first": rows[0].get("loss"), "loss_last": rows[-1].get("loss")}
+    if all(r.get("tokens") for r in measured):  # each step's own rate: fair where steps hold different samples
+        out["step_tokens_per_s"] = statistics.median(r["tokens"] / r["step_time_s"] for r in measured)
     if all(r.get("padding_efficiency") for r in measured):  # ds-vlm's own runs log it
         out["padding_efficiency"] = statistics.median(r["padding_efficiency"] for r in measured)
         out["computed_tokens_per_step"] = statistics.median(r["tokens"] / r["padding_efficiency"] for r in measured)
@@ -303,6 +305,7 @@ def combine_rounds(results: list[dict]) -> dict:
     chosen = dict(sorted(ok, key=lambda r: r["s_per_step"])[(len(ok) - 1) // 2])
     if len(results) > 1:
         chosen["rounds_s_per_step"] = [r.get("s_per_step") for r in results]
+        chosen["rounds_step_tokens_per_s"] = [r.get("step_tokens_per_s") for r in results]
         chosen["rounds_status"] = [r["status"] for r in results]
         chosen["rounds_failed"] = [{"round": i + 1, "status": r["status"], "log_tail": r.get("log_tail", [])}
                                    for i, r in enumerate(results) if r["status"] != "ok"]
