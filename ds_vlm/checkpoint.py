@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, TrainConfig
+from .config import CheckpointConfig, ConfigError, default_of
 from .distributed import all_ok, barrier
 
 MARKER = "ds_vlm_checkpoint.json"
@@ -177,7 +177,7 @@ EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr
 
 def config_differences(meta: dict, config: dict, global_batch: int, total_steps: int) -> list[str]:
     # a key the checkpoint's version did not have yet held its default
-    saved = {key: meta["config"].get(key, TrainConfig.__dataclass_fields__[key].default) for key in EXACTNESS_KEYS}
+    saved = {key: meta["config"].get(key, default_of(key)) for key in EXACTNESS_KEYS}
     diffs = [f"{key}: checkpoint {saved[key]!r}, now {config.get(key)!r}"
              for key in EXACTNESS_KEYS if saved[key] != config.get(key)]
     if meta["global_batch"] != global_batch:
@@ -188,8 +188,9 @@ def config_differences(meta: dict, config: dict, global_batch: int, total_steps:
     return diffs
 
 
-def resume_point(config, run_meta: dict):
-    """(checkpoint to resume from or None, whether it needs the universal format)."""
+def resume_point(config: CheckpointConfig, run_meta: dict):
+    """(checkpoint to resume from or None, whether it needs the universal format). `run_meta["config"]` holds
+    this run's flat keys, as checkpoints record them."""
     if config.resume == "none":
         return None, False
     source = config.output_dir if config.resume == "auto" else config.resume
@@ -201,7 +202,7 @@ def resume_point(config, run_meta: dict):
     meta = read_meta(found)
     diffs = config_differences(meta, run_meta["config"], run_meta["global_batch"], run_meta["total_steps"])
     saved_dp = meta.get("data_parallel_size", meta["world_size"])
-    if config.max_tokens_per_batch and saved_dp != run_meta["data_parallel_size"]:
+    if run_meta["config"]["max_tokens_per_batch"] and saved_dp != run_meta["data_parallel_size"]:
         diffs.append(f"data-parallel size with token-budget batching: checkpoint {saved_dp}, now "
                      f"{run_meta['data_parallel_size']} (micro-batches are dealt per data-parallel rank)")
     if meta.get("n_train_samples") != run_meta["n_train_samples"]:

@@ -14,10 +14,10 @@ from .data.formats import DataError
 
 
 def main(argv=None) -> int:
-    from .data.preflight import BadDataError
+    from .data.preflight import BadDataError, TooManyBadRecords
     from .distributed import RendezvousError
     from .faults import PREEMPTED_EXIT, Preempted
-    from .train import TooManyBadRecords, TrainingDiverged, run
+    from .train import TrainingDiverged, run
 
     try:
         config = load_config(argv)

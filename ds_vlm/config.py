@@ -1,14 +1,25 @@
-"""One typed run config: YAML file + command-line flags (flags win), validated once.
+"""One typed run config, in sections: YAML file + command-line flags (flags win), validated once.
 
-Every key is a field of `TrainConfig` with its type, default and help; a `Literal[...]` type is the one
-place its allowed values are listed. `python -m ds_vlm.config` prints the flag table of docs/training.md
-(`--update docs/training.md` rewrites it there).
+Users type flat keys (`--lr`, `lr:` in YAML); each key is a field of one section, which is what a
+component is given (`encoder_for(..., config.data)`, `param_groups(..., config.optim)`):
+
+    data        the records, their layout, images and videos, preflight, the loader
+    batch       micro-batches, accumulation, token budgets, packing, how long
+    model       what is loaded, how it computes, what trains (LoRA included)
+    optim       AdamW, the schedule, clipping, non-finite steps
+    parallel    the DeepSpeed json, sequence parallelism, timeouts
+    checkpoint  where the run writes, saving, resuming, the export
+    logging     metrics, evaluation, reporters, MFU
+
+A `Literal[...]` type is the one place its allowed values are listed (the modules that need them take them
+from here: `choices("data_format")`). `python -m ds_vlm.config` prints the flag table of docs/training.md
+(`--update docs/training.md` rewrites it there). `to_keys()` gives the flat keys back, as run_config.json and
+checkpoints record them (checkpoints written before the sections resume the same way).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import typing
@@ -23,64 +34,81 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
-def _key(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _key(default, help: str, key: str = ""):
+    """A config field; `key`: the flag / YAML key when it is not the field's own name."""
+    return field(default=default, metadata={"help": help, "key": key})
+
+
+DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca"]
+Truncation = Literal["error", "skip", "truncate"]
+LossKind = Literal["chunked", "liger", "full"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"]
+PREFLIGHT = re.compile(r"cached|full|off|sample:([1-9]\d*)")
 
 
 @dataclass
-class TrainConfig:
-    # what to train, on what
-    model: str = _key("", "local folder or hub id of a supported VLM")
+class DataConfig:
     train_data: str = _key("", "JSONL / JSON / parquet files or folders, comma-separated; `path:weight` samples "
                                "sources by weight")
     eval_data: str = _key("", "held-out records: eval loss (and sample answers) at --eval_steps and at the end")
-    data_format: Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca"] = _key(
-        "auto", "force one record layout (records in another are named as bad)")
+    data_format: DataFormat = _key("auto", "force one record layout (records in another are named as bad)")
     image_root: str = _key("", "folder relative image paths are resolved against (default: the data file's folder)")
-    deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
-    output_dir: str = _key("runs/latest", "metrics, checkpoints and hf/ go here")
-    trust_remote_code: bool = _key(False, "allow model code from the checkpoint")
-    # how long
-    max_steps: int = _key(-1, "optimizer steps; -1: run --epochs")
-    epochs: int = _key(1, "passes over the data when --max_steps is -1")
-    # batches
-    micro_batch_size: int = _key(1, "samples per rank per forward")
-    grad_accum: int = _key(1, "micro-batches per optimizer step")
     max_length: int = _key(4096, "longest sample in tokens, image tokens included")
-    truncation: Literal["error", "skip", "truncate"] = _key(
+    truncation: Truncation = _key(
         "error", "over-long samples stop the run before training, are dropped (counted), or are cut (never inside "
                  "an image, never to zero answer tokens)")
-    max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
-                                        "--packing, real ones) instead of --micro_batch_size; 0: off")
-    sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
-                                     "the groups; 1: off")
-    packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
-                                "each sample (the sample boundaries go to a varlen kernel, never a mask)")
     min_pixels: int = _key(0, "smallest image area after resizing (0: the processor's)")
     max_pixels: int = _key(0, "largest image area after resizing (0: the processor's)")
     video_fps: float = _key(2.0, "frames sampled per second of video")
     video_max_frames: int = _key(32, "at most this many frames per video (spread over it when longer)")
     video_max_pixels: int = _key(0, "largest frame area after resizing (0: the video processor's)")
-    # optimizer and schedule
-    lr: float = _key(2e-5, "peak learning rate")
-    warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
-    min_lr_ratio: float = _key(0.0, "cosine decays to lr x this")
-    vision_lr: float = _key(0.0, "learning rate of the vision tower (0: --lr)")
-    projector_lr: float = _key(0.0, "learning rate of the projector (0: --lr)")
-    weight_decay: float = _key(0.0, "AdamW weight decay; never on norms, biases or other 1-d tensors")
-    adam_beta1: float = _key(0.9, "AdamW beta1")
-    adam_beta2: float = _key(0.999, "AdamW beta2")
-    adam_eps: float = _key(1e-8, "AdamW epsilon")
-    grad_clip: float = _key(1.0, "clip the global gradient norm; 0 disables")
+    bad_records: Literal["error", "skip"] = _key("error", "bad records stop the run before training, or are "
+                                                          "dropped and counted")
+    preflight: str = _key("cached", "cached: every record checked before training, results kept in the data cache "
+                                    "and reused while file, processor and encoding flags are unchanged; full: "
+                                    "check again; sample:N: N random records per file, the rest estimated; off: "
+                                    "none (records found bad in training are skipped and counted)")
+    max_bad: int = _key(0, "with --preflight off or sample:N, records found bad in training are skipped, named and "
+                           "counted; more than this many stop the run (validate: more than this many bad fail)")
+    data_cache: str = _key("", "folder of the data cache (JSON-list indexes, preflight results); default "
+                               "$DS_VLM_CACHE or ~/.cache/ds_vlm")
+    num_workers: int = _key(-1, "DataLoader workers per rank (image decoding, processor); -1: from the cores per "
+                                "local rank (on a GPU one core left for the rank itself, at most 8; on a CPU 1)")
+
+    @property
+    def loader_workers(self) -> int:
+        """--num_workers, with -1 resolved from the cores this local rank has."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        from .distributed import default_loader_workers
+
+        return default_loader_workers()
+
+
+@dataclass
+class BatchConfig:
+    max_steps: int = _key(-1, "optimizer steps; -1: run --epochs")
+    epochs: int = _key(1, "passes over the data when --max_steps is -1")
+    micro_batch_size: int = _key(1, "samples per rank per forward")
+    grad_accum: int = _key(1, "micro-batches per optimizer step")
+    max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
+                                        "--packing, real ones) instead of --micro_batch_size; 0: off")
+    packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
+                                "each sample (the sample boundaries go to a varlen kernel, never a mask)")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _key("", "local folder or hub id of a supported VLM", key="model")
+    trust_remote_code: bool = _key(False, "allow model code from the checkpoint")
     precision: Literal["auto", "bf16", "fp32"] = _key("auto", "auto: bf16 where the GPU has it, else fp32")
-    loss: Literal["chunked", "liger", "full"] = _key(
+    loss: LossKind = _key(
         "chunked", "cross-entropy on label rows only, in chunks; liger: liger-kernel's fused kernel (CUDA); full: "
                    "all label rows' logits at once")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = _key(
+    attn_implementation: Attention = _key(
         "auto", "the attention kernel; auto: flash_attention_2 on a GPU with flash-attn installed; else with "
                 "--packing the varlen interface (PyTorch's varlen kernel on a GPU, sdpa per sample on a CPU), without "
                 "it sdpa (docs/training.md: which kernel each machine gets)")
-    # what trains
     train_vision: str = _key("none", "none, all, or last:N vision blocks (the last N whose output is used)")
     train_projector: bool = _key(True, "train the merger / multi-modal projector")
     train_llm: bool = _key(True, "train the language tower and LM head")
@@ -94,47 +122,6 @@ class TrainConfig:
     lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the frozen weights in 4 bits (bitsandbytes, a GPU, not ZeRO-3)")
     gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
     vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
-    # data handling
-    bad_records: Literal["error", "skip"] = _key("error", "bad records stop the run before training, or are "
-                                                          "dropped and counted")
-    preflight: str = _key("cached", "cached: every record checked before training, results kept in the data cache "
-                                    "and reused while file, processor and encoding flags are unchanged; full: "
-                                    "check again; sample:N: N random records per file, the rest estimated; off: "
-                                    "none (records found bad in training are skipped and counted)")
-    max_bad: int = _key(0, "with --preflight off or sample:N, records found bad in training are skipped, named and "
-                           "counted; more than this many stop the run (validate: more than this many bad fail)")
-    data_cache: str = _key("", "folder of the data cache (JSON-list indexes, preflight results); default "
-                               "$DS_VLM_CACHE or ~/.cache/ds_vlm")
-    num_workers: int = _key(-1, "DataLoader workers per rank (image decoding, processor); -1: from the cores per "
-                                "local rank (on a GPU one core left for the rank itself, at most 8; on a CPU 1)")
-    # output
-    save_steps: int = _key(0, "checkpoint every N steps (always one at the end)")
-    save_total_limit: int = _key(0, "keep only the newest K complete checkpoints (0: all)")
-    resume: str = _key("auto", "auto: the newest complete checkpoint in output_dir, else start fresh; none; or a "
-                               "checkpoint path")
-    resume_ignore_config: bool = _key(False, "resume even though model, data, global batch or schedule changed")
-    max_bad_steps: int = _key(5, "stop after this many consecutive steps with a non-finite loss or gradient")
-    export_hf: bool = _key(True, "write OUTPUT_DIR/hf/ at the end")
-    logging_steps: int = _key(1, "a metrics.jsonl line and a progress-bar update every N steps (the step's numbers "
-                                 "are read from the device only then)")
-    eval_steps: int = _key(0, "eval loss and sample answers every N steps (0: only at the end; needs eval_data)")
-    eval_generate: int = _key(8, "eval records answered greedily at each evaluation -> samples.jsonl, exact-match "
-                                 "accuracy")
-    report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
-    peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
-    seed: int = _key(42, "data order and initialisation")
-    dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
-                                    "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
-                                    "rendezvous and every collective")
-
-    @property
-    def loader_workers(self) -> int:
-        """--num_workers, with -1 resolved from the cores this local rank has."""
-        if self.num_workers >= 0:
-            return self.num_workers
-        from .distributed import default_loader_workers
-
-        return default_loader_workers()
 
     @property
     def vision_blocks_to_train(self) -> Optional[int]:
@@ -145,48 +132,133 @@ class TrainConfig:
             return -1
         return int(self.train_vision.split(":", 1)[1])
 
+
+@dataclass
+class OptimConfig:
+    lr: float = _key(2e-5, "peak learning rate")
+    warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
+    min_lr_ratio: float = _key(0.0, "cosine decays to lr x this")
+    vision_lr: float = _key(0.0, "learning rate of the vision tower (0: --lr)")
+    projector_lr: float = _key(0.0, "learning rate of the projector (0: --lr)")
+    weight_decay: float = _key(0.0, "AdamW weight decay; never on norms, biases or other 1-d tensors")
+    adam_beta1: float = _key(0.9, "AdamW beta1")
+    adam_beta2: float = _key(0.999, "AdamW beta2")
+    adam_eps: float = _key(1e-8, "AdamW epsilon")
+    grad_clip: float = _key(1.0, "clip the global gradient norm; 0 disables")
+    max_bad_steps: int = _key(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+
+
+@dataclass
+class ParallelConfig:
+    deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
+    sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
+                                     "the groups; 1: off")
+    dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
+                                    "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
+                                    "rendezvous and every collective")
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = _key("runs/latest", "metrics, checkpoints and hf/ go here")
+    save_steps: int = _key(0, "checkpoint every N steps (always one at the end)")
+    save_total_limit: int = _key(0, "keep only the newest K complete checkpoints (0: all)")
+    resume: str = _key("auto", "auto: the newest complete checkpoint in output_dir, else start fresh; none; or a "
+                               "checkpoint path")
+    resume_ignore_config: bool = _key(False, "resume even though model, data, global batch or schedule changed")
+    export_hf: bool = _key(True, "write OUTPUT_DIR/hf/ at the end")
+
+
+@dataclass
+class LoggingConfig:
+    logging_steps: int = _key(1, "a metrics.jsonl line and a progress-bar update every N steps (the step's numbers "
+                                 "are read from the device only then)")
+    eval_steps: int = _key(0, "eval loss and sample answers every N steps (0: only at the end; needs eval_data)")
+    eval_generate: int = _key(8, "eval records answered greedily at each evaluation -> samples.jsonl, exact-match "
+                                 "accuracy")
+    report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
+    peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
+
+
+SECTIONS = {"data": DataConfig, "batch": BatchConfig, "model": ModelConfig, "optim": OptimConfig,
+            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = _key(42, "data order and initialisation")
+
+    @classmethod
+    def from_keys(cls, **keys) -> "TrainConfig":
+        """A config from flat keys (what flags, YAML files and checkpoints hold); unknown keys are errors."""
+        table = key_table()
+        unknown = sorted(set(keys) - set(table))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; known keys are the flags of launch/train.py")
+        sections: dict[str, dict] = {name: {} for name in SECTIONS}
+        top = {}
+        for key, value in keys.items():
+            section, name = table[key]
+            (sections[section] if section else top)[name] = value
+        return cls(**{name: SECTIONS[name](**values) for name, values in sections.items()}, **top)
+
+    def to_keys(self) -> dict:
+        """The flat keys and their values (run_config.json, checkpoints, reporters)."""
+        out = {}
+        for key, (section, name) in key_table().items():
+            out[key] = getattr(getattr(self, section) if section else self, name)
+        return out
+
     def validate(self, for_training: bool = True) -> "TrainConfig":
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
 
-        for name, choices in choice_fields().items():
-            need(getattr(self, name) in choices,
-                 f"--{name} {getattr(self, name)!r}: must be one of {', '.join(map(str, choices))}")
-        need(bool(self.model), "--model is required (a local folder or hub id)")
-        need(bool(self.train_data), "--train_data is required")
-        need(not for_training or Path(self.deepspeed).is_file(), f"--deepspeed {self.deepspeed}: no such file")
-        need(self.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
-        need(self.grad_accum >= 1, "--grad_accum must be >= 1")
-        need(self.max_steps > 0 or self.epochs >= 1, "give --max_steps N or --epochs N (>= 1)")
-        need(self.lr > 0, "--lr must be > 0")
-        need(0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)")
-        need(self.max_length >= 16, "--max_length must be >= 16")
-        need(self.max_tokens_per_batch == 0 or self.max_tokens_per_batch >= self.max_length,
+        data, batch, model, optim = self.data, self.batch, self.model, self.optim
+        keys = self.to_keys()
+        for key, allowed in choice_keys().items():
+            need(keys[key] in allowed, f"--{key} {keys[key]!r}: must be one of {', '.join(map(str, allowed))}")
+        need(bool(model.path), "--model is required (a local folder or hub id)")
+        need(bool(data.train_data), "--train_data is required")
+        need(not for_training or Path(self.parallel.deepspeed).is_file(),
+             f"--deepspeed {self.parallel.deepspeed}: no such file")
+        need(batch.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
+        need(batch.grad_accum >= 1, "--grad_accum must be >= 1")
+        need(batch.max_steps > 0 or batch.epochs >= 1, "give --max_steps N or --epochs N (>= 1)")
+        need(optim.lr > 0, "--lr must be > 0")
+        need(0 <= optim.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)")
+        need(data.max_length >= 16, "--max_length must be >= 16")
+        need(batch.max_tokens_per_batch == 0 or batch.max_tokens_per_batch >= data.max_length,
              "--max_tokens_per_batch must be 0 (off) or >= --max_length, so every sample fits in a micro-batch")
-        need(self.min_pixels >= 0 and self.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
-        need(self.video_fps > 0 and self.video_max_frames >= 2 and self.video_max_pixels >= 0,
+        need(data.min_pixels >= 0 and data.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
+        need(data.video_fps > 0 and data.video_max_frames >= 2 and data.video_max_pixels >= 0,
              "--video_fps must be > 0, --video_max_frames >= 2, --video_max_pixels >= 0")
-        need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", self.train_vision)),
-             f"--train_vision {self.train_vision!r}: use none, all or last:N")
-        need(self.num_workers >= -1, "--num_workers must be >= 0, or -1 (from the cores)")
-        need(bool(re.fullmatch(r"cached|full|off|sample:[1-9]\d*", self.preflight)),
-             f"--preflight {self.preflight!r}: use cached, full, off or sample:N")
-        need(self.max_bad >= 0, "--max_bad must be >= 0")
-        need(not self.max_tokens_per_batch or self.preflight in ("cached", "full"),
+        need(bool(re.fullmatch(r"none|all|last:[1-9]\d*", model.train_vision)),
+             f"--train_vision {model.train_vision!r}: use none, all or last:N")
+        need(data.num_workers >= -1, "--num_workers must be >= 0, or -1 (from the cores)")
+        need(bool(PREFLIGHT.fullmatch(data.preflight)),
+             f"--preflight {data.preflight!r}: use cached, full, off or sample:N")
+        need(data.max_bad >= 0, "--max_bad must be >= 0")
+        need(not batch.max_tokens_per_batch or data.preflight in ("cached", "full"),
              "--max_tokens_per_batch needs every record's length: use --preflight cached or full")
-        need(self.eval_steps >= 0 and self.eval_generate >= 0, "--eval_steps/--eval_generate must be >= 0")
-        need(self.save_total_limit >= 0 and self.save_steps >= 0, "--save_steps and --save_total_limit must be >= 0")
-        need(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
-        need(self.logging_steps >= 1, "--logging_steps must be >= 1")
-        need(self.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
-        need(self.lora_rank >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+        need(self.logging.eval_steps >= 0 and self.logging.eval_generate >= 0,
+             "--eval_steps/--eval_generate must be >= 0")
+        need(self.checkpoint.save_total_limit >= 0 and self.checkpoint.save_steps >= 0,
+             "--save_steps and --save_total_limit must be >= 0")
+        need(optim.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
+        need(self.logging.logging_steps >= 1, "--logging_steps must be >= 1")
+        need(self.parallel.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
+        need(model.lora_rank >= 0 and model.lora_alpha > 0 and 0 <= model.lora_dropout < 1,
              "--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1)")
-        need(not self.lora_bits or self.lora_rank, "--lora_bits 4 needs --lora_rank > 0 (QLoRA trains LoRA adapters)")
+        need(not model.lora_bits or model.lora_rank, "--lora_bits 4 needs --lora_rank > 0 (QLoRA trains LoRA adapters)")
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # Old names users may have in their YAML files or scripts: key -> (key it sets, how its value maps).
@@ -195,14 +267,39 @@ ALIASES = {
 }
 
 
+def _fields():
+    """(key, section or '', dataclass field, its type) for every key, in table order (sections, then top level)."""
+    out = []
+    for section, cls in SECTIONS.items():
+        types = typing.get_type_hints(cls)
+        out += [(f.metadata.get("key") or f.name, section, f, types[f.name]) for f in fields(cls)]
+    types = typing.get_type_hints(TrainConfig)
+    out += [(f.name, "", f, types[f.name]) for f in fields(TrainConfig) if f.name not in SECTIONS]
+    return out
+
+
+def key_table() -> dict[str, tuple[str, str]]:
+    """key -> (section, field name); section '' for top-level fields."""
+    return {key: (section, f.name) for key, section, f, _ in _fields()}
+
+
 def field_types() -> dict[str, type]:
-    return typing.get_type_hints(TrainConfig)
+    """key -> its type."""
+    return {key: kind for key, _, _, kind in _fields()}
 
 
-def choice_fields() -> dict[str, tuple[str, ...]]:
-    """Fields with a fixed set of values (their Literal type), and those values."""
-    return {name: typing.get_args(kind) for name, kind in field_types().items()
-            if typing.get_origin(kind) is Literal}
+def default_of(key: str):
+    return next(f.default for k, _, f, _ in _fields() if k == key)
+
+
+def choice_keys() -> dict[str, tuple]:
+    """Keys with a fixed set of values (their Literal type), and those values."""
+    return {key: typing.get_args(kind) for key, kind in field_types().items() if typing.get_origin(kind) is Literal}
+
+
+def choices(key: str) -> tuple:
+    """The allowed values of one key (the one source other modules take them from)."""
+    return choice_keys()[key]
 
 
 def _str2bool(text) -> bool:
@@ -223,7 +320,7 @@ def _converter(kind):
 
 
 def _coerce(key: str, value, source: str):
-    """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its field's type."""
+    """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its key's type."""
     kind = field_types()[key]
     try:
         return _converter(kind)(value)
@@ -235,17 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Supervised fine-tuning of vision-language models on DeepSpeed.")
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags win")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    types = field_types()
-    for f in fields(TrainConfig):
-        kind = types[f.name]
+    for key, _, f, kind in _fields():
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True,
+            parser.add_argument(f"--{key}", type=_str2bool, nargs="?", const=True,
                                 default=argparse.SUPPRESS, metavar="true|false", help=help_text)
         else:
-            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
-            parser.add_argument(f"--{f.name}", type=_converter(kind), default=argparse.SUPPRESS,
-                                metavar="|".join(map(str, choices)) if choices else None, help=help_text)
+            allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+            parser.add_argument(f"--{key}", type=_converter(kind), default=argparse.SUPPRESS,
+                                metavar="|".join(map(str, allowed)) if allowed else None, help=help_text)
     for alias, (target, _) in ALIASES.items():
         parser.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"old name: sets --{target}")
     return parser
@@ -256,7 +351,7 @@ def _merge(args: dict) -> TrainConfig:
     values: dict = {}
     config_file = args.pop("config", None)
     args.pop("local_rank", None)
-    known = {f.name for f in fields(TrainConfig)}
+    known = set(key_table())
     if config_file:
         with open(config_file) as f:
             loaded = yaml.safe_load(f) or {}
@@ -266,7 +361,7 @@ def _merge(args: dict) -> TrainConfig:
         values.update(_resolve_aliases(loaded, config_file))
         values = {key: _coerce(key, value, config_file) for key, value in values.items()}
     values.update(_resolve_aliases(args, "command line"))
-    return TrainConfig(**values)
+    return TrainConfig.from_keys(**values)
 
 
 def _resolve_aliases(values: dict, source: str) -> dict:
@@ -294,23 +389,21 @@ def load_tool_config(argv: Optional[list[str]], add_arguments) -> tuple[TrainCon
     parser = build_parser()
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
-    names = {f.name for f in fields(TrainConfig)} | set(ALIASES) | {"config", "local_rank"}
+    names = set(key_table()) | set(ALIASES) | {"config", "local_rank"}
     extras = {k: args.pop(k) for k in list(args) if k not in names}
     return _merge(args).validate(for_training=False), extras
 
 
 def flag_table() -> str:
     """The markdown table of every key (docs/training.md holds this output; a test keeps them equal)."""
-    types = field_types()
-    rows = ["| flag / key | default | values | meaning |", "|---|---|---|---|"]
-    for f in fields(TrainConfig):
-        kind = types[f.name]
+    rows = ["| flag / key | section | default | values | meaning |", "|---|---|---|---|---|"]
+    for key, section, f, kind in _fields():
         values = (", ".join(map(str, typing.get_args(kind))) if typing.get_origin(kind) is Literal
                   else getattr(kind, "__name__", str(kind)))
         default = f"`{f.default}`" if f.default != "" else ""
-        rows.append(f"| `{f.name}` | {default} | {values} | {f.metadata.get('help', '')} |")
+        rows.append(f"| `{key}` | {section or 'run'} | {default} | {values} | {f.metadata.get('help', '')} |")
     for alias, (target, _) in ALIASES.items():
-        rows.append(f"| `{alias}` | | int | old name: N sets `{target}` to `last:N` |")
+        rows.append(f"| `{alias}` | | | int | old name: N sets `{target}` to `last:N` |")
     return "\n".join(rows)
 
 

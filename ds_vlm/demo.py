@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .models import FAMILIES, adapter_by_family
 from .models.qwen3_vl import Qwen3VLAdapter
-from .models.tiny import IMAGE_SIZE
+from .testing.tiny import IMAGE_SIZE, tiny_model
 
 COLORS = {
     "red": (220, 30, 30),
@@ -136,7 +136,7 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
     extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
     tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
-    tiny = adapter.tiny(tokenizer, ids)
+    tiny = tiny_model(family, tokenizer, ids)
     config = tiny.config
     if vocab_size:
         config.text_config.vocab_size = vocab_size

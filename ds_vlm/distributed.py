@@ -48,6 +48,52 @@ def default_loader_workers(cuda: Optional[bool] = None) -> int:
     return max(1, min(8, cores_per_local_rank() - 1)) if cuda else 1
 
 
+def trim_deepspeed_startup() -> None:
+    """Two costs of every DeepSpeed start that buy ds-vlm nothing (measured with py-spy on 2 CPU ranks; see
+    docs/design.md):
+    - ZeRO imports DeepSpeed's Muon optimizer module to ask whether the optimizer is one (an isinstance
+      check). That module decorates three functions with torch.compile at import, and the decoration alone
+      loads torch._inductor (~2 s a rank; ~4 s with two ranks on two cores). It is imported here once with
+      the decoration deferred to each function's first call (where torch.compile would compile it anyway):
+      the functions and classes are DeepSpeed's own, and nothing of Muon runs in an AdamW run.
+    - Each op load asks py-cpuinfo for the CPU's flags, which starts a new Python process each time (four a
+      rank); the answer is kept for the process."""
+    import functools
+    import sys
+
+    if "deepspeed.runtime.zero.muon.muon_optimizer" not in sys.modules:
+        from deepspeed.runtime import compiler
+
+        def deferred():
+            def decorate(fn):
+                compiled = None
+
+                @functools.wraps(fn)
+                def call(*args, **kwargs):
+                    nonlocal compiled
+                    if compiled is None:
+                        compiled = torch.compile(fn)
+                    return compiled(*args, **kwargs)
+
+                return call
+
+            return decorate
+
+        eager, compiler.compile = compiler.compile, deferred
+        try:
+            import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        except ImportError:
+            pass
+        finally:
+            compiler.compile = eager
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
+
+
 def init_distributed(timeout_s: int) -> None:
     """deepspeed.init_distributed; a rendezvous that fails (a node never joined, the master never came up)
     becomes one RendezvousError that says so. --dist_timeout_s bounds the rendezvous as well: the master's
@@ -56,6 +102,7 @@ def init_distributed(timeout_s: int) -> None:
 
     import deepspeed
 
+    trim_deepspeed_startup()
     if torch.cuda.is_available():  # before any collective: NCCL's object collectives (preflight) use this device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
@@ -111,6 +158,10 @@ def rank(group=None) -> int:
 
 def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
+
+
+def backend(group=None) -> str:
+    return str(dist.get_backend(group)) if is_distributed() else "none"
 
 
 # --------------------------------------------------------------------------- collectives

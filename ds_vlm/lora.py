@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, ModelConfig
 
 # The language tower's attention and MLP projections (Qwen2/2.5/3-VL, Qwen3-VL-MoE's shared names, Llama).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def target_modules(model, parts, config: TrainConfig) -> list[str]:
+def target_modules(model, parts, config: ModelConfig) -> list[str]:
     """Full names of the linear layers that get LoRA: in the parts that train, those --lora_targets names.
     `default`: the language tower's attention and MLP projections; `all-linear`: every linear layer of a
     trained part (never the LM head); otherwise comma-separated module names (a name's last component) or
@@ -74,15 +74,15 @@ def fully_trained(model, parts, targets: list[str]) -> list[str]:
     return out
 
 
-def lora_config(config: TrainConfig, targets: list[str], modules_to_save: list[str]):
+def lora_config(config: ModelConfig, targets: list[str], modules_to_save: list[str]):
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, modules_to_save=modules_to_save or None, bias="none",
-                      base_model_name_or_path=config.model)
+                      base_model_name_or_path=config.path)
 
 
-def apply_lora(model, adapter, config: TrainConfig):
+def apply_lora(model, adapter, config: ModelConfig):
     """(peft model, its LoraConfig). Call after set_trainable: the trainable flags say which parts train."""
     from peft import get_peft_model
 

@@ -3,20 +3,21 @@
 In SFT only the answers carry labels (~10% of the tokens of an image-captioning sample), so the LM head
 runs on those rows only, in chunks: at most one chunk of `rows x vocab` logits (fp32 for the softmax)
 exists at a time, in the forward and in the backward. The head is reached through the model's own
-`lm_head` module call (`LabelLoss` makes that call compute the loss while armed), so under ZeRO-3 the
-(partitioned, possibly tied) head weight is gathered by DeepSpeed's module hooks like any other.
+`lm_head` module call (`LabelLoss` makes that call compute the loss while armed; forward.py arms it), so under
+ZeRO-3 the (partitioned, possibly tied) head weight is gathered by DeepSpeed's module hooks like any other.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .data.encode import IGNORE_INDEX
+from .data.encode import target_positions
 
-LOSSES = ("chunked", "liger", "full")
 CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk: 441 rows of Qwen's 151,936-token vocabulary
 
 
@@ -30,11 +31,9 @@ class LabelRows:
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor) -> "LabelRows":
-        following = torch.full_like(labels, IGNORE_INDEX)
-        following[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
-        flat = following.flatten()
-        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-        return cls(rows, flat[rows])
+        rows = target_positions(labels).flatten().nonzero().squeeze(1)
+        following = torch.roll(labels, -1, dims=1).flatten()  # position t predicts token t + 1
+        return cls(rows, following[rows])
 
     def __len__(self) -> int:
         return int(self.rows.numel())
@@ -136,9 +135,8 @@ def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: to
 
 
 def check_loss_available(kind: str) -> None:
-    """--loss liger needs liger-kernel and a CUDA device; say so before any model is loaded."""
-    if kind not in LOSSES:
-        raise ValueError(f"--loss {kind!r}: choose one of {', '.join(LOSSES)}")
+    """--loss liger needs liger-kernel and a CUDA device; say so before any model is loaded (the config has
+    checked that `kind` is one of its values)."""
     if kind != "liger":
         return
     try:
@@ -153,13 +151,21 @@ def check_loss_available(kind: str) -> None:
 LOSS_FUNCTIONS = {"chunked": chunked_loss_sum, "full": full_loss_sum, "liger": liger_loss_sum}
 
 
-class LabelLoss:
-    """While armed, the model's LM head call returns the summed cross-entropy over the label rows instead
-    of logits; unarmed (generation, evaluation with logits) it is the plain head.
+@dataclass
+class HeadResult:
+    computed: bool = False  # the armed head's call happened (and returned the loss)
 
-    `loss_sum = label_loss(engine, batch, label_rows)` runs the whole model forward through the engine
-    (so ZeRO-3 gathers every parameter, the head's included, through its module hooks) and returns a
-    0-d fp32 tensor on the device.
+
+class LabelLoss:
+    """The model's LM head, able to compute the loss instead of logits.
+
+    Armed with a micro-batch's label rows (`with label_loss.armed(rows) as head:` around the model's forward),
+    the model's own `lm_head` call computes the summed cross-entropy over those rows (a 0-d fp32 tensor) and
+    returns it in the place of the logits: `loss_from(head, output)` takes it from the model's output. The call
+    stays inside the model's forward and the loss leaves through the model's output on purpose: DeepSpeed's
+    module hooks then gather the head's (ZeRO-3 partitioned, possibly tied) weight for the forward, and again
+    for the backward (its hook rides on the head's returned tensor), as for any other module. Unarmed, it is
+    the plain head (generation, evaluation with logits).
     """
 
     def __init__(self, model: torch.nn.Module, kind: str = "chunked"):
@@ -167,20 +173,36 @@ class LabelLoss:
         if not isinstance(self.head, torch.nn.Linear):
             raise ValueError(f"the LM head is a {type(self.head).__name__}, not a Linear layer")
         self.loss_fn = LOSS_FUNCTIONS[kind]
-        self._armed: LabelRows | None = None
+        self._armed: Optional[tuple[LabelRows, HeadResult]] = None
         self._plain_forward = self.head.forward
         self.head.forward = self._forward
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._armed is None:
             return self._plain_forward(hidden)
-        label_rows, self._armed = self._armed, None
+        (label_rows, result), self._armed = self._armed, None
         rows = hidden.flatten(0, -2).index_select(0, label_rows.rows)
+        result.computed = True
         return self.loss_fn(rows, self.head.weight, self.head.bias, label_rows.targets)
 
-    def __call__(self, engine, batch: dict, label_rows: LabelRows) -> torch.Tensor:
-        self._armed = label_rows
+    @contextmanager
+    def armed(self, label_rows: LabelRows) -> Iterator[HeadResult]:
+        result = HeadResult()
+        self._armed = (label_rows, result)
         try:
-            return engine(**batch).logits
+            yield result
         finally:
             self._armed = None
+
+    @staticmethod
+    def loss_from(head: HeadResult, output) -> torch.Tensor:
+        """The summed loss an armed forward's `output` carries where the logits would be."""
+        if not head.computed:
+            raise RuntimeError("the forward never reached the LM head: no loss")
+        return output.logits
+
+    def loss_of(self, call, inputs: dict, label_rows: LabelRows) -> torch.Tensor:
+        """The summed loss of one forward, `call(**inputs)` (the model or the DeepSpeed engine), head armed."""
+        with self.armed(label_rows) as head:
+            output = call(**inputs)
+        return self.loss_from(head, output)

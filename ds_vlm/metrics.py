@@ -8,6 +8,10 @@ import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 class RunLog:
@@ -53,6 +57,19 @@ class RunLog:
             self.file.close()
 
 
+def step_record(step: int, stats, seconds: float, lr: float, world_size: int, peak_tflops: float | None,
+                skipped_steps: int) -> dict:
+    """A step's metrics.jsonl line from its StepStats and how long it took."""
+    tflops = stats.flops / seconds / world_size / 1e12
+    return {"step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+            "tokens_per_s": stats.tokens / seconds, "samples_per_s": stats.samples / seconds, "step_time_s": seconds,
+            "tokens": stats.tokens, "targets": stats.targets,
+            "padding_efficiency": stats.tokens / max(1, stats.computed),
+            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
+            "peak_mem_gb": stats.peak_mem_gb, "peak_reserved_gb": stats.peak_reserved_gb, "skipped": stats.skipped,
+            "skipped_steps": skipped_steps}
+
+
 # --------------------------------------------------------------------------- FLOPs and MFU
 
 # Dense bf16 peak TFLOP/s per GPU, matched against torch.cuda.get_device_name().
@@ -91,7 +108,7 @@ class FlopsCounter:
     weight grads); a frozen one that gradients pass through costs 2; a frozen one at the input costs 1.
     """
 
-    def __init__(self, model, adapter, config):
+    def __init__(self, model, adapter, config: ModelConfig):
         text = model.config.get_text_config()
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         parts = adapter.parts(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -10,9 +9,62 @@ from typing import Any, Optional
 import torch
 
 from . import distributed as comm
-from .attention import SampleBoundaries
-from .loss import LabelLoss, LabelRows
+from .data.batching import MicroBatch
+from .forward import ForwardContext
+from .loss import LabelRows
 from .metrics import peak_memory_gb, reset_peak_memory
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports (summed over every rank)."""
+
+    loss: float                 # token-level mean over the global batch (nan: a step with no label token)
+    targets: int                # label tokens
+    tokens: int                 # real tokens
+    samples: int
+    computed: int               # tokens the forwards computed over (padding and dummies included)
+    flops: float                # model FLOPs (metrics.FlopsCounter)
+    peak_mem_gb: list[float]    # per rank: the step's peak allocated GPU memory, or peak RSS on a CPU
+    peak_reserved_gb: Optional[list[float]]  # per rank, CUDA's reserved peak (None on a CPU)
+    grad_norm: Optional[float]  # before clipping; None where it was not finite
+    skipped: bool               # no update was applied (non-finite loss or gradients)
+
+
+# The sums a logged step all-reduces, in the order they travel in one float64 tensor (then 2 x world sizes of
+# memory: each rank fills its own slots, the others add 0).
+_SUMMED = ("loss_sum", "targets", "tokens", "samples", "computed", "flops")
+
+
+@dataclass
+class PendingStep:
+    """A step, done on the host; its numbers all-reduced in the background. `stop` and `bad_records` are known
+    at once (they rode the step's label-count all-reduce); `stats()` waits for the rest (one host sync)."""
+
+    applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
+    stop: bool                      # some rank asked to stop (a preemption signal) before this step began
+    bad_records: int                # records all ranks left out of this step for being bad (--preflight off)
+    totals: Optional[torch.Tensor] = None  # the _SUMMED values, then the memory slots; None: not logged
+    work: Any = None
+    grad_norm: Any = None           # a float or a device tensor (DeepSpeed's), read in stats()
+    world_size: int = 1
+
+    def stats(self) -> StepStats:
+        if self.work is not None:
+            self.work.wait()
+        values = self.totals.tolist()
+        summed = dict(zip(_SUMMED, values))
+        memory = values[len(_SUMMED):]
+        peak, reserved = memory[:self.world_size], memory[self.world_size:]
+        targets = int(summed["targets"])
+        loss = summed["loss_sum"] / targets if targets else math.nan  # a step with no label token (all bad)
+        norm = float(self.grad_norm) if self.grad_norm is not None else None
+        return StepStats(loss=loss, targets=targets, tokens=int(summed["tokens"]), samples=int(summed["samples"]),
+                         computed=int(summed["computed"]), flops=summed["flops"],
+                         peak_mem_gb=[round(m, 4) for m in peak],
+                         peak_reserved_gb=[round(m, 4) for m in reserved] if any(reserved) else None,
+                         grad_norm=norm if norm is not None and math.isfinite(norm) else None,
+                         skipped=not (self.applied and math.isfinite(loss)))
 
 
 class StepRunner:
@@ -25,53 +77,44 @@ class StepRunner:
     Nothing in a step waits for the device. The step's label tokens are counted on the host from the
     collated labels; their global sum is all-reduced from a device tensor started before the first forward
     and waited for just before the first backward (a stream wait on GPUs). Loss sums stay on the device and
-    are all-reduced with the step's other numbers after the optimizer step; the returned `PendingStats`
-    reads them (one host sync) only when the step is logged. (ZeRO-0 in fp32 is the exception: DeepSpeed
-    keeps no grad norm there, so it is measured on the host to skip non-finite steps.)
+    are all-reduced with the step's other numbers after the optimizer step; `PendingStep.stats()` reads them
+    (one host sync) only when the step is logged. (ZeRO-0 in fp32 is the exception: DeepSpeed keeps no grad
+    norm there, so it is measured on the host to skip non-finite steps.)
     """
 
-    def __init__(self, engine, world_size: int, dtype: torch.dtype, loss: LabelLoss, count_flops=None,
-                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None, phase=None):
-        self.engine, self.world_size, self.dtype, self.loss = engine, world_size, dtype, loss
-        self.boundaries, self.sp = boundaries, sequence_parallel
+    def __init__(self, engine, world_size: int, context: ForwardContext, count_flops=None, phase=None):
+        self.engine, self.world_size, self.context = engine, world_size, context
+        self.sp = context.sp
         self.phase = phase or (lambda name: None)  # tells the watchdog what the step is doing
-        self.count_flops = count_flops or (lambda batch, n_label_rows, lengths: 0.0)
+        self.count_flops = count_flops or (lambda inputs, n_label_rows, lengths: 0.0)
         self.device = engine.device
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
-    def _grad_norm(self) -> float:
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    def start(self, micro_batches: list[MicroBatch], with_stats: bool = True, stop_requested: bool = False,
+              bad_records: int = 0) -> PendingStep:
+        """One optimizer step; its numbers come later, from `PendingStep.stats()`, and only `with_stats` (a
+        step that is not logged all-reduces nothing more).
 
-    def run(self, micro_batches: list[tuple[dict, dict]]) -> dict:
-        """One optimizer step; waits for its logged sums."""
-        return self.start(micro_batches).result()
-
-    def start(self, micro_batches: list[tuple[dict, dict]], with_stats: bool = True, stop_requested: bool = False,
-              bad_records: int = 0) -> "PendingStats":
-        """One optimizer step; its numbers (loss, counts, grad norm, peak memory, skipped) come later, from
-        `PendingStats.result()`, and only `with_stats` (a step that is not logged all-reduces nothing more).
-
-        The step's one all-reduce of its own (the global label count, started before the first forward)
-        also carries this rank's stop request and the bad records it left out: every rank learns, from the
-        same sum, whether any rank asked to stop and how many records the step lost (`PendingStats.stop`,
-        `.bad_records`, read at the end of the step, when the sum is long done)."""
+        The step's one all-reduce of its own (the global label count, started before the first forward) also
+        carries this rank's stop request and the bad records it left out: every rank learns, from the same sum,
+        whether any rank asked to stop and how many records the step lost (read at the end of the step, when
+        the sum is long done)."""
         if with_stats:
             reset_peak_memory()
-        all_rows = [LabelRows.from_labels(batch.pop("labels")) for batch, _ in micro_batches]
-        label_rows = [self.local_rows(rows, batch) for rows, (batch, _) in zip(all_rows, micro_batches)]
+        all_rows = [LabelRows.from_labels(micro.labels) for micro in micro_batches]
+        label_rows = [self.local_rows(rows, micro) for rows, micro in zip(all_rows, micro_batches)]
         n_local = sum(len(rows) for rows in label_rows)
-        # FLOPs from the shapes and each sample's length, before the forward takes the boundaries
-        flops = sum(self.count_flops(batch, len(rows), meta["sample_lengths"])
-                    for (batch, meta), rows in zip(micro_batches, all_rows)) if with_stats else 0.0
+        # FLOPs from the shapes and each sample's length (the host's numbers, no device involved)
+        flops = sum(self.count_flops(micro.inputs, len(rows), micro.sample_lengths)
+                    for micro, rows in zip(micro_batches, all_rows)) if with_stats else 0.0
         votes = _on_device([float(n_local), float(stop_requested), float(bad_records)], self.device)
         counting = comm.all_reduce(votes, async_op=True)
         count = votes[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm, skip_plain, read_votes = None, False, None
-        for i, ((batch, meta), rows) in enumerate(zip(micro_batches, label_rows)):
+        for i, (micro, rows) in enumerate(zip(micro_batches, label_rows)):
             self.phase("forward")
-            summed = self.forward(batch, meta, rows)
+            summed = self.forward(micro, rows)
             if i == 0:
                 if counting is not None:
                     counting.wait()
@@ -87,80 +130,47 @@ class StepRunner:
             self.phase("step")
             self.engine.step()  # per micro-batch: DeepSpeed steps the optimizer at the accumulation boundary only
             loss_sum += summed.detach()
-        applied = self.engine.was_step_applied() and not skip_plain
         stop, bad = read_votes()
+        pending = PendingStep(self.engine.was_step_applied() and not skip_plain, stop > 0, int(bad))
         if not with_stats:
-            return PendingStats(None, None, None, applied, stop > 0, int(bad))
+            return pending
         # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs
         share = 1 / self.sp.size if self.sp else 1
-        host = [n_local] + [share * sum(meta[k] for _, meta in micro_batches) for k in ("tokens", "samples", "computed")]
-        host.append(share * flops)
+        host = [n_local, *(share * sum(getattr(m, k) for m in micro_batches) for k in _SUMMED[2:5]), share * flops]
         memory = [0.0] * (2 * self.world_size)  # every rank fills its own slots: peak allocated (or RSS), reserved
         here = comm.rank()
         memory[here], memory[self.world_size + here] = peak_memory_gb()
-        totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
-        return PendingStats(totals, comm.all_reduce(totals, async_op=True), grad_norm if grad_norm is not None else
-                            self.engine.get_global_grad_norm(), applied, stop > 0, int(bad), self.world_size)
+        pending.totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
+        pending.work = comm.all_reduce(pending.totals, async_op=True)
+        pending.grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+        pending.world_size = self.world_size
+        return pending
 
-    def local_rows(self, rows: LabelRows, batch: dict) -> LabelRows:
+    def local_rows(self, rows: LabelRows, micro: MicroBatch) -> LabelRows:
         """This rank's label rows: all of them, or under sequence parallelism those of its slice."""
-        return rows if self.sp is None else self.sp.local_rows(rows, batch["input_ids"].shape[1])
+        return rows if self.sp is None else self.sp.local_rows(rows, micro.labels.shape[1])
 
-    def forward(self, batch: dict, meta: dict, rows: LabelRows) -> torch.Tensor:
-        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism); a packed
-        one's sample boundaries go to the language model."""
-        cu_seq_lens = batch.pop("cu_seq_lens", None)
-        with contextlib.ExitStack() as stack:
-            if cu_seq_lens is not None and self.boundaries is not None:
-                stack.enter_context(self.boundaries.armed(cu_seq_lens.to(self.device, non_blocking=True),
-                                                          meta["max_length"]))
-            if self.sp is not None:
-                stack.enter_context(self.sp.armed())
-            return self.loss(self.engine, self.to_device(batch), rows.to(self.device))
+    def forward(self, micro: MicroBatch, rows: LabelRows) -> torch.Tensor:
+        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism)."""
+        with self.context.armed(micro, rows) as forward:
+            output = self.engine(**forward.inputs)  # through the engine: ZeRO-3 gathers every module, the head too
+        return forward.loss(output)
 
-    def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (from pinned memory, without waiting); the pixels in the model's dtype, every
-        other tensor as it is (Qwen's `second_per_grid_ts` are times in seconds: bf16 would round them)."""
-        return {k: v.to(self.device, self.dtype, non_blocking=True) if k.startswith("pixel_values")
-                else v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def _grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     @torch.no_grad()
     def eval_loss(self, micro_batches) -> dict:
         """Token-level mean loss over every rank's micro-batches, no update."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch, meta in micro_batches:
-            rows = self.local_rows(LabelRows.from_labels(batch.pop("labels")), batch)
-            totals[0] += self.forward(batch, meta, rows)
+        for micro in micro_batches:
+            rows = self.local_rows(LabelRows.from_labels(micro.labels), micro)
+            totals[0] += self.forward(micro, rows)
             totals[1] += len(rows)
         comm.all_reduce(totals)
         loss_sum, n_targets = totals.tolist()
         return {"eval_loss": loss_sum / max(1, n_targets), "eval_targets": int(n_targets)}
-
-
-@dataclass
-class PendingStats:
-    """A step's numbers, all-reduced in the background; `result()` waits and reads them (one host sync)."""
-
-    totals: Optional[torch.Tensor]  # loss sum, label tokens, tokens, samples, computed, flops, peak GB per rank x2
-    work: Any
-    grad_norm: Any                  # a float or a device tensor (DeepSpeed's), read in result()
-    applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
-    stop: bool = False              # some rank asked to stop (a preemption signal) before this step began
-    bad_records: int = 0            # records all ranks left out of this step for being bad (--preflight off)
-    world_size: int = 1
-
-    def result(self) -> dict:
-        if self.work is not None:
-            self.work.wait()
-        loss_sum, n_targets, n_tokens, n_samples, n_computed, flops, *memory = self.totals.tolist()
-        loss = loss_sum / n_targets if n_targets else math.nan  # a step with no label token (all its records bad)
-        norm = float(self.grad_norm) if self.grad_norm is not None else None
-        peak, reserved = memory[:self.world_size], memory[self.world_size:]
-        return {"loss": loss, "targets": int(n_targets), "tokens": int(n_tokens), "samples": int(n_samples),
-                "computed": int(n_computed), "flops": flops, "peak_mem_gb": [round(m, 4) for m in peak],
-                "peak_reserved_gb": [round(m, 4) for m in reserved] if any(reserved) else None,
-                "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
-                "skipped": not (self.applied and math.isfinite(loss))}
 
 
 def _on_device(values: list[float], device) -> torch.Tensor:
@@ -173,7 +183,8 @@ def _on_device(values: list[float], device) -> torch.Tensor:
 
 def _to_host(tensor: torch.Tensor):
     """Start copying a small device tensor to the host; returns a function that waits for the copy (by then
-    long done: it is queued before the step's backward) and gives its values."""
+    long done: it is queued before the step's backward, and DeepSpeed's own step waits for the device) and
+    gives its values."""
     if tensor.device.type != "cuda":
         return lambda: tensor.tolist()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

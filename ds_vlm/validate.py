@@ -43,8 +43,9 @@ def _extra(parser) -> None:
 def main(argv=None) -> int:
     from transformers import AutoConfig, AutoProcessor
 
-    from .data.batching import make_plan
+    from .data.plan import make_plan
     from .models import adapter_for
+    from .parallel import ParallelLayout
 
     try:
         config, extra = load_tool_config(argv, _extra)
@@ -52,15 +53,16 @@ def main(argv=None) -> int:
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    model_type = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code).model_type
-    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    encoder = encoder_for(processor, adapter_for(model_type), config)
-    records = RecordIndex(config.train_data, config.image_root, config.data_format, config.data_cache)
-    checks, said = preflight(records, encoder, config.preflight, config.data_cache, extra["workers"], progress=True)
+    data, model = config.data, config.model
+    model_type = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code).model_type
+    processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    encoder = encoder_for(processor, adapter_for(model_type), data)
+    records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache)
+    checks, said = preflight(records, encoder, data.preflight, data.data_cache, extra["workers"], progress=True)
     elapsed = time.perf_counter() - start
     ok = checks.select(checks.kind == OK)
     bad = int(checks.bad.sum())
-    print(f"{config.train_data}: {said}; {elapsed:.1f} s in all ({extra['workers']} workers)")
+    print(f"{data.train_data}: {said}; {elapsed:.1f} s in all ({extra['workers']} workers)")
     print(summarize(checks, show=extra["show"]))
     print("token length (image tokens included):")
     print("\n".join(histogram(ok.n_tokens.tolist())))
@@ -68,13 +70,14 @@ def main(argv=None) -> int:
     print("\n".join(histogram(ok.n_image_tokens.tolist())))
     kept = checks.select(~checks.bad)  # with sample:N, the unchecked records count as usable
     if len(kept):
-        plan = make_plan(config, extra["world_size"], records, kept)
-        batch = (f"token budget {config.max_tokens_per_batch}" if config.max_tokens_per_batch else
-                 f"global batch {plan.global_batch} = {config.micro_batch_size} x {config.grad_accum} x "
-                 f"{extra['world_size']}")
+        layout = ParallelLayout(extra["world_size"], 0, config.parallel.sequence_parallel)
+        plan = make_plan(config.batch, config.seed, layout.dp_size, records, kept)
+        batch = (f"token budget {config.batch.max_tokens_per_batch}" if config.batch.max_tokens_per_batch else
+                 f"global batch {plan.global_batch} = {config.batch.micro_batch_size} x {config.batch.grad_accum} x "
+                 f"{layout.dp_size}")
         print(f"steps per epoch: {plan.steps_per_epoch} ({len(kept)} usable samples, {batch})")
-    if bad > config.max_bad:
-        print(f"FAIL: {bad} bad record(s) > --max_bad {config.max_bad}")
+    if bad > data.max_bad:
+        print(f"FAIL: {bad} bad record(s) > --max_bad {data.max_bad}")
         return 1
     print("OK")
     return 0

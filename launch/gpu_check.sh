@@ -12,11 +12,12 @@
 # .whl/), carry .whl/ with the repository, and this script installs them into /tmp/site before running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" > /dev/null || PYTHON=python
+# the carried wheels are for a machine without deepspeed (Python 3.12): installed only there
+if compgen -G ".whl/*.whl" > /dev/null && ! "$PYTHON" -c "import deepspeed" 2> /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-PYTHON=${PYTHON:-python3}
-command -v "$PYTHON" > /dev/null || PYTHON=python
 exec "$PYTHON" -m ds_vlm.bench.gpu_check "$@"

@@ -2,12 +2,16 @@
 
 The training stages run the trainer as users do, `deepspeed --num_gpus 1 launch/train.py` (the launcher as
 `python -m deepspeed.launcher.runner`, which the `deepspeed` script is), on the small model and data that
-gpu_check.prepare built in the work folder.
+gpu_check.prepare built in the work folder. With DS_VLM_GPU_CHECK_RANKS naming a script that takes
+tests/scripts/ranks.py's command line (`N PORT SCRIPT ARGS...`), that script starts the ranks instead: the test
+suite's dry run does so, to start its ranks from the session's pre-imported zygote (the launcher itself is
+tested in tests/dist/test_launch.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -38,8 +42,11 @@ def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, 
     if not (out / "metrics.jsonl").exists() or not log.exists():
         if not resume:
             shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-               str(_free_port()), str(ROOT / "launch" / "train.py"), "--model", str(work / "model"),
+        starter = os.environ.get("DS_VLM_GPU_CHECK_RANKS")  # the test suite's dry run: its own rank starter
+        launcher = ([sys.executable, starter, "1", str(_free_port())] if starter else
+                    [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                     str(_free_port())])
+        cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--model", str(work / "model"),
                "--train_data", str(work / "data" / "train.jsonl"), "--deepspeed",
                str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *TRAIN_FLAGS, *extra]
         with open(log, "w") as f:

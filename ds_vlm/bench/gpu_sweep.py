@@ -46,7 +46,7 @@ def build(preset: str, device: torch.device, attention: str):
 
     from ds_vlm.demo import COLORS, QWEN_SPECIAL_TOKENS, SHAPES, build_tokenizer, caption
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
+    from ds_vlm.testing.real import qwen3_vl_2b_config, qwen3_vl_2b_processor
 
     adapter = adapter_for("qwen3_vl")
     if preset == "tiny":
@@ -94,7 +94,7 @@ def sync_report(runner, micro) -> dict:
             pending = runner.start(micro)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    pending.result()
+    pending.stats()
     return dict(Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}" for w in caught
                         if "synchroniz" in str(w.message)))
 
@@ -110,15 +110,18 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
           answer_sentences: int = 16, loss: str = "chunked") -> dict:
     import deepspeed
 
-    from ds_vlm.attention import kernel_description, resolve_attention
+    from ds_vlm.attention import SampleBoundaries, kernel_description, resolve_attention
     from ds_vlm.config import TrainConfig
     from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder, set_pixel_bounds
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.distributed import init_distributed, setup_threads
-    from ds_vlm.engine import enable_checkpointing, param_groups, resolve_ds_config, set_trainable, settle_optimizer
+    from ds_vlm.ds_config import resolve_ds_config, settle_optimizer
+    from ds_vlm.forward import ForwardContext
     from ds_vlm.loss import LabelLoss
     from ds_vlm.metrics import FlopsCounter, device_peak_tflops
+    from ds_vlm.model_loading import enable_checkpointing, set_trainable
+    from ds_vlm.optim import param_groups
     from ds_vlm.step import StepRunner
 
     _single_rank_env()
@@ -133,19 +136,20 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     side = image_side if preset == "2b" else 64  # the demo model's image size
     if preset == "2b":
         set_pixel_bounds(processor, 0, side * side)
-    config = TrainConfig(model="(in memory)", train_data=str(tmp), deepspeed=str(_zero2_json()),
-                         precision="bf16" if cuda else "fp32", loss=loss, packing=True).validate(for_training=False)
+    config = TrainConfig.from_keys(model="(in memory)", train_data=str(tmp), deepspeed=str(_zero2_json()),
+                                   precision="bf16" if cuda else "fp32", loss=loss, packing=True)
+    config.validate(for_training=False)
     getattr(model.config, "text_config", model.config).use_cache = False
-    groups = set_trainable(model, adapter, config)
-    enable_checkpointing(model, adapter, config)
+    groups = set_trainable(model, adapter, config.model)
+    enable_checkpointing(model, adapter, config.model)
     ds_config = resolve_ds_config(config, 1)
     optimizer = settle_optimizer(ds_config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config), config=ds_config)
-    from ds_vlm.attention import SampleBoundaries
-
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config.optim),
+                                      config=ds_config)
     boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=attention != "flash_attention_2")
-    runner = StepRunner(engine, 1, torch.bfloat16 if cuda else torch.float32, LabelLoss(model, loss),
-                        FlopsCounter(model, adapter, config), boundaries)
+    context = ForwardContext(LabelLoss(model, loss), engine.device, torch.bfloat16 if cuda else torch.float32,
+                             boundaries)
+    runner = StepRunner(engine, 1, context, FlopsCounter(model, adapter, config.model))
     encoder = Encoder(processor, adapter, 1 << 20)
     sample = SFTDataset(RecordIndex([str(sample_record(tmp, side, answer_sentences))]), encoder)[0]
     length = int(sample["input_ids"].shape[1])
@@ -163,11 +167,11 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
         times, stats = [], None
         try:
             for step in range(1 + steps):
-                batch, meta = collate([sample] * n)
+                micro = collate([sample] * n)
                 if cuda:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    micro = micro.pin_memory()
                 begin = time.perf_counter()
-                stats = runner.start([(batch, meta)]).result()
+                stats = runner.start([micro]).stats()
                 if cuda:
                     torch.cuda.synchronize()
                 if step:
@@ -180,11 +184,11 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
         finally:
             _release()
         step_s = sorted(times)[len(times) // 2]
-        tflops = stats["flops"] / step_s / 1e12
+        tflops = stats.flops / step_s / 1e12
         row.update(status="ok", step_s=step_s, tokens_per_s=n * length / step_s, tflops=tflops,
-                   mfu=tflops / peak_tflops if peak_tflops else None, loss=stats["loss"],
-                   peak_mem_gb=max(stats["peak_mem_gb"]),
-                   peak_reserved_gb=max(stats["peak_reserved_gb"]) if stats["peak_reserved_gb"] else None)
+                   mfu=tflops / peak_tflops if peak_tflops else None, loss=stats.loss,
+                   peak_mem_gb=max(stats.peak_mem_gb),
+                   peak_reserved_gb=max(stats.peak_reserved_gb) if stats.peak_reserved_gb else None)
         rows.append(row)
         fits, last_ok = n * length, n
         print(json.dumps(row), flush=True)
@@ -192,7 +196,7 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
         syncs = sync_report(runner, [collate([sample] * last_ok)]) if last_ok else {}
     except Exception as err:  # noqa: BLE001 - e.g. the engine after an out-of-memory step: the table stands
         syncs = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-    table = _table(rows, preset, config.precision, length, loss, kernel)
+    table = _table(rows, preset, config.model.precision, length, loss, kernel)
     print(table + f"\nlargest size that fits: {fits} tokens per step\n"
           f"host syncs in one step (CUDA sync debug mode, by file): {syncs or 'none'}", flush=True)
     return {"rows": rows, "largest_tokens": fits, "syncs": syncs, "sample_tokens": length, "setup_s": setup_s,

@@ -106,12 +106,12 @@ def main() -> int:
         TrainingArguments,
     )
 
-    from ds_vlm.config import TrainConfig
+    from ds_vlm.config import ModelConfig
     from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.distributed import setup_threads
-    from ds_vlm.engine import set_trainable
+    from ds_vlm.model_loading import set_trainable
     from ds_vlm.models import adapter_for
 
     setup_threads()  # each CPU rank its share of the cores, as launch/train.py does
@@ -144,7 +144,7 @@ def main() -> int:
     adapter = adapter_for(model_config.model_type)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     getattr(model.config, "text_config", model.config).use_cache = False
-    set_trainable(model, adapter, TrainConfig(model=args.model, train_data=args.train_data))  # ds_vlm's defaults
+    set_trainable(model, adapter, ModelConfig())  # ds_vlm's defaults
     processor = AutoProcessor.from_pretrained(args.model)
     encoder = Encoder(processor, adapter, args.max_length)
     dataset = SFTDataset(RecordIndex(args.train_data), encoder)
@@ -153,15 +153,13 @@ def main() -> int:
     try:
         from ds_vlm.metrics import FlopsCounter
 
-        flops_of = FlopsCounter(model, adapter, TrainConfig(model=args.model,
-                                                                          train_data=args.train_data))
+        flops_of = FlopsCounter(model, adapter, ModelConfig())
     except Exception:  # noqa: BLE001 - FLOPs are optional in the report
         flops_of = None
 
     def collate(samples):
-        batch, meta = collator(samples)
-        batch["_bench_meta"] = meta
-        return batch
+        micro = collator(samples)
+        return {**micro.inputs, "labels": micro.labels, "_bench_meta": micro}
 
     rank = int(os.environ.get("RANK", "0"))
     log = open(os.path.join(args.output_dir, f"steps_rank{rank}.jsonl"), "w", buffering=1)
@@ -169,11 +167,11 @@ def main() -> int:
 
     class BenchTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            meta = inputs.pop("_bench_meta")
+            micro = inputs.pop("_bench_meta")
             for key in ("samples", "tokens", "computed"):
-                pending[key] += meta[key]
+                pending[key] += getattr(micro, key)
             if flops_of is not None:  # the same model FLOPs as ds-vlm's (the head on label rows only)
-                pending["flops"] += flops_of(inputs, meta["targets"], meta["sample_lengths"])
+                pending["flops"] += flops_of(micro.inputs, micro.targets, micro.sample_lengths)
             loss = super().training_step(model, inputs, num_items_in_batch)
             pending["loss"] = float(loss)
             return loss

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                             worker_init_fn=(lambda _: torch.set_num_threads(1)) if workers else None)
         start = time.perf_counter()
-        count = sum(meta["samples"] for _, meta in loader)
+        count = sum(micro.samples for micro in loader)
         elapsed = time.perf_counter() - start
         rows[workers] = {"records_per_s": count / elapsed, "s_per_batch": elapsed / len(batches)}
 
@@ -65,10 +65,9 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sample_batches = [collate([dataset[i] for i in b]) for b in batches[:12]]
     times = []
-    for batch, _ in sample_batches:
+    for micro in sample_batches:
         start = time.perf_counter()
-        batch = dict(batch)
-        loss = label_loss(model, batch, LabelRows.from_labels(batch.pop("labels")))
+        loss = label_loss.loss_of(model, micro.inputs, LabelRows.from_labels(micro.labels))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,13 +1,13 @@
 """The loss's extra peak memory: the old full-logits loss against the label-rows chunked loss.
 
-Qwen3-VL-2B's head (hidden 2048, vocabulary 151,936; bf16 on a GPU, fp32 on a CPU, whose bf16 matmuls
-run at ~0.2 GFLOP/s here), a sequence of N tokens of which 10% carry labels: forward + backward of each loss in its own process, from hidden states and a head weight already
-in memory. Extra peak = the process's peak memory during the loss (CUDA: max allocated; CPU: VmHWM)
-minus what it held before; both losses return the head weight's gradient, so both peaks include one
-weight-sized buffer. The old loss (`logits[:, :-1].float()` + cross-entropy over every position) needs
-~7x the bf16 logits (~3x the fp32 ones); where that does not fit the machine it is measured at two smaller
-N and extended along the line through them (its peak is a constant plus a part linear in N; the report
-says which numbers were measured).
+Qwen3-VL-2B's head (hidden 2048, vocabulary 151,936; bf16 on a GPU, fp32 on a CPU, whose bf16 matmuls run at
+~0.2 GFLOP/s here), a sequence of N tokens of which 10% carry labels: forward + backward of each loss in its own
+process, from hidden states and a head weight already in memory. Extra peak = the process's peak memory during
+the loss (CUDA: max allocated; CPU: VmHWM) minus what it held before; both losses return the head weight's
+gradient, so both peaks include one weight-sized buffer. The old loss (`logits[:, :-1].float()` + cross-entropy
+over every position) needs ~7x the bf16 logits (~3x the fp32 ones); where that does not fit the machine it is
+measured at two smaller N and extended along the line through them (its peak is a constant plus a part linear in
+N; the report says which numbers were measured).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Training throughput, memory and padding, measured in one run on one model and one data set.
 
     python launch/bench.py [--preset tiny|qwen3-vl-2b] [--workdir DIR] [--out bench.json]
-                           [--steps N --warmup N --micro_batch_size 8 --num_ranks 2 --repeats 2] [--loss_memory_tokens 16384]
+                           [--steps N --warmup N --micro_batch_size 8 --num_ranks 2 --repeats 2]
+                           [--loss_memory_tokens 16384]
                            [--cases ds_zero0,ds_zero2,ds_zero3,plain,hf_zero0,hf_zero2,hf_zero3] [--dry_run]
 
 Builds the model and the data offline into --workdir (a temporary folder by default), then runs,
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per case (0: the preset's)")
     parser.add_argument("--warmup", type=int, default=-1, help="first steps left out (-1: the preset's)")
     parser.add_argument("--micro_batch_size", type=int, default=0, help="per rank (0: the preset's)")
-    parser.add_argument("--records", type=int, default=0, help="training records (0: the preset's, or enough for one pass)")
+    parser.add_argument("--records", type=int, default=0,
+                        help="training records (0: the preset's, or enough for one pass)")
     parser.add_argument("--num_workers", type=int, default=-1,
                         help="DataLoader workers per rank, every case (-1: 0 on CPU, where a worker per rank "
                              "oversubscribes the cores; 1 on GPUs)")

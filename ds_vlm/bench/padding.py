@@ -32,10 +32,10 @@ def padding_report(lengths: list[int], micro_batch_size: int, world_size: int, m
                    seed: int = 42) -> dict:
     """Fixed micro-batches (BatchPlan) against token-budget ones (TokenBudgetPlan) over one epoch: the same
     samples, each once."""
-    from ds_vlm.data.batching import BatchPlan, TokenBudgetPlan
+    from ds_vlm.data.plan import BatchPlan, TokenBudgetPlan
 
     max_tokens = max_tokens or default_token_budget(lengths, micro_batch_size)
-    common = dict(n_samples=len(lengths), micro_batch_size=micro_batch_size, grad_accum=1, world_size=world_size,
+    common = dict(n_samples=len(lengths), micro_batch_size=micro_batch_size, grad_accum=1, dp_size=world_size,
                   seed=seed)
     fixed = plan_cost(BatchPlan(**common).epoch_micro_batches(0), lengths)
     budget = plan_cost(TokenBudgetPlan(**common, lengths=lengths, max_tokens=max_tokens).epoch_micro_batches(0),

@@ -23,13 +23,14 @@ def plain_loop(argv: list[str]) -> int:
     from torch.utils.data import DataLoader
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from ds_vlm.config import TrainConfig
-    from ds_vlm.data.batching import BatchPlan, Collator, SFTDataset
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder
+    from ds_vlm.data.plan import BatchPlan
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.distributed import setup_threads
-    from ds_vlm.engine import set_trainable
     from ds_vlm.loss import LabelLoss, LabelRows
+    from ds_vlm.model_loading import set_trainable
     from ds_vlm.models import adapter_for
 
     parser = argparse.ArgumentParser(prog="bench.py plain-loop")
@@ -44,13 +45,13 @@ def plain_loop(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    config = TrainConfig(model=args.model, train_data=args.train_data)
+    config = ModelConfig(path=args.model)
     adapter = adapter_for(AutoConfig.from_pretrained(args.model).model_type)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).to(device)
     getattr(model.config, "text_config", model.config).use_cache = False
     set_trainable(model, adapter, config)
     if args.gradient_checkpointing == "true":
-        from ds_vlm.engine import enable_checkpointing
+        from ds_vlm.model_loading import enable_checkpointing
 
         enable_checkpointing(model, adapter, config)
     model.train()
@@ -75,23 +76,23 @@ def plain_loop(argv: list[str]) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "w", buffering=1) as log:
         last = time.perf_counter()
-        for step, (batch, meta) in enumerate(loader):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            rows = LabelRows.from_labels(batch.pop("labels").cpu())
-            flops = flops_of(batch, len(rows), meta["sample_lengths"]) if flops_of is not None else None
+        for step, micro in enumerate(loader):
+            inputs = {k: v.to(device) for k, v in micro.inputs.items()}
+            rows = LabelRows.from_labels(micro.labels)
+            flops = flops_of(inputs, len(rows), micro.sample_lengths) if flops_of is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                summed = label_loss(model, batch, rows.to(device))
-            (summed / meta["targets"]).backward()
+                summed = label_loss.loss_of(model, inputs, rows.to(device))
+            (summed / micro.targets).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = summed.item() / meta["targets"]
+            loss = summed.item() / micro.targets
             now = time.perf_counter()
             elapsed, last = now - last, now
             log.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": float(grad_norm),
-                                  "step_time_s": elapsed, "samples": meta["samples"], "tokens": meta["tokens"],
-                                  "computed": meta["computed"], "samples_per_s": meta["samples"] / elapsed,
-                                  "tokens_per_s": meta["tokens"] / elapsed, "flops": flops,
+                                  "step_time_s": elapsed, "samples": micro.samples, "tokens": micro.tokens,
+                                  "computed": micro.computed, "samples_per_s": micro.samples / elapsed,
+                                  "tokens_per_s": micro.tokens / elapsed, "flops": flops,
                                   "peak_mem_gb": [torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda"
                                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6]})
                       + "\n")

@@ -35,7 +35,7 @@ def preset_config(preset: str):
         raise ValueError(f"preset_config: only qwen3-vl-2b is built from a config here, not {preset!r}")
     tokenizer = demo_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    from ds_vlm.models.qwen3_vl import qwen3_vl_2b_config, qwen3_vl_2b_processor
+    from ds_vlm.testing.real import qwen3_vl_2b_config, qwen3_vl_2b_processor
 
     return qwen3_vl_2b_config(ids), tokenizer, qwen3_vl_2b_processor(tokenizer)
 
@@ -45,13 +45,13 @@ def count_parameters(config) -> tuple[int, int]:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.config import TrainConfig
-    from ds_vlm.engine import set_trainable
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.model_loading import set_trainable
     from ds_vlm.models import adapter_for
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    set_trainable(model, adapter_for(config.model_type), TrainConfig(model="x", train_data="x"))
+    set_trainable(model, adapter_for(config.model_type), ModelConfig())
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -133,17 +133,19 @@ def build_train_data(preset: str, out: Path, n: int, seed: int = 0) -> Path:
 
 def token_lengths(model_dir: Path, data: Path, max_length: int) -> list[int]:
     """Every record's token count (image tokens included) from the real processor and encoder."""
+    import numpy as np
     from transformers import AutoConfig, AutoProcessor
 
     from ds_vlm.data.encode import Encoder
-    from ds_vlm.data.preflight import check_records
+    from ds_vlm.data.preflight import check_columns
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.models import adapter_for
 
     processor = AutoProcessor.from_pretrained(model_dir)
     adapter = adapter_for(AutoConfig.from_pretrained(model_dir).model_type)
-    checks = check_records(RecordIndex(str(data)), Encoder(processor, adapter, max_length))
-    bad = [c for c in checks if c.kind != "ok"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} record(s) of {data} do not encode: {bad[0].message}")
-    return [c.n_tokens for c in checks]
+    records = RecordIndex(str(data))
+    checks = check_columns(records, Encoder(processor, adapter, max_length), np.arange(len(records)))
+    if checks.bad.any():
+        raise RuntimeError(f"{int(checks.bad.sum())} record(s) of {data} do not encode: "
+                           f"{next(iter(checks.messages.values()))}")
+    return checks.n_tokens.tolist()

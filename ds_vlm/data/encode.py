@@ -9,6 +9,8 @@ No token id is hard-coded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -16,10 +18,24 @@ from .formats import DataError, Sample
 from .images import load_images
 from .videos import VideoSampling, load_videos
 
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
 IGNORE_INDEX = -100
 
 
-TRUNCATION = ("error", "skip", "truncate")
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where the loss is, (rows, length) booleans: position t predicts token t + 1, so it counts where the
+    next token is a label (the last position never does). The one definition of a label target: preflight's
+    counts, the collator's and the loss's rows all come from it."""
+    following = torch.zeros_like(labels, dtype=torch.bool)
+    following[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return following
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Label tokens that enter the loss (next-token targets) in `labels` (rows, length)."""
+    return int(target_positions(labels).sum())
 
 
 class Encoder:
@@ -94,6 +110,12 @@ class Encoder:
         return pieces
 
     # -- tensors ----------------------------------------------------------------------
+    def encode_record(self, records, index: int) -> tuple[Sample, dict[str, torch.Tensor]]:
+        """Record `index` of `records` (a RecordIndex) read, its media decoded and encoded: the one path preflight
+        and the training dataset share. Raises DataError naming the record."""
+        sample = records.sample(index)
+        return sample, self.encode(sample, *self.media(sample))
+
     def media(self, sample: Sample) -> tuple[list, list]:
         """The sample's decoded images and sampled videos (what `encode` takes)."""
         if sample.videos and self.video_token is None:
@@ -196,8 +218,8 @@ def set_video_pixel_bounds(processor, max_pixels: int) -> None:
     video_processor.size = {"shortest_edge": min(shortest or max_pixels, max_pixels), "longest_edge": max_pixels}
 
 
-def encoder_for(processor, adapter, config) -> "Encoder":
-    """The Encoder a run's flags describe: pixel bounds applied to the processor, video sampling."""
+def encoder_for(processor, adapter, config: DataConfig) -> "Encoder":
+    """The Encoder the data section describes: pixel bounds applied to the processor, video sampling."""
     set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
     set_video_pixel_bounds(processor, config.video_max_pixels)
     return Encoder(processor, adapter, config.max_length, config.truncation,

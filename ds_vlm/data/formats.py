@@ -22,10 +22,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config import choices
+
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image>", "<video>", "<audio>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "model": "assistant"}
-LAYOUTS = ("auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca")
+LAYOUTS = choices("data_format")  # "auto" and the layouts below
 # Keys each layout reads at the top of a record (media keys are read by every layout).
 LAYOUT_KEYS = {"sharegpt": {"conversations"}, "llava": {"conversations"}, "messages": {"messages"},
                "openai": {"messages"}, "swift": {"query", "response", "history"},
@@ -56,7 +58,9 @@ class ImageRef:
     data: Optional[bytes] = None
 
     def describe(self) -> str:
-        return self.path if self.data is None else f"<{len(self.data)} embedded bytes{' of ' + self.path if self.path else ''}>"
+        if self.data is None:
+            return self.path
+        return f"<{len(self.data)} embedded bytes{' of ' + self.path if self.path else ''}>"
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,8 +23,9 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import PREFLIGHT
 from . import cache
-from .encode import Encoder
+from .encode import Encoder, count_targets
 from .formats import DataError
 from .sources import RecordIndex
 
@@ -49,6 +49,30 @@ class BadDataError(RuntimeError):
     """Preflight found bad records and --bad_records is error."""
 
 
+class TooManyBadRecords(RuntimeError):
+    """More than --max_bad records met in training (--preflight off or sample:N) were bad."""
+
+
+class BadRecordCount:
+    """Records left out in training for being bad (--preflight off or sample:N), over all ranks: each batch
+    of them is an event in metrics.jsonl; more than --max_bad stop the run."""
+
+    def __init__(self, limit: int, log):
+        self.limit, self.log, self.total = limit, log, 0
+
+    def add(self, step: int, new: int) -> None:
+        self.total += new
+        self.log.event({"event": "bad_records", "step": step, "new": new, "total": self.total})
+
+    def over_limit(self) -> Optional[TooManyBadRecords]:
+        if self.total <= self.limit:
+            return None
+        return TooManyBadRecords(
+            f"{self.total} records met in training were bad, more than --max_bad {self.limit}; stopping. Each is "
+            f"named in the ranks' output; check the data with `python -m ds_vlm.validate` or train with "
+            f"--preflight cached.")
+
+
 class _CheckDataset(Dataset):
     def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
         self.records, self.encoder, self.indices = records, encoder, indices
@@ -62,14 +86,13 @@ class _CheckDataset(Dataset):
     def __getitem__(self, i: int) -> RecordCheck:
         index = self.indices[i]
         try:
-            sample = self.records.sample(index)
-            encoded = self.encoder.encode(sample, *self.encoder.media(sample))
+            sample, encoded = self.encoder.encode_record(self.records, index)  # the training dataset's own path
         except DataError as err:
             return RecordCheck(index, err.kind, str(err))
-        ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+        ids = encoded["input_ids"][0]
         return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
                            n_video_tokens=int((ids == self.video_token_id).sum()) if self.video_token_id else 0,
-                           n_targets=int((labels[1:] != -100).sum()), ignored=sample.ignored)
+                           n_targets=count_targets(encoded["labels"]), ignored=sample.ignored)
 
 
 def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -> DataLoader:
@@ -77,13 +100,6 @@ def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -
 
     return DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
                       collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
-
-
-def check_records(records: RecordIndex, encoder: Encoder, indices: Optional[list[int]] = None,
-                  num_workers: int = 0) -> list[RecordCheck]:
-    """One RecordCheck per record, in index order; decoding and encoding run in workers."""
-    indices = list(range(len(records))) if indices is None else indices
-    return list(_loader(records, encoder, indices, num_workers))
 
 
 class Checks:
@@ -125,6 +141,18 @@ class Checks:
     def __len__(self) -> int:
         return len(self.index)
 
+    def __getitem__(self, position):
+        """The check of the record at `position` (in index order; a slice: a list of them), as one object (its
+        ignored keys are only counted over all records: `ignored`)."""
+        if isinstance(position, slice):
+            return [self[i] for i in range(len(self))[position]]
+        index = int(self.index[position])
+        return RecordCheck(index, KINDS[self.kind[position]], self.messages.get(index, ""),
+                           *(int(getattr(self, name)[position]) for name in self.COLUMNS[1:]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
     def select(self, mask: np.ndarray) -> "Checks":
         index = self.index[mask]
         kept = set(index[np.isin(index, list(self.messages))].tolist()) if self.messages else set()
@@ -162,8 +190,9 @@ class Checks:
 
 def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, num_workers: int = 0,
                   progress: bool = False) -> Checks:
-    """Like check_records, straight into columns (no object per record kept); a progress bar with an ETA
-    when `progress`."""
+    """One check per record of `indices` (global indices), in their order, straight into columns (no object
+    per record kept); decoding and encoding run in `num_workers` workers; a progress bar with an ETA when
+    `progress`."""
     from tqdm import tqdm
 
     out = Checks(indices)
@@ -181,16 +210,14 @@ def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, n
     return out
 
 
-MODES = re.compile(r"cached|full|off|sample:[1-9]\d*")
-
-
 def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cache_dir: str = "",
               num_workers: int = 0, progress: bool = False) -> tuple[Checks, str]:
     """Every record's Checks (in index order, on every rank) and a line saying where they came from. The
     ranks check their shares of what the cache lacks; the node's first rank writes the new cache entries."""
     from .. import distributed as comm
 
-    assert MODES.fullmatch(mode), mode
+    chosen = PREFLIGHT.fullmatch(mode)
+    assert chosen, mode
     distributed = comm.is_distributed()
     rank, world = comm.rank(), comm.world_size()
     root = cache.writable(cache.cache_root(cache_dir)) if mode != "off" else None
@@ -201,7 +228,7 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
     if distributed:  # rank 0 decides, so that every rank checks the same records even as entries appear
         hits = comm.broadcast_object(hits, src=0)
     parts, todo, whole = [], [], []
-    sample = int(mode.split(":")[1]) if mode.startswith("sample") else 0
+    sample = int(chosen[1]) if chosen[1] else 0
     rng = np.random.default_rng(0)
     for file_no, (f, entry) in enumerate(zip(records.files, entries)):
         start = records.starts[file_no]

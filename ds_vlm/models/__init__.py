@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts, TinyModel
+from .base import Adapter, ModelParts
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -28,4 +28,4 @@ def adapter_by_family(family: str) -> Adapter:
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-__all__ = ["Adapter", "ModelParts", "TinyModel", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES"]
+__all__ = ["Adapter", "ModelParts", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES"]

@@ -26,15 +26,6 @@ class ModelParts:
     vision_encoder: Optional[nn.Module] = None  # the module whose blocks --vision_checkpointing wraps
 
 
-@dataclass
-class TinyModel:
-    """A family's tiny random model for the demo, the tests and the benchmarks (built offline)."""
-
-    config: object       # the transformers config
-    model_class: type    # its *ForConditionalGeneration class
-    processor: object    # processor with the demo tokenizer
-
-
 class Adapter:
     """One model family. Subclasses fill in the class attributes and the methods that differ."""
 
@@ -91,11 +82,6 @@ class Adapter:
     # Whether padded batches should carry the position ids too: where the model would otherwise compute them
     # on the device with host reads (Qwen's multimodal rope index), the collator does it on the host.
     padded_batch_positions: bool = False
-
-    # -- the tiny model ----------------------------------------------------------------------------
-    def tiny(self, tokenizer, token_ids: dict) -> TinyModel:
-        """This family's tiny random model around the demo tokenizer (`token_ids`: its special tokens)."""
-        raise NotImplementedError
 
 
 class TextPositions:

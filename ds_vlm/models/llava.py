@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts, TinyModel
-from .tiny import IMAGE_SIZE, text_config
-
-TINY_PATCH = 16  # 64x64 images -> 4 x 4 patches -> 16 image tokens
+from .base import Adapter, ModelParts
 
 
 class LlavaAdapter(Adapter):
@@ -58,24 +55,3 @@ class LlavaAdapter(Adapter):
             return []
         patch = config.vision_config.patch_size
         return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * pixels.shape[0]
-
-    def tiny(self, tokenizer, token_ids: dict) -> TinyModel:
-        """A CLIP vision tower (patch 16, features of the second-to-last block), a 2-layer MLP projector and a
-        Llama language tower; the processor expands "<image>" to 16 tokens."""
-        import transformers as tf
-
-        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
-                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                      chat_template=tokenizer.chat_template)
-        config = tf.LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE,
-                               patch_size=TINY_PATCH),
-            text_config=dict(model_type="llama", **text_config(tokenizer, token_ids), bos_token_id=None,
-                             eos_token_id=token_ids["<|im_end|>"]),
-            image_token_index=token_ids[self.image_text], image_seq_length=(IMAGE_SIZE // TINY_PATCH) ** 2,
-            vision_feature_layer=-2, vision_feature_select_strategy="default",
-        )
-        return TinyModel(config, tf.LlavaForConditionalGeneration, processor)

@@ -1,5 +1,5 @@
 """What the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) share: the vision tokens,
-patch rows with a (t, h, w) grid per image, and the processor."""
+patch rows with a (t, h, w) grid per image, the rope index, the patch embedding."""
 
 from __future__ import annotations
 
@@ -83,21 +83,3 @@ class RopeIndex:
         mrope, _ = self.model_class.get_rope_index(self, encoded["input_ids"], encoded["mm_token_type_ids"], **extra)
         text = torch.arange(encoded["input_ids"].shape[1]).view(1, 1, -1)
         return torch.cat([text, mrope], dim=0)
-
-
-def qwen_token_ids(ids: dict) -> dict:
-    """The config's vision-token ids from the tokenizer's special tokens."""
-    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-
-
-def qwen_processor(processor_cls, video_cls, tokenizer, patch: int, merge: int, min_pixels: int, max_pixels: int,
-                   **image_kwargs):
-    from transformers import Qwen2VLImageProcessor
-
-    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                                            min_pixels=min_pixels, max_pixels=max_pixels, **image_kwargs)
-    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                                size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
-    return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                         chat_template=tokenizer.chat_template)

@@ -12,30 +12,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from .base import TinyModel
 from .qwen3_vl import Qwen3VLAdapter
-
-# Many small experts, so a small batch leaves some of them without tokens on a rank. Not square (2 x 16 != 64,
-# 16 != 64): the experts' layout check in transformers relies on shapes.
-TINY_MOE = dict(num_experts=64, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     family = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
-
-    def tiny(self, tokenizer, token_ids: dict, **text_extra) -> TinyModel:
-        return super().tiny(tokenizer, token_ids, **TINY_MOE, **text_extra)
-
-    def config_class(self):
-        from transformers import Qwen3VLMoeConfig
-
-        return Qwen3VLMoeConfig
-
-    def model_class(self):
-        from transformers import Qwen3VLMoeForConditionalGeneration
-
-        return Qwen3VLMoeForConditionalGeneration
 
     @contextmanager
     def loading(self, zero3: bool):

@@ -1,4 +1,4 @@
-"""Run by tests/test_loss.py under the DeepSpeed launcher (2 CPU ranks): for ZeRO-2 and ZeRO-3 (every
+"""Run by tests/dist/test_loss.py under the DeepSpeed launcher (2 CPU ranks): for ZeRO-2 and ZeRO-3 (every
 parameter partitioned) and each model given, one forward/backward with the trainer's chunked loss and one
 with the full-logits reference, from the same weights; rank 0 writes the losses and the largest relative
 difference between the two full gradients of every parameter."""
@@ -20,8 +20,10 @@ from ds_vlm.config import TrainConfig
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
 from ds_vlm.data.sources import RecordIndex
-from ds_vlm.engine import load_model, param_groups, resolve_ds_config, set_trainable
+from ds_vlm.ds_config import resolve_ds_config
 from ds_vlm.loss import LabelLoss, LabelRows
+from ds_vlm.model_loading import load_model, set_trainable
+from ds_vlm.optim import param_groups
 
 RANK_RECORDS = ([0, 1], [3])  # rank 1: one text-only record (the collator appends the dummy image)
 
@@ -30,23 +32,22 @@ def batches(loaded, data: str):
     encoder = Encoder(loaded.processor, loaded.adapter, 4096)
     dataset = SFTDataset(RecordIndex([data]), encoder)
     collate = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
-    return [collate([dataset[i] for i in records])[0] for records in RANK_RECORDS]
+    return [collate([dataset[i] for i in records]) for records in RANK_RECORDS]
 
 
 def gradients(config: TrainConfig, ds_config: dict, data: str, reference: bool):
-    loaded = load_model(config, json.loads(json.dumps(ds_config)))
-    groups = set_trainable(loaded.model, loaded.adapter, config)
+    loaded = load_model(config.model, json.loads(json.dumps(ds_config)), "sdpa")
+    groups = set_trainable(loaded.model, loaded.adapter, config.model)
     loss = LabelLoss(loaded.model)
-    engine, *_ = deepspeed.initialize(model=loaded.model, model_parameters=param_groups(groups, config),
+    engine, *_ = deepspeed.initialize(model=loaded.model, model_parameters=param_groups(groups, config.optim),
                                       config=ds_config)
     all_batches = batches(loaded, data)
-    n_targets = sum(len(LabelRows.from_labels(b["labels"])) for b in all_batches)
-    batch = dict(all_batches[dist.get_rank()])
-    labels = batch.pop("labels")
+    n_targets = sum(mb.targets for mb in all_batches)
+    micro = all_batches[dist.get_rank()]
     if reference:
-        summed = full_logits_loss_sum(engine(**batch).logits, labels)
+        summed = full_logits_loss_sum(engine(**micro.inputs).logits, micro.labels)
     else:
-        summed = loss(engine, batch, LabelRows.from_labels(labels))
+        summed = loss.loss_of(engine, micro.inputs, LabelRows.from_labels(micro.labels))
     engine.backward(summed * (dist.get_world_size() / n_targets), scale_wrt_gas=False)
     total = summed.detach().double()
     dist.all_reduce(total)
@@ -74,8 +75,8 @@ def main() -> None:
     results = []
     for stage, ds_path in ((2, ROOT / "ds_configs" / "zero2.json"), (3, tmp / "zero3.json")):
         for model in args.models.split(","):
-            config = TrainConfig(model=model, train_data=args.data, deepspeed=str(ds_path), precision="fp32",
-                                 micro_batch_size=2, train_vision="all", grad_clip=0.0).validate()
+            config = TrainConfig.from_keys(model=model, train_data=args.data, deepspeed=str(ds_path), precision="fp32",
+                                           micro_batch_size=2, train_vision="all", grad_clip=0.0).validate()
             ds_config = resolve_ds_config(config, dist.get_world_size())
             loss_full, ref, tied = gradients(config, ds_config, args.data, reference=True)
             loss_chunked, new, _ = gradients(config, ds_config, args.data, reference=False)

@@ -6,7 +6,9 @@ Each rank gets the launcher's environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, W
 and `--local_rank=i`. SIGTERM/SIGINT/SIGUSR1 are passed on to the ranks. When a rank fails, the others are
 stopped (SIGTERM, then SIGKILL after 10 s) and its exit status is ours. The DeepSpeed launcher imports torch and
 DeepSpeed before starting anything (~5 s a run on 2 cores); most tests launch many runs and test the trainer,
-not the launcher (which tests/test_launch.py, test_faults.py and the preemption test use as users do).
+not the launcher (which tests/dist/test_launch.py, test_faults.py and the preemption test use as users do).
+Where the test session runs a zygote (tests/scripts/zygote.py; DS_VLM_TEST_ZYGOTE), the ranks are forked from it
+with their imports done; otherwise, or with DS_VLM_TEST_ZYGOTE empty, they are new processes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import zygote
+
 
 def main() -> int:
     n, port, script, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -24,7 +28,9 @@ def main() -> int:
     for rank in range(n):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(n), RANK=str(rank),
                    LOCAL_RANK=str(rank), LOCAL_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), CROSS_RANK="0", CROSS_SIZE="1")
-        ranks.append(subprocess.Popen([sys.executable, "-u", script, f"--local_rank={rank}", *args], env=env))
+        argv = [f"--local_rank={rank}", *args]
+        ranks.append(zygote.spawn(script, argv, env, os.getcwd())
+                     or subprocess.Popen([sys.executable, "-u", script, *argv], env=env))
 
     def forward(signum, frame):
         for proc in ranks:

@@ -1,0 +1,105 @@
+"""The DeepSpeed config of a run: the user's json (ZeRO settings) plus everything the trainer decides, and
+which AdamW the run can have on this machine."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .console import say_once
+
+
+def resolve_precision(model: ModelConfig) -> str:
+    if model.precision != "auto":
+        return model.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
+    """The user's json (ZeRO settings: config.parallel.deepspeed) plus everything the trainer decides from the
+    batch and optimizer sections and the model's precision.
+
+    A value the trainer owns may be absent or "auto" in the json; any other value that
+    differs from what the flags resolve to is an error naming both.
+    """
+    path, batch, optim = config.parallel.deepspeed, config.batch, config.optim
+    with open(path) as f:
+        ds = json.load(f)
+    precision = resolve_precision(config.model)
+    owned: list[tuple[tuple[str, ...], Any, str]] = [
+        (("train_micro_batch_size_per_gpu",), batch.micro_batch_size, "--micro_batch_size"),
+        (("gradient_accumulation_steps",), batch.grad_accum, "--grad_accum"),
+        (("train_batch_size",), batch.micro_batch_size * batch.grad_accum * world_size,
+         "--micro_batch_size x --grad_accum x world size"),
+        (("gradient_clipping",), optim.grad_clip, "--grad_clip"),
+        (("bf16", "enabled"), precision == "bf16", "--precision"),
+        (("fp16", "enabled"), False, "--precision (fp16 is not supported: use bf16)"),
+        (("optimizer", "params", "lr"), optim.lr, "--lr"),
+        (("optimizer", "params", "weight_decay"), optim.weight_decay, "--weight_decay"),
+        (("optimizer", "params", "betas"), [optim.adam_beta1, optim.adam_beta2], "--adam_beta1/--adam_beta2"),
+        (("optimizer", "params", "eps"), optim.adam_eps, "--adam_eps"),
+    ]
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'scheduler': the trainer owns the LR schedule "
+                          "(--lr, --warmup_ratio, --min_lr_ratio)")
+    optimizer_type = ds.get("optimizer", {}).get("type", "AdamW")
+    if optimizer_type.lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{path}: optimizer type {optimizer_type!r} is not supported; the trainer uses AdamW")
+    for keys, value, flag in owned:
+        node = ds
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and not _same(current, value):
+            raise ConfigError(f"{path}: {'.'.join(keys)} = {current!r} contradicts {flag} (resolved to {value!r}); "
+                              "remove it from the json or set it to \"auto\"")
+        node[keys[-1]] = value
+    ds["optimizer"]["type"] = "AdamW"
+    ds["optimizer"]["params"]["adam_w_mode"] = True
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage", 0) == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if precision == "bf16":  # skip steps whose gradients are not finite, as fp32 ZeRO does
+        ds["bf16"].setdefault("check_grad_overflow", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def settle_optimizer(ds: dict) -> str:
+    """Which AdamW the run gets, decided before deepspeed.initialize (which would fail there): DeepSpeed's
+    FusedAdam where its op loads (prebuilt, or JIT-built with the machine's compiler: nvcc on CUDA, gcc on a
+    CPU), else PyTorch's own AdamW (fused on a GPU), said once. ZeRO-Offload keeps DeepSpeed's CPU Adam (it
+    needs no nvcc). Returns a short description for the run's log."""
+    params = ds["optimizer"]["params"]
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if params.get("torch_adam") or offload:
+        return "torch AdamW" if params.get("torch_adam") else "DeepSpeed CPU Adam (ZeRO-Offload)"
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        get_accelerator().create_op_builder("FusedAdamBuilder").load(verbose=False)
+        return "DeepSpeed FusedAdam"
+    except Exception as err:  # no nvcc, a CUDA toolkit that does not match torch's, no compiler, a read-only cache
+        params["torch_adam"] = True
+        fused = torch.cuda.is_available()
+        if fused:
+            params["fused"] = True
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        say_once(f"DeepSpeed's FusedAdam op cannot be built here ({type(err).__name__}: {first}); using "
+                  f"torch.optim.AdamW{' (fused)' if fused else ''} instead: the same update")
+        return f"torch AdamW{' (fused)' if fused else ''} (FusedAdam could not be built)"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b

@@ -1,0 +1,58 @@
+"""The optimizer's parameter groups (per part learning rates, no decay on norms and biases) and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ConfigError, OptimConfig
+
+
+def param_groups(groups: dict[str, list], config: OptimConfig) -> list[dict]:
+    """Optimizer groups by (learning rate, decay): parts with the same lr share a group (named e.g.
+    'projector+llm'); norms, biases and other 1-d tensors get no decay. Fewer groups make ZeRO's
+    step cheaper (measured: 4 groups cost ZeRO-2 ~13 ms a step on the tiny model, 2 groups ~6 ms)."""
+    lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
+    merged: dict[tuple[float, bool], dict] = {}
+    for part, named in groups.items():
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        for decay in (True, False):
+            params = [p for n, p in trainable if _decays(n, p) == decay]
+            if params:
+                group = merged.setdefault((lrs[part], decay), {"params": [], "lr": lrs[part], "parts": [],
+                                                               "weight_decay": config.weight_decay if decay else 0.0})
+                group["params"] += params
+                group["parts"].append(part)
+    if not merged:
+        raise ConfigError("nothing to train: --train_llm, --train_projector and --train_vision are all off")
+    out = []
+    for (_, decay), group in merged.items():
+        parts = group.pop("parts")
+        out.append({**group, "name": "+".join(parts) + ("" if decay else "_no_decay")})
+    return out
+
+
+def optimizer_groups(engine) -> list[dict]:
+    """Each parameter group as the DeepSpeed optimizer holds it (for run_config.json): name, current lr,
+    base lr (before the schedule's factor) and weight decay."""
+    return [{"name": g.get("name"), "lr": g["lr"], "initial_lr": g.get("initial_lr"),
+             "weight_decay": g["weight_decay"]} for g in engine.optimizer.param_groups]
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned params keep their shape here
+    return len(shape) >= 2 and "norm" not in name.lower()
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Linear warmup over ceil(ratio * total) steps, then cosine decay to min_lr_ratio."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,161 @@
+"""Ulysses sequence parallelism for VLMs (--sequence_parallel N), on DeepSpeed's `UlyssesSPAttentionHF`.
+
+Ranks form groups of N consecutive ranks (DeepSpeed's `parallel_state_sp`); each group trains on the same
+samples, each rank holding 1/N of every sequence; data parallelism runs over the groups. What this module
+adds to DeepSpeed's attention wrapper is the VLM glue:
+- the vision tower runs on the whole sequence on every rank of a group (it is replicated, not split); a
+  forward pre-hook on the language model then gives each rank its slice of the input embeddings, of the
+  position ids (every row: transformers' text row and mrope's 3) and of what the adapter says is
+  per-token (Qwen3-VL: the visual position mask and the matching deepstack features);
+- the wrapper is registered under its own attention name for the text model only; the vision tower keeps
+  its own attention (the wrapper would fail its position-ids check there);
+- inside the wrapper the core attention is sample-aware: with --packing a row holds several samples, whose
+  boundaries over the whole sequence the collator knows (`SampleBoundaries` hands them to the language
+  model; after the all-to-all each rank holds the whole sequence for its heads): the varlen interface
+  (attention.py) keeps each sample to itself with no host sync and no L x L mask; plain sdpa would attend
+  across samples;
+- the loss: labels are shifted on the whole sequence, then each rank keeps the label rows of its slice, so
+  each label token is counted once in the global count.
+DeepSpeed itself is initialised for plain data parallelism over all ranks (no `mpu`): with an SP mpu its
+gradient averaging divides by the data-parallel size on every path but ZeRO-3's reduce-scatter, which
+divides by the whole world (so ZeRO-3 came out 1/N of the right gradient). Over all ranks every path
+divides by the world size, each rank's gradient is its slice's share, and the loss scale (world size /
+global label count) makes the update the token-level mean whatever the stage.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+
+from ..attention import varlen_attention
+from ..loss import LabelRows
+from . import ParallelLayout
+
+ULYSSES = "ds_vlm_ulysses"
+
+
+class SequenceParallel:
+    """This rank's sequence-parallel group (`layout`: consecutive ranks, DeepSpeed's parallel_state_sp), the
+    attention wrapper the text model is loaded with, and the slicing of the language model's inputs; active
+    only while armed (ForwardContext arms it for a training or evaluation forward; generation runs whole)."""
+
+    def __init__(self, layout: ParallelLayout):
+        import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+        mpu.initialize_sequence_parallel(sequence_parallel_size=layout.sp_size)
+        self.layout, self.size, self.rank = layout, layout.sp_size, layout.sp_rank
+        self.group = mpu.get_sequence_parallel_group()
+        self.armed = False
+
+    # -- setup ------------------------------------------------------------------------------
+    def attn_implementation(self, core: str, model_config) -> dict:
+        """Register the Ulysses wrapper around the sample-aware `core` attention; returns what from_pretrained
+        takes: the wrapper for the text model, `core` for the vision tower."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        if core == "eager":
+            raise ValueError("--sequence_parallel needs sdpa, varlen or flash_attention_2 attention, not eager")
+        text = model_config.get_text_config()
+        # sample-aware core attention: the packed row's boundaries come from SampleBoundaries (host numbers, the
+        # whole sequence's: after the all-to-all each rank holds all of it for its heads), unpacked rows attend
+        # causally without a mask (padding is at the end of a row)
+        core_attention = AttentionInterface._global_mapping[core] if core == "flash_attention_2" else varlen_attention
+        wrapper = _ulysses_class()(self, core_attention, batch_size=1, attn_head_count=text.num_attention_heads,
+                                   attn_head_size=getattr(text, "head_dim", None) or
+                                   text.hidden_size // text.num_attention_heads,
+                                   kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
+                                   process_group=self.group, seq_length_is_variable=True)
+
+        def mask(*args, **kwargs):  # the wrapper ignores masks: none is built for a slice while armed
+            return None if self.armed else sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(ULYSSES, lambda *args, **kwargs: wrapper(*args, **kwargs))
+        AttentionMaskInterface.register(ULYSSES, mask)
+        return {"text_config": ULYSSES, "vision_config": core}
+
+    def install(self, language_model: torch.nn.Module, adapter) -> None:
+        """The language model sees only this rank's slice of the sequence (while armed)."""
+
+        def slice_inputs(module, args, kwargs):
+            if not self.armed:
+                return None
+            length = kwargs["inputs_embeds"].shape[1]
+            start, end = self.bounds(length)
+            kwargs = dict(kwargs, attention_mask=None)  # the wrapper attends by position ids, causally
+            kwargs["position_ids"] = _slice_last(_full_positions(kwargs.get("position_ids"), kwargs["inputs_embeds"]),
+                                                 start, end)
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, start:end]
+            return args, adapter.slice_per_token(kwargs, start, end)
+
+        language_model.register_forward_pre_hook(slice_inputs, with_kwargs=True)
+
+    # -- per step ---------------------------------------------------------------------------------
+    @contextmanager
+    def arming(self):
+        """Active for one forward (ForwardContext.armed)."""
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        if length % self.size:
+            raise ValueError(f"sequence of {length} tokens does not split over --sequence_parallel {self.size} "
+                             "(the collator pads to a multiple of it)")
+        local = length // self.size
+        return self.rank * local, (self.rank + 1) * local
+
+    def local_rows(self, rows: LabelRows, length: int) -> LabelRows:
+        """The label rows (flat batch x position indices over the whole sequence, next-token targets already
+        shifted) that fall in this rank's slice, re-indexed into it."""
+        start, end = self.bounds(length)
+        batch, position = rows.rows // length, rows.rows % length
+        keep = (position >= start) & (position < end)
+        local = end - start
+        return LabelRows(batch[keep] * local + position[keep] - start, rows.targets[keep])
+
+
+@functools.lru_cache(maxsize=None)
+def _ulysses_class():
+    """DeepSpeed's wrapper, active only while its SequenceParallel is armed, for any batch size (a token budget
+    or the end of an epoch changes it). Built on first use: importing DeepSpeed's Ulysses module costs."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    class VLMUlysses(UlyssesSPAttentionHF):
+        def __init__(self, sp: SequenceParallel, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sp = sp
+
+        def forward(self, module, query, key, value, attention_mask, *args, **kwargs):
+            if not self.sp.armed:
+                return self.attn(module, query, key, value, attention_mask, *args, **kwargs)
+            if query.shape[0] != self.batch_size:
+                b = self.batch_size = query.shape[0]
+                self.required_query_shape = torch.Size([1, b, self.attn_head_count, self.attn_head_size])
+                self.required_key_value_shape = torch.Size([1, b, self.global_kv_head_count, self.attn_head_size])
+                self.required_context_shape = torch.Size([1, b, self.attn_head_size * self.attn_head_count
+                                                          // self.world_size])
+            return super().forward(module, query, key, value, None, *args, **kwargs)
+
+    return VLMUlysses
+
+
+def _full_positions(position_ids, inputs_embeds) -> torch.Tensor:
+    """The position ids as every rank of the group needs them: given ones, a text row added in front of
+    3-row mrope ids (the Ulysses wrapper gathers it to mask causally), or plain positions."""
+    batch, length = inputs_embeds.shape[:2]
+    text = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
+    if position_ids is None:
+        return text
+    if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+        return torch.cat([text[None], position_ids], dim=0)
+    return position_ids
+
+
+def _slice_last(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    return tensor[..., start:end]

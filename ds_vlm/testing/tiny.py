@@ -1,0 +1,113 @@
+"""Every family's tiny random model, built one way: one table row per family (its transformers classes and
+its vision tower's shape), one language tower shape for all (2 layers of width 64), the demo's 64x64 images
+turned into 16 image tokens by every family's processor (Qwen2-VL and Qwen2.5-VL resize them to 112 x 112 for their
+patch of 14)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGE_SIZE = 64  # the demo's images
+# The language tower of every tiny family; mrope sections (Qwen) must sum to head_dim / 2.
+TEXT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+MROPE = [4, 2, 2]
+
+
+@dataclass
+class TinyModel:
+    config: object       # the transformers config
+    model_class: type    # its *ForConditionalGeneration class
+    processor: object    # processor with the demo tokenizer
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What differs between families' tiny models (names of transformers classes, to import lazily)."""
+
+    config: str
+    model: str
+    processor: str
+    vision: dict
+    patch: int                              # image patch size
+    pixels: tuple[int, int] = (IMAGE_SIZE ** 2 // 4, IMAGE_SIZE ** 2)  # the processor's (min, max) image area
+    rope: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)  # more language-tower keys (MoE, token ids)
+    video_processor: str = "Qwen2VLVideoProcessor"
+
+
+QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=(IMAGE_SIZE // 8) ** 2,
+                    deepstack_visual_indexes=[0])
+SPECS = {
+    "qwen3_vl": TinySpec("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", QWEN3_VISION, 8,
+                         rope={"mrope_section": MROPE, "mrope_interleaved": True},
+                         video_processor="Qwen3VLVideoProcessor"),
+    # many small experts, so a small batch leaves some of them without tokens on a rank; not square
+    # (2 x 16 != 64, 16 != 64): the experts' layout check in transformers relies on shapes
+    "qwen3_vl_moe": TinySpec("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
+                             QWEN3_VISION, 8, rope={"mrope_section": MROPE, "mrope_interleaved": True},
+                             text=dict(num_experts=64, num_experts_per_tok=2, moe_intermediate_size=16,
+                                       decoder_sparse_step=1),
+                             video_processor="Qwen3VLVideoProcessor"),
+    "qwen2_5_vl": TinySpec("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                           # one window of 112 px (4 x 4 merged patches) and a full-attention last block
+                           dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=112,
+                                fullatt_block_indexes=[1]), 14, (112 * 112, 112 * 112), rope={"mrope_section": MROPE},
+                           text=dict(bos_token_id=None)),
+    "qwen2_vl": TinySpec("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor",
+                         dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                              embed_dim=32, hidden_size=64, mlp_ratio=2), 14, (112 * 112, 112 * 112),  # 8 x 8 patches
+                         rope={"mrope_section": MROPE}, text=dict(bos_token_id=None)),
+    # a CLIP vision tower (patch 16, features of the second-to-last block), a 2-layer MLP projector, Llama
+    "llava": TinySpec("LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor",
+                      dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16), 16,
+                      text=dict(model_type="llama", bos_token_id=None)),
+}
+
+
+def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
+    """`family`'s tiny random model around the demo tokenizer (`token_ids`: its special tokens' ids)."""
+    import transformers as tf
+
+    spec = SPECS[family]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, **spec.rope}
+    assert sum(rope.get("mrope_section", [TEXT["head_dim"] // 2])) == TEXT["head_dim"] // 2
+    text = dict(vocab_size=len(tokenizer), **TEXT, rope_parameters=rope, pad_token_id=token_ids["<|endoftext|>"],
+                eos_token_id=token_ids["<|im_end|>"], **spec.text)
+    if family == "llava":
+        image = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                      crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        processor = tf.LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=spec.patch,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                      chat_template=tokenizer.chat_template)
+        config = tf.LlavaConfig(vision_config=spec.vision, text_config=text, image_token_index=token_ids["<image>"],
+                                image_seq_length=(IMAGE_SIZE // spec.patch) ** 2, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default")
+    else:
+        processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
+                                   spec.patch, 2, *spec.pixels)
+        config = getattr(tf, spec.config)(text_config=text, vision_config=spec.vision, **qwen_token_ids(token_ids),
+                                          tie_word_embeddings=True)
+    return TinyModel(config, getattr(tf, spec.model), processor)
+
+
+def qwen_token_ids(ids: dict) -> dict:
+    """A Qwen config's vision-token ids from the tokenizer's special tokens."""
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def qwen_processor(processor_cls, video_cls, tokenizer, patch: int, merge: int, min_pixels: int, max_pixels: int,
+                   **image_kwargs):
+    """A Qwen-family processor around `tokenizer`: its image processor (pixel bounds), video processor."""
+    from transformers import Qwen2VLImageProcessor
+
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                            min_pixels=min_pixels, max_pixels=max_pixels, **image_kwargs)
+    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                         chat_template=tokenizer.chat_template)

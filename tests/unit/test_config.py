@@ -1,0 +1,120 @@
+"""The typed config in sections: flags over YAML, coercion, unknown keys, allowed values from the Literals (the one
+place they are listed), aliases, the flag table in the docs, flat keys in and out, the preflight modes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+from ds_vlm.config import ConfigError, TrainConfig, choices, key_table, load_config
+
+BASE = ["--model", "m", "--train_data", "d.jsonl"]
+
+
+def test_flags_win_over_yaml_and_yaml_types_are_coerced(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 2e-5\nmicro_batch_size: 4\ntrain_llm: false\ndeepspeed: ds_configs/zero2.json\n")
+    config = load_config(["--config", str(cfg), *BASE, "--micro_batch_size", "2", "--local_rank=1"])
+    assert config.optim.lr == 2e-5 and config.batch.micro_batch_size == 2 and config.model.train_llm is False
+    assert config.parallel.deepspeed == "ds_configs/zero2.json" and config.model.path == "m"
+
+
+def test_unknown_yaml_key_and_bad_values_are_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        load_config(["--config", str(cfg), *BASE])
+    with pytest.raises(ConfigError, match="--train_vision 'some'"):
+        load_config([*BASE, "--train_vision", "some"])
+    with pytest.raises(ConfigError, match="both set"):
+        load_config([*BASE, "--train_vision", "all", "--unfreeze_vision_layers", "2"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        TrainConfig.from_keys(learning_rate=1e-4)
+
+
+def test_the_flag_table_in_the_docs_is_the_config():
+    """docs/training.md holds `python -m ds_vlm.config`'s table: every key, its section, default and values."""
+    from ds_vlm.config import flag_table
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text.split("<!-- flags:begin -->\n", 1)[1].split("\n<!-- flags:end -->", 1)[0]
+    assert table == flag_table()
+    for key, (section, _) in key_table().items():
+        assert f"| `{key}` | {section or 'run'} |" in table, key
+
+
+def test_flat_keys_go_to_their_sections_and_come_back():
+    """What flags, YAML and checkpoints hold (flat keys) builds the sections and is what to_keys gives back: a
+    checkpoint written before the sections (its "config" is such a dict) resumes the same way."""
+    keys = {"model": "m", "train_data": "d", "lr": 1e-3, "micro_batch_size": 3, "sequence_parallel": 2,
+            "output_dir": "out", "logging_steps": 7, "seed": 5, "max_length": 512}
+    config = TrainConfig.from_keys(**keys)
+    assert (config.model.path, config.data.train_data, config.optim.lr, config.batch.micro_batch_size,
+            config.parallel.sequence_parallel, config.checkpoint.output_dir, config.logging.logging_steps,
+            config.seed, config.data.max_length) == tuple(keys.values())
+    flat = config.to_keys()
+    assert {k: flat[k] for k in keys} == keys and TrainConfig.from_keys(**flat) == config
+    assert len(flat) == len(key_table()) and all("." not in k for k in flat)
+
+
+def test_literal_values_are_checked_and_aliases_map(tmp_path):
+    with pytest.raises(ConfigError, match="--loss 'fused': must be one of chunked, liger, full"):
+        load_config([*BASE, "--loss", "fused"])
+    assert load_config([*BASE, "--unfreeze_vision_layers", "3"]).model.train_vision == "last:3"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("unfreeze_vision_layers: 2\nprecision: bf16\n")
+    config = load_config(["--config", str(cfg), *BASE])
+    assert config.model.train_vision == "last:2" and config.model.precision == "bf16"
+
+
+def test_modules_take_allowed_values_from_the_config():
+    """Record layouts and losses are listed once, as the config's Literal types; the readers and the loss table
+    use those (a layout or loss added to one place only would fail here)."""
+    from ds_vlm.data import formats
+    from ds_vlm.loss import LOSS_FUNCTIONS
+
+    assert formats.LAYOUTS == choices("data_format") and set(formats.LAYOUT_KEYS) == set(formats.LAYOUTS) - {"auto"}
+    assert set(LOSS_FUNCTIONS) == set(choices("loss"))
+
+
+def test_preflight_flags_are_checked():
+    assert TrainConfig.from_keys(model="m", train_data="d", preflight="sample:100").validate(for_training=False)
+    for bad in ("sample", "sample:0", "fast"):
+        with pytest.raises(ConfigError, match="--preflight"):
+            TrainConfig.from_keys(model="m", train_data="d", preflight=bad).validate(for_training=False)
+    with pytest.raises(ConfigError, match="--max_tokens_per_batch needs every record's length"):
+        TrainConfig.from_keys(model="m", train_data="d", preflight="off",
+                              max_tokens_per_batch=4096).validate(for_training=False)
+
+
+# A checkpoint's "config" as the flat TrainConfig wrote it before the sections (02b8d39), frozen here.
+FLAT_CONFIG_02B8D39 = {
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-08, "attn_implementation": "auto", "bad_records": "error",
+    "data_cache": "", "data_format": "auto", "deepspeed": "ds_configs/zero3.json", "dist_timeout_s": 900, "epochs": 1,
+    "eval_data": "", "eval_generate": 8, "eval_steps": 0, "export_hf": True, "grad_accum": 1, "grad_clip": 1.0,
+    "gradient_checkpointing": True, "image_root": "", "logging_steps": 1, "lora_alpha": 16.0, "lora_bits": 0,
+    "lora_dropout": 0.05, "lora_rank": 0, "lora_targets": "default", "loss": "chunked", "lr": 2e-05, "max_bad": 0,
+    "max_bad_steps": 5, "max_length": 4096, "max_pixels": 0, "max_steps": -1, "max_tokens_per_batch": 0,
+    "micro_batch_size": 1, "min_lr_ratio": 0.0, "min_pixels": 0, "model": "m", "num_workers": -1,
+    "output_dir": "runs/latest", "packing": False, "peak_tflops": 0.0, "precision": "auto", "preflight": "cached",
+    "projector_lr": 0.0, "report_to": "none", "resume": "auto", "resume_ignore_config": False, "save_steps": 0,
+    "save_total_limit": 0, "seed": 42, "sequence_parallel": 1, "train_data": "d.jsonl", "train_llm": True,
+    "train_projector": True, "train_vision": "none", "truncation": "error", "trust_remote_code": False,
+    "video_fps": 2.0, "video_max_frames": 32, "video_max_pixels": 0, "vision_checkpointing": False,
+    "vision_lr": 0.0, "warmup_ratio": 0.03, "weight_decay": 0.0,
+}
+
+
+def test_a_checkpoint_written_with_the_flat_config_still_resumes():
+    """The flat keys an older checkpoint holds rebuild the same sectioned config, and the resume check finds
+    no difference against the same run configured today."""
+    from ds_vlm.checkpoint import config_differences
+
+    today = TrainConfig.from_keys(model="m", train_data="d.jsonl")
+    assert TrainConfig.from_keys(**FLAT_CONFIG_02B8D39) == today
+    assert today.to_keys() == FLAT_CONFIG_02B8D39
+    meta = {"config": FLAT_CONFIG_02B8D39, "global_batch": 8, "total_steps": 10, "world_size": 8}
+    assert config_differences(meta, today.to_keys(), 8, 10) == []
+    changed = {**FLAT_CONFIG_02B8D39, "lr": 1e-4}
+    assert config_differences({**meta, "config": changed}, today.to_keys(), 8, 10) == [
+        "lr: checkpoint 0.0001, now 2e-05"]

@@ -1,0 +1,101 @@
+"""Collectives in one place, on the communication device of their group; the loader's workers from the cores."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from conftest import ROOT
+
+from ds_vlm import distributed
+
+COLLECTIVES = re.compile(r"\b(?:dist|torch\.distributed)\.(all_reduce|broadcast|all_gather\w*|reduce_scatter\w*|"
+                         r"all_to_all\w*|barrier|gather|scatter|reduce|broadcast_object_list|send|recv)\(")
+
+
+def test_every_collective_goes_through_distributed_py():
+    """A collective called directly elsewhere would put whatever tensor it has on the wire: the bug of a CPU
+    tensor on the default group of an NCCL job, which gloo accepts and no CPU test sees."""
+    offenders = []
+    for path in sorted((ROOT / "ds_vlm").rglob("*.py")):
+        if path.name == "distributed.py" and path.parent.name == "ds_vlm":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if COLLECTIVES.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_communication_device_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.comm_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.comm_device() == torch.device("cpu")
+    assert distributed.backend_device_type("cpu:gloo,cuda:nccl") == "cuda"
+
+
+def test_a_collective_runs_on_the_group_device_and_lands_where_the_caller_keeps_it(monkeypatch):
+    """What `_run` does when the caller's tensor lives elsewhere than the group communicates (a CPU tensor on
+    NCCL): a copy goes on the wire, and the result comes back into the caller's tensor (waited for, or on
+    wait() of the returned handle). Simulated with float64 standing for "the other device"."""
+    seen = []
+
+    def fake_all_reduce(tensor, group=None, async_op=False, op=None):
+        seen.append(tensor.dtype)
+        tensor.mul_(2)
+        return None
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device: self.double() if device == "other" else self)
+    monkeypatch.setattr(distributed, "comm_device", lambda group=None: "other")
+    flag = torch.tensor([1.0, 3.0])
+    distributed.all_reduce(flag)
+    assert seen == [torch.float64] and flag.tolist() == [2.0, 6.0]
+    work = distributed.all_reduce(flag, async_op=True)
+    assert flag.tolist() == [2.0, 6.0]  # not yet copied back
+    work.wait()
+    assert flag.tolist() == [4.0, 12.0]
+
+
+def test_loader_workers_come_from_the_cores_per_local_rank(monkeypatch):
+    from ds_vlm.config import DataConfig
+
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert distributed.default_loader_workers(cuda=True) == 8  # 12 cores a rank: 11, at most 8
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
+    assert distributed.default_loader_workers(cuda=True) == 2  # 3 cores a rank, one for the rank itself
+    assert distributed.default_loader_workers(cuda=False) == 1  # CPU ranks compute on their cores
+    assert DataConfig(num_workers=3).loader_workers == 3
+
+
+def test_deepspeed_startup_is_trimmed_without_changing_what_runs():
+    """After the trim, ZeRO's optimizer check finds Muon's module already imported with its torch.compile
+    deferred to the first call (torch._inductor not loaded), its functions are DeepSpeed's own, an AdamW still
+    counts as ZeRO-supported, and py-cpuinfo runs its probe once however often it is asked."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from unittest import mock
+import cpuinfo
+from ds_vlm.distributed import trim_deepspeed_startup
+trim_deepspeed_startup()
+from deepspeed.runtime.zero import utils
+from deepspeed.runtime.zero.muon import original_muon
+import torch
+print("inductor", "torch._inductor" in sys.modules)
+with mock.patch.object(utils.dist, "get_rank", lambda: 1):
+    print("supported", utils.is_zero_supported_optimizer(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])))
+print("own", original_muon.zeropower_via_newtonschulz5.__wrapped__.__module__)
+flags = [len(cpuinfo.get_cpu_info().get("flags", [])) for _ in range(3)]
+print("cpuinfo", cpuinfo.get_cpu_info.cache_info().misses, len(set(flags)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if not line.startswith("["))
+    assert said == {"inductor": "False", "supported": "True", "own": "deepspeed.runtime.zero.muon.original_muon",
+                    "cpuinfo": "1 1"}

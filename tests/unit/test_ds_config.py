@@ -1,0 +1,64 @@
+"""The DeepSpeed json contract and the optimizer the machine can have."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import ROOT, write_json
+
+from ds_vlm.config import ConfigError, TrainConfig
+from ds_vlm.ds_config import resolve_ds_config
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_shipped_ds_configs_resolve_without_edits(name):
+    config = TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ROOT / "ds_configs" / name),
+                         micro_batch_size=3, grad_accum=2, grad_clip=0.7, lr=1e-4)
+    ds = resolve_ds_config(config, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.7
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["bf16"]["enabled"] is False  # no GPU here: fp32
+
+
+def test_contradicting_json_value_is_an_error_naming_key_and_flag(tmp_path):
+    ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ok = write_json(tmp_path / "ok.json", {**ds, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": 2})
+    resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ok), micro_batch_size=2), 1)
+    bad = write_json(tmp_path / "bad.json", {**ds, "gradient_clipping": 0.5})
+    message = "gradient_clipping = 0.5 contradicts --grad_clip (resolved to 1.0)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(bad)), 1)
+    sched = write_json(tmp_path / "sched.json", {**ds, "scheduler": {"type": "WarmupLR"}})
+    with pytest.raises(ConfigError, match="remove 'scheduler'"):
+        resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(sched)), 1)
+
+
+def test_the_optimizer_falls_back_to_torch_adamw_where_fused_adam_cannot_be_built(monkeypatch, capsys):
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_vlm.config import TrainConfig
+    from ds_vlm.ds_config import resolve_ds_config, settle_optimizer
+
+    config = TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ROOT / "ds_configs" / "zero2.json"))
+    accelerator = get_accelerator()
+
+    class Broken:
+        def load(self, verbose=False):
+            raise RuntimeError("nvcc not found: CUDA_HOME does not exist")
+
+    class Built:
+        def load(self, verbose=False):
+            return object()
+
+    monkeypatch.setattr(accelerator, "create_op_builder", lambda name: Built())
+    ds = resolve_ds_config(config, 1)
+    assert settle_optimizer(ds) == "DeepSpeed FusedAdam" and "torch_adam" not in ds["optimizer"]["params"]
+    monkeypatch.setattr(accelerator, "create_op_builder", lambda name: Broken())
+    ds = resolve_ds_config(config, 1)
+    assert settle_optimizer(ds).startswith("torch AdamW") and ds["optimizer"]["params"]["torch_adam"] is True
+    assert "FusedAdam op cannot be built here (RuntimeError: nvcc not found" in capsys.readouterr().err
+    offload = resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d",
+                                            deepspeed=str(ROOT / "ds_configs" / "zero3_offload.json")), 1)
+    assert settle_optimizer(offload) == "DeepSpeed CPU Adam (ZeRO-Offload)"

@@ -1,0 +1,118 @@
+"""LoRA's targets, QLoRA's refusals, QLoRA's flags and merge on a stand-in 4-bit layer."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from ds_vlm.config import ConfigError, ModelConfig, TrainConfig
+from ds_vlm.model_loading import quantization_config
+from ds_vlm.models import adapter_for
+
+
+def test_lora_goes_where_the_parts_train(demo_dir):
+    """In process: LoRA on the language tower's projections (default) or every linear layer of a trained part
+    (all-linear); a trained part without a target (the projector) trains fully and is a `modules_to_save` of the
+    adapter; the embeddings and the LM head of a LoRA'd tower stay frozen."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.lora import apply_lora
+    from ds_vlm.model_loading import set_trainable
+
+    adapter = adapter_for("qwen3_vl")
+    for targets, train_vision, lora_in_vision, saved in (
+            ("default", "none", False, ["model.visual.merger", "model.visual.deepstack_merger_list.0"]),
+            ("all-linear", "all", True, [])):
+        model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+        config = ModelConfig(path="m", lora_rank=4, lora_targets=targets, train_vision=train_vision,
+                             train_projector=targets == "default")
+        set_trainable(model, adapter, config)
+        peft_model, lora = apply_lora(model, adapter, config)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert all(".lora_" in n or any(n.startswith(m + ".") for m in saved) for n in trainable), trainable
+        assert any(".visual.blocks." in n and ".lora_" in n for n in trainable) == lora_in_vision
+        assert list(lora.modules_to_save or []) == saved
+        assert not model.get_output_embeddings().weight.requires_grad
+        assert not model.get_input_embeddings().weight.requires_grad
+    with pytest.raises(ConfigError, match="--lora_targets 'nothing_like_this' matches no linear layer"):
+        model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+        config = ModelConfig(path="m", lora_rank=4, lora_targets="nothing_like_this")
+        set_trainable(model, adapter, config)
+        apply_lora(model, adapter, config)
+
+
+def test_qlora_is_refused_where_it_cannot_run():
+    config = ModelConfig(path="m", lora_rank=8, lora_bits=4)
+    with pytest.raises(ConfigError, match="--lora_bits 4 needs the bitsandbytes package|needs a CUDA GPU"):
+        quantization_config(config, adapter_for("qwen3_vl"), torch.bfloat16, zero3=False)
+    with pytest.raises(ConfigError, match="needs --lora_rank > 0"):
+        TrainConfig.from_keys(model="m", train_data="d", lora_bits=4).validate(for_training=False)
+
+
+class _Fake4bit(torch.nn.Parameter):
+    """A stand-in for bitsandbytes' Params4bit: integer storage and a quant_state (here: the scale)."""
+
+    def __new__(cls, full: torch.Tensor):
+        scale = full.abs().max() / 7
+        param = super().__new__(cls, (full / scale).round().to(torch.int8) + 8, requires_grad=False)
+        param.quant_state = types.SimpleNamespace(scale=scale, dtype=torch.float32, shape=full.shape)
+        return param
+
+
+def _fake_bitsandbytes(monkeypatch):
+    functional = types.ModuleType("bitsandbytes.functional")
+    functional.dequantize_4bit = lambda data, state: (data.float() - 8) * state.scale
+    package = types.ModuleType("bitsandbytes")
+    package.functional = functional
+    monkeypatch.setitem(sys.modules, "bitsandbytes", package)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", functional)
+
+
+def test_qlora_flags_and_merge_on_a_stand_in_4bit_layer(demo_dir, monkeypatch):
+    """QLoRA's two crashes, on a stand-in 4-bit layer (integer weight + quant_state, as bitsandbytes keeps them):
+    set_trainable leaves integer weights frozen inside a trained part (requires_grad_ on one raises), LoRA
+    still targets the quantized layer, and the merged export dequantizes it first (W + B A x alpha / r, in
+    full precision) and keeps no quantization entries or config."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.checkpoint import plain_model
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.lora import apply_lora, dequantized_state_dict, is_quantized, merged_state_dict
+    from ds_vlm.model_loading import set_trainable
+    from ds_vlm.models import adapter_for
+
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model", dtype=torch.float32)
+    layer = model.model.language_model.layers[0].self_attn.q_proj
+    full = layer.weight.detach().clone()
+    layer.weight = _Fake4bit(full)
+    with pytest.raises(RuntimeError, match="floating point"):
+        layer.weight.requires_grad_(True)  # what set_trainable did before
+    adapter = adapter_for("qwen3_vl")
+    config = ModelConfig(path=str(demo_dir / "model"), lora_rank=4, lora_alpha=8, lora_bits=4)
+    set_trainable(model, adapter, config)
+    assert is_quantized(layer) and not layer.weight.requires_grad
+    assert model.model.language_model.layers[0].self_attn.k_proj.weight.requires_grad
+    peft_model, peft_config = apply_lora(model, adapter, config)
+    assert "model.language_model.layers.0.self_attn.q_proj" in peft_config.target_modules
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    state = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    _fake_bitsandbytes(monkeypatch)
+    base = peft_model.get_base_model().model.language_model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="dequantize the state dict before merging"):
+        merged_state_dict(state, peft_config)
+    merged = merged_state_dict(dequantized_state_dict(peft_model, state), peft_config)
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    dequantized = (base.base_layer.weight.float() - 8) * base.base_layer.weight.quant_state.scale
+    expected = dequantized + base.lora_B["default"].weight @ base.lora_A["default"].weight * (8 / 4)
+    torch.testing.assert_close(merged[key], expected)
+    torch.testing.assert_close(dequantized, full, atol=float(full.abs().max()) / 7, rtol=0)  # 4-bit rounding
+    assert all(v.is_floating_point() for v in merged.values())
+    model.config.quantization_config = {"load_in_4bit": True}
+    plain = plain_model(model.config, merged)
+    assert not hasattr(plain.config, "quantization_config") and hasattr(model.config, "quantization_config")

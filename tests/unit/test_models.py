@@ -1,0 +1,169 @@
+"""The family adapters: Qwen's patch embedding as a linear layer, frozen towers keep no activations, MoE experts
+without tokens, unsupported families named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import full_logits_loss_sum
+
+from ds_vlm.config import ModelConfig
+from ds_vlm.data.batching import Collator, SFTDataset
+from ds_vlm.data.encode import Encoder
+from ds_vlm.data.images import load_images
+from ds_vlm.data.plan import BatchPlan
+from ds_vlm.data.sources import RecordIndex
+from ds_vlm.demo import FAMILIES
+from ds_vlm.model_loading import enable_checkpointing, set_trainable
+from ds_vlm.models import adapter_for
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_patch_projection_equals_the_conv3d(family, family_models):
+    """Qwen's patch embedding run as one linear layer over the flattened patch: the same output and the same
+    gradients (input, weight, bias) as the Conv3d, in fp32; the parameters, their names and the state dict
+    are untouched (checkpoints, exports and loaded weights do not change)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.models import adapter_for
+    from ds_vlm.models.qwen import PatchProjection
+
+    model = AutoModelForImageTextToText.from_pretrained(family_models(family), dtype=torch.float32)
+    embed = model.model.visual.patch_embed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    patches = torch.randn(12, embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2,
+                          requires_grad=True)
+
+    def run():
+        for p in embed.parameters():
+            p.grad = None
+        patches.grad = None
+        out = embed(patches)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), patches.grad.clone(), [p.grad.clone() for p in embed.parameters()]
+
+    conv = run()
+    adapter_for(model.config.model_type).prepare(model)
+    assert type(embed.proj) is PatchProjection and isinstance(embed.proj, torch.nn.Conv3d)
+    linear = run()
+    torch.testing.assert_close(linear[0], conv[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(linear[1], conv[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(linear[2], conv[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+STEPS, MICRO, LR = 5, 2, 2e-3
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, family_models) -> Path:
+    return family_models(request.param)
+
+
+def _load(path: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), AutoProcessor.from_pretrained(path)
+
+
+def _vision_block_activity(model, processor, family, config, record) -> list[tuple[bool, int]]:
+    """Per vision block in one training forward: (output requires grad, tensors saved for backward)."""
+    adapter = adapter_for(family)
+    set_trainable(model, adapter, config)
+    enable_checkpointing(model, adapter, config)
+    encoder = Encoder(processor, adapter, 4096)
+    sample = RecordIndex([str(record)]).sample(0)
+    collate = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
+    batch = collate([encoder.encode(sample, load_images(sample))]).inputs
+    current, saved, needs_grad, hooks = [None], {}, {}, []
+
+    def enter(index):
+        return lambda module, args: current.__setitem__(0, index)
+
+    def leave(index):
+        def hook(module, args, output):
+            current[0] = None
+            needs_grad[index] = (output[0] if isinstance(output, tuple) else output).requires_grad
+        return hook
+
+    for i, block in enumerate(adapter.parts(model).vision_blocks):
+        hooks += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave(i))]
+
+    def pack(tensor):
+        if current[0] is not None:
+            saved[current[0]] = saved.get(current[0], 0) + 1
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    return [(needs_grad[i], saved.get(i, 0)) for i in sorted(needs_grad)]
+
+
+def test_frozen_vision_tower_keeps_no_activations(family_model, demo_dir):
+    """transformers' enable_input_require_grads() would hook the patch embedding too (Qwen2-VL, Qwen2.5-VL,
+    CLIP) and make a frozen tower build a graph; the trainer only hooks the token embeddings."""
+    family = json.loads((family_model / "config.json").read_text())["model_type"]
+    record = demo_dir / "data" / "test.jsonl"
+    model, processor = _load(family_model)
+    frozen = _vision_block_activity(model, processor, family, ModelConfig(), record)
+    assert frozen and all(activity == (False, 0) for activity in frozen), frozen
+    model, processor = _load(family_model)
+    last = _vision_block_activity(model, processor, family,
+                                  ModelConfig(train_vision="last:1"), record)
+    assert all(a == (False, 0) for a in last[:-1]) and last[-1][0] and last[-1][1] > 0, last
+    model, _ = _load(family_model)
+    config = ModelConfig(vision_checkpointing=True)
+    enable_checkpointing(model, adapter_for(family), config)
+    assert all(block.gradient_checkpointing for block in adapter_for(family).parts(model).vision_blocks)
+
+
+@pytest.mark.parametrize("family_model", ["qwen3_vl_moe"], indirect=True)
+def test_moe_experts_without_tokens_on_one_rank_and_router_aux_loss(family_model, mixed_data):
+    """Step 1 of the MoE run above routes tokens to experts that get none on the other rank; the
+    router's aux loss (when a config asks for it) leaves the logits, and so our loss, unchanged."""
+    family = "qwen3_vl_moe"
+    model, processor = _load(family_model)
+    model.eval()
+    adapter = adapter_for(family)
+    encoder = Encoder(processor, adapter, 4096)
+    dataset = SFTDataset(RecordIndex([str(mixed_data)]), encoder)
+    collate = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
+    plan = BatchPlan(len(dataset), MICRO, 1, 2, seed=42)
+    routers = [layer.mlp.gate for layer in model.model.language_model.layers]
+    hit = []  # per rank, per layer: the experts that received a token
+    for rank in range(2):
+        micro = collate([dataset[i] for i in plan.micro_batches(0, rank)[0]])
+        batch, labels = micro.inputs, micro.labels
+        seen = []
+        hooks = [r.register_forward_hook(lambda m, a, o: seen.append(set(o[2].flatten().tolist()))) for r in routers]
+        with torch.no_grad():
+            plain = model(**batch)
+            with_aux = model(**batch, output_router_logits=True)
+        for hook in hooks:
+            hook.remove()
+        hit.append(seen[:len(routers)])
+        assert with_aux.aux_loss is not None and torch.isfinite(with_aux.aux_loss)
+        assert torch.equal(plain.logits, with_aux.logits)
+        assert torch.isfinite(full_logits_loss_sum(plain.logits, labels))
+    experts = model.config.text_config.num_experts
+    assert any(hit[0][layer] ^ hit[1][layer] for layer in range(len(routers)))  # tokens on one rank only
+    assert any(len(hit[r][layer]) < experts for r in range(2) for layer in range(len(routers)))
+
+
+def test_unsupported_model_type_lists_the_families(tmp_path):
+    with pytest.raises(ValueError, match="model type 'mllama' is not supported") as err:
+        adapter_for("mllama")
+    for family in FAMILIES:
+        assert family in str(err.value)
+    from ds_vlm.demo import build_model_dir
+
+    with pytest.raises(ValueError, match="unknown family 'gemma3'"):
+        build_model_dir(tmp_path, family="gemma3")
