@@ -95,7 +95,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden.to(hidden.dtype) if need_hidden else None, grad_weight, grad_bias, None, None)
 
 
+# bytes per logit the plain path holds at its peak: the head's output (2 in bf16, 4 in fp32), its fp32 copy
+# and log-softmax's saved fp32 output, with room for the gradient of the same size in the backward
+_PLAIN_BYTES_PER_LOGIT = 12
+
+
 def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    """The summed loss over label rows, never more than CHUNK_BYTES of logits at a time. Rows whose logits fit in
+    one chunk (at most 176 of Qwen's 151,936-token vocabulary: short answers, small micro-batches, the tiny
+    test models) take the plain autograd path: it holds no more than one chunk and does not recompute the
+    logits in the backward (the same loss, tests/unit/test_loss.py)."""
+    if _PLAIN_BYTES_PER_LOGIT * hidden.shape[0] * weight.shape[0] <= CHUNK_BYTES:
+        return full_loss_sum(hidden, weight, bias, targets)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, CHUNK_BYTES)
 
 

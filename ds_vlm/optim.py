@@ -10,26 +10,30 @@ from .config import ConfigError, OptimConfig
 
 
 def param_groups(groups: dict[str, list], config: OptimConfig) -> list[dict]:
-    """Optimizer groups by (learning rate, decay): parts with the same lr share a group (named e.g.
-    'projector+llm'); norms, biases and other 1-d tensors get no decay. Fewer groups make ZeRO's
-    step cheaper (measured: 4 groups cost ZeRO-2 ~13 ms a step on the tiny model, 2 groups ~6 ms)."""
+    """Optimizer groups by (learning rate, weight decay): parts with the same lr share a group (named e.g.
+    'projector+llm'); norms, biases and other 1-d tensors get no decay (a '_no_decay' group), unless the
+    weight decay is 0 anyway: then they stay in their part's group. Fewer groups make ZeRO's step cheaper
+    (each group is a flat buffer of its own: its own all-gather after the step; measured on the tiny model,
+    ZeRO-2: 4 groups ~13 ms a step, 2 groups ~6 ms)."""
     lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
-    merged: dict[tuple[float, bool], dict] = {}
+    merged: dict[tuple[float, float], dict] = {}
     for part, named in groups.items():
         trainable = [(n, p) for n, p in named if p.requires_grad]
         for decay in (True, False):
             params = [p for n, p in trainable if _decays(n, p) == decay]
             if params:
-                group = merged.setdefault((lrs[part], decay), {"params": [], "lr": lrs[part], "parts": [],
-                                                               "weight_decay": config.weight_decay if decay else 0.0})
+                weight_decay = config.weight_decay if decay else 0.0
+                group = merged.setdefault((lrs[part], weight_decay), {
+                    "params": [], "lr": lrs[part], "parts": [], "weight_decay": weight_decay,
+                    "suffix": "_no_decay" if config.weight_decay and not decay else ""})
                 group["params"] += params
-                group["parts"].append(part)
+                group["parts"] += [part] if part not in group["parts"] else []
     if not merged:
         raise ConfigError("nothing to train: --train_llm, --train_projector and --train_vision are all off")
     out = []
-    for (_, decay), group in merged.items():
-        parts = group.pop("parts")
-        out.append({**group, "name": "+".join(parts) + ("" if decay else "_no_decay")})
+    for group in merged.values():
+        parts, suffix = group.pop("parts"), group.pop("suffix")
+        out.append({**group, "name": "+".join(parts) + suffix})
     return out
 
 

@@ -38,8 +38,12 @@ _SUMMED = ("loss_sum", "targets", "tokens", "samples", "computed", "flops")
 
 @dataclass
 class PendingStep:
-    """A step, done on the host; its numbers all-reduced in the background. `stop` and `bad_records` are known
-    at once (they rode the step's label-count all-reduce); `stats()` waits for the rest (one host sync)."""
+    """A step, done on the host. `stop` and `bad_records` are known at once (they rode the step's label-count
+    all-reduce). Its other numbers (`totals`) ride the next step's label-count all-reduce when that step is
+    started with `fold=` this one (the trainer's loop: one collective a step, not two); `stats()` waits for
+    that sum, or, when no step followed (before a save, an eval, a stop, the last step), all-reduces them
+    itself. Every rank takes the same path: whether a step was logged, folded or read at a boundary depends
+    only on the step number and on the all-reduced stop vote."""
 
     applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
     stop: bool                      # some rank asked to stop (a preemption signal) before this step began
@@ -50,8 +54,9 @@ class PendingStep:
     world_size: int = 1
 
     def stats(self) -> StepStats:
-        if self.work is not None:
-            self.work.wait()
+        if self.work is None:  # not folded into a later step's all-reduce: its own
+            self.work = comm.all_reduce(self.totals, async_op=True) or _Done()
+        self.work.wait()
         values = self.totals.tolist()
         summed = dict(zip(_SUMMED, values))
         memory = values[len(_SUMMED):]
@@ -91,14 +96,15 @@ class StepRunner:
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
     def start(self, micro_batches: list[MicroBatch], with_stats: bool = True, stop_requested: bool = False,
-              bad_records: int = 0) -> PendingStep:
+              bad_records: int = 0, fold: Optional[PendingStep] = None) -> PendingStep:
         """One optimizer step; its numbers come later, from `PendingStep.stats()`, and only `with_stats` (a
-        step that is not logged all-reduces nothing more).
+        step that is not logged sums nothing more).
 
-        The step's one all-reduce of its own (the global label count, started before the first forward) also
-        carries this rank's stop request and the bad records it left out: every rank learns, from the same sum,
-        whether any rank asked to stop and how many records the step lost (read at the end of the step, when
-        the sum is long done)."""
+        The step's one all-reduce (the global label count, started before the first forward) also carries this
+        rank's stop request and the bad records it left out: every rank learns, from the same sum, whether any
+        rank asked to stop and how many records the step lost (read at the end of the step, when the sum is
+        long done); and `fold`'s numbers (the previous step's, logged while this one runs) when they have not
+        been summed yet."""
         if with_stats:
             reset_peak_memory()
         all_rows = [LabelRows.from_labels(micro.labels) for micro in micro_batches]
@@ -108,7 +114,12 @@ class StepRunner:
         flops = sum(self.count_flops(micro.inputs, len(rows), micro.sample_lengths)
                     for micro, rows in zip(micro_batches, all_rows)) if with_stats else 0.0
         votes = _on_device([float(n_local), float(stop_requested), float(bad_records)], self.device)
+        folded = fold is not None and fold.totals is not None and fold.work is None
+        if folded:
+            votes = torch.cat([votes, fold.totals])
         counting = comm.all_reduce(votes, async_op=True)
+        if folded:  # a view: the sum lands in it
+            fold.totals, fold.work = votes[3:], counting or _Done()
         count = votes[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm, skip_plain, read_votes = None, False, None
@@ -118,7 +129,7 @@ class StepRunner:
             if i == 0:
                 if counting is not None:
                     counting.wait()
-                read_votes = _to_host(votes[1:])
+                read_votes = _to_host(votes[1:3])
             self.phase("backward")
             self.engine.backward(summed * (self.world_size / count).float(), scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and self._plain_fp32:
@@ -140,8 +151,7 @@ class StepRunner:
         memory = [0.0] * (2 * self.world_size)  # every rank fills its own slots: peak allocated (or RSS), reserved
         here = comm.rank()
         memory[here], memory[self.world_size + here] = peak_memory_gb()
-        pending.totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])
-        pending.work = comm.all_reduce(pending.totals, async_op=True)
+        pending.totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])  # summed later
         pending.grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         pending.world_size = self.world_size
         return pending
@@ -171,6 +181,13 @@ class StepRunner:
         comm.all_reduce(totals)
         loss_sum, n_targets = totals.tolist()
         return {"eval_loss": loss_sum / max(1, n_targets), "eval_targets": int(n_targets)}
+
+
+class _Done:
+    """The work handle of a collective that did not run (one process)."""
+
+    def wait(self) -> None:
+        pass
 
 
 def _on_device(values: list[float], device) -> torch.Tensor:

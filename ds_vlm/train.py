@@ -255,6 +255,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
         config, progress = self.config, self.progress
+        # the loader's workers fork before the progress bar starts tqdm's monitor thread: on Python 3.11 a fork
+        # while another thread is being created can deadlock the child (seen at a02ac0c: the demo hung at step 0)
         loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
                                   self.collator, config.data.loader_workers))
         self.log.start_progress(self.total_steps, progress.step)
@@ -294,8 +296,10 @@ class Trainer:
         step = progress.step + 1
         logged = step % self.config.logging.logging_steps == 0 or step == self.total_steps
         micro = self.next_micro_batches(loader, step)
+        unlogged = progress.unlogged
         pending = self.runner.start(micro, with_stats=logged, stop_requested=self.signals.requested,
-                                    bad_records=sum(len(mb.bad) for mb in micro))
+                                    bad_records=sum(len(mb.bad) for mb in micro),
+                                    fold=unlogged.pending if unlogged else None)
         now = time.perf_counter()
         seconds, progress.clock = now - progress.clock, now
         self.watchdog.phase("log")

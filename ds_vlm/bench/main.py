@@ -1,7 +1,8 @@
 """Training throughput, memory and padding, measured in one run on one model and one data set.
 
     python launch/bench.py [--preset tiny|qwen3-vl-2b] [--workdir DIR] [--out bench.json]
-                           [--steps N --warmup N --micro_batch_size 8 --num_ranks 2 --repeats 2]
+                           [--steps N --warmup N --micro_batch_size 8 --num_ranks 2 --repeats 3]
+                           [--pairing alternate|sequential --window_s 3]
                            [--loss_memory_tokens 16384]
                            [--cases ds_zero0,ds_zero2,ds_zero3,plain,hf_zero0,hf_zero2,hf_zero3] [--dry_run]
 
@@ -23,7 +24,14 @@ Prints a table of ratios against the transformers Trainer on ZeRO-2 and writes e
 Then the loss's extra peak memory (ds_vlm/bench/loss_memory.py): the old full-logits loss against the
 label-rows chunked one, Qwen3-VL-2B's head, --loss_memory_tokens tokens of which 10% are labels.
 
-Targets: ds-vlm's ZeRO-2 step no slower than the Trainer's on the same json; the label-rows loss's extra
+Each ZeRO stage's two engines (ds_zeroK, hf_zeroK) run as a pair taking turns (--pairing alternate, the
+default): both start together, each is paused once it has logged a step, then they run one at a time in
+windows of --window_s seconds until both end, so a shared machine's drifting load falls on both alike; a
+step that spans a pause is left out. Each round gives one ratio per stage (the Trainer's median s/step over
+ours); the target reads the rounds' median and their spread.
+
+Targets: ds-vlm's ZeRO-2 and ZeRO-3 steps no slower than the Trainer's on the same json (median of the
+rounds' ratios >= 1.0x, no round below 0.95x); the label-rows loss's extra
 peak memory at most 1/10 of the full-logits loss's; token-budget batches
 compute at least 25% fewer tokens than fixed ones on the varied data.
 
@@ -65,7 +73,9 @@ from ds_vlm.bench.runner import (
     hf_extras,
     memory_estimate_gb,
     remove_shm_buffers,
+    run_alternating,
     run_case,
+    run_groups,
     step_rows,
     summarize,
 )
@@ -99,9 +109,14 @@ def main(argv=None) -> int:
                         help="tokens of the loss-memory case (Qwen3-VL-2B's head; 0 skips it)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: known GPUs)")
     parser.add_argument("--dry_run", action="store_true", help="2 steps per case, none dropped, few records")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds over all cases (a shared machine's load "
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all cases (a shared machine's load "
                                                                 "drifts); each case reports its median round, "
-                                                                "the faster one of 2")
+                                                                "and every round")
+    parser.add_argument("--pairing", default="alternate", choices=("alternate", "sequential"),
+                        help="alternate: each ZeRO stage's ds-vlm and Trainer cases run together, taking turns "
+                             "every --window_s seconds (the same drift of a shared machine on both); "
+                             "sequential: one case after the other")
+    parser.add_argument("--window_s", type=float, default=3.0, help="an alternating case's turn, in seconds")
     parser.add_argument("--case_timeout", type=int, default=300, help="seconds before a case is stopped")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
@@ -137,7 +152,7 @@ def main(argv=None) -> int:
     report = {"command": "python launch/bench.py " + shlex.join(argv), "preset": args.preset, "machine": machine(),
               "settings": {k: getattr(args, k) for k in ("num_ranks", "steps", "warmup", "micro_batch_size",
                                                          "num_workers", "gradient_checkpointing", "max_length",
-                                                         "lr", "seed", "repeats")},
+                                                         "lr", "seed", "repeats", "pairing", "window_s")},
               "cases": {}, "padding": None}
     report["settings"].update(records=records, workdir=str(work))
     t0 = time.perf_counter()
@@ -192,28 +207,39 @@ def main(argv=None) -> int:
             runnable.append(case)
     rounds: dict[str, list[dict]] = {case: [] for case in runnable}
     for round_no in range(args.repeats):
-        for case in runnable:
-            out = work / "runs" / (case if args.repeats == 1 else f"{case}_{round_no + 1}")
-            print(f"[bench] {case}: running ({args.steps} steps)"
+        for group in run_groups(runnable, args.pairing == "alternate"):
+            label = " + ".join(group) + (" (taking turns)" if len(group) > 1 else "")
+            print(f"[bench] {label}: running ({args.steps} steps)"
                   + (f", round {round_no + 1}/{args.repeats}" if args.repeats > 1 else ""), flush=True)
-            port = free_port()
+            runs, ports = [], []
+            for case in group:
+                out = work / "runs" / (case if args.repeats == 1 else f"{case}_{round_no + 1}")
+                ports.append(free_port())
+                runs.append((case, case_command(case, args, model_dir, data, out, ports[-1]), out))
             try:
-                result = run_case(case, case_command(case, args, model_dir, data, out, port), out, args.case_timeout)
+                if len(runs) == 1:
+                    results = {runs[0][0]: run_case(*runs[0], args.case_timeout)}
+                else:
+                    results = run_alternating(runs, args.case_timeout * len(runs), args.window_s)
             finally:
-                remove_shm_buffers(port)
-            rows = step_rows(case, out, args.num_ranks)
-            if result["status"] != "ok" and len({r["step"] for r in rows}) >= args.steps:
-                # every step ran and was logged; the processes failed on the way out (seen: exit 250 = a rank's
-                # SIGABRT at shutdown on this shared CPU). The step times stand; the status says what happened.
-                result["status"] = f"ok, then {result['status']} at shutdown"
-            if result["status"].startswith("ok"):
-                result.update(summarize(case, rows, args.warmup, args.num_ranks, peak))
-                if case.startswith("hf_zero"):
-                    result.update(hf_extras(out, args.num_ranks))
-            rounds[case].append(result)
-            print(f"[bench] {case}: {result['status']}, {_fmt(result.get('samples_per_s'), '.1f')} samples/s, "
-                  f"{_fmt(result.get('s_per_step'), '.4f')} s/step, peak RSS {result.get('peak_rss_gb')} GB, "
-                  f"{result['wall_s']:.0f} s", flush=True)
+                for port in ports:
+                    remove_shm_buffers(port)
+            for case, _, out in runs:
+                result = results[case]
+                rows = step_rows(case, out, args.num_ranks)
+                if result["status"] != "ok" and len({r["step"] for r in rows}) >= args.steps:
+                    # every step ran and was logged; the processes failed on the way out (seen: exit 250 = a
+                    # rank's SIGABRT at shutdown on this shared CPU). The step times stand; the status says so.
+                    result["status"] = f"ok, then {result['status']} at shutdown"
+                if result["status"].startswith("ok"):
+                    result.update(summarize(case, rows, args.warmup, args.num_ranks, peak,
+                                            result.get("interrupted_s", 0.0)))
+                    if case.startswith("hf_zero"):
+                        result.update(hf_extras(out, args.num_ranks))
+                rounds[case].append(result)
+                print(f"[bench] {case}: {result['status']}, {_fmt(result.get('samples_per_s'), '.1f')} samples/s, "
+                      f"{_fmt(result.get('s_per_step'), '.4f')} s/step, peak RSS {result.get('peak_rss_gb')} GB, "
+                      f"{result['wall_s']:.0f} s", flush=True)
     for case, results in rounds.items():
         report["cases"][case] = combine_rounds(results)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from ds_vlm.bench import padding, presets, runner
+from ds_vlm.bench import report as report_mod
 
 
 def test_token_budget_batches_compute_25_percent_fewer_tokens(demo_dir, tmp_path):
@@ -51,3 +55,48 @@ def test_qwen3_vl_2b_preset_is_the_real_architecture():
     # on this kind of machine a 2-rank fp32 run of it does not fit: the benchmark refuses it with numbers
     assert runner.memory_estimate_gb(n_params, n_trained, "ds_zero3", 2, gpu=False) * 2 > 30
     assert runner.memory_estimate_gb(n_params, n_trained, "ds_zero2", 1, gpu=True) < 100  # one H100/H200: fits
+
+
+def test_engine_pairs_take_turns_and_the_target_reads_every_round():
+    """Each ZeRO stage's (ds-vlm, Trainer) pair runs as one alternating group; steps that spanned another
+    case's window are left out of the median; the target is the median of the rounds' ratios with a floor."""
+    cases = ["ds_zero2", "hf_zero2", "ds_zero3", "plain", "hf_zero3", "ds_zero0"]
+    assert runner.run_groups(cases, alternate=True) == [("ds_zero2", "hf_zero2"), ("ds_zero3", "hf_zero3"),
+                                                        ("plain",), ("ds_zero0",)]  # hf_zero0 not asked for
+    assert runner.run_groups(cases, alternate=False) == [(c,) for c in cases]
+
+    rows = [{"step": s, "step_time_s": t, "samples": 16, "tokens": 640, "computed": 700, "flops": None}
+            for s, t in enumerate([9.0, 0.10, 0.12, 4.5, 0.11, 0.30, 0.10], start=1)]
+    summary = runner.summarize("ds_zero2", rows, warmup=1, world=2, peak_tflops=None, interrupted_s=1.5)
+    assert summary["steps_measured"] == 5 and summary["steps_interrupted"] == 1  # the 4.5 s step: a pause
+    assert summary["s_per_step"] == 0.11
+    assert runner.summarize("ds_zero2", rows, 1, 2, None)["steps_measured"] == 6  # sequential: kept
+
+    def report(ours, theirs):
+        return {"cases": {"ds_zero3": {"s_per_step": ours[0], "rounds_s_per_step": ours},
+                          "hf_zero3": {"s_per_step": theirs[0], "rounds_s_per_step": theirs}}}
+    met = report_mod.engine_target(report([0.10, 0.10, 0.10], [0.11, 0.10, 0.096]), 3)
+    assert met["met"] and met["median_ratio"] == pytest.approx(1.0)
+    assert met["spread"] == [pytest.approx(0.96), pytest.approx(1.1)]
+    # median above 1.0 but one round below the floor; median below 1.0 with every round above the floor
+    assert not report_mod.engine_target(report([0.10, 0.10, 0.10], [0.12, 0.11, 0.09]), 3)["met"]
+    assert not report_mod.engine_target(report([0.10, 0.10, 0.10], [0.099, 0.098, 0.11]), 3)["met"]
+    assert report_mod.engine_target(report([0.1], [0.1]), 2)["met"] is None  # ZeRO-2 not run
+
+
+def test_alternating_runs_pause_and_resume_each_case(tmp_path):
+    """Two real processes that log a step every 50 ms: each is paused after its first step and then runs only
+    in its own windows, so the gap around a pause is at least the other case's window; both finish."""
+    script = ("import json, sys, time\n"
+              "with open(sys.argv[1], 'a') as f:\n"
+              "    for s in range(1, 41):\n"
+              "        time.sleep(0.05); f.write(json.dumps({'step': s, 't': time.time()}) + '\\n'); f.flush()\n")
+    runs = [(case, [sys.executable, "-c", script, str(tmp_path / case / "metrics.jsonl")], tmp_path / case)
+            for case in ("ds_zero2", "ds_zero3")]
+    results = runner.run_alternating(runs, timeout=60, window_s=0.5)
+    for case, _, out in runs:
+        assert results[case]["status"] == "ok" and results[case]["windows"] >= 3, results[case]
+        times = [json.loads(line)["t"] for line in (out / "metrics.jsonl").open()]
+        assert len(times) == 40
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert sum(g >= 0.45 for g in gaps) >= 2, gaps  # paused while the other one ran

@@ -99,3 +99,27 @@ def test_liger_wrapper_scales_gradients_without_a_host_sync(monkeypatch):
     assert asked == {"reduction": "sum", "accum_dtype": torch.float32}
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_whose_logits_fit_one_chunk_take_the_plain_path_with_the_same_loss():
+    """Few label rows: the plain autograd path (no recompute in the backward), with the loss and gradients the
+    chunked function gives over many chunks; more rows than one chunk holds: the chunked function."""
+    from ds_vlm import loss as loss_mod
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    results = []
+    for compute in (lambda: loss_mod.chunked_loss_sum(hidden, weight, None, targets),
+                    lambda: loss_mod._ChunkedLinearCrossEntropy.apply(hidden, weight, None, targets, 4 * 50 * 2)):
+        hidden.grad = weight.grad = None
+        out = compute()
+        (out * 0.5).backward()
+        results.append((out.detach(), hidden.grad.clone(), weight.grad.clone(), out.grad_fn.name()))
+    assert "Chunked" not in results[0][3] and "Chunked" in results[1][3]
+    for a, b in zip(results[0][:3], results[1][:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # both compute the logits in fp32
+    big = torch.randn(loss_mod.CHUNK_BYTES // (12 * 50) + 1, 16, requires_grad=True)
+    assert "Chunked" in loss_mod.chunked_loss_sum(big, weight, None, torch.zeros(len(big), dtype=torch.long)
+                                                  ).grad_fn.name()

@@ -89,8 +89,19 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
         # pinned copy queued before the first backward, which DeepSpeed's own step has waited past)
         assert [(c[0], os.path.basename(c[1])) for c in calls] == [("tolist", "step.py")], calls
         calls.clear()
+        # the next step carries this one's sums in its own label-count all-reduce: one collective a step
+        reduces = []
+        original_all_reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduces.append(t.numel())
+                            or original_all_reduce(t, *a, **k))
+        following = runner.start([micro] * 2, fold=pending)
+        assert reduces == [3 + len(pending.totals)], reduces
+        calls.clear()
         stats = pending.stats()
         assert [c[0] for c in calls] == ["tolist", "__float__"], calls  # the step's sums, the grad norm
+        assert reduces == [3 + 8] and following.work is None  # folded: no collective of its own
+        last = following.stats()  # no step follows (the last one, or before a save): its own all-reduce
+        assert reduces == [3 + 8, 8] and last.targets == 2 * 5
     finally:
         dist.destroy_process_group()
     assert stats.targets == 4 * 5 and stats.tokens == 40 and stats.grad_norm == 1.0
