@@ -23,3 +23,11 @@ def _extensions_dir() -> str:
 
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
+# A machine without an NVIDIA device: DeepSpeed is told it runs on the CPU rather than finding out, which it
+# announces with a warning in every process at import (the launcher and each rank)
+if not os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/dxg"):
+    import logging
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # and torch's extension loader (DeepSpeed's op builders import it) would log "No CUDA runtime is found"
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -1,5 +1,13 @@
 """Command-line front of the trainer: errors a user can fix print one clear line, not a traceback.
 
+    ds-vlm train --config run.yaml [--flag value ...]      # one process, or under torchrun / deepspeed
+    ds-vlm validate | plan | export | evaluate | demo [...]  # the tools, with the flags they always had
+    ds-vlm VERB --help
+
+`deepspeed --num_gpus 8 launch/train.py ...` stays the documented way to launch (the DeepSpeed launcher needs a
+script); `ds-vlm train` is the same entry, with launch/train.py's teardown (see `entry`). The `ds-vlm-*`
+commands (ds-vlm-validate, ...) stay as aliases.
+
 Exit statuses: 0 done; 2 an error the message explains (config, data, too many bad records, rendezvous, divergence);
 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
 (a rank stopped responding: the watchdog names it); 1 anything else (a traceback).
@@ -7,6 +15,8 @@ Exit statuses: 0 done; 2 an error the message explains (config, data, too many b
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -15,6 +25,7 @@ from .data.formats import DataError
 
 def main(argv=None) -> int:
     from .data.preflight import BadDataError, TooManyBadRecords
+    from .data.specs import SpecError
     from .distributed import RendezvousError
     from .faults import PREEMPTED_EXIT, Preempted
     from .train import TrainingDiverged, run
@@ -26,7 +37,46 @@ def main(argv=None) -> int:
         print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except (ConfigError, DataError, BadDataError, TrainingDiverged, TooManyBadRecords, RendezvousError,
-            FileNotFoundError) as err:
+            FileNotFoundError, SpecError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+# verb -> (module:function, what it does); each function takes argv (the verb's flags) and returns the exit status
+VERBS = {
+    "train": ("ds_vlm.cli:main", "train (the trainer's flags, or --config F.yaml)"),
+    "validate": ("ds_vlm.validate:main", "check a dataset with the model's processor before booking GPUs"),
+    "export": ("ds_vlm.export:main", "a checkpoint -> a Hugging Face folder"),
+    "evaluate": ("ds_vlm.evaluate:main", "generate on records and score the answers"),
+    "plan": ("ds_vlm.plan:main", "predict each GPU's peak memory and the step time from the model's config"),
+    "demo": ("ds_vlm.demo:main", "build the tiny offline demo model and data"),
+}
+
+
+def dispatch(argv=None) -> int:
+    """`ds-vlm VERB [flags]`: the verb's own main with the remaining flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        width = max(map(len, VERBS))
+        lines = ["usage: ds-vlm VERB [flags]   (ds-vlm VERB --help for a verb's flags)", "", "verbs:"]
+        lines += [f"  {verb:<{width}}  {what}" for verb, (_, what) in VERBS.items()]
+        known = not argv or argv[0] in ("-h", "--help")
+        print("\n".join(lines + ([] if known else ["", f"ds-vlm: error: unknown verb {argv[0]!r}"])),
+              file=sys.stdout if known else sys.stderr)
+        return 0 if known else 2
+    target, _ = VERBS[argv[0]]
+    module, function = target.split(":")
+    return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+
+
+def entry() -> None:
+    """The `ds-vlm` console script. A training run ends with os._exit, as launch/train.py does: at interpreter
+    teardown a DeepSpeed/gloo thread occasionally aborts a finished run ("terminate called without an active
+    exception", exit 250); the other verbs exit normally."""
+    code = dispatch()
+    if sys.argv[1:2] == ["train"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

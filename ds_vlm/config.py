@@ -39,7 +39,8 @@ def _key(default, help: str, key: str = ""):
     return field(default=default, metadata={"help": help, "key": key})
 
 
-DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca"]
+DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca", "prompt_completion",
+                     "cauldron"]
 Truncation = Literal["error", "skip", "truncate"]
 LossKind = Literal["chunked", "liger", "full"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"]
@@ -48,8 +49,8 @@ PREFLIGHT = re.compile(r"cached|full|off|sample:([1-9]\d*)")
 
 @dataclass
 class DataConfig:
-    train_data: str = _key("", "JSONL / JSON / parquet files or folders, comma-separated; `path:weight` samples "
-                               "sources by weight")
+    train_data: str = _key("", "SOURCE[#SELECTOR][:WEIGHT],...: JSONL / JSON / parquet files or folders, hf:ORG/NAME, "
+                               "a dataset_info.json#NAME, an InternVL meta JSON, a LLaVA-NeXT YAML (docs/data.md)")
     eval_data: str = _key("", "held-out records: eval loss (and sample answers) at --eval_steps and at the end")
     data_format: DataFormat = _key("auto", "force one record layout (records in another are named as bad)")
     image_root: str = _key("", "folder relative image paths are resolved against (default: the data file's folder)")
@@ -174,10 +175,12 @@ class LoggingConfig:
     logging_steps: int = _key(1, "a metrics.jsonl line and a progress-bar update every N steps (the step's numbers "
                                  "are read from the device only then)")
     eval_steps: int = _key(0, "eval loss and sample answers every N steps (0: only at the end; needs eval_data)")
-    eval_generate: int = _key(8, "eval records answered greedily at each evaluation -> samples.jsonl, exact-match "
-                                 "accuracy")
+    eval_generate: int = _key(8, "eval records answered greedily at each evaluation -> samples.jsonl, exact match, "
+                                 "BLEU, chrF, ROUGE-L, OUTPUT_DIR/eval/step_N.html")
     report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
     peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
+    verbose: bool = _key(False, "DeepSpeed's INFO lines and every rank's warnings on the console (default: each "
+                                "distinct warning once, by rank 0; known noise silenced: ds_vlm/console.py)")
 
 
 SECTIONS = {"data": DataConfig, "batch": BatchConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -216,7 +219,7 @@ class TrainConfig:
             out[key] = getattr(getattr(self, section) if section else self, name)
         return out
 
-    def validate(self, for_training: bool = True) -> "TrainConfig":
+    def validate(self, for_training: bool = True, needs_data: bool = True) -> "TrainConfig":
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
@@ -226,7 +229,7 @@ class TrainConfig:
         for key, allowed in choice_keys().items():
             need(keys[key] in allowed, f"--{key} {keys[key]!r}: must be one of {', '.join(map(str, allowed))}")
         need(bool(model.path), "--model is required (a local folder or hub id)")
-        need(bool(data.train_data), "--train_data is required")
+        need(bool(data.train_data) or not needs_data, "--train_data is required")
         need(not for_training or Path(self.parallel.deepspeed).is_file(),
              f"--deepspeed {self.parallel.deepspeed}: no such file")
         need(batch.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
@@ -383,15 +386,15 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
     return _merge(vars(build_parser().parse_args(argv))).validate()
 
 
-def load_tool_config(argv: Optional[list[str]], add_arguments) -> tuple[TrainConfig, dict]:
+def load_tool_config(argv: Optional[list[str]], add_arguments, needs_data: bool = True) -> tuple[TrainConfig, dict]:
     """For tools that take the trainer's flags plus their own (`add_arguments(parser)`): (config, their
-    values). The DeepSpeed json is not required."""
+    values). The DeepSpeed json is not required (nor --train_data, for a tool that plans without data)."""
     parser = build_parser()
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     names = set(key_table()) | set(ALIASES) | {"config", "local_rank"}
     extras = {k: args.pop(k) for k in list(args) if k not in names}
-    return _merge(args).validate(for_training=False), extras
+    return _merge(args).validate(for_training=False, needs_data=needs_data), extras
 
 
 def flag_table() -> str:

@@ -11,6 +11,8 @@ the result back where the caller keeps it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from datetime import timedelta
 from typing import Any, Optional
@@ -106,7 +108,8 @@ def init_distributed(timeout_s: int) -> None:
     if torch.cuda.is_available():  # before any collective: NCCL's object collectives (preflight) use this device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's "... shm_comm_op built successfully" per rank
+            deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as err:  # DistStoreError / DistNetworkError from the TCPStore rendezvous
         env = os.environ.get
         where = f"{env('MASTER_ADDR', '?')}:{env('MASTER_PORT', '?')}"

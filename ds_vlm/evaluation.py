@@ -1,5 +1,6 @@
 """Evaluation during training: the eval loss over every eval record (token-level, all ranks), and greedy
-answers to the first few with their exact-match accuracy (rank 0 appends them to samples.jsonl)."""
+answers to the first few with their caption scores (exact match, BLEU, chrF, ROUGE-L: scores.py); rank 0
+appends the answers to samples.jsonl and writes OUTPUT_DIR/eval/step_N.html (eval_report.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from .data.batching import SFTDataset, make_loader
 from .data.formats import DataError
 from .data.plan import BatchPlan
+from .eval_report import write_report
+from .scores import corpus_scores, sample_scores
 
 
 class Evaluator:
@@ -19,6 +22,8 @@ class Evaluator:
         self.n_generate, self.rank = n_generate, rank
         self.dp_rank = dp_rank
         self.plan = BatchPlan(len(eval_set), micro_batch_size, 1, dp_size, seed)
+        self.settings: dict = {}  # shown on the report's top (the trainer sets the run's config)
+        self.curves_png = os.path.join(output_dir, "curves.png")
 
     def __call__(self, step: int) -> dict:
         self.engine.eval()
@@ -47,9 +52,14 @@ class Evaluator:
         answers = generate_answers(self.engine.module, self.processor, samples, max_new_tokens=64,
                                    video_sampling=self.video_sampling,
                                    synced_gpus=self.engine.zero_optimization_partition_weights())
-        rows = [{"step": step, "source": s.source, "index": s.index, "reference": reference(s), "answer": a,
-                 "correct": a == reference(s)} for s, a in zip(samples, answers)]
+        references = [reference(s) for s in samples]
+        rows = [{"step": step, "source": s.source, "index": s.index, "reference": r, "answer": a,
+                 "correct": a == r, **sample_scores(a, r)} for s, a, r in zip(samples, answers, references)]
+        totals = corpus_scores(answers, references)
         if self.rank == 0:
             with open(os.path.join(self.output_dir, "samples.jsonl"), "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-        return {"exact_match": sum(r["correct"] for r in rows) / len(rows)}
+            write_report(os.path.join(self.output_dir, "eval", f"step_{step}.html"), rows, samples,
+                         f"{os.path.basename(os.path.abspath(self.output_dir))}: evaluation at step {step}",
+                         self.settings, totals, self.curves_png)
+        return totals

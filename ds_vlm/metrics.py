@@ -4,7 +4,6 @@ reporters and the curves."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -26,20 +25,26 @@ class RunLog:
             self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
 
     def start_progress(self, total_steps: int, start_step: int) -> None:
-        if self.enabled:
+        """A tqdm bar on a terminal; elsewhere (CI, nohup, SLURM logs) a line every 5% of the run instead of a
+        bar redrawn into the file."""
+        if not self.enabled:
+            return
+        if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0)
+        else:
+            self.bar = LineProgress(total_steps, start_step, every=max(1, total_steps // 20))
 
     def step(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
-        self.bar.update(record["step"] - self.bar.n)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
 
     def event(self, record: dict) -> None:
         """A non-step line (eval, save, skipped records) in the same file."""
@@ -55,6 +60,41 @@ class RunLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+
+
+class LineProgress:
+    """The progress bar's interface (update, set_postfix, write, close) as one line every `every` steps, and at
+    the last one: `train: step 40/200 (20%), loss=0.1234, lr=1.20e-05, tok_s=3400, 0:01:23 elapsed, eta
+    0:05:32`."""
+
+    def __init__(self, total: int, initial: int, every: int):
+        self.total, self.n, self.every, self.start, self.first = total, initial, every, time.perf_counter(), initial
+        self.postfix: dict = {}
+
+    def update(self, steps: int) -> None:
+        self.n += steps
+        if steps and (self.n % self.every == 0 or self.n == self.total):
+            elapsed = time.perf_counter() - self.start
+            done = max(1, self.n - self.first)
+            eta = elapsed / done * (self.total - self.n)
+            fields = "".join(f", {k}={v}" for k, v in self.postfix.items())
+            print(f"train: step {self.n}/{self.total} ({self.n / max(1, self.total):.0%}){fields}, "
+                  f"{_clock(elapsed)} elapsed, eta {_clock(eta)}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = False, **fields) -> None:
+        self.postfix = fields
+
+    @staticmethod
+    def write(text: str, file=None) -> None:
+        print(text, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def step_record(step: int, stats, seconds: float, lr: float, world_size: int, peak_tflops: float | None,
@@ -205,40 +245,3 @@ class Reporter:
             self.writer.close()
         elif self.kind == "wandb":
             self.writer.finish()
-
-
-# --------------------------------------------------------------------------- curves
-
-
-def plot_curves(metrics_file: str, out_png: str) -> None:
-    """loss, learning rate and tokens/s against step, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    with open(metrics_file) as f:
-        rows = [r for r in map(json.loads, f) if "event" not in r and "step" in r]
-    last = {r["step"]: r for r in rows}  # a resumed run re-logs steps: keep the newest
-    steps = sorted(last)
-    panels = [("loss", "loss"), ("learning rate", "lr"), ("tokens/s", "tokens_per_s")]
-    width, height, margin = 900, 260, 60
-    image = Image.new("RGB", (width, height * len(panels)), "white")
-    draw = ImageDraw.Draw(image)
-    for n, (title, key) in enumerate(panels):
-        top = n * height
-        points = [(s, last[s][key]) for s in steps if isinstance(last[s].get(key), (int, float))
-                  and math.isfinite(last[s][key])]
-        box = (margin, top + 30, width - 20, top + height - 30)
-        draw.rectangle(box, outline="black")
-        draw.text((margin, top + 10), title, fill="black")
-        if len(points) < 2:
-            continue
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        hi = hi if hi > lo else lo + 1
-        s0, s1 = points[0][0], points[-1][0]
-        xy = [(box[0] + (s - s0) / max(1, s1 - s0) * (box[2] - box[0]),
-               box[3] - (v - lo) / (hi - lo) * (box[3] - box[1])) for s, v in points]
-        draw.line(xy, fill=(30, 80, 200), width=2)
-        draw.text((5, box[1]), f"{hi:.3g}", fill="black")
-        draw.text((5, box[3] - 10), f"{lo:.3g}", fill="black")
-        draw.text((box[0], box[3] + 5), f"step {s0}", fill="black")
-        draw.text((box[2] - 70, box[3] + 5), f"step {s1}", fill="black")
-    image.save(out_png)

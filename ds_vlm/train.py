@@ -24,6 +24,8 @@ from . import checkpoint as ckpt
 from . import distributed as comm
 from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_attention
 from .config import ConfigError, TrainConfig
+from .console import quiet_console
+from .curves import plot_curves
 from .data.batching import Collator, MicroBatch, SFTDataset, make_loader
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
@@ -35,7 +37,7 @@ from .faults import Preempted, StopSignals, Watchdog
 from .forward import ForwardContext
 from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
-from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, plot_curves, step_record
+from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
 from .optim import lr_lambda, optimizer_groups, param_groups
 from .parallel import ParallelLayout
@@ -119,10 +121,15 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
         config = self.config
+        if os.environ.get("RANK", "0") == "0":  # the first line, before anything slow
+            print(f"ds-vlm: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): rendezvous, loading "
+                  f"{config.model.path}, preflight of the data, the engine, then the first step", file=sys.stderr,
+                  flush=True)
         comm.setup_threads()
         comm.init_distributed(config.parallel.dist_timeout_s)
         comm.release_shm_buffer()
         self.layout = ParallelLayout(comm.world_size(), comm.rank(), config.parallel.sequence_parallel)
+        quiet_console(self.layout.rank, config.logging.verbose)
         self.sp = None
         if self.layout.sp_size > 1:
             from .parallel.ulysses import SequenceParallel
@@ -247,6 +254,8 @@ class Trainer:
             with open(os.path.join(config.checkpoint.output_dir, "run_config.json"), "w") as f:
                 json.dump({"config": config.to_keys(), "world_size": self.layout.world_size,
                            "ds_config": self.ds_config, "optimizer_groups": optimizer_groups(self.engine)}, f, indent=2)
+        if self.evaluator is not None:
+            self.evaluator.settings = {"world_size": self.layout.world_size, **config.to_keys()}
         budget = config.batch.max_tokens_per_batch
         batch = f"token budget {budget}/micro-batch" if budget else f"global batch {self.plan.global_batch}"
         self.log.info(f"{len(self.train_set)} train samples, {batch}, {self.plan.steps_per_epoch} steps/epoch, "
@@ -363,13 +372,23 @@ class Trainer:
     def evaluate(self) -> dict:
         self.watchdog.phase("eval")
         step = self.progress.step
+        self.draw_curves()  # the report embeds them
         result = self.evaluator(step)
         self.log.event({"event": "eval", "step": step, **result})
         self.reporter.log(step, result)
         self.log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
-            f", exact match {result['exact_match']:.1%}" if "exact_match" in result else ""))
+            f", exact match {result['exact_match']:.1%}, chrF {result['chrf']:.1f}, report "
+            f"{os.path.join(self.config.checkpoint.output_dir, 'eval', f'step_{step}.html')}"
+            if "exact_match" in result else ""))
+        self.draw_curves()  # with this eval's numbers
         self.progress.clock = time.perf_counter()
         return result
+
+    def draw_curves(self) -> None:
+        if self.layout.rank == 0:
+            out_dir = self.config.checkpoint.output_dir
+            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"),
+                        title=os.path.basename(os.path.abspath(out_dir)))
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -384,8 +403,7 @@ class Trainer:
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
-        if self.layout.rank == 0:
-            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+        self.draw_curves()
         self.watchdog.phase(None)
         if not saved:
             raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see "

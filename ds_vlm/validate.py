@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoProcessor
 
     from .data.plan import make_plan
+    from .data.specs import SpecError
     from .models import adapter_for
     from .parallel import ParallelLayout
 
@@ -57,7 +58,11 @@ def main(argv=None) -> int:
     model_type = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code).model_type
     processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     encoder = encoder_for(processor, adapter_for(model_type), data)
-    records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache)
+    try:
+        records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache)
+    except (SpecError, OSError, ValueError) as err:  # the spec or a file as a whole, named
+        print(f"ds-vlm validate: error: {err}", file=sys.stderr)
+        return 2
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, extra["workers"], progress=True)
     elapsed = time.perf_counter() - start
     ok = checks.select(checks.kind == OK)

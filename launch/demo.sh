@@ -15,6 +15,7 @@ TRAIN="$OUT/data/train.jsonl" TEST="$OUT/data/test.jsonl"
 if [ "$VIDEOS" -gt 0 ]; then
   TRAIN="$TRAIN,$OUT/data/video_train.jsonl" TEST="$TEST,$OUT/data/video_test.jsonl"
 fi
-deepspeed --num_gpus "$NUM_GPUS" launch/train.py --config launch/configs/demo.yaml \
+[ -e /dev/nvidiactl ] || export DS_ACCELERATOR=cpu  # no GPU: DeepSpeed need not warn that it found none
+deepspeed --log_level warning --num_gpus "$NUM_GPUS" launch/train.py --config launch/configs/demo.yaml \
   --model "$OUT/model" --train_data "$TRAIN" --eval_data "$TEST" --output_dir "$OUT/run" "$@"
 python -m ds_vlm.evaluate --model "$OUT/run/hf" --data "$TEST" --out "$OUT/run/answers.jsonl" --min_accuracy 0.9

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Optional
 
-VERSION = 1  # bump when an entry's layout or meaning changes
+VERSION = 2  # bump when an entry's layout or meaning changes
 _EDGE = 1 << 20  # bytes hashed at each end of a file
 
 
@@ -42,6 +42,11 @@ def fingerprint(path: str) -> str:
                 f.seek(-_EDGE, os.SEEK_END)
                 digest.update(f.read(_EDGE))
     return digest.hexdigest()[:32]
+
+
+def tag_suffix(tag: str) -> str:
+    """A source's selection, image root and renaming (specs.Source.tag) as part of an entry's name."""
+    return "-" + hashlib.sha256(tag.encode()).hexdigest()[:12] if tag else ""
 
 
 def encoding_key(encoder, data_format: str, image_root: str) -> str:

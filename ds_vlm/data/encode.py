@@ -72,9 +72,18 @@ class Encoder:
         return out
 
     # -- text -------------------------------------------------------------------------
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> str:
         return self.processor.apply_chat_template(
-            [template_message(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+            [template_message(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}))
+
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders tool calls and tool results (it reads `tool_calls` and a `tool`
+        role); without, a tool-use record would be rendered as something the model never sees at inference."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", "")
+        template = template if isinstance(template, str) else str(template)
+        return "tool_calls" in template and "tool" in template.replace("tool_calls", "")
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant_target) pieces; an assistant turn with
@@ -88,14 +97,17 @@ class Encoder:
                             f"conversation: {type(err).__name__}: {str(err)[:200]}") from err
 
     def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
-        messages = sample.messages
-        full = self.render(messages)
+        messages, tools = sample.messages, sample.tools
+        if (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)) and not self.template_has_tools:
+            raise DataError("bad_record", sample.source, sample.index, "tool-use turns (tool calls, tool results or "
+                            "tools), but this model's chat template has no tool roles (no `tool_calls`, no `tool`)")
+        full = self.render(messages, tools=tools)
         pieces, cursor = [], 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or not message.get("learn", True):
                 continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+            prefix = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.render(messages[: i + 1], tools=tools)
             if not (upto.startswith(prefix) and full.startswith(upto)):
                 raise DataError("bad_record", sample.source, sample.index,
                                 "the chat template does not render this conversation as a growing prefix, so the "
@@ -114,7 +126,14 @@ class Encoder:
         """Record `index` of `records` (a RecordIndex) read, its media decoded and encoded: the one path preflight
         and the training dataset share. Raises DataError naming the record."""
         sample = records.sample(index)
-        return sample, self.encode(sample, *self.media(sample))
+        try:
+            return sample, self.encode(sample, *self.media(sample))
+        except DataError:
+            raise
+        except Exception as err:  # the processor, tokenizer or template on this record: a bad record, named
+            detail = " ".join(str(err).split())[:300]
+            raise DataError("bad_record", sample.source, sample.index,
+                            f"{type(err).__name__} while encoding it: {detail}") from err
 
     def media(self, sample: Sample) -> tuple[list, list]:
         """The sample's decoded images and sampled videos (what `encode` takes)."""
@@ -247,9 +266,10 @@ def template_message(message: dict) -> dict:
     """What a chat template takes: text-only turns as plain strings (what every template accepts), others as
     typed parts."""
     parts = message["content"]
+    extra = {key: message[key] for key in ("tool_calls", "name", "tool_call_id") if key in message}
     if all(p["type"] == "text" for p in parts):
-        return {"role": message["role"], "content": "".join(p["text"] for p in parts)}
-    return {"role": message["role"], "content": parts}
+        return {"role": message["role"], "content": "".join(p["text"] for p in parts), **extra}
+    return {"role": message["role"], "content": parts, **extra}
 
 
 # Per-token tensors (padded along the sequence); everything else a processor returns is

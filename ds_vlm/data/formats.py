@@ -9,6 +9,14 @@ Layouts (auto-detected per record, or forced by --data_format):
     openai    {"messages": [{"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", ...}]}]}
     swift     {"query": ..., "response": ..., "history": [[q, r], ...], "system": ..., "images": [...]}
     alpaca    {"instruction": ..., "input": ..., "output": ..., "history": [[q, r], ...], "system": ...}
+    prompt_completion  TRL's: {"prompt": [messages] or text, "completion": [messages] or text, "images": [...]}
+              (the prompt masked, assistant turns included; the completion learned)
+    cauldron  {"images": [...], "texts": [{"user": ..., "assistant": ..., "source": ...}]} (the images go
+              before the first user turn: the Cauldron's texts hold no placeholder)
+Tool use, in sharegpt (LLaMA-Factory's `function_call` and `observation` turns, a `tools` field) and in
+messages/openai (an assistant message's `tool_calls`, `tool` messages, a `tools` field): a call is an
+assistant turn (learned), an observation a `tool` turn (masked), both rendered by the chat template's tool
+roles; a template without them refuses such records by name.
 Nothing is dropped silently: every key of a record is used or listed in `Sample.ignored` (preflight and
 validate count them); a text turn that is empty, an audio part, a URL to fetch are errors naming the record.
 """
@@ -26,15 +34,18 @@ from ..config import choices
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image>", "<video>", "<audio>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-              "system": "system", "model": "assistant"}
+              "system": "system", "model": "assistant", "observation": "tool", "tool": "tool",
+              "function_call": "assistant"}
 LAYOUTS = choices("data_format")  # "auto" and the layouts below
 # Keys each layout reads at the top of a record (media keys are read by every layout).
 LAYOUT_KEYS = {"sharegpt": {"conversations"}, "llava": {"conversations"}, "messages": {"messages"},
                "openai": {"messages"}, "swift": {"query", "response", "history"},
-               "alpaca": {"instruction", "input", "output", "history"}}
-MEDIA_KEYS = {"images", "image", "videos", "video", "audios", "audio", "system"}
-TURN_KEYS = {"from", "role", "value", "content", "loss"}
+               "alpaca": {"instruction", "input", "output", "history"},
+               "prompt_completion": {"prompt", "completion"}, "cauldron": {"texts"}}
+MEDIA_KEYS = {"images", "image", "videos", "video", "audios", "audio", "system", "tools"}
+TURN_KEYS = {"from", "role", "value", "content", "loss", "tool_calls", "tool_call_id", "name"}
 PART_KEYS = {"type", "text", "value", "image", "image_url", "url", "path", "video", "video_url"}
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _PLACEHOLDERS = re.compile(f"({IMAGE_PLACEHOLDER}|{VIDEO_PLACEHOLDER}|{AUDIO_PLACEHOLDER})")
 
 
@@ -82,9 +93,15 @@ class Sample:
     index: int = -1
     videos: list[VideoRef] = field(default_factory=list)
     ignored: tuple[str, ...] = ()  # keys of the record nothing read ("id", "turn.weight", ...)
+    tools: Optional[list] = None  # the tools a tool-use conversation may call (the chat template's `tools`)
+    notes: list[str] = field(default_factory=list)  # what was changed on the way in, counted by preflight
 
 
 def detect_layout(record: dict) -> str:
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "texts" in record and isinstance(record["texts"], list):
+        return "cauldron"
     if "conversations" in record:
         return "llava" if "image" in record and "images" not in record else "sharegpt"
     if "messages" in record:
@@ -122,20 +139,52 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
         if images or videos:
             raise reader.bad("bad_record", "media both inside the messages and in an 'images'/'videos' field")
         images, videos = reader.inline_images, reader.inline_videos
-    _insert_placeholders(messages, images, insert_placeholders)
-    for kind, refs, placeholder in (("image", images, IMAGE_PLACEHOLDER), ("video", videos, VIDEO_PLACEHOLDER)):
-        count = sum(part["type"] == kind for m in messages for part in m["content"])
-        if count != len(refs):
-            raise reader.bad("placeholder_mismatch", f"{count} {placeholder} placeholder(s) but {len(refs)} {kind}(s)")
+    _insert_placeholders(messages, images, insert_placeholders or layout == "cauldron")
+    notes = _video_behind_image_placeholders(messages, images, videos)
+    counted = {kind: sum(part["type"] == kind for m in messages for part in m["content"])
+               for kind in ("image", "video")}
+    if counted["image"] != len(images) or counted["video"] != len(videos):
+        said = []
+        for kind, refs, placeholder in (("image", images, IMAGE_PLACEHOLDER), ("video", videos, VIDEO_PLACEHOLDER)):
+            if counted[kind] or refs:  # the media named, so that a video behind an <image> is seen
+                named = (f" ({', '.join(r.describe() for r in refs[:2])}{', ...' if len(refs) > 2 else ''})"
+                         if refs else "")
+                said.append(f"{counted[kind]} {placeholder} placeholder(s) but {len(refs)} {kind}(s){named}")
+        raise reader.bad("placeholder_mismatch", "; ".join(said))
     if not any(m["role"] == "assistant" and m["learn"] for m in messages):
         raise reader.bad("no_assistant_turn", "the conversation has no assistant/gpt turn to learn from"
                          + (" (every one has 'loss': false)" if any(m["role"] == "assistant" for m in messages)
                             else ""))
     if any(part["type"] != "text" for m in messages if m["role"] == "assistant" for part in m["content"]):
         raise reader.bad("bad_record", "an image or video inside an assistant turn cannot be a training target")
+    notes += _drop_trailing_user_turns(messages, images, videos)
     ignored = sorted(set(record) - LAYOUT_KEYS[layout] - MEDIA_KEYS) + sorted(reader.ignored)
     return Sample(messages=messages, images=images, source=source, index=index, videos=videos,
-                  ignored=tuple(ignored))
+                  ignored=tuple(ignored), notes=notes, tools=reader.tools(record))
+
+
+def _video_behind_image_placeholders(messages: list[dict], images: list, videos: list) -> list[str]:
+    """LLaVA-Video's records keep a video (a file or a frame folder) under `video` while the prompt says
+    `<image>`: with no image, one placeholder per video and no `<video>`, the placeholders are the videos."""
+    parts = [part for m in messages for part in m["content"]]
+    image_parts = [part for part in parts if part["type"] == "image"]
+    if images or not videos or any(part["type"] == "video" for part in parts) or len(image_parts) != len(videos):
+        return []
+    for part in image_parts:
+        part["type"] = "video"
+    return ["<image> placeholder(s) read as the record's video(s)"]
+
+
+def _drop_trailing_user_turns(messages: list[dict], images: list, videos: list) -> list[str]:
+    """A conversation that ends on user turns has no answer to them: they are dropped (with their images and
+    videos, the last ones of the record) rather than trained on as prompt, and the record says so."""
+    dropped = 0
+    while messages and messages[-1]["role"] != "assistant":
+        turn = messages.pop()
+        dropped += 1
+        for kind, refs in (("image", images), ("video", videos)):
+            del refs[len(refs) - sum(part["type"] == kind for part in turn["content"]):]
+    return ["trailing turn(s) after the last answer dropped"] if dropped else []
 
 
 def _insert_placeholders(messages: list[dict], images: list, insert: bool) -> None:
@@ -171,6 +220,26 @@ class _Reader:
         return messages
 
     def _turns(self, record: dict, layout: str) -> list[dict]:
+        if layout == "prompt_completion":  # TRL: the prompt (any turns) masked, the completion learned
+            prompt, completion = record["prompt"], record["completion"]
+            if isinstance(prompt, str) and isinstance(completion, str):
+                return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            if not (isinstance(prompt, list) and isinstance(completion, list) and completion):
+                raise self.bad("bad_record", "'prompt' and 'completion' must both be text or both lists of messages")
+            masked = [{**t, "loss": False} if isinstance(t, dict) and t.get("role") == "assistant" else t
+                      for t in prompt]
+            return [*masked, *completion]
+        if layout == "cauldron":
+            turns = []
+            for number, pair in enumerate(record["texts"]):
+                if not isinstance(pair, dict) or not {"user", "assistant"} <= set(pair):
+                    raise self.bad("bad_record", f"texts[{number}] is not a {{user, assistant}} pair")
+                self.ignored.update(f"texts.{key}" for key in pair if key not in ("user", "assistant"))
+                turns += [{"role": "user", "content": pair["user"]},
+                          {"role": "assistant", "content": pair["assistant"]}]
+            if not turns:
+                raise self.bad("bad_record", "'texts' holds no {user, assistant} pair")
+            return turns
         if layout in ("sharegpt", "llava", "messages", "openai"):
             turns = record["conversations" if layout in ("sharegpt", "llava") else "messages"]
             if not isinstance(turns, list) or not turns:
@@ -195,17 +264,71 @@ class _Reader:
         role = ROLE_NAMES.get(str(speaker).lower())
         if role is None:
             raise self.bad("bad_record", f"turn {number}: unknown speaker {speaker!r}")
-        parts = self._parts(turn.get("value", turn.get("content")), f"turn {number} ({role})")
+        calls = self._tool_calls(turn, speaker, number)
+        content = turn.get("value", turn.get("content"))
+        if str(speaker).lower() == "function_call":
+            content = None
+        parts = self._parts(content, f"turn {number} ({role})", allow_empty=bool(calls))
         loss = turn.get("loss")
         if loss is not None and not isinstance(loss, bool):
             raise self.bad("bad_record", f"turn {number}: 'loss' must be true or false, not {loss!r}")
         if loss and role != "assistant":
             raise self.bad("bad_record", f"turn {number} ({role}): 'loss': true on a turn that is not the "
                                          "assistant's; only assistant turns are learned")
-        return {"role": role, "content": parts, "learn": role == "assistant" and loss is not False}
+        message = {"role": role, "content": parts, "learn": role == "assistant" and loss is not False}
+        if calls:
+            message["tool_calls"] = calls
+        message.update({key: turn[key] for key in ("name", "tool_call_id") if role == "tool" and key in turn})
+        return message
+
+    def _tool_calls(self, turn: dict, speaker, number: int) -> list[dict]:
+        """An assistant turn's tool calls as the chat templates take them ([{type, function: {name, arguments}}]):
+        LLaMA-Factory's `function_call` turn holds them as JSON text, OpenAI's message as `tool_calls`."""
+        import json
+
+        if str(speaker).lower() == "function_call":
+            value = turn.get("value", turn.get("content"))
+            try:
+                calls = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError as err:
+                raise self.bad("bad_record", f"turn {number} (function_call) is not JSON: {err}") from err
+        else:
+            calls = turn.get("tool_calls")
+            if calls is None:
+                return []
+        calls = calls if isinstance(calls, list) else [calls]
+        out = []
+        for call in calls:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise self.bad("bad_record", f"turn {number}: a tool call without a function name: {str(call)[:80]}")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass  # kept as the text it is
+            out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        return out
+
+    def tools(self, record: dict) -> Optional[list]:
+        """The record's `tools` (a list, or JSON text of one, as LLaMA-Factory stores it)."""
+        import json
+
+        tools = record.get("tools")
+        if tools in (None, "", []):
+            return None
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as err:
+                raise self.bad("bad_record", f"'tools' is not JSON: {err}") from err
+        if not isinstance(tools, list):
+            tools = [tools]
+        return tools
 
     # -- content --------------------------------------------------------------------------------
-    def _parts(self, content, where: str) -> list[dict]:
+    def _parts(self, content, where: str, allow_empty: bool = False) -> list[dict]:
         if isinstance(content, list):
             parts = [p for part in content for p in self._typed_part(part, where)]
         elif isinstance(content, str):
@@ -215,7 +338,7 @@ class _Reader:
         else:
             raise self.bad("bad_record", f"{where}: content must be text or a list of parts, not "
                                          f"{type(content).__name__}")
-        if not any(p["type"] != "text" or p["text"].strip() for p in parts):
+        if not allow_empty and not any(p["type"] != "text" or p["text"].strip() for p in parts):
             raise self.bad("bad_record", f"{where} is empty")
         return parts
 
@@ -287,7 +410,15 @@ class _Reader:
         if isinstance(item, dict) and item.get("path"):
             return VideoRef(path=self._local_path(item["path"], "video"))
         if isinstance(item, str):
-            return VideoRef(path=self._local_path(item, "video"))
+            path = self._local_path(item, "video")
+            if os.path.isdir(path):  # a folder of frames (LLaVA-Video, ShareGPT4Video): its images in name order
+                frames = sorted(os.path.join(path, f) for f in os.listdir(path)
+                                if os.path.splitext(f)[1].lower() in FRAME_SUFFIXES)
+                if not frames:
+                    raise self.bad("missing_video", f"video folder {path} holds no frame images "
+                                                    f"({', '.join(FRAME_SUFFIXES)})")
+                return VideoRef(path=path, frames=frames)
+            return VideoRef(path=path)
         raise self.bad("bad_record", f"a video entry of type {type(item).__name__} is not a path or a list of "
                                      "frame paths")
 

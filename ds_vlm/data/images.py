@@ -1,11 +1,48 @@
-"""Open and check images; failures become DataError naming the record."""
+"""Open and check images, decoded as viewers and transformers' `load_image` show them; failures become
+DataError naming the record.
+
+What `to_rgb` does to a decoded file, each against a stated reference (tests/unit/data/test_images.py):
+- EXIF orientation applied, as `PIL.ImageOps.exif_transpose` does (a phone photo taken upright trains
+  upright; transformers' `load_image`, used at inference, rotates it too);
+- 16-bit and 32-bit integer greyscale scaled to 8 bits (value >> 8; PIL's own `convert("RGB")` clips
+  them, so a 16-bit PNG turns nearly white), float greyscale clipped to 0-255;
+- transparency composited onto white (RGBA, LA, PA, and palette or greyscale images with a transparent
+  colour): what a viewer on a white page shows, not the colour hidden under alpha 0;
+- an animated file (GIF, APNG, WebP) read as its first frame; preflight counts such records.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 
+import numpy as np
+
 from .formats import DataError, ImageRef, Sample
+
+ANIMATED = "animated image: its first frame used"
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S")
+
+
+def to_rgb(img):
+    """One decoded PIL image (its first frame) as 8-bit RGB, oriented and composited as described above."""
+    from PIL import Image, ImageOps
+
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    oriented = ImageOps.exif_transpose(img)
+    img = oriented if oriented is not None else img
+    if img.mode in _WIDE_GREY:
+        values = np.asarray(img).astype(np.int64)
+        shift = 8 if img.mode != "I" or values.max(initial=0) <= 0xFFFF else 24  # "I" holds 16-bit PNGs too
+        return Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_image(ref: ImageRef, sample: Sample):
@@ -17,7 +54,9 @@ def load_image(ref: ImageRef, sample: Sample):
     try:
         with Image.open(io.BytesIO(ref.data) if ref.data is not None else ref.path) as img:
             img.load()
-            return img.convert("RGB")
+            if getattr(img, "n_frames", 1) > 1:
+                sample.notes.append(ANIMATED)
+            return to_rgb(img)
     except Exception as err:  # PIL raises many types for corrupt data
         raise DataError("unreadable_image", sample.source, sample.index,
                         f"cannot decode image {ref.describe()}: {type(err).__name__}: {err}") from err

@@ -15,19 +15,23 @@ if TYPE_CHECKING:
 
 
 def epoch_order(n_samples: int, seed: int, epoch: int, source_sizes: Optional[list[int]] = None,
-                weights: Optional[list[float]] = None) -> list[int]:
+                weights: Optional[list[float]] = None, repeats: Optional[list[float]] = None) -> list[int]:
     """Dataset positions of one epoch, seeded by (seed, epoch).
 
-    Without weights: a permutation of all samples. With weights (sources laid out one after
+    Without weights or repeats: a permutation of all samples. With weights (sources laid out one after
     the other in position space), source i contributes round(w_i / sum(w) * n_samples)
-    draws: its own permutation, repeated when it must be upsampled, cut when downsampled.
+    draws: its own permutation, repeated when it must be upsampled, cut when downsampled. With repeats
+    (a mixture file's repeat_time), source i contributes round(r_i * size_i) draws the same way.
     """
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    if not weights or weights[0] is None:
+    weighted = bool(weights) and weights[0] is not None
+    repeated = bool(repeats) and any(r != 1 for r in repeats)
+    if not weighted and not repeated:
         return torch.randperm(n_samples, generator=generator).tolist()
-    draws, offset, total_weight = [], 0, sum(weights)
-    for size, weight in zip(source_sizes, weights):
-        wanted = round(weight / total_weight * n_samples)
+    draws, offset, total_weight = [], 0, sum(weights) if weighted else 0
+    for number, size in enumerate(source_sizes):
+        wanted = (round(weights[number] / total_weight * n_samples) if weighted
+                  else round(repeats[number] * size))
         if size:
             rounds = [torch.randperm(size, generator=generator) + offset for _ in range(math.ceil(wanted / size))]
             draws.extend(torch.cat(rounds)[:wanted].tolist() if rounds else [])
@@ -57,6 +61,7 @@ class BatchPlan:
     seed: int
     source_sizes: Optional[list[int]] = None
     weights: Optional[list[float]] = None
+    repeats: Optional[list[float]] = None
     _steps: dict = field(default_factory=dict, init=False, repr=False)
     _epoch: tuple = field(default=(None, None), init=False, repr=False)
 
@@ -80,7 +85,7 @@ class BatchPlan:
         return self._steps[epoch]
 
     def epoch_order(self, epoch: int) -> list[int]:
-        return epoch_order(self.n_samples, self.seed, epoch, self.source_sizes, self.weights)
+        return epoch_order(self.n_samples, self.seed, epoch, self.source_sizes, self.weights, self.repeats)
 
     def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
         """The epoch as a list of micro-batches in slot order (step, accumulation step, rank)."""
@@ -168,7 +173,8 @@ def make_plan(batch: BatchConfig, seed: int, dp_size: int, records: RecordIndex,
     """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch (`kept`: preflight's Checks
     of the usable records)."""
     common = dict(n_samples=len(kept), micro_batch_size=batch.micro_batch_size, grad_accum=batch.grad_accum,
-                  dp_size=dp_size, seed=seed, source_sizes=records.source_sizes(kept.index), weights=records.weights)
+                  dp_size=dp_size, seed=seed, source_sizes=records.source_sizes(kept.index), weights=records.weights,
+                  repeats=records.repeats)
     if batch.max_tokens_per_batch:
         return TokenBudgetPlan(**common, lengths=kept.n_tokens.tolist(), max_tokens=batch.max_tokens_per_batch,
                                packing=batch.packing)

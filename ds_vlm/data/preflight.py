@@ -43,6 +43,7 @@ class RecordCheck:
     n_video_tokens: int = 0
     n_targets: int = 0
     ignored: tuple[str, ...] = ()  # keys of the record nothing read (they are reported, with a count)
+    notes: tuple[str, ...] = ()    # what reading changed (Sample.notes), reported with a count
 
 
 class BadDataError(RuntimeError):
@@ -92,7 +93,8 @@ class _CheckDataset(Dataset):
         ids = encoded["input_ids"][0]
         return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
                            n_video_tokens=int((ids == self.video_token_id).sum()) if self.video_token_id else 0,
-                           n_targets=count_targets(encoded["labels"]), ignored=sample.ignored)
+                           n_targets=count_targets(encoded["labels"]), ignored=sample.ignored,
+                           notes=tuple(sorted(set(sample.notes))))
 
 
 def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -> DataLoader:
@@ -104,12 +106,14 @@ def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -
 
 class Checks:
     """Preflight's results for a set of records, as columns: global index, kind code (see KINDS), token,
-    image-token, video-token and target counts; the bad records' messages and the ignored keys' counts."""
+    image-token, video-token and target counts; the bad records' messages, the ignored keys' and the notes'
+    counts."""
 
     COLUMNS = ("kind", "n_tokens", "n_image_tokens", "n_video_tokens", "n_targets")
 
     def __init__(self, index, kind=None, n_tokens=None, n_image_tokens=None, n_video_tokens=None, n_targets=None,
-                 messages: Optional[dict] = None, ignored: Optional[Counter] = None):
+                 messages: Optional[dict] = None, ignored: Optional[Counter] = None,
+                 notes: Optional[Counter] = None):
         self.index = np.asarray(index, dtype=np.int64)
         n = len(self.index)
         self.kind = np.zeros(n, np.uint8) if kind is None else np.asarray(kind, np.uint8)
@@ -117,13 +121,15 @@ class Checks:
             setattr(self, name, np.zeros(n, np.int32) if values is None else np.asarray(values, np.int32))
         self.messages = dict(messages or {})  # global index -> message, bad records only
         self.ignored = Counter(ignored or {})
+        self.notes = Counter(notes or {})
 
     @classmethod
     def of(cls, checks: list[RecordCheck]) -> "Checks":
         return cls([c.index for c in checks], [KINDS.index(c.kind) for c in checks],
                    *([getattr(c, name) for c in checks] for name in cls.COLUMNS[1:]),
                    messages={c.index: c.message for c in checks if c.kind != "ok"},
-                   ignored=Counter(key for c in checks for key in c.ignored))
+                   ignored=Counter(key for c in checks for key in c.ignored),
+                   notes=Counter(note for c in checks for note in c.notes))
 
     @classmethod
     def unchecked(cls, start: int, count: int) -> "Checks":
@@ -136,7 +142,7 @@ class Checks:
         columns = [np.concatenate([getattr(p, name) for p in parts])[order] if parts else None
                    for name in cls.COLUMNS]
         return cls(index[order], *columns, messages={k: v for p in parts for k, v in p.messages.items()},
-                   ignored=sum((p.ignored for p in parts), Counter()))
+                   ignored=sum((p.ignored for p in parts), Counter()), notes=sum((p.notes for p in parts), Counter()))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -157,11 +163,13 @@ class Checks:
         index = self.index[mask]
         kept = set(index[np.isin(index, list(self.messages))].tolist()) if self.messages else set()
         return Checks(index, *(getattr(self, name)[mask] for name in self.COLUMNS),
-                      messages={i: m for i, m in self.messages.items() if i in kept}, ignored=self.ignored)
+                      messages={i: m for i, m in self.messages.items() if i in kept}, ignored=self.ignored,
+                      notes=self.notes)
 
     def shifted(self, offset: int) -> "Checks":
         return Checks(self.index + offset, *(getattr(self, name) for name in self.COLUMNS),
-                      messages={i + offset: m for i, m in self.messages.items()}, ignored=self.ignored)
+                      messages={i + offset: m for i, m in self.messages.items()}, ignored=self.ignored,
+                      notes=self.notes)
 
     def counts(self) -> Counter:
         return Counter({KINDS[code]: int(n) for code, n in enumerate(np.bincount(self.kind, minlength=len(KINDS)))
@@ -175,7 +183,8 @@ class Checks:
         """An atomic write (a temporary file renamed) of the columns, messages and ignored-key counts."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.temporary_name(path)
-        meta = json.dumps({"messages": {str(k): v for k, v in self.messages.items()}, "ignored": self.ignored})
+        meta = json.dumps({"messages": {str(k): v for k, v in self.messages.items()}, "ignored": self.ignored,
+                           "notes": self.notes})
         with open(tmp, "wb") as f:
             np.savez(f, index=self.index, meta=np.array(meta), **{name: getattr(self, name) for name in self.COLUMNS})
         os.replace(tmp, path)
@@ -185,7 +194,8 @@ class Checks:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             return cls(data["index"], *(data[name] for name in cls.COLUMNS),
-                       messages={int(k): v for k, v in meta["messages"].items()}, ignored=Counter(meta["ignored"]))
+                       messages={int(k): v for k, v in meta["messages"].items()}, ignored=Counter(meta["ignored"]),
+                       notes=Counter(meta.get("notes", {})))
 
 
 def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, num_workers: int = 0,
@@ -205,6 +215,7 @@ def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, n
         if check.kind != "ok":
             out.messages[check.index] = check.message
         out.ignored.update(check.ignored)
+        out.notes.update(check.notes)
         bar.update()
     bar.close()
     return out
@@ -222,7 +233,8 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
     rank, world = comm.rank(), comm.world_size()
     root = cache.writable(cache.cache_root(cache_dir)) if mode != "off" else None
     key = cache.encoding_key(encoder, records.data_format, records.image_root) if root else ""
-    entries = [root / "preflight" / f"{cache.fingerprint(f.path)}-{key}.npz" if root else None for f in records.files]
+    entries = [root / "preflight" / f"{f.fingerprint()}-{key}{cache.tag_suffix(f.tag)}.npz" if root else None
+               for f in records.files]
     reuse = mode == "cached" or mode.startswith("sample")
     hits = [bool(reuse and entry is not None and entry.exists()) for entry in entries]
     if distributed:  # rank 0 decides, so that every rank checks the same records even as entries appear
@@ -290,6 +302,7 @@ def summarize(checks, show: int = 5) -> str:
         lines.append(f"  ... and {len(bad) - show} more")
     lines += [f"ignored key `{key}` in {n} record{'s' * (n != 1)} (not read by any layout; check it is not data)"
               for key, n in sorted(checks.ignored.items())]
+    lines += [f"note: {note} in {n} record{'s' * (n != 1)}" for note, n in sorted(checks.notes.items())]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ cache (see cache.py) and read the same way, parquet and `save_to_disk` tables ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from . import cache
 from .formats import DataError, Sample, to_sample
+from .specs import HUB_PREFIX, Remap, Source, parse_spec, select_rows
 
 
 class RecordFile:
@@ -52,8 +54,25 @@ class RecordFile:
             line = f.readline()
         try:
             return json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError("bad_record", self.path, index, f"not valid JSON ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            where = ""
+            if self._lines == self.path:  # JSONL: the line in the user's file (blank lines are not records)
+                where = f"line {self.line_number(index)}: "
+            raise DataError("bad_record", self.path, index, f"{where}not valid JSON ({err})") from err
+
+    def line_number(self, index: int) -> int:
+        """The 1-based line of record `index` in the JSONL file (counted only when asked: an error)."""
+        offset, count = int(self._offsets[index]), 0
+        with open(self._lines, "rb") as f:
+            while offset > 0:
+                block = f.read(min(offset, 1 << 24))
+                count += block.count(b"\n")
+                offset -= len(block)
+        return count + 1
+
+    def fingerprint(self) -> str:
+        """What the preflight cache keys this file's checks by (cache.fingerprint: path, size, mtime, edges)."""
+        return cache.fingerprint(self.path)
 
     def __getstate__(self):  # DataLoader workers reopen parquet lazily instead of pickling the table
         state = dict(self.__dict__)
@@ -64,6 +83,39 @@ class RecordFile:
         self.__dict__.update(state)
         if "_offsets" not in state:
             self._table = _open_table(self.path)
+
+
+class HubFile(RecordFile):
+    """A hub dataset's split (`hf:ORG/NAME#SPLIT`), read through `datasets.load_dataset`: its Arrow table as
+    stored (images stay {bytes, path} until a record is read, as for local parquet), cached where datasets
+    caches (HF_HOME, HF_DATASETS_CACHE); offline (HF_DATASETS_OFFLINE=1) only what that cache holds. Keyed in
+    the preflight cache by the dataset's own fingerprint."""
+
+    def __init__(self, name: str, split: str):
+        self.name, self.split = name, split
+        self.path = f"{HUB_PREFIX}{name}#{split}"
+        self._lines = self.path
+        self._table, self._fingerprint = self._load()
+        self._length = self._table.num_rows
+
+    def _load(self):
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(self.name, split=self.split)
+        except Exception as err:  # datasets raises many types: not found, offline, no such split
+            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ValueError(f"{self.path}: cannot load the dataset ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:300]})" + ("; offline, it must already be in the "
+                                                                         "datasets cache" if offline else "")) from err
+        return dataset.data.table, dataset._fingerprint
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.path}:{self._fingerprint}".encode()).hexdigest()[:32]
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._table, _ = self._load()
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -95,23 +147,35 @@ def expand_source(path: str) -> list[str]:
 
 
 def parse_sources(spec: str) -> list[tuple[str, Optional[float]]]:
-    """'a.jsonl:0.7,b.parquet:0.3' -> [(path, weight)]; a weight may be left out (None)."""
-    sources = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        path, weight = item, None
-        if ":" in item:
-            head, tail = item.rsplit(":", 1)
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                pass
-        if weight is not None and weight <= 0:
-            raise ValueError(f"{item}: a sampling weight must be > 0")
-        sources.append((path, weight))
-    if any(w is None for _, w in sources) and any(w is not None for _, w in sources):
-        raise ValueError(f"{spec}: give a weight to every source or to none")
-    return sources
+    """'a.jsonl:0.7,b.parquet:0.3' -> [(path, weight)] (specs.parse_spec has the whole grammar)."""
+    return [(source.path, source.weight) for source in parse_spec(spec)]
+
+
+class SourceFile:
+    """One data file as a source reads it: the rows its selector keeps (None: all), its image root, and a
+    LLaMA-Factory entry's renaming; records are named by their row in the file."""
+
+    def __init__(self, file: RecordFile, source: Source, rows: Optional[np.ndarray] = None):
+        self.file, self.source, self.rows = file, source, rows
+        self.path = file.path
+        self.remap = Remap(**source.columns) if source.columns else None
+
+    @property
+    def tag(self) -> str:
+        return self.source.tag
+
+    def fingerprint(self) -> str:
+        return self.file.fingerprint()
+
+    def __len__(self) -> int:
+        return len(self.file) if self.rows is None else len(self.rows)
+
+    def row(self, index: int) -> int:
+        return int(index) if self.rows is None else int(self.rows[index])
+
+    def __getitem__(self, index: int):
+        record = self.file[self.row(index)]
+        return self.remap(record) if self.remap else record
 
 
 def line_offsets(path: str, chunk: int = 1 << 24) -> np.ndarray:
@@ -151,7 +215,7 @@ def _json_as_lines(path: str, cache_dir: str = "") -> Path:
 def _convert(path: str, out: str, chunk: int = 1 << 24) -> None:
     """Stream a JSON list's elements into a JSONL file, 16 MB of text at a time (never the whole list)."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+    with open(path, encoding="utf-8-sig") as f, open(out, "w", encoding="utf-8") as g:  # -sig: a BOM is skipped
         buffer, pos, eof, count = f.read(chunk).lstrip(), 0, False, 0
         if not buffer.startswith("["):
             raise ValueError(f"{path}: a .json data file must hold a list of records")
@@ -192,23 +256,39 @@ def _convert(path: str, out: str, chunk: int = 1 << 24) -> None:
 class RecordIndex:
     """Several data sources seen as one list of records; global index -> (file, local index).
 
-    `spec` is 'a.jsonl,b.parquet' or, with sampling weights, 'a.jsonl:0.7,b.parquet:0.3'; a
-    source may be a file, a folder of parquet files or a `save_to_disk` folder.
+    `spec` is the --train_data grammar of specs.py ('a.jsonl,b.parquet', with sampling weights
+    'a.jsonl:0.7,b.parquet:0.3', selectors 'a.jsonl#first:50%', mixture files 'dataset_info.json#name') or a
+    list of paths; a source may be a file, a folder of parquet files or a `save_to_disk` folder.
+    `repeats`: each source's draws per record and epoch (InternVL's repeat_time; 1 elsewhere).
     """
 
     def __init__(self, spec, image_root: str = "", data_format: str = "auto", cache_dir: str = ""):
-        sources = parse_sources(spec) if isinstance(spec, str) else [(str(p), None) for p in spec]
+        sources = parse_spec(spec) if isinstance(spec, str) else [Source(str(p)) for p in spec]
         self.image_root, self.data_format, self.cache_dir = image_root, data_format, cache_dir
-        self.files, self.starts, self.source_ranges, self.weights = [], [], [], []
+        self.files: list[SourceFile] = []
+        self.starts, self.source_ranges, self.weights, self.repeats = [], [], [], []
         total = 0
-        for path, weight in sources:
+        for source in sources:
             first = total
-            for file_path in expand_source(path):
-                self.files.append(RecordFile(file_path, cache_dir))
+            try:
+                files = ([HubFile(source.path[len(HUB_PREFIX):], source.split)] if source.path.startswith(HUB_PREFIX)
+                         else [RecordFile(path, cache_dir) for path in expand_source(source.path)])
+            except (OSError, ValueError) as err:
+                raise type(err)(f"{err}" + (f" (entry {source.name} of {source.origin})" if source.origin else ""))
+            rows = None
+            if source.select != "all":
+                kept = select_rows(sum(len(f) for f in files), source.select, source.path)
+                rows, offset = [], 0
+                for f in files:
+                    rows.append(kept[(kept >= offset) & (kept < offset + len(f))] - offset)
+                    offset += len(f)
+            for number, f in enumerate(files):
+                self.files.append(SourceFile(f, source, rows[number] if rows is not None else None))
                 self.starts.append(total)
                 total += len(self.files[-1])
             self.source_ranges.append((first, total))
-            self.weights.append(weight)
+            self.weights.append(source.weight)
+            self.repeats.append(source.repeat)
         self.total = total
 
     def source_sizes(self, kept) -> list[int]:
@@ -219,10 +299,18 @@ class RecordIndex:
     def __len__(self) -> int:
         return self.total
 
-    def locate(self, index: int) -> tuple[RecordFile, int]:
+    def locate(self, index: int) -> tuple[SourceFile, int]:
         file_no = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.files[file_no], int(index) - self.starts[file_no]
 
     def sample(self, index: int) -> Sample:
         f, local = self.locate(index)
-        return to_sample(f[local], f.path, local, self.image_root, self.data_format)
+        row = f.row(local)
+        try:
+            record = f[local]
+            return to_sample(record, f.path, row, f.source.image_root or self.image_root, self.data_format)
+        except DataError:
+            raise
+        except Exception as err:  # a layout reader meeting a shape it did not expect: still a named bad record
+            raise DataError("bad_record", f.path, row, f"{type(err).__name__} while reading it: "
+                                                         f"{' '.join(str(err).split())[:300]}") from err

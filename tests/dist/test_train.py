@@ -85,6 +85,20 @@ def test_zero3_frozen_vision_mixed_batches(frozen_zero3_run):
     assert "eval loss" in proc.stderr
 
 
+def test_the_console_says_each_thing_once(frozen_zero3_run):
+    """Two ranks, an eval, an export: read top to bottom, no line is repeated (no warning once per rank, no
+    bar redrawn into the log: stderr is not a terminal here, so progress is a line every 5%), and few lines
+    come before the first step."""
+    _, proc = frozen_zero3_run
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, repeated
+    assert not any("\r" in line for line in lines)
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("train: step "))
+    assert first_step <= 12, lines[:first_step + 1]
+    assert lines[0].startswith("ds-vlm: starting 2 rank(s): rendezvous, loading "), lines[:3]
+
+
 def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
     from PIL import Image
 
@@ -97,14 +111,17 @@ def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
     assert all(0 < r["padding_efficiency"] <= 1 for r in rows)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if e.get("event") == "eval"]
-    assert [e["step"] for e in evals] == [4, STEPS] and all("exact_match" in e and e["eval_loss"] > 0 for e in evals)
+    assert [e["step"] for e in evals] == [4, STEPS] and all(e["eval_loss"] > 0 for e in evals)
+    assert all(0 <= e["exact_match"] <= 1 and 0 <= e["bleu"] <= 100 and 0 <= e["chrf"] <= 100
+               and 0 <= e["rouge_l"] <= 1 for e in evals), evals  # caption scores, logged
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 4, STEPS, STEPS]
-    assert all(s["reference"].startswith("A ") and isinstance(s["answer"], str) for s in samples)
-    curves = Image.open(out / "curves.png").convert("RGB")
-    blue = (30, 80, 200)  # the curves' colour: each of the 3 panels (loss, lr, tokens/s) has its line drawn
-    assert all(sum(curves.getpixel((x, y)) == blue for x in range(60, 880, 2) for y in range(top + 30, top + 230))
-               > 50 for top in (0, 260, 520))
+    assert all(s["reference"].startswith("A ") and isinstance(s["answer"], str) and "chrf" in s for s in samples)
+    for step in (4, STEPS):  # the report of each evaluation: two answers, their images embedded
+        page = (out / "eval" / f"step_{step}.html").read_text()
+        assert page.count("<img class='thumb'") == 2 and page.count("src='data:image/png;base64,") >= 2
+    curves = Image.open(out / "curves.png")  # matplotlib's: 3 x 2 panels
+    assert curves.size == (1170, 900)
 
 
 def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, demo_dir):

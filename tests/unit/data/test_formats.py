@@ -214,11 +214,11 @@ def test_query_response_and_alpaca_layouts(demo_dir, image, encoder):
 def test_keys_nothing_reads_are_reported_with_a_count(demo_dir, image, tmp_path, encoder):
     rows = [{"id": f"r{i}", "conversations": [{"from": "human", "value": "<image>What?"},
                                                {"from": "gpt", "value": ANSWER, "weight": 0.5}],
-             "images": [str(image)], **({"tools": "[]"} if i < 2 else {})} for i in range(3)]
+             "images": [str(image)], **({"meta": "[]"} if i < 2 else {})} for i in range(3)]
     path = tmp_path / "keys.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     checks = check(RecordIndex([str(path)]), encoder)
-    assert [c.kind for c in checks] == ["ok"] * 3 and set(checks.ignored) == {"id", "tools", "turn.weight"}
+    assert [c.kind for c in checks] == ["ok"] * 3 and set(checks.ignored) == {"id", "meta", "turn.weight"}
     text = summarize(checks)
-    assert "ignored key `id` in 3 records" in text and "ignored key `tools` in 2 records" in text
+    assert "ignored key `id` in 3 records" in text and "ignored key `meta` in 2 records" in text
     assert "ignored key `turn.weight` in 3 records" in text

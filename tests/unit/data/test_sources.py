@@ -78,6 +78,15 @@ def test_jsonl_and_parquet_give_the_same_tensors(encoder, demo_dir):
 
 def test_record_file_reports_bad_json(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text('{"conversations": []}\n{oops\n')
-    with pytest.raises(DataError, match=r"x.jsonl record 1: bad_record: not valid JSON"):
-        RecordFile(str(path))[1]
+    path.write_text('{"conversations": []}\n\n\n{oops\n')
+    with pytest.raises(DataError, match=r"x.jsonl record 1: bad_record: line 4: not valid JSON"):
+        RecordFile(str(path))[1]  # blank lines are not records, but they are lines of the user's file
+
+
+def test_a_json_list_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "é"}]}] * 2
+    plain, bom = tmp_path / "plain.json", tmp_path / "bom.json"
+    plain.write_text(json.dumps(rows), encoding="utf-8")
+    bom.write_text(json.dumps(rows), encoding="utf-8-sig")
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert [RecordFile(str(bom))[i] for i in range(2)] == [RecordFile(str(plain))[i] for i in range(2)] == rows

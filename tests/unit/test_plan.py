@@ -1,0 +1,62 @@
+"""The planner: DeepSpeed's partitioning of the model states by hand, and `python -m ds_vlm.plan` run on the
+tiny models of every family from their config alone (activations traced on fake tensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_vlm.plan import main, model_states
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_model_states_follow_zero_partitioning():
+    n = t = 1_000_000_000
+    zero0 = model_states(n, t, 0, 8, 2)
+    assert (zero0.weights, zero0.gradients, zero0.optimizer) == (2e9, 2e9, 12e9)  # bf16 weights, grads; fp32 x3
+    zero2 = model_states(n, t, 2, 8, 2, {"reduce_bucket_size": 5e8})
+    assert (zero2.weights, zero2.gradients, zero2.optimizer, zero2.buckets) == (2e9, 4e9 / 8, 12e9 / 8, 5e8 * 2)
+    zero3 = model_states(n, t, 3, 8, 2, {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e8,
+                                         "stage3_prefetch_bucket_size": 5e7})
+    assert zero3.weights == pytest.approx(2e9 / 8 + (1e8 + 5e7) * 2 * 7 / 8) and zero3.optimizer == 12e9 / 8
+    layered = model_states(n, t, 3, 8, 2, {}, largest_module=10_000_000)  # two modules gathered at a time
+    assert layered.weights == pytest.approx(2e9 / 8 + 2 * 10_000_000 * 2 * 7 / 8)
+    offloaded = model_states(n, t, 2, 8, 2, {"offload_optimizer": {"device": "cpu"}})
+    assert offloaded.optimizer == 0
+    frozen = model_states(n, 0, 2, 8, 2)  # nothing trains: no gradients, no optimizer states
+    assert frozen.gradients == frozen.optimizer == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "llava"])
+def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
+    model = family_models(family)
+    peaks = {}
+    for stage in (0, 2, 3):
+        out = tmp_path / f"plan{stage}.json"
+        rc = main(["--model", str(model), "--deepspeed", str(ROOT / "ds_configs" / f"zero{stage}.json"),
+                   "--world_size", "2", "--device", "cpu", "--micro_batch_size", "2", "--max_length", "512",
+                   "--gpu_memory_gb", "16", "--out", str(out)])
+        report = json.loads(out.read_text())
+        assert rc == 0 and report["fits"], capsys.readouterr()
+        assert report["peak_gb_per_rank"] > report["per_rank_gb"]["activations"] > 0
+        assert report["max_tokens_per_batch_that_fits"] > 512
+        assert report["worst_micro_batch"]["image_tokens"] > 0
+        peaks[stage] = report["per_rank_gb"]
+    assert peaks[3]["weights"] < peaks[2]["weights"] == peaks[0]["weights"]  # ZeRO-3 partitions the weights
+    assert peaks[2]["optimizer_states"] < peaks[0]["optimizer_states"]
+    assert "fits" in capsys.readouterr().out
+
+
+def test_a_plan_that_does_not_fit_says_what_would(family_models, tmp_path, capsys):
+    model = family_models("qwen3_vl")
+    rc = main(["--model", str(model), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--world_size", "2",
+               "--device", "cpu", "--micro_batch_size", "8", "--max_length", "4096", "--gpu_memory_gb", "0.05",
+               "--out", str(tmp_path / "plan.json")])
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert rc == 1 and not report["fits"]
+    changes = {alt["change"].split(" ")[0]: alt for alt in report["would_fit"]}
+    assert "--max_tokens_per_batch" in changes and changes["--max_tokens_per_batch"]["fits"]
+    assert "DOES NOT FIT" in capsys.readouterr().out
