@@ -17,6 +17,7 @@ import json
 import random
 from pathlib import Path
 
+from .console import quiet_console
 from .models import FAMILIES, adapter_by_family
 from .models.qwen3_vl import Qwen3VLAdapter
 from .testing.tiny import IMAGE_SIZE, tiny_model
@@ -226,6 +227,7 @@ def main(argv=None):
     parser.add_argument("--videos", type=int, default=0, metavar="N",
                         help="also write N training clips (and N/10 test clips) as data/video_{train,test}.jsonl")
     args = parser.parse_args(argv)
+    quiet_console(rank=0)  # a tool: its own warnings once, no bars redrawn into a log
     out = Path(args.out)
     build_model_dir(out / "model", seed=args.seed, family=args.family)
     build_data_dir(out / "data", args.train_size, args.test_size, seed=args.seed)

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from .console import quiet_console
 from .data.sources import RecordIndex
 from .data.videos import VideoSampling
 from .eval_report import write_report
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--video_fps", type=float, default=VideoSampling.fps, help="as the run was trained with")
     parser.add_argument("--video_max_frames", type=int, default=VideoSampling.max_frames)
     args = parser.parse_args(argv)
+    quiet_console(rank=0)  # a tool: its own warnings once, no bars redrawn into a log
     result = exact_match(args.model, args.data, args.limit, args.out,
                          VideoSampling(args.video_fps, args.video_max_frames), args.report)
     for row in [r for r in result["rows"] if not r["correct"]][:args.show]:

@@ -24,11 +24,11 @@ Prints a table of ratios against the transformers Trainer on ZeRO-2 and writes e
 Then the loss's extra peak memory (ds_vlm/bench/loss_memory.py): the old full-logits loss against the
 label-rows chunked one, Qwen3-VL-2B's head, --loss_memory_tokens tokens of which 10% are labels.
 
-Each ZeRO stage's two engines (ds_zeroK, hf_zeroK) run as a pair taking turns (--pairing alternate, the
-default): both start together, each is paused once it has logged a step, then they run one at a time in
-windows of --window_s seconds until both end, so a shared machine's drifting load falls on both alike; a
-step that spans a pause is left out. Each round gives one ratio per stage (the Trainer's median s/step over
-ours); the target reads the rounds' median and their spread.
+Each ZeRO stage's two engines (ds_zeroK, hf_zeroK), and batch_budget with batch_packed, run as a pair
+taking turns (--pairing alternate, the default): both start together, each is paused once it has logged a
+step, then they run one at a time in windows of --window_s seconds until both end, so a shared machine's
+drifting load falls on both alike; a step that spans a pause is left out. Each round gives one ratio per
+stage (the Trainer's median s/step over ours); the target reads the rounds' median and their spread.
 
 Targets: ds-vlm's ZeRO-2 and ZeRO-3 steps no slower than the Trainer's on the same json (median of the
 rounds' ratios >= 1.0x, no round below 0.95x); the label-rows loss's extra

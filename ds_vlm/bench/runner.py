@@ -216,8 +216,10 @@ def run_case(case: str, command: list[str], out: Path, timeout: int) -> dict:
             "log": str(out / "log.txt"), **({"log_tail": tail} if rc != 0 else {})}
 
 
-# The engine comparison: each ZeRO stage's two cases (ds-vlm, the Trainer) run as one pair, alternating.
-PAIRS = (("ds_zero2", "hf_zero2"), ("ds_zero3", "hf_zero3"), ("ds_zero0", "hf_zero0"))
+# Cases compared with each other run as one pair, alternating: each ZeRO stage's two engines (ds-vlm, the
+# Trainer), and token-budget batches padded against packed.
+PAIRS = (("ds_zero2", "hf_zero2"), ("ds_zero3", "hf_zero3"), ("ds_zero0", "hf_zero0"),
+         ("batch_budget", "batch_packed"))
 
 
 def run_groups(cases: list[str], alternate: bool) -> list[tuple[str, ...]]:
