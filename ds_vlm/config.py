@@ -179,6 +179,8 @@ class LoggingConfig:
                                  "BLEU, chrF, ROUGE-L, OUTPUT_DIR/eval/step_N.html")
     report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
     peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
+    plan_at_start: bool = _key(True, "rank 0 prints the planner's predicted peak memory per rank at start (its trace "
+                                     "cached in the data cache; ds_vlm/plan.py)")
     verbose: bool = _key(False, "DeepSpeed's INFO lines and every rank's warnings on the console (default: each "
                                 "distinct warning once, by rank 0; known noise silenced: ds_vlm/console.py)")
 

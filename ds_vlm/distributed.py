@@ -96,6 +96,22 @@ def trim_deepspeed_startup() -> None:
         cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
 
 
+def single_process_defaults() -> None:
+    """Started without a launcher (`ds-vlm train ...`, `python launch/train.py ...`): one rank on this machine,
+    instead of DeepSpeed's MPI discovery (which needs mpi4py and an MPI launcher)."""
+    launched = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    if any(name in os.environ for name in launched):
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
 def init_distributed(timeout_s: int) -> None:
     """deepspeed.init_distributed; a rendezvous that fails (a node never joined, the master never came up)
     becomes one RendezvousError that says so. --dist_timeout_s bounds the rendezvous as well: the master's
@@ -105,6 +121,7 @@ def init_distributed(timeout_s: int) -> None:
     import deepspeed
 
     trim_deepspeed_startup()
+    single_process_defaults()
     if torch.cuda.is_available():  # before any collective: NCCL's object collectives (preflight) use this device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:

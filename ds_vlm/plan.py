@@ -32,10 +32,12 @@ keep their names.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -108,8 +110,8 @@ def count_parameters(config, adapter, model_config) -> tuple[int, int, object]:
     from .lora import apply_lora
     from .model_loading import set_trainable
 
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+    with torch.device("meta"), _no_zero3_init():
+        model = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
     set_trainable(model, adapter, model_config)
     if model_config.lora_rank:
         model, _ = apply_lora(model, adapter, model_config)
@@ -188,6 +190,7 @@ class LiveBytes:
 
         self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, storage key), in order
         known = WeakIdKeyDictionary()  # fake tensor -> its real value
+        views = WeakIdKeyDictionary()   # fakes standing for views of real inputs (they allocate nothing)
         tracker = self
 
         index_ops = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
@@ -235,17 +238,25 @@ class LiveBytes:
                         with unset_fake_temporarily():
                             real_args, real_kwargs = tree_unflatten(reals, spec)
                             real_out = func(*real_args, **real_kwargs)
+                            inputs = {r.untyped_storage().data_ptr() for r in reals if isinstance(r, torch.Tensor)}
                         out = tree_map(lambda r: fake_mode.from_tensor(r) if isinstance(r, torch.Tensor) else r,
                                        real_out)
                         for fake, real in zip(tree_leaves(out), tree_leaves(real_out)):
                             if isinstance(fake, torch.Tensor):
                                 known[fake] = real
+                                if real.untyped_storage().data_ptr() in inputs:  # a view: no new memory
+                                    views[fake] = True
                 if out is None:
                     if func in index_ops and len(args) > 1 and isinstance(args[1], (list, tuple)):
                         args = (args[0], as_positions(args[1]), *args[2:])
                     out = func(*args, **kwargs)
+                # a view of an input allocates nothing: of a storage followed already it is one more tensor on it;
+                # of one that was there before the trace (parameters, the batch) it is not new memory at all
+                before = {t.untyped_storage()._cdata for t in tensors
+                          if t.untyped_storage()._cdata not in tracker._refs}
                 for tensor in tree_leaves(out):
-                    if isinstance(tensor, torch.Tensor):
+                    if (isinstance(tensor, torch.Tensor) and tensor not in views
+                            and tensor.untyped_storage()._cdata not in before):
                         tracker._add(tensor, weakref)
                 return out
 
@@ -285,6 +296,26 @@ class LiveBytes:
         return best
 
 
+@contextmanager
+def _no_zero3_init():
+    """A ZeRO-3 run's HfDeepSpeedConfig makes transformers build every model under deepspeed.zero.Init (which
+    partitions with collectives): the planner's shape-only copies must be built plainly."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    with _patched(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None):
+        yield
+
+
+@contextmanager
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def trace_activations(model_dir: str, config, model_config, adapter, attention: str, micro,
                       dtype) -> Activations:
     """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors."""
@@ -298,29 +329,108 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
 
     rows = LabelRows.from_labels(micro.labels)  # host-side inputs from real tensors first
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    # built on the meta device (peft's adapters too: its dtype moves cannot swap fake parameters), then given
+    # fake storages
+    config = copy.deepcopy(config)  # from_config writes the attention choice into the config it is given
+    with torch.device("meta"), _no_zero3_init():
         model = AutoModelForImageTextToText.from_config(config, attn_implementation=attention, dtype=dtype)
-        adapter.prepare(model)
-        getattr(model.config, "text_config", model.config).use_cache = False
-        set_trainable(model, adapter, model_config)
-        if model_config.lora_rank:
-            from .lora import apply_lora
+    adapter.prepare(model)
+    getattr(model.config, "text_config", model.config).use_cache = False
+    set_trainable(model, adapter, model_config)
+    trained = model
+    if model_config.lora_rank:
+        from .lora import apply_lora
 
-            model, _ = apply_lora(model, adapter, model_config)
+        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
+    with mode:
+        trained.to_empty(device="cpu")
         enable_checkpointing(model, adapter, model_config)
-        model.train()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        context = ForwardContext(LabelLoss(base, model_config.loss), torch.device("cpu"), dtype)
+        trained.train()
+        context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype)
         tracker = LiveBytes(mode)
-        with tracker.mode:
+        # transformers builds a full L x L causal mask when it sees fake tensors (it takes them for a compile
+        # trace); the real run's sdpa gets is_causal and no mask. Host values are known here, so the trace
+        # decides as the real run does.
+        from transformers import masking_utils
+
+        with tracker.mode, _patched(masking_utils, "is_tracing", lambda tensor=None: False):
             with context.armed(micro, rows) as forward:
-                output = model(**forward.inputs)
+                inputs = dict(forward.inputs)
+                mask = micro.inputs.get("attention_mask")
+                if mask is not None and bool(mask.all()):  # decided on the host, as the model decides on real
+                    inputs.pop("attention_mask")            # tensors: no padding, no mask (causal kernels)
+                output = trained(**inputs)
             loss = forward.loss(output)
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
         peak = tracker.peak(leave_out=grads)
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak))
+
+
+PLAN_CACHE_VERSION = 1
+
+
+def startup_line(config, loaded, ds_config: dict, world: int, checks, encoder) -> str:
+    """The trainer's one-line plan at start (rank 0): model states from the loaded model's own parameters and
+    DeepSpeed's partitioning, the activations of this data's worst micro-batch traced on fake tensors (cached
+    in the data cache, keyed by the model config, the trainable flags, the batch and the worst sample's
+    counts, so a restart pays nothing), against the GPU's memory. A run on a CPU states the peak only."""
+    import hashlib
+    from dataclasses import asdict
+
+    import torch
+
+    from .data.cache import cache_root, writable
+    from .data.preflight import OK
+
+    model, adapter = loaded.model, loaded.adapter
+    zero = ds_config["zero_optimization"]
+    stage, bf16 = zero.get("stage", 0), ds_config["bf16"]["enabled"]
+    params = list(model.parameters())
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)  # ZeRO-3: the full sizes
+    n_trained = sum(int(getattr(p, "ds_numel", p.numel())) for p in params if p.requires_grad)
+    block = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
+                 for m in model.modules()), default=0)
+    states = model_states(n_params, n_trained, stage, world, 2 if bf16 else 4, zero, block)
+    ok = checks.kind == OK
+    longest = int(checks.n_tokens[ok].max()) if ok.any() else config.data.max_length
+    most_image = int(checks.n_image_tokens[ok].max()) if ok.any() else 0
+    batch, sp = config.batch, config.parallel.sequence_parallel
+    key = hashlib.sha256(json.dumps([PLAN_CACHE_VERSION, model.config.to_json_string(), asdict(config.model),
+                                     batch.micro_batch_size, batch.max_tokens_per_batch, batch.packing, longest,
+                                     most_image, sp, bf16], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    root = writable(cache_root(config.data.data_cache))
+    path = root / "plan" / f"{key}.json" if root is not None else None
+    if path is not None and path.exists():
+        activations = json.loads(path.read_text())["activations"]
+    else:
+        from .data.batching import Collator
+
+        positions = adapter.position_ids(model.config) if (batch.packing or adapter.padded_batch_positions) else None
+        collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp),
+                            packing=batch.packing)
+        sample = worst_sample(encoder, longest, most_image)
+        copies = max(1, batch.max_tokens_per_batch // sample["input_ids"].shape[1]) if batch.max_tokens_per_batch \
+            else batch.micro_batch_size
+        micro = collator([dict(sample) for _ in range(copies)])
+        activations = trace_activations(config.model.path, model.config, config.model, adapter, "sdpa", micro,
+                                        torch.bfloat16 if bf16 else torch.float32).peak / max(1, sp)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"activations": activations}))
+    peak = states.total + activations
+    said = (f"plan: predicted peak {_bytes(peak)} a rank (model states {_bytes(states.total)}, activations "
+            f"{_bytes(activations)} for a micro-batch of the longest sample, {longest} tokens)")
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        fits = peak + MARGIN * memory <= memory
+        said += (f" of {memory / 1e9:.1f} GB: " + ("fits" if fits else "WILL NOT FIT: see `python -m ds_vlm.plan` "
+                                                    "for what would (ZeRO-3, sequence parallelism, a smaller "
+                                                    "--max_tokens_per_batch)"))
+    else:
+        said += "; on a CPU, no GPU memory to compare"
+    return said
 
 
 def main(argv=None) -> int:
@@ -475,6 +585,10 @@ def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory
         out.append({"change": f"--max_tokens_per_batch {tokens}", "peak_gb_per_rank": (states.total + free) / 1e9,
                     "fits": True})
     return out
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _count(n: int) -> str:

@@ -97,6 +97,7 @@ def test_the_console_says_each_thing_once(frozen_zero3_run):
     first_step = next(i for i, line in enumerate(lines) if line.startswith("train: step "))
     assert first_step <= 12, lines[:first_step + 1]
     assert lines[0].startswith("ds-vlm: starting 2 rank(s): rendezvous, loading "), lines[:3]
+    assert any(line.startswith("plan: predicted peak ") for line in lines[:first_step]), lines[:first_step]
 
 
 def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):

@@ -99,3 +99,22 @@ print("cpuinfo", cpuinfo.get_cpu_info.cache_info().misses, len(set(flags)))
     said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if not line.startswith("["))
     assert said == {"inductor": "False", "supported": "True", "own": "deepspeed.runtime.zero.muon.original_muon",
                     "cpuinfo": "1 1"}
+
+
+def test_a_run_without_a_launcher_is_one_rank(monkeypatch):
+    """`ds-vlm train` started by hand: one local rank on a free port (not DeepSpeed's MPI discovery); under a
+    launcher (RANK set, or MPI's or SLURM's variables) nothing is touched."""
+    import os
+
+    from ds_vlm.distributed import single_process_defaults
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    single_process_defaults()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    single_process_defaults()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "8")

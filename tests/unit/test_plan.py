@@ -60,3 +60,16 @@ def test_a_plan_that_does_not_fit_says_what_would(family_models, tmp_path, capsy
     changes = {alt["change"].split(" ")[0]: alt for alt in report["would_fit"]}
     assert "--max_tokens_per_batch" in changes and changes["--max_tokens_per_batch"]["fits"]
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_traced_activations_match_the_profilers_measurement(demo_dir):
+    """One row of python -m ds_vlm.bench.plan_accuracy: the real forward and backward of 8 demo records with
+    images and checkpointing, measured by torch.profiler's memory timeline, against the planner's trace of the
+    same micro-batch on fake tensors (no shared code): within 10%."""
+    from ds_vlm.bench.plan_accuracy import TARGET, compare
+
+    records = [json.loads(line) for line in (demo_dir / "data" / "train.jsonl").read_text().splitlines()[:8]]
+    for record in records:
+        record["images"] = [str(demo_dir / "data" / p) for p in record["images"]]
+    row = compare(str(demo_dir / "model"), records, {"gradient_checkpointing": True}, packing=False)
+    assert row["measured_mb"] > 1 and abs(row["ratio"] - 1) <= TARGET, row
