@@ -7,7 +7,8 @@ default train; read through `datasets.load_dataset`, cached where datasets cache
 honoured; `hf:/a/folder` in the hub's layout is read the same way), or a file that names several:
 - a LLaMA-Factory `dataset_info.json`, with #NAME the entry to read (`file_name`, `formatting` sharegpt or
   alpaca, `columns`, `tags`, `num_samples`; paths relative to the file's folder, images too). An entry with
-  only `hf_hub_url`/`ms_hub_url`/`script_url`, or a `ranking` (preference) entry, is refused by name;
+  `hf_hub_url` is read as hf:ORG/NAME (its `split`, default train); one with only `ms_hub_url`/`script_url`,
+  or a `ranking` (preference) entry, is refused by name;
 - an InternVL meta JSON ({name: {root, annotation, repeat_time, length}}): every entry (or #NAME's) is a
   source with its own image root; `repeat_time` repeats its records in each epoch (0.5: half of them, drawn
   anew each epoch);
@@ -169,19 +170,26 @@ def _dataset_info(path: str, table: dict, selector: Optional[str]) -> list[Sourc
     folder = os.path.dirname(os.path.abspath(path))
     if entry.get("ranking"):
         raise SpecError(f"{path}#{name}: a ranking (preference) dataset; this trainer does supervised fine-tuning")
-    if "file_name" not in entry:
+    if "file_name" not in entry and "hf_hub_url" in entry:  # read as hf:ORG/NAME, through datasets
+        hub_source = True
+    elif "file_name" not in entry:
         hub = next((k for k in _HUB_KEYS if k in entry), None)
-        raise SpecError(f"{path}#{name}: " + (f"a hub dataset ({hub} {entry[hub]!r}); nothing is downloaded here: "
+        raise SpecError(f"{path}#{name}: " + (f"a {hub} dataset ({entry[hub]!r}), which this trainer cannot read; "
                                               "fetch it and name the local file" if hub else "no file_name"))
+    else:
+        hub_source = False
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise SpecError(f"{path}#{name}: formatting {formatting!r} (alpaca or sharegpt are read)")
-    unknown = sorted(set(entry) - {"file_name", "formatting", "columns", "tags", "num_samples", "split", "ranking",
-                                   "subset", "folder", "file_sha1"})
+    unknown = sorted(set(entry) - {"file_name", "hf_hub_url", "formatting", "columns", "tags", "num_samples", "split",
+                                   "ranking", "subset", "folder", "file_sha1"})
     if unknown:
         raise SpecError(f"{path}#{name}: keys not read: {unknown}")
     select = f"first:{int(entry['num_samples'])}" if entry.get("num_samples") else "all"
     columns = {"formatting": formatting, "columns": entry.get("columns", {}), "tags": entry.get("tags", {})}
+    if hub_source:
+        return [Source(f"{HUB_PREFIX}{entry['hf_hub_url']}", split=entry.get("split", "train"), select=select,
+                       columns=columns, name=name, origin=path)]
     return [Source(_relative(folder, entry["file_name"]), select=select, image_root=folder, columns=columns,
                    name=name, origin=path)]
 

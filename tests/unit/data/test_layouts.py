@@ -107,18 +107,27 @@ def test_a_llava_video_record_reads_its_frame_folder_as_the_video():
         records.sample(1)
 
 
-def test_llamafactory_dataset_info_entries_read_as_its_documentation_describes():
+def test_llamafactory_dataset_info_entries_read_as_its_documentation_describes(monkeypatch, tmp_path):
     info = LAYOUTS / "llamafactory" / "dataset_info.json"
     _, [sample] = read(f"{info}#mllm_renamed")  # renamed columns, role/content tags, a system column
     assert brief(sample) == ["system: You describe images.", "user: <image>Describe it.", "assistant*: A red square."]
     assert sample.images[0].path == str(LAYOUTS / "llamafactory" / "img" / "red.png")  # the file's folder
     records, samples = read(f"{info}#alpaca_renamed")  # alpaca, renamed columns, num_samples 1
     assert len(records) == 1 and brief(samples[0]) == ["user: <image>Name the colour.\nOne word.", "assistant*: Red."]
-    for selector, message in (("from_hub", "a hub dataset \\(hf_hub_url 'llamafactory/pokemon-gpt4o-captions'\\)"),
-                              ("preference", "a ranking \\(preference\\) dataset"),
+    for selector, message in (("preference", "a ranking \\(preference\\) dataset"),
                               ("nope", "no dataset named 'nope'; it has alpaca_renamed, from_hub, mllm_renamed")):
         with pytest.raises(SpecError, match=f"dataset_info.json#?{selector if selector != 'nope' else ''}.*{message}"):
             RecordIndex(f"{info}#{selector}")
+    # an hf_hub_url entry is read as hf:ORG/NAME through datasets; offline and not cached, that says so by name
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    [source] = parse_spec(f"{info}#from_hub")
+    assert (source.path, source.split, source.columns["formatting"]) == (
+        "hf:llamafactory/pokemon-gpt4o-captions", "train", "sharegpt")
+    with pytest.raises(ValueError, match=r"hf:llamafactory/pokemon-gpt4o-captions#train: cannot load the dataset.*"
+                                         r"offline.*\(entry from_hub of .*dataset_info.json\)"):
+        RecordIndex(f"{info}#from_hub")
     with pytest.raises(SpecError, match="needs the entry to read"):
         RecordIndex(str(info))
 
@@ -169,6 +178,6 @@ def test_validate_reads_a_llamafactory_entry(demo_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "records: ok 1" in out
-    rc = validate.main(["--model", str(demo_dir / "model"), "--train_data", f"{info}#from_hub", "--workers", "0"])
+    rc = validate.main(["--model", str(demo_dir / "model"), "--train_data", f"{info}#preference", "--workers", "0"])
     err = capsys.readouterr().err
-    assert rc == 2 and "a hub dataset" in err and "Traceback" not in err
+    assert rc == 2 and "a ranking (preference) dataset" in err and "Traceback" not in err
