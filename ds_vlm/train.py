@@ -41,6 +41,7 @@ from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_re
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
 from .optim import lr_lambda, optimizer_groups, param_groups
 from .parallel import ParallelLayout
+from .plan import startup_line
 from .step import PendingStep, StepRunner
 
 
@@ -190,7 +191,8 @@ class Trainer:
         self.train_set = self._dataset(config.data.train_data)
         self.eval_set = self._dataset(config.data.eval_data) if config.data.eval_data else None
         if config.logging.plan_at_start and self.layout.rank == 0:
-            self.log.info(self.plan_line())
+            self.log.info(startup_line(config, self.loaded, self.ds_config, self.layout.world_size,
+                                       self.train_set.checks, self.encoder))
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         needs_positions = batch.packing or adapter.padded_batch_positions
@@ -206,18 +208,6 @@ class Trainer:
                          "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
                          "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
                          "config": config.to_keys()}
-
-    def plan_line(self) -> str:
-        """The planner's one line for this run; a model it cannot trace says so and the run goes on."""
-        from .plan import startup_line
-
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        try:
-            with torch.random.fork_rng(devices=devices):  # rank 0's random draws (LoRA dropout) stay the run's own
-                return startup_line(self.config, self.loaded, self.ds_config, self.layout.world_size,
-                                    self.train_set.checks, self.encoder)
-        except Exception as err:  # noqa: BLE001 - a forecast must never stop a run
-            return f"plan: could not trace this model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
 
     def setup_engine(self) -> None:
         import deepspeed

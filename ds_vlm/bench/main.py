@@ -50,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ds_vlm.bench.alternate import run_alternating, run_groups
 from ds_vlm.bench.padding import padding_report
 from ds_vlm.bench.plain_loop import plain_loop
 from ds_vlm.bench.presets import (
@@ -73,9 +74,7 @@ from ds_vlm.bench.runner import (
     hf_extras,
     memory_estimate_gb,
     remove_shm_buffers,
-    run_alternating,
     run_case,
-    run_groups,
     step_rows,
     summarize,
 )

@@ -70,7 +70,7 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
     from ds_vlm.loss import LabelLoss, LabelRows
     from ds_vlm.model_loading import enable_checkpointing, set_trainable
     from ds_vlm.models import adapter_for
-    from ds_vlm.plan import trace_activations
+    from ds_vlm.plan_trace import trace_activations
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config.model_type)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import choices
+from . import turns
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image>", "<video>", "<audio>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -139,8 +140,8 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
         if images or videos:
             raise reader.bad("bad_record", "media both inside the messages and in an 'images'/'videos' field")
         images, videos = reader.inline_images, reader.inline_videos
-    _insert_placeholders(messages, images, insert_placeholders or layout == "cauldron")
-    notes = _video_behind_image_placeholders(messages, images, videos)
+    turns.insert_placeholders(messages, images, insert_placeholders or layout == "cauldron")
+    notes = turns.video_behind_image_placeholders(messages, images, videos)
     counted = {kind: sum(part["type"] == kind for m in messages for part in m["content"])
                for kind in ("image", "video")}
     if counted["image"] != len(images) or counted["video"] != len(videos):
@@ -157,41 +158,10 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
                             else ""))
     if any(part["type"] != "text" for m in messages if m["role"] == "assistant" for part in m["content"]):
         raise reader.bad("bad_record", "an image or video inside an assistant turn cannot be a training target")
-    notes += _drop_trailing_user_turns(messages, images, videos)
+    notes += turns.drop_trailing_user_turns(messages, images, videos)
     ignored = sorted(set(record) - LAYOUT_KEYS[layout] - MEDIA_KEYS) + sorted(reader.ignored)
     return Sample(messages=messages, images=images, source=source, index=index, videos=videos,
                   ignored=tuple(ignored), notes=notes, tools=reader.tools(record))
-
-
-def _video_behind_image_placeholders(messages: list[dict], images: list, videos: list) -> list[str]:
-    """LLaVA-Video's records keep a video (a file or a frame folder) under `video` while the prompt says
-    `<image>`: with no image, one placeholder per video and no `<video>`, the placeholders are the videos."""
-    parts = [part for m in messages for part in m["content"]]
-    image_parts = [part for part in parts if part["type"] == "image"]
-    if images or not videos or any(part["type"] == "video" for part in parts) or len(image_parts) != len(videos):
-        return []
-    for part in image_parts:
-        part["type"] = "video"
-    return ["<image> placeholder(s) read as the record's video(s)"]
-
-
-def _drop_trailing_user_turns(messages: list[dict], images: list, videos: list) -> list[str]:
-    """A conversation that ends on user turns has no answer to them: they are dropped (with their images and
-    videos, the last ones of the record) rather than trained on as prompt, and the record says so."""
-    dropped = 0
-    while messages and messages[-1]["role"] != "assistant":
-        turn = messages.pop()
-        dropped += 1
-        for kind, refs in (("image", images), ("video", videos)):
-            del refs[len(refs) - sum(part["type"] == kind for part in turn["content"]):]
-    return ["trailing turn(s) after the last answer dropped"] if dropped else []
-
-
-def _insert_placeholders(messages: list[dict], images: list, insert: bool) -> None:
-    if insert and images and not any(part["type"] == "image" for m in messages for part in m["content"]):
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is not None:
-            first_user["content"][:0] = [{"type": "image"} for _ in images]
 
 
 class _Reader:

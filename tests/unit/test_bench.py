@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ds_vlm.bench import padding, presets, runner
+from ds_vlm.bench import alternate, padding, presets, runner
 from ds_vlm.bench import report as report_mod
 
 
@@ -61,9 +61,9 @@ def test_engine_pairs_take_turns_and_the_target_reads_every_round():
     """Each ZeRO stage's (ds-vlm, Trainer) pair runs as one alternating group; steps that spanned another
     case's window are left out of the median; the target is the median of the rounds' ratios with a floor."""
     cases = ["ds_zero2", "hf_zero2", "ds_zero3", "plain", "hf_zero3", "ds_zero0"]
-    assert runner.run_groups(cases, alternate=True) == [("ds_zero2", "hf_zero2"), ("ds_zero3", "hf_zero3"),
+    assert alternate.run_groups(cases, alternate=True) == [("ds_zero2", "hf_zero2"), ("ds_zero3", "hf_zero3"),
                                                         ("plain",), ("ds_zero0",)]  # hf_zero0 not asked for
-    assert runner.run_groups(cases, alternate=False) == [(c,) for c in cases]
+    assert alternate.run_groups(cases, alternate=False) == [(c,) for c in cases]
 
     rows = [{"step": s, "step_time_s": t, "samples": 16, "tokens": 640, "computed": 700, "flops": None}
             for s, t in enumerate([9.0, 0.10, 0.12, 4.5, 0.11, 0.30, 0.10], start=1)]
@@ -93,7 +93,7 @@ def test_alternating_runs_pause_and_resume_each_case(tmp_path):
               "        time.sleep(0.05); f.write(json.dumps({'step': s, 't': time.time()}) + '\\n'); f.flush()\n")
     runs = [(case, [sys.executable, "-c", script, str(tmp_path / case / "metrics.jsonl")], tmp_path / case)
             for case in ("ds_zero2", "ds_zero3")]
-    results = runner.run_alternating(runs, timeout=60, window_s=0.5)
+    results = alternate.run_alternating(runs, timeout=60, window_s=0.5)
     for case, _, out in runs:
         assert results[case]["status"] == "ok" and results[case]["windows"] >= 3, results[case]
         times = [json.loads(line)["t"] for line in (out / "metrics.jsonl").open()]

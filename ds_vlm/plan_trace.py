@@ -1,0 +1,278 @@
+"""The planner's activations: one micro-batch's forward and backward run on fake tensors (shapes, no values,
+no weights, no GPU), every storage followed from creation to release. ds_vlm/plan.py adds the model states.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+_MISSING = object()
+
+
+@dataclass
+class Activations:
+    tokens: int           # tokens of the traced micro-batch
+    image_tokens: int
+    peak: float           # activations and temporaries at the traced step's peak, bytes
+    head: float = 0.0     # of which the loss's chunk (its bound)
+
+
+def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
+    """A sample of about `n_tokens` tokens holding one image of about `n_image_tokens` tokens (the processor's
+    own encoding of a blank image of that size, the rest an answer of filler words)."""
+    from PIL import Image
+
+    from .data.formats import Sample
+
+    processor = encoder.processor.image_processor
+    side = 64
+    if n_image_tokens:
+        patch = getattr(processor, "patch_size", 14) * getattr(processor, "merge_size", 1)
+        side = max(patch, int(math.sqrt(n_image_tokens)) * patch)
+    image = Image.new("RGB", (side, side), (127, 127, 127))
+    words = max(1, n_tokens // 2)
+    limit, encoder.max_length = encoder.max_length, 1 << 30  # the search may overshoot on the way
+    try:
+        return _fill(encoder, image, words, n_tokens, Sample)
+    finally:
+        encoder.max_length = limit
+
+
+def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
+    for _ in range(4):  # two refinements of the filler length are enough: tokens are linear in words
+        prompt = [{"type": "image"}, {"type": "text", "text": "Describe."}]
+        sample = Sample(messages=[{"role": "user", "content": prompt, "learn": False},
+                                  {"role": "assistant", "content": [{"type": "text", "text": " ".join(["ok"] * words)}],
+                                   "learn": True}], source="plan", index=0)
+        encoded = encoder.encode(sample, [image])
+        have = encoded["input_ids"].shape[1]
+        if abs(have - n_tokens) <= max(8, n_tokens // 100):
+            break
+        per_word = max(1e-3, (have - (encoded["input_ids"] == encoder.image_token_id).sum().item()) / max(1, words))
+        words = max(1, words + int((n_tokens - have) / per_word))
+    return encoded
+
+
+KNOWN_NUMEL = 1 << 22  # host-side values followed through the trace up to this size (index tensors)
+
+
+class LiveBytes:
+    """Every tensor storage created while active (a TorchDispatchMode above `fake_mode`), with when it was
+    created and freed: the peak of what was alive, leaving out chosen storages (the parameters' gradients,
+    counted with the model states).
+
+    Fake tensors hold no values, so an op whose output shape depends on values (`repeat_interleave` over the
+    image grid, `nonzero`) cannot run on them. Values that come from the host (the micro-batch's real tensors:
+    image grids, positions, lengths) are followed: an op whose tensor inputs all have known values and are
+    small runs on the real values too, and its fake output remembers them. The model's parameters and
+    activations are never known, so everything that costs memory runs on fake tensors."""
+
+    def __init__(self, fake_mode):
+        import weakref
+
+        import torch
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            FakeTensor,
+            unset_fake_temporarily,
+        )
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, storage key), in order
+        known = WeakIdKeyDictionary()  # fake tensor -> its real value
+        views = WeakIdKeyDictionary()   # fakes standing for views of real inputs (they allocate nothing)
+        tracker = self
+
+        index_ops = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+        def as_positions(indices) -> list:
+            """Known boolean masks among `indices` as the positions they select, one long tensor per masked
+            dimension (what `x[mask]` needs values for)."""
+            out = []
+            for index in indices:
+                real = real_of(index) if index is not None else _MISSING
+                if real is _MISSING or real.dtype != torch.bool:
+                    out.append(index)
+                    continue
+                with unset_fake_temporarily():
+                    positions = real.nonzero(as_tuple=True)
+                for p in positions:
+                    fake = fake_mode.from_tensor(p)
+                    known[fake] = p
+                    out.append(fake)
+            return out
+
+        def small(tensor) -> bool:
+            limit = KNOWN_NUMEL if tensor.is_floating_point() else 64 * KNOWN_NUMEL
+            return tensor.numel() <= limit
+
+        def real_of(value):
+            if isinstance(value, FakeTensor):
+                return known.get(value, _MISSING)
+            return value
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                flat, spec = tree_flatten((args, kwargs))
+                tensors = [v for v in flat if isinstance(v, torch.Tensor)]
+                reals = [real_of(v) for v in flat]
+                out = None
+                if all(r is not _MISSING for r in reals) and all(small(t) for t in tensors):
+                    try:  # the shapes first (cheap); values too when the outputs are small
+                        out = func(*args, **kwargs)
+                        follow = all(small(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                    except (DynamicOutputShapeException, DataDependentOutputException):  # nonzero, .item(): values
+                        follow = True
+                    if follow:
+                        with unset_fake_temporarily():
+                            real_args, real_kwargs = tree_unflatten(reals, spec)
+                            real_out = func(*real_args, **real_kwargs)
+                            inputs = {r.untyped_storage().data_ptr() for r in reals if isinstance(r, torch.Tensor)}
+                        out = tree_map(lambda r: fake_mode.from_tensor(r) if isinstance(r, torch.Tensor) else r,
+                                       real_out)
+                        for fake, real in zip(tree_leaves(out), tree_leaves(real_out)):
+                            if isinstance(fake, torch.Tensor):
+                                known[fake] = real
+                                if real.untyped_storage().data_ptr() in inputs:  # a view: no new memory
+                                    views[fake] = True
+                if out is None:
+                    if func in index_ops and len(args) > 1 and isinstance(args[1], (list, tuple)):
+                        args = (args[0], as_positions(args[1]), *args[2:])
+                    out = func(*args, **kwargs)
+                # a view of an input allocates nothing: of a storage followed already it is one more tensor on it;
+                # of one that was there before the trace (parameters, the batch) it is not new memory at all
+                before = {t.untyped_storage()._cdata for t in tensors
+                          if t.untyped_storage()._cdata not in tracker._refs}
+                for tensor in tree_leaves(out):
+                    if (isinstance(tensor, torch.Tensor) and tensor not in views
+                            and tensor.untyped_storage()._cdata not in before):
+                        tracker._add(tensor, weakref)
+                return out
+
+        self.mode = _Mode()
+        self._refs: dict[int, int] = {}    # storage key -> tensors alive on it
+        self._serial: dict[int, int] = {}  # storage key -> the serial number of its current lifetime
+
+    def _add(self, tensor, weakref) -> None:
+        """A storage lives while any tensor on it does (tensors keep their Python objects while alive; a
+        storage's Python wrapper does not, so it cannot be followed itself)."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata  # an address: reused once freed, so each lifetime gets its own serial number
+        if key not in self._refs:
+            self._refs[key] = 0
+            self._serial[key] = len(self.events)
+            self.events.append((int(storage.nbytes()), self._serial[key]))
+        self._refs[key] += 1
+        weakref.finalize(tensor, self._release, key, self._serial[key], int(storage.nbytes()))
+
+    def _release(self, key: int, serial: int, size: int) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key], self._serial[key]
+            self.events.append((-size, serial))
+
+    def serials(self, tensors) -> set[int]:
+        """The serial numbers of the storages under `tensors` (alive now)."""
+        return {self._serial[t.untyped_storage()._cdata] for t in tensors
+                if t.untyped_storage()._cdata in self._serial}
+
+    def peak(self, leave_out: set[int] = frozenset()) -> int:
+        live = best = 0
+        for size, key in self.events:
+            if key not in leave_out:
+                live += size
+                best = max(best, live)
+        return best
+
+
+@contextmanager
+def no_zero3_init():
+    """A ZeRO-3 run's HfDeepSpeedConfig makes transformers build every model under deepspeed.zero.Init (which
+    partitions with collectives): the planner's shape-only copies must be built plainly."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    with _patched(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None):
+        yield
+
+
+@contextmanager
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def trace_activations(model_dir: str, config, model_config, adapter, attention: str, micro,
+                      dtype) -> Activations:
+    """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForImageTextToText
+
+    from .forward import ForwardContext
+    from .loss import LabelLoss, LabelRows
+    from .model_loading import enable_checkpointing, set_trainable
+
+    rows = LabelRows.from_labels(micro.labels)  # host-side inputs from real tensors first
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # built on the meta device (peft's adapters too: its dtype moves cannot swap fake parameters), then given
+    # fake storages
+    config = copy.deepcopy(config)  # from_config writes the attention choice into the config it is given
+    with torch.device("meta"), no_zero3_init():
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attention, dtype=dtype)
+    adapter.prepare(model)
+    getattr(model.config, "text_config", model.config).use_cache = False
+    set_trainable(model, adapter, model_config)
+    trained = model
+    if model_config.lora_rank:
+        from .lora import apply_lora
+
+        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
+    with mode:
+        trained.to_empty(device="cpu")
+        enable_checkpointing(model, adapter, model_config)
+        trained.train()
+        context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype)
+        tracker = LiveBytes(mode)
+        # transformers builds a full L x L causal mask when it sees fake tensors (it takes them for a compile
+        # trace); the real run's sdpa gets is_causal and no mask. Host values are known here, so the trace
+        # decides as the real run does.
+        from transformers import masking_utils
+
+        with tracker.mode, _patched(masking_utils, "is_tracing", lambda tensor=None: False):
+            with context.armed(micro, rows) as forward:
+                inputs = dict(forward.inputs)
+                mask = micro.inputs.get("attention_mask")
+                if mask is not None and bool(mask.all()):  # decided on the host, as the model decides on real
+                    inputs.pop("attention_mask")            # tensors: no padding, no mask (causal kernels)
+                output = trained(**inputs)
+            loss = forward.loss(output)
+            loss.backward()
+        grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
+        peak = tracker.peak(leave_out=grads)
+    image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
+    return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak))
+
+
+def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):
+    """The micro-batch the run's batching makes of its worst sample (`longest` tokens, `most_image` image
+    tokens): as many copies as --max_tokens_per_batch holds, else --micro_batch_size, padded or packed."""
+    from .data.batching import Collator
+
+    positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
+    collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp),
+                        packing=batch.packing)
+    sample = worst_sample(encoder, longest, most_image)
+    copies = (max(1, batch.max_tokens_per_batch // sample["input_ids"].shape[1]) if batch.max_tokens_per_batch
+              else batch.micro_batch_size)
+    return collator([dict(sample) for _ in range(copies)])
