@@ -45,6 +45,15 @@ Truncation = Literal["error", "skip", "truncate"]
 LossKind = Literal["chunked", "liger", "full"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"]
 PREFLIGHT = re.compile(r"cached|full|off|sample:([1-9]\d*)")
+AUTO_BUDGET = -1  # --max_tokens_per_batch auto, until the trainer resolves it
+
+
+def token_budget(value) -> int:
+    """--max_tokens_per_batch: a number of tokens, or `auto` (AUTO_BUDGET)."""
+    return AUTO_BUDGET if str(value).strip().lower() == "auto" else int(value)
+
+
+token_budget.__name__ = "int or auto"
 
 
 @dataclass
@@ -93,7 +102,11 @@ class BatchConfig:
     micro_batch_size: int = _key(1, "samples per rank per forward")
     grad_accum: int = _key(1, "micro-batches per optimizer step")
     max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
-                                        "--packing, real ones) instead of --micro_batch_size; 0: off")
+                                        "--packing, real ones) instead of --micro_batch_size; 0: off; auto: the "
+                                        "largest the planner finds fits the rank's memory with a 10% margin "
+                                        "(resolved at start, recorded in run_config.json and checkpoints)")
+    plan_memory_gb: float = _key(0.0, "a rank's memory (GB) for --max_tokens_per_batch auto and the start-up plan "
+                                      "line; 0: the GPU's (a CPU run needs it for auto)")
     packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
                                 "each sample (the sample boundaries go to a varlen kernel, never a mask)")
 
@@ -181,6 +194,9 @@ class LoggingConfig:
     peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
     plan_at_start: bool = _key(True, "rank 0 prints the planner's predicted peak memory per rank at start (its trace "
                                      "cached in the data cache; ds_vlm/plan.py)")
+    measure_memory: bool = _key(False, "on a CPU, log peak_tensor_gb: the peak of live tensor bytes per logged step, "
+                                       "from the allocator's events (slower steps; ds_vlm/memory.py). On CUDA "
+                                       "peak_tensor_gb is max_memory_allocated, always")
     verbose: bool = _key(False, "DeepSpeed's INFO lines and every rank's warnings on the console (default: each "
                                 "distinct warning once, by rank 0; known noise silenced: ds_vlm/console.py)")
 
@@ -240,8 +256,10 @@ class TrainConfig:
         need(optim.lr > 0, "--lr must be > 0")
         need(0 <= optim.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)")
         need(data.max_length >= 16, "--max_length must be >= 16")
-        need(batch.max_tokens_per_batch == 0 or batch.max_tokens_per_batch >= data.max_length,
-             "--max_tokens_per_batch must be 0 (off) or >= --max_length, so every sample fits in a micro-batch")
+        need(batch.max_tokens_per_batch in (0, AUTO_BUDGET) or batch.max_tokens_per_batch >= data.max_length,
+             "--max_tokens_per_batch must be 0 (off), auto, or >= --max_length, so every sample fits in a "
+             "micro-batch")
+        need(batch.plan_memory_gb >= 0, "--plan_memory_gb must be >= 0")
         need(data.min_pixels >= 0 and data.max_pixels >= 0, "--min_pixels/--max_pixels must be >= 0")
         need(data.video_fps > 0 and data.video_max_frames >= 2 and data.video_max_pixels >= 0,
              "--video_fps must be > 0, --video_max_frames >= 2, --video_max_pixels >= 0")
@@ -316,9 +334,11 @@ def _str2bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _converter(kind):
+def _converter(kind, key: str = ""):
     if kind is bool:
         return _str2bool
+    if key == "max_tokens_per_batch":
+        return token_budget
     if typing.get_origin(kind) is Literal:
         return type(typing.get_args(kind)[0])  # the values' type (str, or int for --lora_bits)
     return kind
@@ -328,7 +348,7 @@ def _coerce(key: str, value, source: str):
     """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its key's type."""
     kind = field_types()[key]
     try:
-        return _converter(kind)(value)
+        return _converter(kind, key)(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
         raise ConfigError(f"{source}: {key}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from err
 
@@ -338,13 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags win")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     for key, _, f, kind in _fields():
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats
         if kind is bool:
             parser.add_argument(f"--{key}", type=_str2bool, nargs="?", const=True,
                                 default=argparse.SUPPRESS, metavar="true|false", help=help_text)
         else:
             allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
-            parser.add_argument(f"--{key}", type=_converter(kind), default=argparse.SUPPRESS,
+            parser.add_argument(f"--{key}", type=_converter(kind, key), default=argparse.SUPPRESS,
                                 metavar="|".join(map(str, allowed)) if allowed else None, help=help_text)
     for alias, (target, _) in ALIASES.items():
         parser.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"old name: sets --{target}")
@@ -404,7 +424,7 @@ def flag_table() -> str:
     rows = ["| flag / key | section | default | values | meaning |", "|---|---|---|---|---|"]
     for key, section, f, kind in _fields():
         values = (", ".join(map(str, typing.get_args(kind))) if typing.get_origin(kind) is Literal
-                  else getattr(kind, "__name__", str(kind)))
+                  else getattr(_converter(kind, key), "__name__", str(kind)))
         default = f"`{f.default}`" if f.default != "" else ""
         rows.append(f"| `{key}` | {section or 'run'} | {default} | {values} | {f.metadata.get('help', '')} |")
     for alias, (target, _) in ALIASES.items():

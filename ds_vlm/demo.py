@@ -122,11 +122,13 @@ def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), 
 
 
 def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_size: int = 0,
-                    tie_embeddings: bool | None = None) -> Path:
+                    tie_embeddings: bool | None = None, text_overrides: dict | None = None) -> Path:
     """Write a tiny random model of `family` (default: the demo's Qwen3-VL) with tokenizer and processor.
 
     `vocab_size` > 0 gives the model a larger vocabulary than its tokenizer (e.g. Qwen's 151,936, to
-    measure the loss's memory at real scale); `tie_embeddings` overrides the family's LM-head tying."""
+    measure the loss's memory at real scale); `tie_embeddings` overrides the family's LM-head tying;
+    `text_overrides` sets language-tower keys (a wider or deeper model; a Qwen vision tower's output width
+    follows the hidden size)."""
     import torch
     from transformers import GenerationConfig
 
@@ -143,6 +145,10 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
         config.text_config.vocab_size = vocab_size
     if tie_embeddings is not None:
         config.tie_word_embeddings = tie_embeddings
+    for key, value in (text_overrides or {}).items():
+        setattr(config.text_config, key, value)
+        if key == "hidden_size" and hasattr(config.vision_config, "out_hidden_size"):
+            config.vision_config.out_hidden_size = value
     torch.manual_seed(seed)
     model = tiny.model_class(config)
     model.generation_config = GenerationConfig(

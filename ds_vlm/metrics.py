@@ -106,7 +106,8 @@ def step_record(step: int, stats, seconds: float, lr: float, world_size: int, pe
             "tokens": stats.tokens, "targets": stats.targets,
             "padding_efficiency": stats.tokens / max(1, stats.computed),
             "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
-            "peak_mem_gb": stats.peak_mem_gb, "peak_reserved_gb": stats.peak_reserved_gb, "skipped": stats.skipped,
+            "peak_mem_gb": stats.peak_mem_gb, "peak_reserved_gb": stats.peak_reserved_gb,
+            "peak_tensor_gb": stats.peak_tensor_gb, "skipped": stats.skipped,
             "skipped_steps": skipped_steps}
 
 
@@ -178,35 +179,6 @@ class FlopsCounter:
             p * p for p in patches_per_image)
         return (self.mult_llm * text + self.mult_vision * vision
                 + self.mult_projector * 2 * self.n_projector * n_patches)
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak RSS (VmHWM)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def peak_memory_gb() -> tuple[float, float]:
-    """(peak allocated, peak reserved) GPU memory since the last `reset_peak_memory`; on a CPU (peak RSS, 0)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9, 0.0
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 0.0  # KiB on Linux, since start
 
 
 # --------------------------------------------------------------------------- reporters

@@ -58,6 +58,7 @@ class ModelStates:
     optimizer: float
     buckets: float
     detail: dict = field(default_factory=dict)
+    whole_grads: float = 0.0  # of `gradients`, the parameters' own .grad kept whole through the backward (ZeRO 0/1)
 
     @property
     def total(self) -> float:
@@ -65,10 +66,11 @@ class ModelStates:
 
 
 def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_per_param: int,
-                 zero: Optional[dict] = None, largest_module: int = 0) -> ModelStates:
+                 zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0) -> ModelStates:
     """Per-rank bytes of weights, gradients, optimizer states and ZeRO's buffers (see the module docstring).
     `bytes_per_param`: 2 in bf16, 4 in fp32; `largest_module`: the most parameters one module holds directly
-    (what ZeRO-3 gathers at a time)."""
+    (what ZeRO-3 gathers at a time); `persistent`: the parameters ZeRO-3 keeps whole on every rank (those under
+    `stage3_param_persistence_threshold`: `persistent_numel`)."""
     zero = zero or {}
     p, t = bytes_per_param, n_trained
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
@@ -77,7 +79,7 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
     master = 4 * t if (p == 2 or stage >= 1) else 0  # a separate fp32 copy (ZeRO 1-3 keep one in fp32 too)
     optimizer = 0.0 if offload_optimizer else (master + 8 * t) / shard
     if stage == 3:
-        weights = 0.0 if offload_param else n_params * p / world
+        weights = 0.0 if offload_param else ((n_params - persistent) / world + persistent) * p
         live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
         block = largest_module or n_params
         # gathered in full while a module runs: that module and the one prefetched behind it, within the caps
@@ -88,9 +90,26 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         gradients = (4 * t / world) + (0 if stage == 2 else t * p / world)
     else:
         gradients = t * p + (4 * t / shard if stage == 1 else 0)
-    bucket = min(t, int(zero.get("reduce_bucket_size", 5e8))) * p if stage >= 1 and world > 1 else 0
+    # ZeRO's gradient buckets, allocated whole whatever the model's size: ZeRO-1/2 at each backward's start (a
+    # second one with overlap_comm, off by default there), ZeRO-3 once (overlap_comm on by default)
+    bucket = 0
+    if stage >= 1 and zero.get("contiguous_gradients", True) and t:
+        overlap = zero.get("overlap_comm", stage == 3)
+        bucket = int(zero.get("reduce_bucket_size", 5e8)) * p * (2 if overlap and stage < 3 else 1)
     return ModelStates(weights, gradients, optimizer, bucket,
-                       {"offload_optimizer": offload_optimizer, "offload_param": offload_param, "sharded_over": shard})
+                       {"offload_optimizer": offload_optimizer, "offload_param": offload_param, "sharded_over": shard},
+                       whole_grads=t * p if stage <= 1 else 0.0)
+
+
+def step_peak(states: ModelStates, act, sp: int) -> float:
+    """The step's busiest moment on a rank: the model states plus the traced activations. Under ZeRO 0/1 the
+    parameters' gradients grow through the backward while activations are freed, so the trace's own peak with
+    the gradients in it (`peak_with_grads`) stands for both; with sequence parallelism (the activations split,
+    the gradients not) the smaller of the two bounds."""
+    summed = states.total + act.peak / max(1, sp)
+    if not states.whole_grads or not act.peak_with_grads:
+        return summed
+    return min(summed, states.total - states.whole_grads + act.peak_with_grads)
 
 
 def count_parameters(config, adapter, model_config) -> tuple[int, int, object]:
@@ -105,84 +124,21 @@ def count_parameters(config, adapter, model_config) -> tuple[int, int, object]:
         model = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
     set_trainable(model, adapter, model_config)
     if model_config.lora_rank:
-        model, _ = apply_lora(model, adapter, model_config)
+        apply_lora(model, adapter, model_config)  # peft adds the adapters to `model` in place (and wraps it)
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), model
+
+
+def persistent_numel(sizes, zero: dict) -> int:
+    """Of the parameter sizes `sizes`, how many elements ZeRO-3 keeps whole on every rank rather than
+    partitioned (each parameter under `stage3_param_persistence_threshold`, 1e5 by default)."""
+    threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
+    return sum(n for n in sizes if n < threshold) if zero.get("stage", 0) == 3 else 0
 
 
 def largest_module(model) -> int:
     """The most parameters a single module holds itself (ZeRO-3 gathers module by module)."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-
-
-PLAN_CACHE_VERSION = 1
-
-
-def startup_line(config, loaded, ds_config: dict, world: int, checks, encoder) -> str:
-    """`_startup_line`, never stopping a run: a model it cannot trace says so in the line; its random draws
-    are undone (rank 0's draws, LoRA dropout among them, stay the run's own)."""
-    import torch
-
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return _startup_line(config, loaded, ds_config, world, checks, encoder)
-    except Exception as err:  # noqa: BLE001 - a forecast must never stop a run
-        return f"plan: could not trace this model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-
-
-def _startup_line(config, loaded, ds_config: dict, world: int, checks, encoder) -> str:
-    """The trainer's one-line plan at start (rank 0): model states from the loaded model's own parameters and
-    DeepSpeed's partitioning, the activations of this data's worst micro-batch traced on fake tensors (cached
-    in the data cache, keyed by the model config, the trainable flags, the batch and the worst sample's
-    counts, so a restart pays nothing), against the GPU's memory. A run on a CPU states the peak only."""
-    import hashlib
-    from dataclasses import asdict
-
-    import torch
-
-    from .data.cache import cache_root, writable
-    from .data.preflight import OK
-
-    model, adapter = loaded.model, loaded.adapter
-    zero = ds_config["zero_optimization"]
-    stage, bf16 = zero.get("stage", 0), ds_config["bf16"]["enabled"]
-    params = list(model.parameters())
-    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)  # ZeRO-3: the full sizes
-    n_trained = sum(int(getattr(p, "ds_numel", p.numel())) for p in params if p.requires_grad)
-    block = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
-                 for m in model.modules()), default=0)
-    states = model_states(n_params, n_trained, stage, world, 2 if bf16 else 4, zero, block)
-    ok = checks.kind == OK
-    longest = int(checks.n_tokens[ok].max()) if ok.any() else config.data.max_length
-    most_image = int(checks.n_image_tokens[ok].max()) if ok.any() else 0
-    batch, sp = config.batch, config.parallel.sequence_parallel
-    key = hashlib.sha256(json.dumps([PLAN_CACHE_VERSION, model.config.to_json_string(), asdict(config.model),
-                                     batch.micro_batch_size, batch.max_tokens_per_batch, batch.packing, longest,
-                                     most_image, sp, bf16], sort_keys=True, default=str).encode()).hexdigest()[:24]
-    root = writable(cache_root(config.data.data_cache))
-    path = root / "plan" / f"{key}.json" if root is not None else None
-    if path is not None and path.exists():
-        activations = json.loads(path.read_text())["activations"]
-    else:
-        micro = worst_micro_batch(encoder, adapter, model.config, batch, sp, longest, most_image)
-        activations = trace_activations(config.model.path, model.config, config.model, adapter, "sdpa", micro,
-                                        torch.bfloat16 if bf16 else torch.float32).peak / max(1, sp)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"activations": activations}))
-    peak = states.total + activations
-    said = (f"plan: predicted peak {_bytes(peak)} a rank (model states {_bytes(states.total)}, activations "
-            f"{_bytes(activations)} for a micro-batch of the longest sample, {longest} tokens)")
-    if torch.cuda.is_available():
-        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        fits = peak + MARGIN * memory <= memory
-        said += (f" of {memory / 1e9:.1f} GB: " + ("fits" if fits else "WILL NOT FIT: see `python -m ds_vlm.plan` "
-                                                    "for what would (ZeRO-3, sequence parallelism, a smaller "
-                                                    "--max_tokens_per_batch)"))
-    else:
-        said += "; on a CPU, no GPU memory to compare"
-    return said
 
 
 def main(argv=None) -> int:
@@ -209,7 +165,7 @@ def plan(argv=None) -> Optional[dict]:
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from .config import ConfigError, load_tool_config
+    from .config import AUTO_BUDGET, ConfigError, load_tool_config
     from .data.encode import encoder_for
     from .ds_config import resolve_ds_config
     from .metrics import FlopsCounter
@@ -222,6 +178,8 @@ def plan(argv=None) -> Optional[dict]:
         if extra["gpu"] not in GPUS and not extra["gpu_memory_gb"]:
             raise ConfigError(f"--gpu {extra['gpu']!r}: one of {', '.join(GPUS)}, or give --gpu_memory_gb")
         ds = resolve_ds_config(config, extra["world_size"])
+        if config.batch.max_tokens_per_batch == AUTO_BUDGET:  # planned as --micro_batch_size; the fit reported
+            config.batch.max_tokens_per_batch = 0
     except (ConfigError, ValueError, OSError) as err:
         print(f"ds-vlm plan: error: {err}", file=sys.stderr)
         return None
@@ -238,7 +196,8 @@ def plan(argv=None) -> Optional[dict]:
     stage = zero.get("stage", 0)
     n_params, n_trained, meta_model = count_parameters(model_cfg, adapter, config.model)
     block = largest_module(meta_model)
-    states = model_states(n_params, n_trained, stage, world, precision, zero, block)
+    persistent = persistent_numel((p.numel() for p in meta_model.parameters()), zero)
+    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]][0]
     peak_tflops = GPUS.get(extra["gpu"], (0, None))[1] if cuda else None
 
@@ -265,7 +224,7 @@ def plan(argv=None) -> Optional[dict]:
     micro = worst_micro_batch(encoder, adapter, model_cfg, config.batch, sp, longest, most_image)
     act = trace_activations(config.model.path, model_cfg, config.model, adapter, "sdpa", micro, dtype)
     margin = MARGIN * memory
-    peak = states.total + act.peak / max(1, sp)
+    peak = step_peak(states, act, sp)
     fits = peak + margin <= memory
     per_token = act.peak / max(1, sp) / max(1, act.tokens)  # per rank: sequence parallelism splits each row
     free = memory - margin - states.total
@@ -284,7 +243,7 @@ def plan(argv=None) -> Optional[dict]:
         "parameters": n_params, "trained_parameters": n_trained,
         "per_rank_gb": {"weights": states.weights / 1e9, "gradients": states.gradients / 1e9,
                         "optimizer_states": states.optimizer / 1e9, "zero_buffers": states.buckets / 1e9,
-                        "activations": act.peak / max(1, sp) / 1e9, "allocator_margin": margin / 1e9},
+                        "activations": (peak - states.total) / 1e9, "allocator_margin": margin / 1e9},
         "worst_micro_batch": {"tokens": act.tokens, "image_tokens": act.image_tokens, "from": source},
         "peak_gb_per_rank": peak / 1e9, "fits": fits,
         "max_tokens_per_batch_that_fits": best,
@@ -294,14 +253,15 @@ def plan(argv=None) -> Optional[dict]:
     }
     if not fits:
         report["would_fit"] = alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp,
-                                           block)
+                                           block, persistent)
     if extra["out"]:
         with open(extra["out"], "w") as f:
             json.dump(report, f, indent=2)
     return report
 
 
-def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp, block) -> list[dict]:
+def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp, block,
+                 persistent) -> list[dict]:
     """What would fit instead, each with its predicted peak (GB)."""
     out = []
     for name, st, z, shrink in (("ZeRO-3", 3, zero, 1), ("sequence parallel 2", stage, zero, 2 * max(1, sp)),
@@ -309,10 +269,11 @@ def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory
                                  {**zero, "offload_optimizer": {"device": "cpu"}}, 1)):
         if name == "ZeRO-3" and stage == 3:
             continue
-        states = model_states(n_params, n_trained, st, world, precision, z, block)
+        states = model_states(n_params, n_trained, st, world, precision, z, block,
+                              persistent if st == stage else 0)
         peak = states.total + act.peak / shrink
         out.append({"change": name, "peak_gb_per_rank": peak / 1e9, "fits": peak + margin <= memory})
-    states = model_states(n_params, n_trained, stage, world, precision, zero, block)
+    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent)
     free = memory - margin - states.total
     if free > 0 and act.peak > free * max(1, sp):
         tokens = int(act.tokens * free * max(1, sp) / act.peak)

@@ -17,6 +17,8 @@ class Activations:
     tokens: int           # tokens of the traced micro-batch
     image_tokens: int
     peak: float           # activations and temporaries at the traced step's peak, bytes
+    peak_with_grads: float = 0.0  # the same with the parameters' gradients as the backward makes them (ZeRO 0/1
+                                  # keep them whole until the step; ZeRO 2/3 move them into buckets at once)
     head: float = 0.0     # of which the loss's chunk (its bound)
 
 
@@ -42,14 +44,14 @@ def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
 
 
 def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
-    for _ in range(4):  # two refinements of the filler length are enough: tokens are linear in words
+    for _ in range(6):  # a few refinements of the filler length: tokens are linear in words
         prompt = [{"type": "image"}, {"type": "text", "text": "Describe."}]
         sample = Sample(messages=[{"role": "user", "content": prompt, "learn": False},
                                   {"role": "assistant", "content": [{"type": "text", "text": " ".join(["ok"] * words)}],
                                    "learn": True}], source="plan", index=0)
         encoded = encoder.encode(sample, [image])
         have = encoded["input_ids"].shape[1]
-        if abs(have - n_tokens) <= max(8, n_tokens // 100):
+        if abs(have - n_tokens) <= max(1, n_tokens // 500):
             break
         per_word = max(1e-3, (have - (encoded["input_ids"] == encoder.image_token_id).sum().item()) / max(1, words))
         words = max(1, words + int((n_tokens - have) / per_word))
@@ -259,9 +261,10 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
             loss = forward.loss(output)
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
-        peak = tracker.peak(leave_out=grads)
+        peak, with_grads = tracker.peak(leave_out=grads), tracker.peak()
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
-    return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak))
+    return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
+                       peak_with_grads=float(with_grads))
 
 
 def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):

@@ -12,7 +12,7 @@ from . import distributed as comm
 from .data.batching import MicroBatch
 from .forward import ForwardContext
 from .loss import LabelRows
-from .metrics import peak_memory_gb, reset_peak_memory
+from .memory import MemoryMeter
 
 
 @dataclass
@@ -27,12 +27,14 @@ class StepStats:
     flops: float                # model FLOPs (metrics.FlopsCounter)
     peak_mem_gb: list[float]    # per rank: the step's peak allocated GPU memory, or peak RSS on a CPU
     peak_reserved_gb: Optional[list[float]]  # per rank, CUDA's reserved peak (None on a CPU)
+    peak_tensor_gb: Optional[list[float]]    # per rank, the step's peak of live tensor bytes (ds_vlm/memory.py;
+                                             # None on a CPU without --measure_memory)
     grad_norm: Optional[float]  # before clipping; None where it was not finite
     skipped: bool               # no update was applied (non-finite loss or gradients)
 
 
-# The sums a logged step all-reduces, in the order they travel in one float64 tensor (then 2 x world sizes of
-# memory: each rank fills its own slots, the others add 0).
+# The sums a logged step all-reduces, in the order they travel in one float64 tensor (then 3 x world sizes of
+# memory, peak / reserved / tensor: each rank fills its own slots, the others add 0).
 _SUMMED = ("loss_sum", "targets", "tokens", "samples", "computed", "flops")
 
 
@@ -60,7 +62,8 @@ class PendingStep:
         values = self.totals.tolist()
         summed = dict(zip(_SUMMED, values))
         memory = values[len(_SUMMED):]
-        peak, reserved = memory[:self.world_size], memory[self.world_size:]
+        n = self.world_size
+        peak, reserved, tensor = memory[:n], memory[n:2 * n], memory[2 * n:]
         targets = int(summed["targets"])
         loss = summed["loss_sum"] / targets if targets else math.nan  # a step with no label token (all bad)
         norm = float(self.grad_norm) if self.grad_norm is not None else None
@@ -68,6 +71,7 @@ class PendingStep:
                          computed=int(summed["computed"]), flops=summed["flops"],
                          peak_mem_gb=[round(m, 4) for m in peak],
                          peak_reserved_gb=[round(m, 4) for m in reserved] if any(reserved) else None,
+                         peak_tensor_gb=[round(m, 4) for m in tensor] if any(tensor) else None,
                          grad_norm=norm if norm is not None and math.isfinite(norm) else None,
                          skipped=not (self.applied and math.isfinite(loss)))
 
@@ -87,8 +91,10 @@ class StepRunner:
     norm there, so it is measured on the host to skip non-finite steps.)
     """
 
-    def __init__(self, engine, world_size: int, context: ForwardContext, count_flops=None, phase=None):
+    def __init__(self, engine, world_size: int, context: ForwardContext, count_flops=None, phase=None,
+                 measure_memory: bool = False):
         self.engine, self.world_size, self.context = engine, world_size, context
+        self.memory = MemoryMeter(measure_memory, engine.module.parameters())
         self.sp = context.sp
         self.phase = phase or (lambda name: None)  # tells the watchdog what the step is doing
         self.count_flops = count_flops or (lambda inputs, n_label_rows, lengths: 0.0)
@@ -106,7 +112,7 @@ class StepRunner:
         long done); and `fold`'s numbers (the previous step's, logged while this one runs) when they have not
         been summed yet."""
         if with_stats:
-            reset_peak_memory()
+            self.memory.start()
         all_rows = [LabelRows.from_labels(micro.labels) for micro in micro_batches]
         label_rows = [self.local_rows(rows, micro) for rows, micro in zip(all_rows, micro_batches)]
         n_local = sum(len(rows) for rows in label_rows)
@@ -148,9 +154,9 @@ class StepRunner:
         # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs
         share = 1 / self.sp.size if self.sp else 1
         host = [n_local, *(share * sum(getattr(m, k) for m in micro_batches) for k in _SUMMED[2:5]), share * flops]
-        memory = [0.0] * (2 * self.world_size)  # every rank fills its own slots: peak allocated (or RSS), reserved
-        here = comm.rank()
-        memory[here], memory[self.world_size + here] = peak_memory_gb()
+        # every rank fills its own slots: peak allocated (or RSS), reserved, live tensors
+        memory, here, n = [0.0] * (3 * self.world_size), comm.rank(), self.world_size
+        memory[here], memory[n + here], memory[2 * n + here] = self.memory.read()
         pending.totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])  # summed later
         pending.grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         pending.world_size = self.world_size

@@ -41,7 +41,7 @@ from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_re
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
 from .optim import lr_lambda, optimizer_groups, param_groups
 from .parallel import ParallelLayout
-from .plan import startup_line
+from .plan_startup import resolve_auto_budget, startup_line
 from .step import PendingStep, StepRunner
 
 
@@ -190,6 +190,10 @@ class Trainer:
         config, batch, adapter = self.config, self.config.batch, self.loaded.adapter
         self.train_set = self._dataset(config.data.train_data)
         self.eval_set = self._dataset(config.data.eval_data) if config.data.eval_data else None
+        said = resolve_auto_budget(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
+                                   self.encoder)
+        if said and self.layout.rank == 0:
+            self.log.info(said)
         if config.logging.plan_at_start and self.layout.rank == 0:
             self.log.info(startup_line(config, self.loaded, self.ds_config, self.layout.world_size,
                                        self.train_set.checks, self.encoder))
@@ -224,6 +228,9 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
+        # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
+        self.engine.train()
         boundaries = None
         if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None):
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
@@ -231,7 +238,8 @@ class Trainer:
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
                                  torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp)
         self.runner = StepRunner(self.engine, self.layout.world_size, context,
-                                 FlopsCounter(model, adapter, config.model), self.watchdog.phase)
+                                 FlopsCounter(model, adapter, config.model), self.watchdog.phase,
+                                 config.logging.measure_memory)
         self.evaluator = None if self.eval_set is None else Evaluator(
             self.eval_set, self.collator, self.runner, self.engine, self.loaded.processor, self.encoder.video_sampling,
             config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,

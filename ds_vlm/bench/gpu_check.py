@@ -14,6 +14,8 @@ Stages (in this order; `--stages a,b` runs some):
     liger                     --loss liger equals the chunked loss (value and gradients) at Qwen's vocabulary
     sweep_2b                  the Qwen3-VL-2B architecture, packed, at growing tokens per step: tokens/s, MFU,
                               peak allocated and reserved memory, the largest size that fits (gpu_sweep.py)
+    plan                      `python -m ds_vlm.plan` at the sweep's sizes against each size's
+                              max_memory_allocated (fails beyond 10%)
 The result (`--out`): {"stages": [{name, status: ok|failed|skipped, seconds, detail}], ...}. A stage that
 fails or runs out of its budget is recorded and the next one runs; the exit status is 1 if any failed.
 `--dry_run` (what the test suite runs) uses the CPU: the tiny model, 1 CPU rank, fp32, gloo; the CUDA-only
@@ -44,6 +46,7 @@ STAGES = {
     "qlora": (120, ("bitsandbytes", "QLoRA needs bitsandbytes and a CUDA GPU")),
     "liger": (60, ("liger_kernel", "--loss liger needs liger-kernel (Triton) and a CUDA GPU")),
     "sweep_2b": (300, None),
+    "plan": (90, None),
 }
 TRAIN_FLAGS = ["--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "4", "--packing", "--lr", "1e-3",
                "--warmup_ratio", "0", "--max_length", "512", "--dist_timeout_s", "120", "--num_workers", "1"]

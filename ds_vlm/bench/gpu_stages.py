@@ -183,3 +183,32 @@ def sweep_2b(work: Path, dry_run: bool) -> dict:
     if dry_run:
         return sweep(preset="tiny", sizes=[64, 400], steps=1, answer_sentences=2)
     return sweep(preset="2b", sizes=[8192, 16384, 32768, 65536], steps=3)
+
+
+def plan(work: Path, dry_run: bool) -> dict:
+    """`python -m ds_vlm.plan` at the sweep's sizes (its model's config and processor, its sample, ZeRO-2 on one
+    rank, packed) against the peak each size measured: max_memory_allocated over a step on CUDA (on the dry
+    run's CPU, the live-tensor meter of --measure_memory). Fails on a GPU when a size is off by more than 10%.
+    Reads sweep_2b's result from the work folder when that stage ran, else runs the sweep."""
+    from ds_vlm.plan import plan as make_plan
+
+    done = work / "sweep_2b.json"
+    result = json.loads(done.read_text()) if done.exists() else sweep_2b(work, dry_run)
+    rows = []
+    for row in (r for r in result["rows"] if r["status"] == "ok"):
+        argv = ["--model", result["model_dir"], "--train_data", result["record"], "--deepspeed",
+                str(ROOT / "ds_configs" / "zero2.json"), "--world_size", "1", "--device", "cpu" if dry_run else "cuda",
+                "--gpu_memory_gb", "1000", "--packing", "--max_length", str(result["sample_tokens"]),
+                "--max_tokens_per_batch", str(row["tokens"]), "--data_cache", str(work / "plan_cache"),
+                "--max_pixels", str(result.get("max_pixels", 0))]
+        report = make_plan(argv)
+        if report is None:
+            raise StageFailed(f"the planner refused: {argv}")
+        measured = row.get("peak_tensor_gb")
+        rows.append({"tokens": row["tokens"], "planned_gb": round(report["peak_gb_per_rank"], 3),
+                     "measured_gb": measured, "ratio": round(report["peak_gb_per_rank"] / measured, 3)
+                     if measured else None, "seconds_to_plan": report["seconds_to_plan"]})
+    off = [r for r in rows if r["ratio"] is not None and abs(r["ratio"] - 1) > 0.10]
+    if off and not dry_run:
+        raise StageFailed(f"planned/measured off by more than 10%: {off}")
+    return {"rows": rows}

@@ -69,6 +69,14 @@ def build(preset: str, device: torch.device, attention: str):
     return model, qwen3_vl_2b_processor(tokenizer), adapter
 
 
+def describe(model, processor, out: Path) -> Path:
+    """The model's config and processor, no weights: what `python -m ds_vlm.plan` needs to plan it."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def sample_record(tmp: Path, side: int, answer_sentences: int) -> Path:
     """One Pokemon-like record: an image of `side` pixels, a question, an answer of a few sentences."""
     import random
@@ -133,6 +141,7 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     started = time.perf_counter()
     attention = resolve_attention("auto", packing=True)
     model, processor, adapter = build(preset, device, attention)
+    model_dir = describe(model, processor, tmp / "model")  # what the plan stage plans (config and processor)
     side = image_side if preset == "2b" else 64  # the demo model's image size
     if preset == "2b":
         set_pixel_bounds(processor, 0, side * side)
@@ -146,10 +155,13 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     optimizer = settle_optimizer(ds_config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config.optim),
                                       config=ds_config)
+    engine.train()  # checkpointing acts in training mode only (as the trainer does)
     boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=attention != "flash_attention_2")
     context = ForwardContext(LabelLoss(model, loss), engine.device, torch.bfloat16 if cuda else torch.float32,
                              boundaries)
-    runner = StepRunner(engine, 1, context, FlopsCounter(model, adapter, config.model))
+    # peak_tensor_gb: max_memory_allocated on CUDA; on the dry run's CPU the live-tensor meter (the plan stage's
+    # measurement)
+    runner = StepRunner(engine, 1, context, FlopsCounter(model, adapter, config.model), measure_memory=not cuda)
     encoder = Encoder(processor, adapter, 1 << 20)
     sample = SFTDataset(RecordIndex([str(sample_record(tmp, side, answer_sentences))]), encoder)[0]
     length = int(sample["input_ids"].shape[1])
@@ -188,6 +200,7 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
         row.update(status="ok", step_s=step_s, tokens_per_s=n * length / step_s, tflops=tflops,
                    mfu=tflops / peak_tflops if peak_tflops else None, loss=stats.loss,
                    peak_mem_gb=max(stats.peak_mem_gb),
+                   peak_tensor_gb=max(stats.peak_tensor_gb) if stats.peak_tensor_gb else None,
                    peak_reserved_gb=max(stats.peak_reserved_gb) if stats.peak_reserved_gb else None)
         rows.append(row)
         fits, last_ok = n * length, n
@@ -200,7 +213,8 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     print(table + f"\nlargest size that fits: {fits} tokens per step\n"
           f"host syncs in one step (CUDA sync debug mode, by file): {syncs or 'none'}", flush=True)
     return {"rows": rows, "largest_tokens": fits, "syncs": syncs, "sample_tokens": length, "setup_s": setup_s,
-            "attention": kernel, "optimizer": optimizer, "table": table}
+            "attention": kernel, "optimizer": optimizer, "table": table, "model_dir": str(model_dir),
+            "record": str(tmp / "data.jsonl"), "max_pixels": side * side if preset == "2b" else 0}
 
 
 def _zero2_json() -> Path:

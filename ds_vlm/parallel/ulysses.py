@@ -37,6 +37,9 @@ from . import ParallelLayout
 ULYSSES = "ds_vlm_ulysses"
 
 
+SLICED = "ds_vlm_sequence_slice"  # the kwarg the language model passes down to its attention calls on a slice
+
+
 class SequenceParallel:
     """This rank's sequence-parallel group (`layout`: consecutive ranks, DeepSpeed's parallel_state_sp), the
     attention wrapper the text model is loaded with, and the slicing of the language model's inputs; active
@@ -89,6 +92,9 @@ class SequenceParallel:
             kwargs["position_ids"] = _slice_last(_full_positions(kwargs.get("position_ids"), kwargs["inputs_embeds"]),
                                                  start, end)
             kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, start:end]
+            # the attention learns it runs on a slice from its own call's kwargs, not from the armed state: a
+            # checkpointed layer is recomputed in the backward, after the forward's arming has ended
+            kwargs[SLICED] = True
             return args, adapter.slice_per_token(kwargs, start, end)
 
         language_model.register_forward_pre_hook(slice_inputs, with_kwargs=True)
@@ -132,7 +138,7 @@ def _ulysses_class():
             self.sp = sp
 
         def forward(self, module, query, key, value, attention_mask, *args, **kwargs):
-            if not self.sp.armed:
+            if not kwargs.pop(SLICED, False):  # a whole sequence (generation): no all-to-all
                 return self.attn(module, query, key, value, attention_mask, *args, **kwargs)
             if query.shape[0] != self.batch_size:
                 b = self.batch_size = query.shape[0]

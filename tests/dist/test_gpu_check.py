@@ -11,7 +11,8 @@ from conftest import ROOT, start_zygote, train_env
 
 def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     """`bash launch/gpu_check.sh --dry_run`: every stage that can run on a CPU runs (the real entry on ZeRO-2 and
-    ZeRO-3, packed; exact resume; the export reloaded and generating; LoRA; the sweep's path on the tiny model)
+    ZeRO-3, packed; exact resume; the export reloaded and generating; LoRA; the sweep's path on the tiny model;
+    the plan at the sweep's sizes)
     and passes; the CUDA-only ones are skipped with the reason; the JSON has one record per stage."""
     out = tmp_path / "check.json"
     start_zygote()
@@ -24,7 +25,7 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     stages = {s["name"]: s for s in json.loads(out.read_text())["stages"]}
     assert list(stages) == ["train_zero2", "train_zero3", "save_resume", "export", "lora", "qlora", "liger",
-                            "sweep_2b"]
+                            "sweep_2b", "plan"]
     assert {n for n, s in stages.items() if s["status"] == "skipped"} == {"qlora", "liger"}
     assert all(s["status"] == "ok" for n, s in stages.items() if n not in ("qlora", "liger"))
     assert all("CUDA only" in stages[n]["detail"]["reason"] for n in ("qlora", "liger"))
@@ -38,3 +39,7 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     sweep = stages["sweep_2b"]["detail"]
     assert [r["status"] for r in sweep["rows"]] == ["ok", "ok"] and sweep["largest_tokens"] > 0
     assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in sweep["rows"])
+    # the plan at the sweep's sizes against what each measured (the path; on a GPU the stage holds it to 10%)
+    planned = stages["plan"]["detail"]["rows"]
+    assert [r["tokens"] for r in planned] == [r["tokens"] for r in sweep["rows"]]
+    assert all(r["planned_gb"] > 0 and r["measured_gb"] > 0 for r in planned), planned

@@ -32,7 +32,7 @@ def test_flops_counter_follows_the_config(demo_dir):
 def test_each_logged_step_has_its_own_memory_peak():
     """On CPU the peak RSS (VmHWM) is reset at each logged step; a big allocation raises it, the next reset
     brings it back down."""
-    from ds_vlm.metrics import peak_memory_gb, reset_peak_memory
+    from ds_vlm.memory import peak_memory_gb, reset_peak_memory
 
     reset_peak_memory()
     before, _ = peak_memory_gb()
@@ -42,3 +42,25 @@ def test_each_logged_step_has_its_own_memory_peak():
     reset_peak_memory()
     after, _ = peak_memory_gb()
     assert during > before + 0.15 and after < during - 0.15
+
+
+def test_the_tensor_meter_sees_every_allocation_between_start_and_stop():
+    """--measure_memory's meter: the bytes alive at the start (found by walking the interpreter's objects) plus
+    the allocator's events in between; a 4 MB temporary freed before the end still makes the peak, and the
+    running sum ends where a fresh walk does."""
+    from ds_vlm.memory import TensorMeter, reachable_tensor_bytes
+
+    kept = torch.ones(1_000_000)  # 4 MB alive throughout
+    view = kept[10:]  # a view: the same storage, counted once
+    before = reachable_tensor_bytes()
+    assert before >= kept.numel() * 4
+    meter = TensorMeter()
+    meter.start()
+    temporary = torch.ones(1_000_000) * 2  # 4 MB (the ones) freed at once, 4 MB kept until `del`
+    made = torch.empty(500_000)  # 2 MB alive at the end
+    del temporary
+    peak = meter.stop()
+    assert meter.baseline == before
+    assert 8_000_000 <= peak - before <= 8_000_000 + 2_000_000 + 4096, peak - before
+    assert meter.closing_gap == 0, meter.closing_gap
+    assert reachable_tensor_bytes() - before == made.numel() * 4 and view.numel()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_vlm.plan import main, model_states
+from ds_vlm.plan import main, model_states, persistent_numel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,11 +19,19 @@ def test_model_states_follow_zero_partitioning():
     assert (zero0.weights, zero0.gradients, zero0.optimizer) == (2e9, 2e9, 12e9)  # bf16 weights, grads; fp32 x3
     zero2 = model_states(n, t, 2, 8, 2, {"reduce_bucket_size": 5e8})
     assert (zero2.weights, zero2.gradients, zero2.optimizer, zero2.buckets) == (2e9, 4e9 / 8, 12e9 / 8, 5e8 * 2)
+    # the bucket is allocated whole whatever the model's size, twice with overlap_comm (ZeRO-1/2)
+    small = model_states(1000, 1000, 2, 8, 2, {"reduce_bucket_size": 5e8, "overlap_comm": True})
+    assert small.buckets == 2 * 5e8 * 2
     zero3 = model_states(n, t, 3, 8, 2, {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e8,
                                          "stage3_prefetch_bucket_size": 5e7})
     assert zero3.weights == pytest.approx(2e9 / 8 + (1e8 + 5e7) * 2 * 7 / 8) and zero3.optimizer == 12e9 / 8
     layered = model_states(n, t, 3, 8, 2, {}, largest_module=10_000_000)  # two modules gathered at a time
     assert layered.weights == pytest.approx(2e9 / 8 + 2 * 10_000_000 * 2 * 7 / 8)
+    # parameters under stage3_param_persistence_threshold stay whole on every rank
+    assert persistent_numel([10, 99_999, 100_000, 5_000_000], {"stage": 3}) == 100_009
+    assert persistent_numel([10], {"stage": 3, "stage3_param_persistence_threshold": 0}) == 0
+    kept = model_states(n, t, 3, 8, 2, {}, largest_module=10_000_000, persistent=8_000_000)
+    assert kept.weights == pytest.approx(layered.weights + 8_000_000 * 2 * 7 / 8)
     offloaded = model_states(n, t, 2, 8, 2, {"offload_optimizer": {"device": "cpu"}})
     assert offloaded.optimizer == 0
     frozen = model_states(n, 0, 2, 8, 2)  # nothing trains: no gradients, no optimizer states
@@ -36,7 +44,7 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
     peaks = {}
     for stage in (0, 2, 3):
         out = tmp_path / f"plan{stage}.json"
-        rc = main(["--model", str(model), "--deepspeed", str(ROOT / "ds_configs" / f"zero{stage}.json"),
+        rc = main(["--model", str(model), "--deepspeed", str(small_buckets(stage, tmp_path)),
                    "--world_size", "2", "--device", "cpu", "--micro_batch_size", "2", "--max_length", "512",
                    "--gpu_memory_gb", "16", "--out", str(out)])
         report = json.loads(out.read_text())
@@ -50,9 +58,20 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
     assert "fits" in capsys.readouterr().out
 
 
+def small_buckets(stage: int, tmp_path: Path) -> Path:
+    """ds_configs/zeroN.json with buckets for a tiny model (the default 5e8 elements are 2 GB in fp32) and,
+    under ZeRO-3, every parameter partitioned (a tiny model's are all under the persistence threshold)."""
+    config = json.loads((ROOT / "ds_configs" / f"zero{stage}.json").read_text())
+    if stage:
+        config["zero_optimization"].update(reduce_bucket_size=1e5, stage3_param_persistence_threshold=0)
+    path = tmp_path / f"zero{stage}_small.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def test_a_plan_that_does_not_fit_says_what_would(family_models, tmp_path, capsys):
     model = family_models("qwen3_vl")
-    rc = main(["--model", str(model), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--world_size", "2",
+    rc = main(["--model", str(model), "--deepspeed", str(small_buckets(2, tmp_path)), "--world_size", "2",
                "--device", "cpu", "--micro_batch_size", "8", "--max_length", "4096", "--gpu_memory_gb", "0.05",
                "--out", str(tmp_path / "plan.json")])
     report = json.loads((tmp_path / "plan.json").read_text())

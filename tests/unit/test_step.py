@@ -99,9 +99,9 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
         calls.clear()
         stats = pending.stats()
         assert [c[0] for c in calls] == ["tolist", "__float__"], calls  # the step's sums, the grad norm
-        assert reduces == [3 + 8] and following.work is None  # folded: no collective of its own
+        assert reduces == [3 + 9] and following.work is None  # folded: no collective of its own (6 sums, 3 memory)
         last = following.stats()  # no step follows (the last one, or before a save): its own all-reduce
-        assert reduces == [3 + 8, 8] and last.targets == 2 * 5
+        assert reduces == [3 + 9, 9] and last.targets == 2 * 5
     finally:
         dist.destroy_process_group()
     assert stats.targets == 4 * 5 and stats.tokens == 40 and stats.grad_norm == 1.0

@@ -1,0 +1,46 @@
+"""--max_tokens_per_batch auto: the search for the largest budget that fits, on a stand-in for the trace."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds_vlm.config import AUTO_BUDGET, BatchConfig, ConfigError, TrainConfig, token_budget
+from ds_vlm.plan import ModelStates
+from ds_vlm.plan_startup import RunPlanner
+
+
+def planner(peak_of_tokens, longest: int = 100) -> RunPlanner:
+    """A RunPlanner whose trace is `peak_of_tokens(budget)` (bytes), 1 MB of model states."""
+    plan = RunPlanner.__new__(RunPlanner)
+    plan.config = TrainConfig.from_keys(model="m", train_data="d", max_tokens_per_batch=AUTO_BUDGET)
+    plan.states = ModelStates(1e6, 0, 0, 0)
+    plan.longest, plan.sp = longest, 1
+    plan.peak = lambda batch: peak_of_tokens(batch.max_tokens_per_batch)
+    return plan
+
+
+def test_auto_takes_the_largest_whole_number_of_samples_that_fits_with_the_margin():
+    linear = planner(lambda tokens: 1e6 + 1000 * tokens)  # 100 kB a sample of 100 tokens
+    budget, said = linear.auto_budget(10e6)  # 9 MB usable: (9e6 - 1e6) / 1e5 = 80 samples
+    assert budget == 80 * 100 and "80 x the longest sample" in said
+    # activations that grow faster than the two traced points say: traced at the guess, stepped down
+    steep = planner(lambda tokens: 1e6 + 1000 * tokens + 0.5 * tokens ** 2 / 100)
+    budget, _ = steep.auto_budget(10e6)
+    fits = [c for c in range(1, 200) if 1e6 + 1000 * c * 100 + 0.5 * (c * 100) ** 2 / 100 <= 9e6]
+    assert budget // 100 <= max(fits) and budget // 100 >= 0.9 * max(fits), (budget, max(fits))
+
+
+def test_auto_stops_when_not_even_one_sample_fits():
+    with pytest.raises(ConfigError, match="even one sample of 100 tokens"):
+        planner(lambda tokens: 1e6 + 1e6 * tokens).auto_budget(10e6)
+
+
+def test_the_flag_takes_auto_and_numbers():
+    assert token_budget("auto") == AUTO_BUDGET and token_budget("4096") == 4096
+    config = TrainConfig.from_keys(model="m", train_data="d", max_tokens_per_batch=AUTO_BUDGET, max_length=512)
+    assert config.validate(for_training=False).batch.max_tokens_per_batch == AUTO_BUDGET
+    assert BatchConfig().plan_memory_gb == 0.0
+    from ds_vlm.config import load_config
+
+    parsed = load_config(["--model", "m", "--train_data", "d", "--max_tokens_per_batch", "auto"])
+    assert parsed.batch.max_tokens_per_batch == AUTO_BUDGET
