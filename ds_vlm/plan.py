@@ -102,14 +102,19 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
 
 
 def step_peak(states: ModelStates, act, sp: int) -> float:
-    """The step's busiest moment on a rank: the model states plus the traced activations. Under ZeRO 0/1 the
-    parameters' gradients grow through the backward while activations are freed, so the trace's own peak with
-    the gradients in it (`peak_with_grads`) stands for both; with sequence parallelism (the activations split,
-    the gradients not) the smaller of the two bounds."""
-    summed = states.total + act.peak / max(1, sp)
-    if not states.whole_grads or not act.peak_with_grads:
-        return summed
-    return min(summed, states.total - states.whole_grads + act.peak_with_grads)
+    """The step's busiest moment on a rank: the model states plus the traced activations, with the gradients
+    as the ZeRO stage holds them. Under ZeRO 0/1 the parameters' gradients grow through the backward while
+    activations are freed, so the trace's own peak with the gradients in it (`peak_with_grads`) stands for both
+    (with sequence parallelism, which splits the activations and not the gradients, the smaller of the two
+    bounds). Under ZeRO 2/3 each gradient lives from its making until its parameter is accumulated and moved
+    into ZeRO's buffers (`peak_moved_grads`; the buffers are model states)."""
+    sp = max(1, sp)
+    summed = states.total + act.peak / sp
+    if states.whole_grads and act.peak_with_grads:
+        return min(summed, states.total - states.whole_grads + act.peak_with_grads)
+    if not states.whole_grads and act.peak_moved_grads:
+        return summed + max(0.0, act.peak_moved_grads - act.peak)
+    return summed
 
 
 def count_parameters(config, adapter, model_config) -> tuple[int, int, object]:

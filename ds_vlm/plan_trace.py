@@ -17,8 +17,11 @@ class Activations:
     tokens: int           # tokens of the traced micro-batch
     image_tokens: int
     peak: float           # activations and temporaries at the traced step's peak, bytes
-    peak_with_grads: float = 0.0  # the same with the parameters' gradients as the backward makes them (ZeRO 0/1
-                                  # keep them whole until the step; ZeRO 2/3 move them into buckets at once)
+    peak_with_grads: float = 0.0  # the same with the parameters' gradients as the backward makes them, kept
+                                  # whole until the step (ZeRO 0/1)
+    peak_moved_grads: float = 0.0  # the same with each gradient alive from its making until its parameter's
+                                   # accumulation is done, when ZeRO 2/3 move it into their buckets (a tied
+                                   # embedding's head gradient waits through the whole backward)
     head: float = 0.0     # of which the loss's chunk (its bound)
 
 
@@ -58,6 +61,7 @@ def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
     return encoded
 
 
+MOVED = 0  # an event's size that marks its storage as moved out (LiveBytes.moved); storages of 0 bytes are not kept
 KNOWN_NUMEL = 1 << 22  # host-side values followed through the trace up to this size (index tensors)
 
 
@@ -180,17 +184,37 @@ class LiveBytes:
             del self._refs[key], self._serial[key]
             self.events.append((-size, serial))
 
+    def moved(self, tensor) -> None:
+        """`tensor`'s storage is done with (a parameter's accumulated gradient, which ZeRO 2/3 move into their
+        buckets at once): `peak(moved=True)` counts it released here."""
+        key = tensor.untyped_storage()._cdata
+        if key in self._serial:
+            self.events.append((MOVED, self._serial[key]))
+
     def serials(self, tensors) -> set[int]:
         """The serial numbers of the storages under `tensors` (alive now)."""
         return {self._serial[t.untyped_storage()._cdata] for t in tensors
                 if t.untyped_storage()._cdata in self._serial}
 
-    def peak(self, leave_out: set[int] = frozenset()) -> int:
+    def peak(self, leave_out: set[int] = frozenset(), moved: bool = False) -> int:
+        """The most bytes alive at once, leaving out the storages `leave_out`; with `moved`, each storage marked
+        by `moved()` counted released there (and not again at its real release)."""
         live = best = 0
+        sizes, gone = {}, set()
         for size, key in self.events:
-            if key not in leave_out:
-                live += size
-                best = max(best, live)
+            if key in leave_out:
+                continue
+            if size == MOVED:
+                if moved and key not in gone:
+                    live -= sizes.get(key, 0)
+                    gone.add(key)
+                continue
+            if size > 0:
+                sizes[key] = size
+            elif key in gone:
+                continue
+            live += size
+            best = max(best, live)
         return best
 
 
@@ -246,6 +270,8 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
         trained.train()
         context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype)
         tracker = LiveBytes(mode)
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.register_post_accumulate_grad_hook(lambda p: tracker.moved(p.grad))
         # transformers builds a full L x L causal mask when it sees fake tensors (it takes them for a compile
         # trace); the real run's sdpa gets is_causal and no mask. Host values are known here, so the trace
         # decides as the real run does.
@@ -261,10 +287,10 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
             loss = forward.loss(output)
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
-        peak, with_grads = tracker.peak(leave_out=grads), tracker.peak()
+        peak, with_grads, moved = tracker.peak(leave_out=grads), tracker.peak(), tracker.peak(moved=True)
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
-                       peak_with_grads=float(with_grads))
+                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved))
 
 
 def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):
