@@ -21,6 +21,10 @@ walk at the step's end.
 from __future__ import annotations
 
 import gc
+import os
+import sys
+import warnings
+from contextlib import contextmanager
 from typing import Optional
 
 
@@ -71,9 +75,11 @@ def reachable_tensor_bytes(extra=()) -> int:
         if ptr:
             sizes[ptr] = max(sizes.get(ptr, 0), storage.nbytes())
 
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            add(obj)
+    with warnings.catch_warnings():  # isinstance on some objects (deprecated module attributes) warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor):
+                add(obj)
     for tensor in extra:
         add(tensor)
         if getattr(tensor, "grad", None) is not None:
@@ -95,14 +101,17 @@ class TensorMeter:
     def start(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # before the profiler's first start: errors only
         self.baseline = reachable_tensor_bytes(self.parameters)
         self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profiler.__enter__()
+        with _quiet_stderr():  # Kineto writes two lines to the process's stderr at every start and stop
+            self._profiler.__enter__()
 
     def stop(self) -> int:
         """The step's peak of live tensor bytes."""
         profiler, self._profiler = self._profiler, None
-        profiler.__exit__(None, None, None)
+        with _quiet_stderr():
+            profiler.__exit__(None, None, None)
         events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
                         if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
         live = peak = self.baseline
@@ -111,6 +120,20 @@ class TensorMeter:
             peak = max(peak, live)
         self.closing_gap = live - reachable_tensor_bytes(self.parameters)
         return peak
+
+
+@contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for the duration (C++ code writes there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class MemoryMeter:

@@ -101,6 +101,11 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
                        whole_grads=t * p if stage <= 1 else 0.0)
 
 
+def rank_activations(act, sp: int) -> float:
+    """A rank's traced activations (a trace of one rank's slice is that rank's already; a whole one is split)."""
+    return act.peak if act.per_rank_of_sp > 1 else act.peak / max(1, sp)
+
+
 def step_peak(states: ModelStates, act, sp: int) -> float:
     """The step's busiest moment on a rank: the model states plus the traced activations, with the gradients
     as the ZeRO stage holds them. Under ZeRO 0/1 the parameters' gradients grow through the backward while
@@ -108,8 +113,7 @@ def step_peak(states: ModelStates, act, sp: int) -> float:
     (with sequence parallelism, which splits the activations and not the gradients, the smaller of the two
     bounds). Under ZeRO 2/3 each gradient lives from its making until its parameter is accumulated and moved
     into ZeRO's buffers (`peak_moved_grads`; the buffers are model states)."""
-    sp = max(1, sp)
-    summed = states.total + act.peak / sp
+    summed = states.total + rank_activations(act, sp)
     if states.whole_grads and act.peak_with_grads:
         return min(summed, states.total - states.whole_grads + act.peak_with_grads)
     if not states.whole_grads and act.peak_moved_grads:
@@ -227,19 +231,19 @@ def plan(argv=None) -> Optional[dict]:
         patch = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 1)
         most_image = min(longest // 2, int(largest // (patch * patch)))
     micro = worst_micro_batch(encoder, adapter, model_cfg, config.batch, sp, longest, most_image)
-    act = trace_activations(config.model.path, model_cfg, config.model, adapter, "sdpa", micro, dtype)
+    act = trace_activations(config.model.path, model_cfg, config.model, adapter, "sdpa", micro, dtype, sp)
     margin = MARGIN * memory
     peak = step_peak(states, act, sp)
     fits = peak + margin <= memory
-    per_token = act.peak / max(1, sp) / max(1, act.tokens)  # per rank: sequence parallelism splits each row
+    per_token = rank_activations(act, sp) / max(1, act.tokens)  # per rank: sequence parallelism splits each row
     free = memory - margin - states.total
     best = int(free / per_token) if per_token > 0 and free > 0 else 0
     flops_counter = FlopsCounter(meta_model, adapter, config.model)
     from .loss import LabelRows
 
     flops = flops_counter(micro.inputs, len(LabelRows.from_labels(micro.labels)), micro.sample_lengths)
-    steps_micro = config.batch.grad_accum
-    step_flops = flops * steps_micro  # per rank
+    # per rank: a sequence-parallel group shares its micro-batches, each rank computing 1/sp of them
+    step_flops = flops * config.batch.grad_accum / max(1, sp)
     step_s = step_flops / (extra["mfu"] * peak_tflops * 1e12) if peak_tflops else None
     report = {
         "command": "python -m ds_vlm.plan " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -253,7 +257,8 @@ def plan(argv=None) -> Optional[dict]:
         "peak_gb_per_rank": peak / 1e9, "fits": fits,
         "max_tokens_per_batch_that_fits": best,
         "step_flops_per_rank": step_flops, "mfu_assumed": extra["mfu"] if peak_tflops else None,
-        "step_time_s": step_s, "tokens_per_s": (act.tokens * world / max(1, sp) / step_s) if step_s else None,
+        "step_time_s": step_s, "tokens_per_s": (act.tokens * config.batch.grad_accum * world / max(1, sp) / step_s)
+        if step_s else None,
         "seconds_to_plan": round(time.perf_counter() - began, 1),
     }
     if not fits:
@@ -269,19 +274,19 @@ def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory
                  persistent) -> list[dict]:
     """What would fit instead, each with its predicted peak (GB)."""
     out = []
-    for name, st, z, shrink in (("ZeRO-3", 3, zero, 1), ("sequence parallel 2", stage, zero, 2 * max(1, sp)),
+    for name, st, z, shrink in (("ZeRO-3", 3, zero, 1), (f"sequence parallel {2 * max(1, sp)}", stage, zero, 2),
                                 ("optimizer offloaded to the CPU", stage,
                                  {**zero, "offload_optimizer": {"device": "cpu"}}, 1)):
         if name == "ZeRO-3" and stage == 3:
             continue
         states = model_states(n_params, n_trained, st, world, precision, z, block,
                               persistent if st == stage else 0)
-        peak = states.total + act.peak / shrink
+        peak = states.total + rank_activations(act, sp) / shrink
         out.append({"change": name, "peak_gb_per_rank": peak / 1e9, "fits": peak + margin <= memory})
     states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent)
     free = memory - margin - states.total
-    if free > 0 and act.peak > free * max(1, sp):
-        tokens = int(act.tokens * free * max(1, sp) / act.peak)
+    if free > 0 and rank_activations(act, sp) > free:
+        tokens = int(act.tokens * free / rank_activations(act, sp))
         out.append({"change": f"--max_tokens_per_batch {tokens}", "peak_gb_per_rank": (states.total + free) / 1e9,
                     "fits": True})
     return out

@@ -20,7 +20,7 @@ from .config import ConfigError
 from .plan import MARGIN, _bytes, model_states, persistent_numel, step_peak
 from .plan_trace import Activations, trace_activations, worst_micro_batch
 
-PLAN_CACHE_VERSION = 2
+PLAN_CACHE_VERSION = 3
 MAX_COPIES = 4096  # the search's bound on samples a micro-batch holds
 
 
@@ -73,7 +73,7 @@ class RunPlanner:
         micro = worst_micro_batch(self.encoder, self.loaded.adapter, model.config, batch, self.sp, self.longest,
                                   self.most_image)
         act = trace_activations(config.model.path, model.config, config.model, self.loaded.adapter, "sdpa", micro,
-                                torch.bfloat16 if self.bf16 else torch.float32)
+                                torch.bfloat16 if self.bf16 else torch.float32, self.sp)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(asdict(act)))

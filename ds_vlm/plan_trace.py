@@ -23,6 +23,7 @@ class Activations:
                                    # accumulation is done, when ZeRO 2/3 move it into their buckets (a tied
                                    # embedding's head gradient waits through the whole backward)
     head: float = 0.0     # of which the loss's chunk (its bound)
+    per_rank_of_sp: int = 1  # traced as one rank of a sequence-parallel group of this size (1: the whole)
 
 
 def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
@@ -54,7 +55,7 @@ def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
                                    "learn": True}], source="plan", index=0)
         encoded = encoder.encode(sample, [image])
         have = encoded["input_ids"].shape[1]
-        if abs(have - n_tokens) <= max(1, n_tokens // 500):
+        if have == n_tokens:
             break
         per_word = max(1e-3, (have - (encoded["input_ids"] == encoder.image_token_id).sum().item()) / max(1, words))
         words = max(1, words + int((n_tokens - have) / per_word))
@@ -238,9 +239,68 @@ def _patched(module, name: str, value):
         setattr(module, name, saved)
 
 
+TRACE_SP = "ds_vlm_trace_ulysses"
+
+
+def _sequence_parallel_rank(sp: int, rank: int):
+    """Rank `rank` of an SP group of `sp` without a process group: SequenceParallel's slicing only."""
+    from .parallel.ulysses import SequenceParallel
+
+    group = SequenceParallel.__new__(SequenceParallel)
+    group.size, group.rank, group.armed = sp, rank, False
+    return group
+
+
+def _trace_sequence_parallel(group):
+    """`group` (one rank of an SP group) for the trace: the trainer's own input slicing (SequenceParallel's
+    hook, this rank's 1/sp of the tokens; the vision tower runs whole, as in the run), and an attention
+    registered as TRACE_SP that stands in for Ulysses' all-to-all: each of q, k, v becomes a new tensor of the
+    whole sequence and 1/sp of the heads (k, v repeated to sp heads where fewer, as DeepSpeed does), attended
+    causally, and the output goes back to this rank's tokens and all heads. Same shapes and buffers, no
+    values (fake tensors); a one-process trace of one rank."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .parallel.ulysses import SLICED
+
+    sp = group.size
+
+    class AllToAll(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, shape):
+            ctx.shape = x.shape
+            return x.new_empty(shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.new_empty(ctx.shape), None
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if not kwargs.pop(SLICED, False):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        b, h, n, d = query.shape
+        if key.shape[1] < sp:
+            key, value = (t.repeat_interleave(sp // key.shape[1], dim=1) for t in (key, value))
+        q = AllToAll.apply(query, (b, h // sp, n * sp, d))
+        k, v = (AllToAll.apply(t, (b, t.shape[1] // sp, n * sp, d)) for t in (key, value))
+        if k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        return AllToAll.apply(out.transpose(1, 2), (b, n, h, d)), None
+
+    AttentionInterface.register(TRACE_SP, attention)
+    AttentionMaskInterface.register(TRACE_SP, lambda *a, **k: None if group.armed else sdpa_mask(*a, **k))
+    return group
+
+
 def trace_activations(model_dir: str, config, model_config, adapter, attention: str, micro,
-                      dtype) -> Activations:
-    """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors."""
+                      dtype, sp: int = 1) -> Activations:
+    """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors; with `sp`
+    > 1, of the busiest rank of a sequence-parallel group (the one with the most label rows)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForImageTextToText
@@ -250,6 +310,19 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
     from .model_loading import enable_checkpointing, set_trainable
 
     rows = LabelRows.from_labels(micro.labels)  # host-side inputs from real tensors first
+    packed = micro.cu_seq_lens is not None
+    if packed:  # the trainer's packed attention: the varlen interface given the samples' boundaries (no L x L)
+        from .attention import VARLEN, register_varlen
+
+        register_varlen()
+        attention = VARLEN
+    group = None
+    if sp > 1:
+        length = micro.labels.shape[1]
+        ranks = [_sequence_parallel_rank(sp, r) for r in range(sp)]
+        group = _trace_sequence_parallel(max(ranks, key=lambda g: len(g.local_rows(rows, length))))
+        rows = group.local_rows(rows, length)
+        attention = {"text_config": TRACE_SP, "vision_config": attention}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # built on the meta device (peft's adapters too: its dtype moves cannot swap fake parameters), then given
     # fake storages
@@ -264,11 +337,19 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
         from .lora import apply_lora
 
         trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
+    if group is not None:
+        group.install(adapter.parts(model).llm_decoder, adapter)
+    boundaries = None
+    if packed:  # after the slicing hook, as in the trainer
+        from .attention import SampleBoundaries
+
+        boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=True)
     with mode:
         trained.to_empty(device="cpu")
         enable_checkpointing(model, adapter, model_config)
         trained.train()
-        context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype)
+        context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype, boundaries,
+                                 sequence_parallel=group)
         tracker = LiveBytes(mode)
         for param in (p for p in model.parameters() if p.requires_grad):
             param.register_post_accumulate_grad_hook(lambda p: tracker.moved(p.grad))
@@ -290,7 +371,7 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
         peak, with_grads, moved = tracker.peak(leave_out=grads), tracker.peak(), tracker.peak(moved=True)
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
-                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved))
+                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved), per_rank_of_sp=sp)
 
 
 def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):
@@ -302,6 +383,7 @@ def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int,
     collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp),
                         packing=batch.packing)
     sample = worst_sample(encoder, longest, most_image)
-    copies = (max(1, batch.max_tokens_per_batch // sample["input_ids"].shape[1]) if batch.max_tokens_per_batch
+    # as many as the budget holds of the real longest sample (the stand-in may miss its length by a token)
+    copies = (max(1, batch.max_tokens_per_batch // max(1, longest)) if batch.max_tokens_per_batch
               else batch.micro_batch_size)
     return collator([dict(sample) for _ in range(copies)])

@@ -84,7 +84,13 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
     micro = collator(samples)
     rows = LabelRows.from_labels(micro.labels)
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    attention = "sdpa"
+    if packing:  # the trainer's packed attention: the varlen interface with the samples' boundaries
+        from ds_vlm.attention import VARLEN, register_varlen
+
+        register_varlen()
+        attention = VARLEN
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     adapter.prepare(model)
     model.config.get_text_config().use_cache = False
     set_trainable(model, adapter, model_config)
@@ -95,7 +101,12 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
         trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
     enable_checkpointing(model, adapter, model_config)
     trained.train()
-    context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), torch.float32)
+    boundaries = None
+    if packing:
+        from ds_vlm.attention import SampleBoundaries
+
+        boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=True)
+    context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), torch.float32, boundaries)
     measured = measured_activations(trained, micro, rows, context)
     planned = trace_activations(model_dir, config, model_config, adapter, "sdpa", micro, torch.float32).peak
     return {"tokens": int(micro.inputs["input_ids"].numel()), "measured_mb": measured / 1e6,

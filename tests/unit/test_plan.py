@@ -92,3 +92,19 @@ def test_traced_activations_match_the_profilers_measurement(demo_dir):
         record["images"] = [str(demo_dir / "data" / p) for p in record["images"]]
     row = compare(str(demo_dir / "model"), records, {"gradient_checkpointing": True}, packing=False)
     assert row["measured_mb"] > 1 and abs(row["ratio"] - 1) <= TARGET, row
+
+
+def test_sequence_parallelism_is_traced_per_rank_slice(family_models, tmp_path):
+    """--sequence_parallel 2: one rank's slice traced (its tokens, the all-to-all's buffers, the whole vision
+    tower), not the whole trace halved: less than the whole, more than half of it minus nothing at all."""
+    model = family_models("qwen3_vl")
+    acts = {}
+    for sp in (1, 2):
+        out = tmp_path / f"sp{sp}.json"
+        main(["--model", str(model), "--deepspeed", str(small_buckets(2, tmp_path)), "--world_size", "2",
+              "--device", "cpu", "--micro_batch_size", "4", "--max_length", "512", "--gpu_memory_gb", "16",
+              "--sequence_parallel", str(sp), "--out", str(out)])
+        acts[sp] = json.loads(out.read_text())
+    whole, rank = acts[1]["per_rank_gb"]["activations"], acts[2]["per_rank_gb"]["activations"]
+    assert 0.3 * whole < rank < 0.9 * whole, (whole, rank)
+    assert acts[2]["step_flops_per_rank"] == pytest.approx(acts[1]["step_flops_per_rank"] / 2)
