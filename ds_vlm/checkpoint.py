@@ -242,8 +242,19 @@ def ensure_universal(checkpoint: Path) -> Path:
 def load(engine, checkpoint: Path, universal: bool, trained_only: bool = False) -> None:
     """Engine, optimizer and LR schedule from `checkpoint`; this rank's RNG states if it saved them."""
     source = universal_dir(checkpoint) if universal else checkpoint
-    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=not trained_only)
+    try:
+        path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True, load_module_strict=not trained_only)
+    except ValueError as err:
+        if "parameter groups" not in str(err):
+            raise
+        raise ConfigError(f"cannot resume from {checkpoint}: its optimizer holds a different number of parameter "
+                          f"groups than this run's ({len(engine.optimizer.param_groups)}): the trained parts or "
+                          "their learning rates and weight decay differ (--train_vision, --train_projector, "
+                          "--lora_*, the per-part learning rates), or a ds-vlm before a734ee2 wrote it (one group "
+                          "per part and weight decay; since, parts with the same learning rate and weight decay "
+                          "share one). Resume with the same settings and version, or start fresh with "
+                          "--resume none") from err
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
     rng_file = checkpoint / f"rng_rank{dist.get_rank():05d}.pt"

@@ -297,6 +297,19 @@ def _trace_sequence_parallel(group):
     return group
 
 
+@contextmanager
+def _moe_on_fakes():
+    """MoE experts: torch's grouped_mm runs fp32 on a real CPU but its meta function takes bf16 only, so a fp32
+    trace takes transformers' own fallback (registered for fake tensors; the same output buffers)."""
+    import torch
+    from transformers.integrations import moe
+
+    usable = moe._can_use_grouped_mm
+    with _patched(moe, "_can_use_grouped_mm",
+                  lambda input, weight, offs: weight.dtype == torch.bfloat16 and usable(input, weight, offs)):
+        yield
+
+
 def trace_activations(model_dir: str, config, model_config, adapter, attention: str, micro,
                       dtype, sp: int = 1) -> Activations:
     """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors; with `sp`
@@ -358,7 +371,7 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
         # decides as the real run does.
         from transformers import masking_utils
 
-        with tracker.mode, _patched(masking_utils, "is_tracing", lambda tensor=None: False):
+        with tracker.mode, _patched(masking_utils, "is_tracing", lambda tensor=None: False), _moe_on_fakes():
             with context.armed(micro, rows) as forward:
                 inputs = dict(forward.inputs)
                 mask = micro.inputs.get("attention_mask")
