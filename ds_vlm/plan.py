@@ -66,11 +66,13 @@ class ModelStates:
 
 
 def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_per_param: int,
-                 zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0) -> ModelStates:
+                 zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0,
+                 largest_trained: int = 0) -> ModelStates:
     """Per-rank bytes of weights, gradients, optimizer states and ZeRO's buffers (see the module docstring).
     `bytes_per_param`: 2 in bf16, 4 in fp32; `largest_module`: the most parameters one module holds directly
     (what ZeRO-3 gathers at a time); `persistent`: the parameters ZeRO-3 keeps whole on every rank (those under
-    `stage3_param_persistence_threshold`: `persistent_numel`)."""
+    `stage3_param_persistence_threshold`: `persistent_numel`); `largest_trained`: the largest trained parameter
+    (ZeRO-1/2 reduce its gradient through a copy)."""
     zero = zero or {}
     p, t = bytes_per_param, n_trained
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
@@ -83,7 +85,8 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
         block = largest_module or n_params
         # gathered in full while a module runs: that module and the one prefetched behind it, within the caps
-        weights += min(n_params, 2 * block, live) * p * (world - 1) / world if world > 1 else 0
+        # (a new full-size tensor each: the rank's own partition stays where it is)
+        weights += min(n_params, 2 * block, live) * p if world > 1 else 0
     else:
         weights = n_params * p
     if stage >= 2:
@@ -97,7 +100,9 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         overlap = zero.get("overlap_comm", stage == 3)
         bucket = int(zero.get("reduce_bucket_size", 5e8)) * p * (2 if overlap and stage < 3 else 1)
     return ModelStates(weights, gradients, optimizer, bucket,
-                       {"offload_optimizer": offload_optimizer, "offload_param": offload_param, "sharded_over": shard},
+                       {"offload_optimizer": offload_optimizer, "offload_param": offload_param, "sharded_over": shard,
+                        "reduce_at_first_grad": stage in (1, 2), "world": world,
+                        "largest_param_bytes": largest_trained * p},
                        whole_grads=t * p if stage <= 1 else 0.0)
 
 
@@ -117,7 +122,19 @@ def step_peak(states: ModelStates, act, sp: int) -> float:
     if states.whole_grads and act.peak_with_grads:
         return min(summed, states.total - states.whole_grads + act.peak_with_grads)
     if not states.whole_grads and act.peak_moved_grads:
-        return summed + max(0.0, act.peak_moved_grads - act.peak)
+        def extra(peak: float) -> float:  # the transient gradients beyond the activations' own peak
+            return max(0.0, peak - act.peak)
+
+        if states.detail.get("reduce_at_first_grad") and act.moved_from_first_grad:
+            # ZeRO-1/2 allocate their buckets and gradient partitions at the first gradient (a peak before it
+            # has neither: the backward's start without checkpointing), and reduce the largest gradient through
+            # a copy of its partition (the peak of a big tied embedding's step)
+            before = summed - states.buckets - states.gradients + extra(act.moved_before_first_grad)
+            after = summed + extra(act.moved_from_first_grad)
+            largest = states.detail.get("largest_param_bytes", 0.0)
+            reducing = states.total + largest * (1 + 1 / states.detail.get("world", 1))
+            return max(before, after, reducing)
+        return summed + extra(act.peak_moved_grads)
     return summed
 
 
@@ -206,7 +223,8 @@ def plan(argv=None) -> Optional[dict]:
     n_params, n_trained, meta_model = count_parameters(model_cfg, adapter, config.model)
     block = largest_module(meta_model)
     persistent = persistent_numel((p.numel() for p in meta_model.parameters()), zero)
-    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent)
+    largest = max((p.numel() for p in meta_model.parameters() if p.requires_grad), default=0)
+    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent, largest)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]][0]
     peak_tflops = GPUS.get(extra["gpu"], (0, None))[1] if cuda else None
 

@@ -20,7 +20,7 @@ from .config import ConfigError
 from .plan import MARGIN, _bytes, model_states, persistent_numel, step_peak
 from .plan_trace import Activations, trace_activations, worst_micro_batch
 
-PLAN_CACHE_VERSION = 3
+PLAN_CACHE_VERSION = 4
 MAX_COPIES = 4096  # the search's bound on samples a micro-batch holds
 
 
@@ -48,8 +48,9 @@ class RunPlanner:
         n_trained = sum(n for n, p in zip(sizes, params) if p.requires_grad)
         block = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
                      for m in model.modules()), default=0)
+        largest = max((n for n, p in zip(sizes, params) if p.requires_grad), default=0)
         self.states = model_states(sum(sizes), n_trained, zero.get("stage", 0), world, 2 if self.bf16 else 4, zero,
-                                   block, persistent_numel(sizes, zero))
+                                   block, persistent_numel(sizes, zero), largest)
         ok = checks.kind == OK
         self.longest = int(checks.n_tokens[ok].max()) if ok.any() else config.data.max_length
         self.most_image = int(checks.n_image_tokens[ok].max()) if ok.any() else 0

@@ -8,6 +8,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 _MISSING = object()
 
@@ -24,6 +25,8 @@ class Activations:
                                    # embedding's head gradient waits through the whole backward)
     head: float = 0.0     # of which the loss's chunk (its bound)
     per_rank_of_sp: int = 1  # traced as one rank of a sequence-parallel group of this size (1: the whole)
+    moved_before_first_grad: float = 0.0  # peak_moved_grads before the first gradient is accumulated, and from
+    moved_from_first_grad: float = 0.0    # it on (ZeRO-1/2 allocate their buckets and partitions at that moment)
 
 
 def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
@@ -166,6 +169,7 @@ class LiveBytes:
         self.mode = _Mode()
         self._refs: dict[int, int] = {}    # storage key -> tensors alive on it
         self._serial: dict[int, int] = {}  # storage key -> the serial number of its current lifetime
+        self.first_grad: Optional[int] = None  # the event at which the first gradient was accumulated
 
     def _add(self, tensor, weakref) -> None:
         """A storage lives while any tensor on it does (tensors keep their Python objects while alive; a
@@ -188,6 +192,8 @@ class LiveBytes:
     def moved(self, tensor) -> None:
         """`tensor`'s storage is done with (a parameter's accumulated gradient, which ZeRO 2/3 move into their
         buckets at once): `peak(moved=True)` counts it released here."""
+        if self.first_grad is None:  # ZeRO-1/2 allocate their buckets and gradient partitions from here on
+            self.first_grad = len(self.events)
         key = tensor.untyped_storage()._cdata
         if key in self._serial:
             self.events.append((MOVED, self._serial[key]))
@@ -197,12 +203,13 @@ class LiveBytes:
         return {self._serial[t.untyped_storage()._cdata] for t in tensors
                 if t.untyped_storage()._cdata in self._serial}
 
-    def peak(self, leave_out: set[int] = frozenset(), moved: bool = False) -> int:
-        """The most bytes alive at once, leaving out the storages `leave_out`; with `moved`, each storage marked
-        by `moved()` counted released there (and not again at its real release)."""
+    def peak(self, leave_out: set[int] = frozenset(), moved: bool = False, start: int = 0,
+             stop: Optional[int] = None) -> int:
+        """The most bytes alive at once (at events start..stop), leaving out the storages `leave_out`; with
+        `moved`, each storage marked by `moved()` counted released there (and not again at its real release)."""
         live = best = 0
         sizes, gone = {}, set()
-        for size, key in self.events:
+        for i, (size, key) in enumerate(self.events[:stop]):
             if key in leave_out:
                 continue
             if size == MOVED:
@@ -215,7 +222,8 @@ class LiveBytes:
             elif key in gone:
                 continue
             live += size
-            best = max(best, live)
+            if i >= start:
+                best = max(best, live)
         return best
 
 
@@ -382,9 +390,12 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
         peak, with_grads, moved = tracker.peak(leave_out=grads), tracker.peak(), tracker.peak(moved=True)
+        first = tracker.first_grad if tracker.first_grad is not None else len(tracker.events)
+        before, after = tracker.peak(moved=True, stop=first), tracker.peak(moved=True, start=first)
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
-                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved), per_rank_of_sp=sp)
+                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved), per_rank_of_sp=sp,
+                       moved_before_first_grad=float(before), moved_from_first_grad=float(after))
 
 
 def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):

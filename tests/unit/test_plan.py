@@ -24,9 +24,9 @@ def test_model_states_follow_zero_partitioning():
     assert small.buckets == 2 * 5e8 * 2
     zero3 = model_states(n, t, 3, 8, 2, {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e8,
                                          "stage3_prefetch_bucket_size": 5e7})
-    assert zero3.weights == pytest.approx(2e9 / 8 + (1e8 + 5e7) * 2 * 7 / 8) and zero3.optimizer == 12e9 / 8
+    assert zero3.weights == pytest.approx(2e9 / 8 + (1e8 + 5e7) * 2) and zero3.optimizer == 12e9 / 8
     layered = model_states(n, t, 3, 8, 2, {}, largest_module=10_000_000)  # two modules gathered at a time
-    assert layered.weights == pytest.approx(2e9 / 8 + 2 * 10_000_000 * 2 * 7 / 8)
+    assert layered.weights == pytest.approx(2e9 / 8 + 2 * 10_000_000 * 2)
     # parameters under stage3_param_persistence_threshold stay whole on every rank
     assert persistent_numel([10, 99_999, 100_000, 5_000_000], {"stage": 3}) == 100_009
     assert persistent_numel([10], {"stage": 3, "stage3_param_persistence_threshold": 0}) == 0
@@ -53,7 +53,9 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
         assert report["max_tokens_per_batch_that_fits"] > 512
         assert report["worst_micro_batch"]["image_tokens"] > 0
         peaks[stage] = report["per_rank_gb"]
-    assert peaks[3]["weights"] < peaks[2]["weights"] == peaks[0]["weights"]  # ZeRO-3 partitions the weights
+    assert peaks[3]["weights"] != peaks[2]["weights"] == peaks[0]["weights"]  # ZeRO-3 partitions the weights
+    if family != "qwen3_vl_moe":  # the tiny MoE's fused experts, gathered two modules at a time, outweigh 1/2 of it
+        assert peaks[3]["weights"] < peaks[2]["weights"]
     assert peaks[2]["optimizer_states"] < peaks[0]["optimizer_states"]
     assert "fits" in capsys.readouterr().out
 
