@@ -180,8 +180,11 @@ def _extra(parser) -> None:
     parser.add_argument("--gpu", default="h100-80gb", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--gpu_memory_gb", type=float, default=0.0, help="the GPU's memory (GB of 1e9 bytes), "
                                                                           "instead of --gpu's")
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation the step time "
-                                                                        "assumes")
+    parser.add_argument("--mfu", type=float, default=0.0,
+                        help=f"model FLOPs utilisation the step time assumes (default: --gpu_check's, else "
+                             f"{DEFAULT_MFU})")
+    parser.add_argument("--gpu_check", default="", help="a `launch/gpu_check.sh --out` JSON: the MFU its sweep "
+                                                        "measured at the size nearest this plan's micro-batch")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="the machine planned for: cuda (bf16, flash/varlen attention) or cpu (fp32, sdpa)")
     parser.add_argument("--out", default="", help="write the plan as JSON here")
@@ -262,7 +265,8 @@ def plan(argv=None) -> Optional[dict]:
     flops = flops_counter(micro.inputs, len(LabelRows.from_labels(micro.labels)), micro.sample_lengths)
     # per rank: a sequence-parallel group shares its micro-batches, each rank computing 1/sp of them
     step_flops = flops * config.batch.grad_accum / max(1, sp)
-    step_s = step_flops / (extra["mfu"] * peak_tflops * 1e12) if peak_tflops else None
+    mfu, mfu_from = mfu_to_assume(extra["mfu"], extra["gpu_check"], act.tokens)
+    step_s = step_flops / (mfu * peak_tflops * 1e12) if peak_tflops else None
     report = {
         "command": "python -m ds_vlm.plan " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": config.model.path, "world_size": world, "sequence_parallel": sp, "zero_stage": stage,
@@ -274,7 +278,7 @@ def plan(argv=None) -> Optional[dict]:
         "worst_micro_batch": {"tokens": act.tokens, "image_tokens": act.image_tokens, "from": source},
         "peak_gb_per_rank": peak / 1e9, "fits": fits,
         "max_tokens_per_batch_that_fits": best,
-        "step_flops_per_rank": step_flops, "mfu_assumed": extra["mfu"] if peak_tflops else None,
+        "step_flops_per_rank": step_flops, "mfu_assumed": mfu if peak_tflops else None, "mfu_from": mfu_from,
         "step_time_s": step_s, "tokens_per_s": (act.tokens * config.batch.grad_accum * world / max(1, sp) / step_s)
         if step_s else None,
         "seconds_to_plan": round(time.perf_counter() - began, 1),
@@ -286,6 +290,23 @@ def plan(argv=None) -> Optional[dict]:
         with open(extra["out"], "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def mfu_to_assume(given: float, gpu_check: str, tokens: int) -> tuple[float, str]:
+    """(MFU, where it comes from): --mfu; else the GPU check's sweep (`gpu_check.sh --out`), its measured MFU
+    at the size nearest `tokens`; else DEFAULT_MFU, an assumption."""
+    if given:
+        return given, "--mfu"
+    if gpu_check:
+        with open(gpu_check) as f:
+            stages = {s["name"]: s for s in json.load(f).get("stages", [])}
+        rows = [r for r in stages.get("sweep_2b", {}).get("detail", {}).get("rows", [])
+                if r.get("status") == "ok" and r.get("mfu")]
+        if rows:
+            near = min(rows, key=lambda r: abs(r["tokens"] - tokens))
+            return near["mfu"], f"measured by {gpu_check} at {near['tokens']} tokens"
+        return DEFAULT_MFU, f"assumed: {gpu_check} has no measured MFU"
+    return DEFAULT_MFU, "assumed: no --gpu_check measurement given"
 
 
 def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp, block,
@@ -333,7 +354,8 @@ def render(report: dict) -> str:
     lines.append(f"largest --max_tokens_per_batch that fits: {report['max_tokens_per_batch_that_fits']}")
     if report["step_time_s"]:
         lines.append(f"step: {report['step_flops_per_rank'] / 1e12:.1f} TFLOP per rank, {report['step_time_s']:.2f} s "
-                     f"and {report['tokens_per_s']:.0f} tokens/s at an assumed MFU of {report['mfu_assumed']:.0%}")
+                     f"and {report['tokens_per_s']:.0f} tokens/s at an MFU of {report['mfu_assumed']:.0%} "
+                     f"({report['mfu_from']})")
     for alt in report.get("would_fit", []):
         lines.append(f"  instead: {alt['change']}: {alt['peak_gb_per_rank']:.2f} GB"
                      f" ({'fits' if alt['fits'] else 'does not fit'})")

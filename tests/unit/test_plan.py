@@ -110,3 +110,16 @@ def test_sequence_parallelism_is_traced_per_rank_slice(family_models, tmp_path):
     whole, rank = acts[1]["per_rank_gb"]["activations"], acts[2]["per_rank_gb"]["activations"]
     assert 0.3 * whole < rank < 0.9 * whole, (whole, rank)
     assert acts[2]["step_flops_per_rank"] == pytest.approx(acts[1]["step_flops_per_rank"] / 2)
+
+
+def test_the_step_time_takes_the_gpu_checks_measured_mfu(tmp_path):
+    from ds_vlm.plan import DEFAULT_MFU, mfu_to_assume
+
+    check = tmp_path / "gpu_check.json"
+    check.write_text(json.dumps({"stages": [{"name": "sweep_2b", "detail": {"rows": [
+        {"tokens": 8000, "status": "ok", "mfu": 0.30}, {"tokens": 64000, "status": "ok", "mfu": 0.42},
+        {"tokens": 128000, "status": "out of memory"}]}}]}))
+    assert mfu_to_assume(0.0, str(check), 60000)[0] == 0.42
+    assert mfu_to_assume(0.0, str(check), 9000)[0] == 0.30
+    assert mfu_to_assume(0.5, str(check), 9000) == (0.5, "--mfu")
+    assert mfu_to_assume(0.0, "", 9000)[0] == DEFAULT_MFU
