@@ -275,6 +275,8 @@ def plan(argv=None) -> Optional[dict]:
         "per_rank_gb": {"weights": states.weights / 1e9, "gradients": states.gradients / 1e9,
                         "optimizer_states": states.optimizer / 1e9, "zero_buffers": states.buckets / 1e9,
                         "activations": (peak - states.total) / 1e9, "allocator_margin": margin / 1e9},
+        "activations_by_part_gb": {k: v * rank_activations(act, sp) / max(1.0, act.peak) / 1e9
+                                   for k, v in sorted(act.by_part.items(), key=lambda kv: -kv[1])},
         "worst_micro_batch": {"tokens": act.tokens, "image_tokens": act.image_tokens, "from": source},
         "peak_gb_per_rank": peak / 1e9, "fits": fits,
         "max_tokens_per_batch_that_fits": best,
@@ -348,6 +350,10 @@ def render(report: dict) -> str:
              f"{report['worst_micro_batch']['image_tokens']} image tokens ({report['worst_micro_batch']['from']})",
              "per rank (GB):"]
     lines += [f"  {name.replace('_', ' '):<18} {value:10.4f}" for name, value in parts.items()]
+    by_part = report.get("activations_by_part_gb") or {}
+    if by_part:
+        lines.append("  (the traced activations at their peak, by what made them: "
+                     + ", ".join(f"{name} {value:.4f}" for name, value in by_part.items()) + ")")
     verdict = "fits" if report["fits"] else "DOES NOT FIT"
     lines.append(f"  {'peak (allocated)':<18} {report['peak_gb_per_rank']:10.4f}  of {report['gpu_memory_gb']:.1f} GB: "
                  f"{verdict}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 _MISSING = object()
@@ -25,6 +25,8 @@ class Activations:
                                    # embedding's head gradient waits through the whole backward)
     head: float = 0.0     # of which the loss's chunk (its bound)
     per_rank_of_sp: int = 1  # traced as one rank of a sequence-parallel group of this size (1: the whole)
+    by_part: dict = field(default_factory=dict)  # `peak`'s storages by what made them: the vision tower, the
+                                                 # language tower, the loss, the backward's temporaries, other
     moved_before_first_grad: float = 0.0  # peak_moved_grads before the first gradient is accumulated, and from
     moved_from_first_grad: float = 0.0    # it on (ZeRO-1/2 allocate their buckets and partitions at that moment)
 
@@ -170,6 +172,8 @@ class LiveBytes:
         self._refs: dict[int, int] = {}    # storage key -> tensors alive on it
         self._serial: dict[int, int] = {}  # storage key -> the serial number of its current lifetime
         self.first_grad: Optional[int] = None  # the event at which the first gradient was accumulated
+        self.part = "other"                     # what is running (set by the trace's module hooks)
+        self.part_of: dict[int, str] = {}       # storage serial -> the part running when it was made
 
     def _add(self, tensor, weakref) -> None:
         """A storage lives while any tensor on it does (tensors keep their Python objects while alive; a
@@ -179,6 +183,7 @@ class LiveBytes:
         if key not in self._refs:
             self._refs[key] = 0
             self._serial[key] = len(self.events)
+            self.part_of[self._serial[key]] = self.part
             self.events.append((int(storage.nbytes()), self._serial[key]))
         self._refs[key] += 1
         weakref.finalize(tensor, self._release, key, self._serial[key], int(storage.nbytes()))
@@ -197,6 +202,41 @@ class LiveBytes:
         key = tensor.untyped_storage()._cdata
         if key in self._serial:
             self.events.append((MOVED, self._serial[key]))
+
+    def parts_at_peak(self, leave_out: set[int] = frozenset()) -> dict[str, int]:
+        """The storages alive at the peak of `peak(leave_out)`, in bytes by the part that made them."""
+        live, best, at = 0, -1, 0
+        for i, (size, key) in enumerate(self.events):
+            if key not in leave_out and size != MOVED:
+                live += size
+                if live > best:
+                    best, at = live, i
+        alive: dict[int, int] = {}
+        for size, key in self.events[:at + 1]:
+            if key in leave_out or size == MOVED:
+                continue
+            if size > 0:
+                alive[key] = size
+            else:
+                alive.pop(key, None)
+        out: dict[str, int] = {}
+        for key, size in alive.items():
+            out[self.part_of.get(key, "other")] = out.get(self.part_of.get(key, "other"), 0) + size
+        return out
+
+    def label(self, module, name: str) -> None:
+        """Storages made while `module` runs forward (and recomputes) are `name`'s."""
+        saved: list[str] = []
+
+        def enter(*_):
+            saved.append(self.part)
+            self.part = name
+
+        def leave(*_):
+            self.part = saved.pop() if saved else "other"
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
 
     def serials(self, tensors) -> set[int]:
         """The serial numbers of the storages under `tensors` (alive now)."""
@@ -374,6 +414,12 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
         tracker = LiveBytes(mode)
         for param in (p for p in model.parameters() if p.requires_grad):
             param.register_post_accumulate_grad_hook(lambda p: tracker.moved(p.grad))
+        parts = adapter.parts(model)
+        for module in [*parts.vision, *parts.projector]:
+            tracker.label(module, "vision tower")
+        for module in [parts.llm_decoder, *getattr(parts.llm_decoder, "layers", [])]:  # layers: their recompute
+            tracker.label(module, "language tower")
+        tracker.label(model.get_output_embeddings(), "loss")
         # transformers builds a full L x L causal mask when it sees fake tensors (it takes them for a compile
         # trace); the real run's sdpa gets is_causal and no mask. Host values are known here, so the trace
         # decides as the real run does.
@@ -387,15 +433,18 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
                     inputs.pop("attention_mask")            # tensors: no padding, no mask (causal kernels)
                 output = trained(**inputs)
             loss = forward.loss(output)
+            tracker.part = "backward"  # the backward's own temporaries (a recomputed layer labels its own)
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
         peak, with_grads, moved = tracker.peak(leave_out=grads), tracker.peak(), tracker.peak(moved=True)
+        by_part = tracker.parts_at_peak(leave_out=grads)
         first = tracker.first_grad if tracker.first_grad is not None else len(tracker.events)
         before, after = tracker.peak(moved=True, stop=first), tracker.peak(moved=True, start=first)
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
                        peak_with_grads=float(with_grads), peak_moved_grads=float(moved), per_rank_of_sp=sp,
-                       moved_before_first_grad=float(before), moved_from_first_grad=float(after))
+                       moved_before_first_grad=float(before), moved_from_first_grad=float(after),
+                       by_part={k: float(v) for k, v in by_part.items()})
 
 
 def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int, most_image: int):

@@ -52,6 +52,8 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
         assert report["peak_gb_per_rank"] > report["per_rank_gb"]["activations"] > 0
         assert report["max_tokens_per_batch_that_fits"] > 512
         assert report["worst_micro_batch"]["image_tokens"] > 0
+        by_part = report["activations_by_part_gb"]  # what made the activations alive at their peak
+        assert by_part["language tower"] > 0 and by_part["vision tower"] > 0, by_part
         peaks[stage] = report["per_rank_gb"]
     assert peaks[3]["weights"] != peaks[2]["weights"] == peaks[0]["weights"]  # ZeRO-3 partitions the weights
     if family != "qwen3_vl_moe":  # the tiny MoE's fused experts, gathered two modules at a time, outweigh 1/2 of it
