@@ -19,8 +19,9 @@ import importlib
 import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError
 from .data.formats import DataError
+from .flags import load_config
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""One typed run config, in sections: YAML file + command-line flags (flags win), validated once.
+"""One typed run config, in sections, validated once (read from a YAML file and flags by ds_vlm/flags.py).
 
 Users type flat keys (`--lr`, `lr:` in YAML); each key is a field of one section, which is what a
 component is given (`encoder_for(..., config.data)`, `param_groups(..., config.optim)`):
@@ -12,31 +12,28 @@ component is given (`encoder_for(..., config.data)`, `param_groups(..., config.o
     logging     metrics, evaluation, reporters, MFU
 
 A `Literal[...]` type is the one place its allowed values are listed (the modules that need them take them
-from here: `choices("data_format")`). `python -m ds_vlm.config` prints the flag table of docs/training.md
-(`--update docs/training.md` rewrites it there). `to_keys()` gives the flat keys back, as run_config.json and
-checkpoints record them (checkpoints written before the sections resume the same way).
+from here: `choices("data_format")`). `to_keys()` gives the flat keys back, as run_config.json and
+checkpoints record them (checkpoints written before the sections resume the same way). The command line and
+YAML layer (the parser, old key names, the flag table of docs/training.md) is ds_vlm/flags.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
-
-import yaml
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
-def _key(default, help: str, key: str = ""):
-    """A config field; `key`: the flag / YAML key when it is not the field's own name."""
-    return field(default=default, metadata={"help": help, "key": key})
+def _key(default, help: str, key: str = "", parse=None, values: str = ""):
+    """A config field; `key`: the flag / YAML key when it is not the field's own name; `parse`: how a flag or
+    YAML value becomes the field's value when its type alone does not say (`values`: how the docs name them)."""
+    return field(default=default, metadata={"help": help, "key": key, "parse": parse, "values": values})
 
 
 DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca", "prompt_completion",
@@ -52,8 +49,6 @@ def token_budget(value) -> int:
     """--max_tokens_per_batch: a number of tokens, or `auto` (AUTO_BUDGET)."""
     return AUTO_BUDGET if str(value).strip().lower() == "auto" else int(value)
 
-
-token_budget.__name__ = "int or auto"
 
 
 @dataclass
@@ -104,7 +99,8 @@ class BatchConfig:
     max_tokens_per_batch: int = _key(0, "form micro-batches by this budget of computed tokens (padded ones; with "
                                         "--packing, real ones) instead of --micro_batch_size; 0: off; auto: the "
                                         "largest the planner finds fits the rank's memory with a 10% margin "
-                                        "(resolved at start, recorded in run_config.json and checkpoints)")
+                                        "(resolved at start, recorded in run_config.json and checkpoints)",
+                                     parse=token_budget, values="int or auto")
     plan_memory_gb: float = _key(0.0, "a rank's memory (GB) for --max_tokens_per_batch auto and the start-up plan "
                                       "line; 0: the GPU's (a CPU run needs it for auto)")
     packing: bool = _key(False, "each micro-batch is one row of its samples, no padding; attention stays inside "
@@ -284,12 +280,6 @@ class TrainConfig:
         return self
 
 
-# Old names users may have in their YAML files or scripts: key -> (key it sets, how its value maps).
-ALIASES = {
-    "unfreeze_vision_layers": ("train_vision", lambda n: f"last:{int(n)}" if int(n) > 0 else "none"),
-}
-
-
 def _fields():
     """(key, section or '', dataclass field, its type) for every key, in table order (sections, then top level)."""
     out = []
@@ -323,125 +313,3 @@ def choice_keys() -> dict[str, tuple]:
 def choices(key: str) -> tuple:
     """The allowed values of one key (the one source other modules take them from)."""
     return choice_keys()[key]
-
-
-def _str2bool(text) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _converter(kind, key: str = ""):
-    if kind is bool:
-        return _str2bool
-    if key == "max_tokens_per_batch":
-        return token_budget
-    if typing.get_origin(kind) is Literal:
-        return type(typing.get_args(kind)[0])  # the values' type (str, or int for --lora_bits)
-    return kind
-
-
-def _coerce(key: str, value, source: str):
-    """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its key's type."""
-    kind = field_types()[key]
-    try:
-        return _converter(kind, key)(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from err
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning of vision-language models on DeepSpeed.")
-    parser.add_argument("--config", help="YAML file with the same keys as the flags; flags win")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    for key, _, f, kind in _fields():
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats
-        if kind is bool:
-            parser.add_argument(f"--{key}", type=_str2bool, nargs="?", const=True,
-                                default=argparse.SUPPRESS, metavar="true|false", help=help_text)
-        else:
-            allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
-            parser.add_argument(f"--{key}", type=_converter(kind, key), default=argparse.SUPPRESS,
-                                metavar="|".join(map(str, allowed)) if allowed else None, help=help_text)
-    for alias, (target, _) in ALIASES.items():
-        parser.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"old name: sets --{target}")
-    return parser
-
-
-def _merge(args: dict) -> TrainConfig:
-    """YAML (if --config) then explicit flags; unknown YAML keys are errors; aliases map to their key."""
-    values: dict = {}
-    config_file = args.pop("config", None)
-    args.pop("local_rank", None)
-    known = set(key_table())
-    if config_file:
-        with open(config_file) as f:
-            loaded = yaml.safe_load(f) or {}
-        unknown = sorted(set(loaded) - known - set(ALIASES))
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown key(s) {unknown}; known keys are the flags of launch/train.py")
-        values.update(_resolve_aliases(loaded, config_file))
-        values = {key: _coerce(key, value, config_file) for key, value in values.items()}
-    values.update(_resolve_aliases(args, "command line"))
-    return TrainConfig.from_keys(**values)
-
-
-def _resolve_aliases(values: dict, source: str) -> dict:
-    out = {k: v for k, v in values.items() if k not in ALIASES}
-    for alias, (target, convert) in ALIASES.items():
-        if alias in values:
-            if target in values:
-                raise ConfigError(f"{source}: --{alias} and --{target} both set; give one (--{alias} is the old "
-                                  f"name of --{target})")
-            try:
-                out[target] = convert(values[alias])
-            except ValueError as err:
-                raise ConfigError(f"{source}: {alias}: {values[alias]!r} is not valid") from err
-    return out
-
-
-def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """The trainer's config from --config YAML and flags, validated for training."""
-    return _merge(vars(build_parser().parse_args(argv))).validate()
-
-
-def load_tool_config(argv: Optional[list[str]], add_arguments, needs_data: bool = True) -> tuple[TrainConfig, dict]:
-    """For tools that take the trainer's flags plus their own (`add_arguments(parser)`): (config, their
-    values). The DeepSpeed json is not required (nor --train_data, for a tool that plans without data)."""
-    parser = build_parser()
-    add_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    names = set(key_table()) | set(ALIASES) | {"config", "local_rank"}
-    extras = {k: args.pop(k) for k in list(args) if k not in names}
-    return _merge(args).validate(for_training=False, needs_data=needs_data), extras
-
-
-def flag_table() -> str:
-    """The markdown table of every key (docs/training.md holds this output; a test keeps them equal)."""
-    rows = ["| flag / key | section | default | values | meaning |", "|---|---|---|---|---|"]
-    for key, section, f, kind in _fields():
-        values = (", ".join(map(str, typing.get_args(kind))) if typing.get_origin(kind) is Literal
-                  else getattr(_converter(kind, key), "__name__", str(kind)))
-        default = f"`{f.default}`" if f.default != "" else ""
-        rows.append(f"| `{key}` | {section or 'run'} | {default} | {values} | {f.metadata.get('help', '')} |")
-    for alias, (target, _) in ALIASES.items():
-        rows.append(f"| `{alias}` | | | int | old name: N sets `{target}` to `last:N` |")
-    return "\n".join(rows)
-
-
-def update_flag_table(path: str) -> None:
-    """Replace the table between the flag markers of a markdown file with `flag_table()`."""
-    text = Path(path).read_text()
-    begin, end = "<!-- flags:begin -->\n", "\n<!-- flags:end -->"
-    head, rest = text.split(begin, 1)
-    Path(path).write_text(head + begin + flag_table() + end + rest.split(end, 1)[1])
-
-
-if __name__ == "__main__":  # python -m ds_vlm.config [--update docs/training.md]
-    if sys.argv[1:2] == ["--update"]:
-        update_flag_table(sys.argv[2])
-    else:
-        sys.stdout.write(flag_table() + "\n")

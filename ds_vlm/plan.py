@@ -194,9 +194,10 @@ def plan(argv=None) -> Optional[dict]:
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from .config import AUTO_BUDGET, ConfigError, load_tool_config
+    from .config import AUTO_BUDGET, ConfigError
     from .data.encode import encoder_for
     from .ds_config import resolve_ds_config
+    from .flags import load_tool_config
     from .metrics import FlopsCounter
     from .models import adapter_for
 

@@ -17,10 +17,11 @@ import sys
 import time
 from collections import Counter
 
-from .config import ConfigError, load_tool_config
+from .config import ConfigError
 from .data.encode import encoder_for
 from .data.preflight import OK, preflight, summarize
 from .data.sources import RecordIndex
+from .flags import load_tool_config
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT
 
-from ds_vlm.config import ConfigError, TrainConfig, choices, key_table, load_config
+from ds_vlm.config import ConfigError, TrainConfig, choices, key_table
+from ds_vlm.flags import load_config
 
 BASE = ["--model", "m", "--train_data", "d.jsonl"]
 
@@ -33,8 +34,8 @@ def test_unknown_yaml_key_and_bad_values_are_named(tmp_path):
 
 
 def test_the_flag_table_in_the_docs_is_the_config():
-    """docs/training.md holds `python -m ds_vlm.config`'s table: every key, its section, default and values."""
-    from ds_vlm.config import flag_table
+    """docs/training.md holds `python -m ds_vlm.flags`'s table: every key, its section, default and values."""
+    from ds_vlm.flags import flag_table
 
     text = (ROOT / "docs" / "training.md").read_text()
     table = text.split("<!-- flags:begin -->\n", 1)[1].split("\n<!-- flags:end -->", 1)[0]

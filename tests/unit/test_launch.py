@@ -52,7 +52,7 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     from deepspeed.launcher.runner import fetch_hostfile
     from deepspeed.launcher.runner import parse_args as parse_launcher_args
 
-    from ds_vlm.config import load_config
+    from ds_vlm.flags import load_config
 
     args, env, stage, expected = RECIPE_CASES[case]
     commands = _dry_run(RECIPE, *args, TMPDIR=tmp_path, **env)  # TMPDIR: where a --no_ssh hostfile is written

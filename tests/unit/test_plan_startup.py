@@ -40,7 +40,7 @@ def test_the_flag_takes_auto_and_numbers():
     config = TrainConfig.from_keys(model="m", train_data="d", max_tokens_per_batch=AUTO_BUDGET, max_length=512)
     assert config.validate(for_training=False).batch.max_tokens_per_batch == AUTO_BUDGET
     assert BatchConfig().plan_memory_gb == 0.0
-    from ds_vlm.config import load_config
+    from ds_vlm.flags import load_config
 
     parsed = load_config(["--model", "m", "--train_data", "d", "--max_tokens_per_batch", "auto"])
     assert parsed.batch.max_tokens_per_batch == AUTO_BUDGET
