@@ -188,13 +188,19 @@ def config_differences(meta: dict, config: dict, global_batch: int, total_steps:
     return diffs
 
 
+def resume_source(config: CheckpointConfig) -> Optional[Path]:
+    """The complete checkpoint --resume points at (auto: the output dir's latest), or None."""
+    if config.resume == "none":
+        return None
+    return find_checkpoint(config.output_dir if config.resume == "auto" else config.resume)
+
+
 def resume_point(config: CheckpointConfig, run_meta: dict):
     """(checkpoint to resume from or None, whether it needs the universal format). `run_meta["config"]` holds
     this run's flat keys, as checkpoints record them."""
     if config.resume == "none":
         return None, False
-    source = config.output_dir if config.resume == "auto" else config.resume
-    found = find_checkpoint(source)
+    found = resume_source(config)
     if found is None:
         if config.resume != "auto":
             raise ConfigError(f"--resume {config.resume}: no complete checkpoint there")

@@ -95,7 +95,7 @@ class TensorMeter:
     def __init__(self, parameters=()):
         self.parameters = list(parameters)
         self.baseline = 0
-        self.closing_gap = 0  # bytes: the running sum's end against a fresh walk (0: every release was seen)
+        self._end = 0  # where the running sum ended
         self._profiler = None
 
     def start(self) -> None:
@@ -118,8 +118,14 @@ class TensorMeter:
         for _, size in events:
             live += size
             peak = max(peak, live)
-        self.closing_gap = live - reachable_tensor_bytes(self.parameters)
+        self._end = live
         return peak
+
+    @property
+    def closing_gap(self) -> int:
+        """Bytes: where the last step's running sum ended against a fresh walk now (0: every release was seen);
+        walked when asked, not in the step."""
+        return self._end - reachable_tensor_bytes(self.parameters)
 
 
 @contextmanager

@@ -32,14 +32,13 @@ keep their names.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .plan_trace import no_zero3_init, trace_activations, worst_micro_batch
+from .plan_trace import largest_image_tokens, meta_model, trace_activations, worst_counts, worst_micro_batch
 
 GIB = 1 << 30
 # name: (memory as torch reports it, dense bf16 peak TFLOP/s: the table metrics.py's MFU uses)
@@ -106,19 +105,14 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
                        whole_grads=t * p if stage <= 1 else 0.0)
 
 
-def rank_activations(act, sp: int) -> float:
-    """A rank's traced activations (a trace of one rank's slice is that rank's already; a whole one is split)."""
-    return act.peak if act.per_rank_of_sp > 1 else act.peak / max(1, sp)
-
-
-def step_peak(states: ModelStates, act, sp: int) -> float:
+def step_peak(states: ModelStates, act) -> float:
     """The step's busiest moment on a rank: the model states plus the traced activations, with the gradients
-    as the ZeRO stage holds them. Under ZeRO 0/1 the parameters' gradients grow through the backward while
-    activations are freed, so the trace's own peak with the gradients in it (`peak_with_grads`) stands for both
-    (with sequence parallelism, which splits the activations and not the gradients, the smaller of the two
-    bounds). Under ZeRO 2/3 each gradient lives from its making until its parameter is accumulated and moved
-    into ZeRO's buffers (`peak_moved_grads`; the buffers are model states)."""
-    summed = states.total + rank_activations(act, sp)
+    as the ZeRO stage holds them (`act`: one rank's trace, its slice under sequence parallelism). Under ZeRO 0/1
+    the parameters' gradients grow through the backward while activations are freed, so the trace's own peak
+    with the gradients in it (`peak_with_grads`) stands for both. Under ZeRO 2/3 each gradient lives from its
+    making until its parameter is accumulated and moved into ZeRO's buffers (`peak_moved_grads`; the buffers
+    are model states)."""
+    summed = states.total + act.peak
     if states.whole_grads and act.peak_with_grads:
         return min(summed, states.total - states.whole_grads + act.peak_with_grads)
     if not states.whole_grads and act.peak_moved_grads:
@@ -138,21 +132,34 @@ def step_peak(states: ModelStates, act, sp: int) -> float:
     return summed
 
 
-def count_parameters(config, adapter, model_config) -> tuple[int, int, object]:
-    """(all parameters, trained ones, the meta-device model) under the run's trainable flags and LoRA."""
-    import torch
-    from transformers import AutoModelForImageTextToText
+@dataclass
+class ParamCounts:
+    """What the model states need of a model: each parameter's size (ZeRO-3's partitioned ones by their full
+    size), which train, and the most one module holds itself (ZeRO-3 gathers module by module)."""
 
-    from .lora import apply_lora
-    from .model_loading import set_trainable
+    sizes: list[int]
+    n_trained: int
+    largest_trained: int
+    largest_module: int
 
-    with torch.device("meta"), no_zero3_init():
-        model = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
-    set_trainable(model, adapter, model_config)
-    if model_config.lora_rank:
-        apply_lora(model, adapter, model_config)  # peft adds the adapters to `model` in place (and wraps it)
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), model
+    @classmethod
+    def of(cls, model) -> "ParamCounts":
+        def numel(p) -> int:
+            return int(getattr(p, "ds_numel", p.numel()))
+
+        params = list(model.parameters())
+        trained = [numel(p) for p in params if p.requires_grad]
+        block = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block)
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.sizes)
+
+    def states(self, stage: int, world: int, bytes_per_param: int, zero: dict) -> ModelStates:
+        """`model_states` of these parameters (persistence by `zero`'s own stage)."""
+        return model_states(self.n_params, self.n_trained, stage, world, bytes_per_param, zero, self.largest_module,
+                            persistent_numel(self.sizes, zero), self.largest_trained)
 
 
 def persistent_numel(sizes, zero: dict) -> int:
@@ -160,11 +167,6 @@ def persistent_numel(sizes, zero: dict) -> int:
     partitioned (each parameter under `stage3_param_persistence_threshold`, 1e5 by default)."""
     threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     return sum(n for n in sizes if n < threshold) if zero.get("stage", 0) == 3 else 0
-
-
-def largest_module(model) -> int:
-    """The most parameters a single module holds itself (ZeRO-3 gathers module by module)."""
-    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
 def main(argv=None) -> int:
@@ -224,11 +226,9 @@ def plan(argv=None) -> Optional[dict]:
     dtype = torch.bfloat16 if precision == 2 else torch.float32
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
-    n_params, n_trained, meta_model = count_parameters(model_cfg, adapter, config.model)
-    block = largest_module(meta_model)
-    persistent = persistent_numel((p.numel() for p in meta_model.parameters()), zero)
-    largest = max((p.numel() for p in meta_model.parameters() if p.requires_grad), default=0)
-    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent, largest)
+    meta, _ = meta_model(model_cfg, adapter, config.model)
+    counts = ParamCounts.of(meta)
+    states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]][0]
     peak_tflops = GPUS.get(extra["gpu"], (0, None))[1] if cuda else None
 
@@ -241,26 +241,20 @@ def plan(argv=None) -> Optional[dict]:
 
         checks, _ = preflight(RecordIndex(config.data.train_data, config.data.image_root, config.data.data_format,
                                           config.data.data_cache), encoder, "cached", config.data.data_cache)
-        ok = checks.kind == OK
-        if ok.any():
-            longest, most_image = int(checks.n_tokens[ok].max()), int(checks.n_image_tokens[ok].max())
+        if (checks.kind == OK).any():
+            longest, most_image = worst_counts(checks, longest)
             source = f"{config.data.train_data}: longest sample {longest} tokens, most image tokens {most_image}"
     if not most_image:
-        largest = getattr(processor.image_processor, "max_pixels", None) or (
-            processor.image_processor.size.get("longest_edge", 448) ** 2 if hasattr(processor.image_processor, "size")
-            and isinstance(processor.image_processor.size, dict) else 448 * 448)
-        image_processor = processor.image_processor
-        patch = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 1)
-        most_image = min(longest // 2, int(largest // (patch * patch)))
+        most_image = min(longest // 2, largest_image_tokens(processor.image_processor))
     micro = worst_micro_batch(encoder, adapter, model_cfg, config.batch, sp, longest, most_image)
-    act = trace_activations(config.model.path, model_cfg, config.model, adapter, "sdpa", micro, dtype, sp)
+    act = trace_activations(model_cfg, config.model, adapter, micro, dtype, sp)
     margin = MARGIN * memory
-    peak = step_peak(states, act, sp)
+    peak = step_peak(states, act)
     fits = peak + margin <= memory
-    per_token = rank_activations(act, sp) / max(1, act.tokens)  # per rank: sequence parallelism splits each row
+    per_token = act.peak / max(1, act.tokens)  # per rank: sequence parallelism splits each row
     free = memory - margin - states.total
     best = int(free / per_token) if per_token > 0 and free > 0 else 0
-    flops_counter = FlopsCounter(meta_model, adapter, config.model)
+    flops_counter = FlopsCounter(meta, adapter, config.model)
     from .loss import LabelRows
 
     flops = flops_counter(micro.inputs, len(LabelRows.from_labels(micro.labels)), micro.sample_lengths)
@@ -272,11 +266,11 @@ def plan(argv=None) -> Optional[dict]:
         "command": "python -m ds_vlm.plan " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": config.model.path, "world_size": world, "sequence_parallel": sp, "zero_stage": stage,
         "precision": "bf16" if precision == 2 else "fp32", "gpu": extra["gpu"], "gpu_memory_gb": memory / 1e9,
-        "parameters": n_params, "trained_parameters": n_trained,
+        "parameters": counts.n_params, "trained_parameters": counts.n_trained,
         "per_rank_gb": {"weights": states.weights / 1e9, "gradients": states.gradients / 1e9,
                         "optimizer_states": states.optimizer / 1e9, "zero_buffers": states.buckets / 1e9,
                         "activations": (peak - states.total) / 1e9, "allocator_margin": margin / 1e9},
-        "activations_by_part_gb": {k: v * rank_activations(act, sp) / max(1.0, act.peak) / 1e9
+        "activations_by_part_gb": {k: v / 1e9
                                    for k, v in sorted(act.by_part.items(), key=lambda kv: -kv[1])},
         "worst_micro_batch": {"tokens": act.tokens, "image_tokens": act.image_tokens, "from": source},
         "peak_gb_per_rank": peak / 1e9, "fits": fits,
@@ -287,8 +281,7 @@ def plan(argv=None) -> Optional[dict]:
         "seconds_to_plan": round(time.perf_counter() - began, 1),
     }
     if not fits:
-        report["would_fit"] = alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp,
-                                           block, persistent)
+        report["would_fit"] = alternatives(counts, states, stage, world, precision, zero, act, memory, margin, sp)
     if extra["out"]:
         with open(extra["out"], "w") as f:
             json.dump(report, f, indent=2)
@@ -312,23 +305,20 @@ def mfu_to_assume(given: float, gpu_check: str, tokens: int) -> tuple[float, str
     return DEFAULT_MFU, "assumed: no --gpu_check measurement given"
 
 
-def alternatives(n_params, n_trained, stage, world, precision, zero, act, memory, margin, sp, block,
-                 persistent) -> list[dict]:
-    """What would fit instead, each with its predicted peak (GB)."""
+def alternatives(counts: ParamCounts, states: ModelStates, stage, world, precision, zero, act, memory, margin,
+                 sp) -> list[dict]:
+    """What would fit instead, each with its predicted peak (GB); `states`: the plan's own."""
     out = []
     for name, st, z, shrink in (("ZeRO-3", 3, zero, 1), (f"sequence parallel {2 * max(1, sp)}", stage, zero, 2),
                                 ("optimizer offloaded to the CPU", stage,
                                  {**zero, "offload_optimizer": {"device": "cpu"}}, 1)):
         if name == "ZeRO-3" and stage == 3:
             continue
-        states = model_states(n_params, n_trained, st, world, precision, z, block,
-                              persistent if st == stage else 0)
-        peak = states.total + rank_activations(act, sp) / shrink
+        peak = counts.states(st, world, precision, z).total + act.peak / shrink
         out.append({"change": name, "peak_gb_per_rank": peak / 1e9, "fits": peak + margin <= memory})
-    states = model_states(n_params, n_trained, stage, world, precision, zero, block, persistent)
     free = memory - margin - states.total
-    if free > 0 and rank_activations(act, sp) > free:
-        tokens = int(act.tokens * free / rank_activations(act, sp))
+    if free > 0 and act.peak > free:
+        tokens = int(act.tokens * free / act.peak)
         out.append({"change": f"--max_tokens_per_batch {tokens}", "peak_gb_per_rank": (states.total + free) / 1e9,
                     "fits": True})
     return out

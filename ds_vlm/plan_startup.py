@@ -1,8 +1,7 @@
-"""The planner inside the trainer (rank 0, after preflight): the one-line plan at start, and
-`--max_tokens_per_batch auto`, the largest token budget whose predicted peak fits the rank's memory with the
-planner's 10% margin.
+"""The planner inside the trainer (after preflight): `--max_tokens_per_batch auto`, the largest token budget
+whose predicted peak fits the rank's memory with the planner's 10% margin, and the one-line plan at start.
 
-Model states come from the loaded model's own parameters and DeepSpeed's partitioning (plan.model_states),
+Model states come from the loaded model's own parameters and DeepSpeed's partitioning (plan.ParamCounts),
 activations from the trace of this data's worst micro-batch on fake tensors (plan_trace.py), cached in the data
 cache keyed by the model config, the trainable flags, the batch and the worst sample's counts, so a restart
 pays nothing. The memory is `--plan_memory_gb`, else the GPU's; a CPU run without it states the peak only.
@@ -13,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Optional
 
-from .config import ConfigError
-from .plan import MARGIN, _bytes, model_states, persistent_numel, step_peak
-from .plan_trace import Activations, trace_activations, worst_micro_batch
+from .config import AUTO_BUDGET, ConfigError
+from .plan import MARGIN, ParamCounts, _bytes, step_peak
+from .plan_trace import Activations, trace_activations, worst_counts, worst_micro_batch
 
-PLAN_CACHE_VERSION = 4
+PLAN_CACHE_VERSION = 5
 MAX_COPIES = 4096  # the search's bound on samples a micro-batch holds
 
 
@@ -37,51 +37,44 @@ def rank_memory(config) -> Optional[float]:
 
 class RunPlanner:
     def __init__(self, config, loaded, ds_config: dict, world: int, checks, encoder):
-        from .data.preflight import OK
+        from .data.cache import cache_root, writable
 
         self.config, self.loaded, self.encoder = config, loaded, encoder
-        model = loaded.model
         zero = ds_config["zero_optimization"]
         self.bf16 = ds_config["bf16"]["enabled"]
-        params = list(model.parameters())
-        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in params]  # ZeRO-3: the full sizes
-        n_trained = sum(n for n, p in zip(sizes, params) if p.requires_grad)
-        block = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
-                     for m in model.modules()), default=0)
-        largest = max((n for n, p in zip(sizes, params) if p.requires_grad), default=0)
-        self.states = model_states(sum(sizes), n_trained, zero.get("stage", 0), world, 2 if self.bf16 else 4, zero,
-                                   block, persistent_numel(sizes, zero), largest)
-        ok = checks.kind == OK
-        self.longest = int(checks.n_tokens[ok].max()) if ok.any() else config.data.max_length
-        self.most_image = int(checks.n_image_tokens[ok].max()) if ok.any() else 0
+        self.states = ParamCounts.of(loaded.model).states(zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
+        self.longest, self.most_image = worst_counts(checks, config.data.max_length)
         self.sp = config.parallel.sequence_parallel
+        self.root = writable(cache_root(config.data.data_cache))
+        self._traced: dict[str, Activations] = {}  # this run's traces, by their cache key
 
     def traced(self, batch) -> Activations:
-        """The worst micro-batch of `batch`'s settings, traced (or read from the data cache)."""
+        """The worst micro-batch of `batch`'s settings, traced (or read from this run's or the data cache)."""
         import torch
-
-        from .data.cache import cache_root, writable
 
         config, model = self.config, self.loaded.model
         key = hashlib.sha256(json.dumps(
             [PLAN_CACHE_VERSION, model.config.to_json_string(), asdict(config.model), batch.micro_batch_size,
              batch.max_tokens_per_batch, batch.packing, self.longest, self.most_image, self.sp, self.bf16],
             sort_keys=True, default=str).encode()).hexdigest()[:24]
-        root = writable(cache_root(config.data.data_cache))
-        path = root / "plan" / f"{key}.json" if root is not None else None
+        if key in self._traced:
+            return self._traced[key]
+        path = self.root / "plan" / f"{key}.json" if self.root is not None else None
         if path is not None and path.exists():
-            return Activations(**json.loads(path.read_text()))
-        micro = worst_micro_batch(self.encoder, self.loaded.adapter, model.config, batch, self.sp, self.longest,
-                                  self.most_image)
-        act = trace_activations(config.model.path, model.config, config.model, self.loaded.adapter, "sdpa", micro,
-                                torch.bfloat16 if self.bf16 else torch.float32, self.sp)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(act)))
+            act = Activations(**json.loads(path.read_text()))
+        else:
+            micro = worst_micro_batch(self.encoder, self.loaded.adapter, model.config, batch, self.sp, self.longest,
+                                      self.most_image)
+            act = trace_activations(model.config, config.model, self.loaded.adapter, micro,
+                                    torch.bfloat16 if self.bf16 else torch.float32, self.sp)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(asdict(act)))
+        self._traced[key] = act
         return act
 
     def peak(self, batch) -> float:
-        return step_peak(self.states, self.traced(batch), self.sp)
+        return step_peak(self.states, self.traced(batch))
 
     def line(self, memory: Optional[float]) -> str:
         peak = self.peak(self.config.batch)
@@ -120,61 +113,59 @@ class RunPlanner:
                         f"tokens): predicted peak {_bytes(peak)} a rank of {_bytes(memory)} (10% kept)")
 
 
-def startup_line(config, loaded, ds_config: dict, world: int, checks, encoder) -> str:
-    """The trainer's one-line plan, never stopping a run: a model it cannot trace says so in the line; its
-    random draws are undone (rank 0's draws, LoRA dropout among them, stay the run's own)."""
+@contextmanager
+def _own_rng():
+    """The planner's random draws undone (rank 0's draws, LoRA dropout among them, stay the run's own)."""
     import torch
 
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return RunPlanner(config, loaded, ds_config, world, checks, encoder).line(rank_memory(config))
-    except Exception as err:  # noqa: BLE001 - a forecast must never stop a run
-        return f"plan: could not trace this model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-
-
-def auto_budget(config, loaded, ds_config: dict, world: int, checks, encoder) -> tuple[int, str]:
-    """`--max_tokens_per_batch auto` resolved (rank 0; the trainer shares it with every rank)."""
-    import torch
-
-    memory = rank_memory(config)
-    if memory is None:
-        raise ConfigError("--max_tokens_per_batch auto needs the memory to fit into: a GPU, or --plan_memory_gb")
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        return RunPlanner(config, loaded, ds_config, world, checks, encoder).auto_budget(memory)
+        yield
 
 
-def resolve_auto_budget(config, loaded, ds_config: dict, world: int, checks, encoder) -> Optional[str]:
-    """Set `config.batch.max_tokens_per_batch` where it is `auto`, the same on every rank, and say how (None
-    where it was a number): a run that resumes takes its checkpoint's number (the batches, and so the run, stay
-    exactly the uninterrupted one's), a new run the planner's on rank 0, shared (an error there stops every
-    rank with its message)."""
+def plan_at_start(config, loaded, ds_config: dict, world: int, checks, encoder) -> list[str]:
+    """What the trainer says of the plan at start (rank 0's lines; every rank calls it). `--max_tokens_per_batch
+    auto` is resolved first, the same on every rank: a run that resumes takes its checkpoint's number (the
+    batches, and so the run, stay exactly the uninterrupted one's), a new run the planner's on rank 0, shared (an
+    error there stops every rank with its message). Then the one-line plan (--plan_at_start), which never stops
+    a run: a model it cannot trace says so in the line. One planner for both, so the budget's traces serve the
+    line too."""
     from . import checkpoint as ckpt
     from . import distributed as comm
-    from .config import AUTO_BUDGET
 
+    rank0, said, planner = comm.rank() == 0, [], None
     batch = config.batch
-    if batch.max_tokens_per_batch != AUTO_BUDGET:
-        return None
-    found = None
-    if config.checkpoint.resume != "none":
-        found = ckpt.find_checkpoint(config.checkpoint.output_dir if config.checkpoint.resume == "auto"
-                                     else config.checkpoint.resume)
-    saved = int(ckpt.read_meta(found)["config"].get("max_tokens_per_batch", 0)) if found is not None else 0
-    if saved > 0:
-        batch.max_tokens_per_batch = saved
-        return f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it"
-    result = (0, "")
-    if comm.rank() == 0:
+    if batch.max_tokens_per_batch == AUTO_BUDGET:
+        found = ckpt.resume_source(config.checkpoint)
+        saved = int(ckpt.read_meta(found)["config"].get("max_tokens_per_batch", 0)) if found is not None else 0
+        if saved > 0:
+            batch.max_tokens_per_batch = saved
+            said.append(f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it")
+        else:
+            result = (0, "")
+            if rank0:
+                memory = rank_memory(config)
+                try:
+                    if memory is None:
+                        raise ConfigError("--max_tokens_per_batch auto needs the memory to fit into: a GPU, or "
+                                          "--plan_memory_gb")
+                    with _own_rng():
+                        planner = RunPlanner(config, loaded, ds_config, world, checks, encoder)
+                        result = planner.auto_budget(memory)
+                except ConfigError as err:
+                    result = (0, str(err))
+                except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast
+                    result = (0, f"--max_tokens_per_batch auto: the planner failed ({type(err).__name__}: {err})")
+            budget, message = comm.broadcast_object(result)
+            if not budget:
+                raise ConfigError(message)
+            batch.max_tokens_per_batch = budget
+            said.append(message)
+    if config.logging.plan_at_start and rank0:
         try:
-            result = auto_budget(config, loaded, ds_config, world, checks, encoder)
-        except ConfigError as err:
-            result = (0, str(err))
-        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast
-            result = (0, f"--max_tokens_per_batch auto: the planner failed ({type(err).__name__}: {err})")
-    budget, said = comm.broadcast_object(result)
-    if not budget:
-        raise ConfigError(said)
-    batch.max_tokens_per_batch = budget
+            with _own_rng():
+                planner = planner or RunPlanner(config, loaded, ds_config, world, checks, encoder)
+                said.append(planner.line(rank_memory(config)))
+        except Exception as err:  # noqa: BLE001 - a forecast must never stop a run
+            said.append(f"plan: could not trace this model ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
     return said

@@ -16,14 +16,13 @@ from .plan_bytes import LiveBytes
 class Activations:
     tokens: int           # tokens of the traced micro-batch
     image_tokens: int
-    peak: float           # activations and temporaries at the traced step's peak, bytes
+    peak: float           # activations and temporaries at the traced step's peak, bytes (one rank's: under
+                          # sequence parallelism its slice)
     peak_with_grads: float = 0.0  # the same with the parameters' gradients as the backward makes them, kept
                                   # whole until the step (ZeRO 0/1)
     peak_moved_grads: float = 0.0  # the same with each gradient alive from its making until its parameter's
                                    # accumulation is done, when ZeRO 2/3 move it into their buckets (a tied
                                    # embedding's head gradient waits through the whole backward)
-    head: float = 0.0     # of which the loss's chunk (its bound)
-    per_rank_of_sp: int = 1  # traced as one rank of a sequence-parallel group of this size (1: the whole)
     by_part: dict = field(default_factory=dict)  # `peak`'s storages by what made them: the vision tower, the
                                                  # language tower, the loss, the backward's temporaries, other
     moved_before_first_grad: float = 0.0  # peak_moved_grads before the first gradient is accumulated, and from
@@ -37,10 +36,9 @@ def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
 
     from .data.formats import Sample
 
-    processor = encoder.processor.image_processor
     side = 64
     if n_image_tokens:
-        patch = getattr(processor, "patch_size", 14) * getattr(processor, "merge_size", 1)
+        patch = _merged_patch(encoder.processor.image_processor)
         side = max(patch, int(math.sqrt(n_image_tokens)) * patch)
     image = Image.new("RGB", (side, side), (127, 127, 127))
     words = max(1, n_tokens // 2)
@@ -49,6 +47,36 @@ def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
         return _fill(encoder, image, words, n_tokens, Sample)
     finally:
         encoder.max_length = limit
+
+
+def _merged_patch(image_processor) -> int:
+    """Pixels on a side of one image token (a patch, times the merge where the processor merges)."""
+    return getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 1)
+
+
+def largest_image_tokens(image_processor) -> int:
+    """Image tokens of the largest image the processor makes: its largest area (Qwen's `longest_edge`), else its
+    fixed size (crop_size, else 448 x 448)."""
+    from .data.encode import pixel_bounds
+
+    area = pixel_bounds(image_processor)["longest_edge"]
+    if not area:
+        crop = getattr(image_processor, "crop_size", None)
+        height, width = ((crop.get("height"), crop.get("width")) if isinstance(crop, dict)
+                         else (getattr(crop, "height", None), getattr(crop, "width", None)))
+        area = height * width if height and width else 448 * 448
+    return int(area // _merged_patch(image_processor) ** 2)
+
+
+def worst_counts(checks, longest: int) -> tuple[int, int]:
+    """(the longest sample's tokens, the most image tokens of a sample) among the records preflight passed;
+    (`longest`, 0) where none did."""
+    from .data.preflight import OK
+
+    ok = checks.kind == OK
+    if not ok.any():
+        return longest, 0
+    return int(checks.n_tokens[ok].max()), int(checks.n_image_tokens[ok].max())
 
 
 def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
@@ -157,20 +185,42 @@ def _moe_on_fakes():
         yield
 
 
-def trace_activations(model_dir: str, config, model_config, adapter, attention: str, micro,
-                      dtype, sp: int = 1) -> Activations:
+def meta_model(config, adapter, model_config, attention: str | dict = "sdpa", dtype=None):
+    """(the model, what trains: peft's wrapper with LoRA, else the model itself) on the meta device, prepared as
+    the trainer prepares it, under the run's trainable flags; built from a copy of `config` (from_config writes
+    the attention choice into the config it is given) and never under deepspeed.zero.Init."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from .model_loading import set_trainable
+
+    with torch.device("meta"), no_zero3_init():
+        model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation=attention,
+                                                        dtype=dtype)
+    adapter.prepare(model)
+    getattr(model.config, "text_config", model.config).use_cache = False
+    set_trainable(model, adapter, model_config)
+    trained = model
+    if model_config.lora_rank:
+        from .lora import apply_lora
+
+        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
+    return model, trained
+
+
+def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) -> Activations:
     """The activation and temporary peak of one micro-batch's forward and backward, on fake tensors; with `sp`
-    > 1, of the busiest rank of a sequence-parallel group (the one with the most label rows)."""
+    > 1, of the busiest rank of a sequence-parallel group (the one with the most label rows). Attention as the
+    trainer runs it: sdpa (causal, no mask where nothing is padded), packed rows on the varlen interface."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForImageTextToText
 
     from .forward import ForwardContext
     from .loss import LabelLoss, LabelRows
-    from .model_loading import enable_checkpointing, set_trainable
+    from .model_loading import enable_checkpointing
 
     rows = LabelRows.from_labels(micro.labels)  # host-side inputs from real tensors first
-    packed = micro.cu_seq_lens is not None
+    packed, attention = micro.cu_seq_lens is not None, "sdpa"
     if packed:  # the trainer's packed attention: the varlen interface given the samples' boundaries (no L x L)
         from .attention import VARLEN, register_varlen
 
@@ -186,17 +236,7 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # built on the meta device (peft's adapters too: its dtype moves cannot swap fake parameters), then given
     # fake storages
-    config = copy.deepcopy(config)  # from_config writes the attention choice into the config it is given
-    with torch.device("meta"), no_zero3_init():
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attention, dtype=dtype)
-    adapter.prepare(model)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    set_trainable(model, adapter, model_config)
-    trained = model
-    if model_config.lora_rank:
-        from .lora import apply_lora
-
-        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
+    model, trained = meta_model(config, adapter, model_config, attention, dtype)
     if group is not None:
         group.install(adapter.parts(model).llm_decoder, adapter)
     boundaries = None
@@ -235,13 +275,14 @@ def trace_activations(model_dir: str, config, model_config, adapter, attention: 
             tracker.part = "backward"  # the backward's own temporaries (a recomputed layer labels its own)
             loss.backward()
         grads = tracker.serials(p.grad for p in model.parameters() if p.grad is not None)
-        peak, with_grads, moved = tracker.peak(leave_out=grads), tracker.peak(), tracker.peak(moved=True)
+        peak, with_grads = tracker.peak(leave_out=grads), tracker.peak()
         by_part = tracker.parts_at_peak(leave_out=grads)
         first = tracker.first_grad if tracker.first_grad is not None else len(tracker.events)
         before, after = tracker.peak(moved=True, stop=first), tracker.peak(moved=True, start=first)
+        moved = max(before, after)  # the whole walk, split at the first gradient
     image_tokens = int((micro.inputs["input_ids"] == getattr(config, "image_token_id", -1)).sum())
     return Activations(tokens=int(micro.inputs["input_ids"].numel()), image_tokens=image_tokens, peak=float(peak),
-                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved), per_rank_of_sp=sp,
+                       peak_with_grads=float(with_grads), peak_moved_grads=float(moved),
                        moved_before_first_grad=float(before), moved_from_first_grad=float(after),
                        by_part={k: float(v) for k, v in by_part.items()})
 

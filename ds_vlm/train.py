@@ -41,7 +41,7 @@ from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_re
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
 from .optim import lr_lambda, optimizer_groups, param_groups
 from .parallel import ParallelLayout
-from .plan_startup import resolve_auto_budget, startup_line
+from .plan_startup import plan_at_start
 from .step import PendingStep, StepRunner
 
 
@@ -190,13 +190,9 @@ class Trainer:
         config, batch, adapter = self.config, self.config.batch, self.loaded.adapter
         self.train_set = self._dataset(config.data.train_data)
         self.eval_set = self._dataset(config.data.eval_data) if config.data.eval_data else None
-        said = resolve_auto_budget(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
-                                   self.encoder)
-        if said and self.layout.rank == 0:
-            self.log.info(said)
-        if config.logging.plan_at_start and self.layout.rank == 0:
-            self.log.info(startup_line(config, self.loaded, self.ds_config, self.layout.world_size,
-                                       self.train_set.checks, self.encoder))
+        for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
+                                  self.encoder):
+            self.log.info(line)  # rank 0's
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         needs_positions = batch.packing or adapter.padded_batch_positions

@@ -30,7 +30,6 @@ TARGET = 0.10
 
 def measured_activations(model, micro, rows, context) -> int:
     """Peak bytes of everything the real forward and backward allocate, the gradients left out."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
@@ -53,7 +52,6 @@ def measured_activations(model, micro, rows, context) -> int:
         elif "DESTROY" in str(action):
             live -= size
         peak = max(peak, live)
-    del torch
     return peak
 
 
@@ -108,7 +106,7 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
         boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=True)
     context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), torch.float32, boundaries)
     measured = measured_activations(trained, micro, rows, context)
-    planned = trace_activations(model_dir, config, model_config, adapter, "sdpa", micro, torch.float32).peak
+    planned = trace_activations(config, model_config, adapter, micro, torch.float32).peak
     return {"tokens": int(micro.inputs["input_ids"].numel()), "measured_mb": measured / 1e6,
             "planned_mb": planned / 1e6, "ratio": planned / measured if measured else None}
 

@@ -245,14 +245,20 @@ def encoder_for(processor, adapter, config: DataConfig) -> "Encoder":
                    VideoSampling(config.video_fps, config.video_max_frames))
 
 
+def pixel_bounds(image_processor) -> dict:
+    """The image processor's {shortest_edge, longest_edge}: Qwen's smallest and largest image areas in pixels
+    (None where it resizes every image to a fixed size); its `size` is a dict or transformers' SizeDict."""
+    size = getattr(image_processor, "size", None)
+    return {k: getattr(size, k, None) if not isinstance(size, dict) else size.get(k)
+            for k in ("shortest_edge", "longest_edge")}
+
+
 def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
     """Apply --min_pixels / --max_pixels to the image processor, or refuse if it has no such bounds."""
     if not (min_pixels or max_pixels):
         return
     image_processor = processor.image_processor
-    size = getattr(image_processor, "size", None)
-    bounds = {k: getattr(size, k, None) if not isinstance(size, dict) else size.get(k)
-              for k in ("shortest_edge", "longest_edge")}
+    bounds = pixel_bounds(image_processor)
     if None in bounds.values():
         raise ValueError(f"--min_pixels/--max_pixels: {type(image_processor).__name__} resizes every image to a "
                          "fixed size; it has no pixel bounds to set")
