@@ -16,8 +16,9 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
-from .config import ConfigError
+from .config import AUTO_BUDGET, ConfigError
 from .data.encode import encoder_for
 from .data.preflight import OK, preflight, summarize
 from .data.sources import RecordIndex
@@ -77,11 +78,15 @@ def main(argv=None) -> int:
     kept = checks.select(~checks.bad)  # with sample:N, the unchecked records count as usable
     if len(kept):
         layout = ParallelLayout(extra["world_size"], 0, config.parallel.sequence_parallel)
-        plan = make_plan(config.batch, config.seed, layout.dp_size, records, kept)
-        batch = (f"token budget {config.batch.max_tokens_per_batch}" if config.batch.max_tokens_per_batch else
+        auto = config.batch.max_tokens_per_batch == AUTO_BUDGET  # the trainer resolves it, from the model's memory
+        batching = replace(config.batch, max_tokens_per_batch=0) if auto else config.batch
+        plan = make_plan(batching, config.seed, layout.dp_size, records, kept)
+        batch = (f"token budget {batching.max_tokens_per_batch}" if batching.max_tokens_per_batch else
                  f"global batch {plan.global_batch} = {config.batch.micro_batch_size} x {config.batch.grad_accum} x "
                  f"{layout.dp_size}")
-        print(f"steps per epoch: {plan.steps_per_epoch} ({len(kept)} usable samples, {batch})")
+        print(f"steps per epoch: {plan.steps_per_epoch} ({len(kept)} usable samples, {batch}"
+              + ("; --max_tokens_per_batch auto is chosen by the trainer at start: `python -m ds_vlm.plan` says "
+                 "what fits)" if auto else ")"))
     if bad > data.max_bad:
         print(f"FAIL: {bad} bad record(s) > --max_bad {data.max_bad}")
         return 1

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
+from ..config import AUTO_BUDGET
+
 if TYPE_CHECKING:
     from ..config import BatchConfig
     from .sources import RecordIndex
@@ -172,6 +174,9 @@ class TokenBudgetPlan(BatchPlan):
 def make_plan(batch: BatchConfig, seed: int, dp_size: int, records: RecordIndex, kept) -> BatchPlan:
     """Fixed-size micro-batches, or token-budget ones with --max_tokens_per_batch (`kept`: preflight's Checks
     of the usable records)."""
+    if batch.max_tokens_per_batch == AUTO_BUDGET:
+        raise ValueError("--max_tokens_per_batch auto: the trainer resolves it at start from the model and the "
+                         "memory (ds_vlm/plan_startup.py); batches are planned with the number")
     common = dict(n_samples=len(kept), micro_batch_size=batch.micro_batch_size, grad_accum=batch.grad_accum,
                   dp_size=dp_size, seed=seed, source_sizes=records.source_sizes(kept.index), weights=records.weights,
                   repeats=records.repeats)

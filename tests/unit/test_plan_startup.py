@@ -44,3 +44,17 @@ def test_the_flag_takes_auto_and_numbers():
 
     parsed = load_config(["--model", "m", "--train_data", "d", "--max_tokens_per_batch", "auto"])
     assert parsed.batch.max_tokens_per_batch == AUTO_BUDGET
+
+
+def test_an_unresolved_auto_budget_never_plans_batches(demo_dir, capsys):
+    """The batch plan refuses `auto` (-1 would be a budget); `validate`, which has no memory to fit, counts the
+    steps by --micro_batch_size and says who chooses the budget."""
+    from ds_vlm import validate
+    from ds_vlm.data.plan import make_plan
+
+    with pytest.raises(ValueError, match="the trainer resolves it at start"):
+        make_plan(BatchConfig(max_tokens_per_batch=AUTO_BUDGET), 0, 1, None, None)
+    rc = validate.main(["--model", str(demo_dir / "model"), "--train_data", str(demo_dir / "data" / "train.jsonl"),
+                        "--workers", "0", "--max_tokens_per_batch", "auto", "--max_length", "512"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "global batch" in out and "--max_tokens_per_batch auto is chosen by the trainer" in out, out
