@@ -13,10 +13,8 @@ Layouts (auto-detected per record, or forced by --data_format):
               (the prompt masked, assistant turns included; the completion learned)
     cauldron  {"images": [...], "texts": [{"user": ..., "assistant": ..., "source": ...}]} (the images go
               before the first user turn: the Cauldron's texts hold no placeholder)
-Tool use, in sharegpt (LLaMA-Factory's `function_call` and `observation` turns, a `tools` field) and in
-messages/openai (an assistant message's `tool_calls`, `tool` messages, a `tools` field): a call is an
-assistant turn (learned), an observation a `tool` turn (masked), both rendered by the chat template's tool
-roles; a template without them refuses such records by name.
+Tool use (sharegpt's `function_call` and `observation` turns, messages/openai's `tool_calls` and `tool`
+messages, a `tools` field): read by tool_use.py.
 Nothing is dropped silently: every key of a record is used or listed in `Sample.ignored` (preflight and
 validate count them); a text turn that is empty, an audio part, a URL to fetch are errors naming the record.
 """
@@ -32,6 +30,7 @@ from typing import Any, Optional
 
 from ..config import choices
 from . import turns
+from .tool_use import record_tools, tool_calls
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, AUDIO_PLACEHOLDER = "<image>", "<video>", "<audio>"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -161,7 +160,7 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
     notes += turns.drop_trailing_user_turns(messages, images, videos)
     ignored = sorted(set(record) - LAYOUT_KEYS[layout] - MEDIA_KEYS) + sorted(reader.ignored)
     return Sample(messages=messages, images=images, source=source, index=index, videos=videos,
-                  ignored=tuple(ignored), notes=notes, tools=reader.tools(record))
+                  ignored=tuple(ignored), notes=notes, tools=record_tools(record, reader.bad))
 
 
 class _Reader:
@@ -234,10 +233,11 @@ class _Reader:
         role = ROLE_NAMES.get(str(speaker).lower())
         if role is None:
             raise self.bad("bad_record", f"turn {number}: unknown speaker {speaker!r}")
-        calls = self._tool_calls(turn, speaker, number)
         content = turn.get("value", turn.get("content"))
-        if str(speaker).lower() == "function_call":
-            content = None
+        if str(speaker).lower() == "function_call":  # LLaMA-Factory's: the calls as JSON text, no content
+            calls, content = tool_calls(content, True, number, self.bad), None
+        else:
+            calls = tool_calls(turn.get("tool_calls"), False, number, self.bad)
         parts = self._parts(content, f"turn {number} ({role})", allow_empty=bool(calls))
         loss = turn.get("loss")
         if loss is not None and not isinstance(loss, bool):
@@ -250,52 +250,6 @@ class _Reader:
             message["tool_calls"] = calls
         message.update({key: turn[key] for key in ("name", "tool_call_id") if role == "tool" and key in turn})
         return message
-
-    def _tool_calls(self, turn: dict, speaker, number: int) -> list[dict]:
-        """An assistant turn's tool calls as the chat templates take them ([{type, function: {name, arguments}}]):
-        LLaMA-Factory's `function_call` turn holds them as JSON text, OpenAI's message as `tool_calls`."""
-        import json
-
-        if str(speaker).lower() == "function_call":
-            value = turn.get("value", turn.get("content"))
-            try:
-                calls = json.loads(value) if isinstance(value, str) else value
-            except json.JSONDecodeError as err:
-                raise self.bad("bad_record", f"turn {number} (function_call) is not JSON: {err}") from err
-        else:
-            calls = turn.get("tool_calls")
-            if calls is None:
-                return []
-        calls = calls if isinstance(calls, list) else [calls]
-        out = []
-        for call in calls:
-            function = call.get("function", call) if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise self.bad("bad_record", f"turn {number}: a tool call without a function name: {str(call)[:80]}")
-            arguments = function.get("arguments", {})
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    pass  # kept as the text it is
-            out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
-        return out
-
-    def tools(self, record: dict) -> Optional[list]:
-        """The record's `tools` (a list, or JSON text of one, as LLaMA-Factory stores it)."""
-        import json
-
-        tools = record.get("tools")
-        if tools in (None, "", []):
-            return None
-        if isinstance(tools, str):
-            try:
-                tools = json.loads(tools)
-            except json.JSONDecodeError as err:
-                raise self.bad("bad_record", f"'tools' is not JSON: {err}") from err
-        if not isinstance(tools, list):
-            tools = [tools]
-        return tools
 
     # -- content --------------------------------------------------------------------------------
     def _parts(self, content, where: str, allow_empty: bool = False) -> list[dict]:
