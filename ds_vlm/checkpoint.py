@@ -86,6 +86,13 @@ def find_checkpoint(path: str) -> Optional[Path]:
 # --------------------------------------------------------------------------- rng
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators seeded (a run's start; a resume then loads their states)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -292,9 +292,7 @@ def worst_micro_batch(encoder, adapter, hf_config, batch, sp: int, longest: int,
     tokens): as many copies as --max_tokens_per_batch holds, else --micro_batch_size, padded or packed."""
     from .data.batching import Collator
 
-    positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
-    collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp),
-                        packing=batch.packing)
+    collator = Collator.for_run(encoder, adapter, hf_config, batch, sp)
     sample = worst_sample(encoder, longest, most_image)
     # as many as the budget holds of the real longest sample (the stand-in may miss its length by a token)
     copies = (max(1, batch.max_tokens_per_batch // max(1, longest)) if batch.max_tokens_per_batch

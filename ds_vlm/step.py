@@ -76,6 +76,16 @@ class PendingStep:
                          skipped=not (self.applied and math.isfinite(loss)))
 
 
+@dataclass
+class Unlogged:
+    """A step whose metrics line is written while the next step runs (its numbers are in flight)."""
+
+    step: int
+    pending: PendingStep
+    seconds: float
+    lr: float
+
+
 class StepRunner:
     """One optimizer step over this rank's micro-batches, with the token-level mean loss over the global batch.
 

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from . import distributed as comm
 from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_attention
 from .config import ConfigError, TrainConfig
-from .console import quiet_console
+from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, make_loader
+from .data.batching import Collator, MicroBatch, SFTDataset, make_loader, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
-from .data.preflight import BadRecordCount, preflight, summarize, usable
-from .data.sources import RecordIndex
+from .data.preflight import BadRecordCount
 from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
@@ -42,21 +39,11 @@ from .model_loading import LoadedModel, enable_checkpointing, load_model, part_p
 from .optim import lr_lambda, optimizer_groups, param_groups
 from .parallel import ParallelLayout
 from .plan_startup import plan_at_start
-from .step import PendingStep, StepRunner
+from .step import PendingStep, StepRunner, Unlogged
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class Unlogged:
-    """A step whose metrics line is written while the next step runs (its numbers are in flight)."""
-
-    step: int
-    pending: PendingStep
-    seconds: float
-    lr: float
 
 
 @dataclass
@@ -68,12 +55,6 @@ class Progress:
     skipped: int = 0                    # skipped steps in all
     clock: float = 0.0                  # when the last step (or save, or evaluation) ended
     unlogged: Optional[Unlogged] = None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -122,10 +103,8 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
         config = self.config
-        if os.environ.get("RANK", "0") == "0":  # the first line, before anything slow
-            print(f"ds-vlm: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): rendezvous, loading "
-                  f"{config.model.path}, preflight of the data, the engine, then the first step", file=sys.stderr,
-                  flush=True)
+        say_once(f"starting {os.environ.get('WORLD_SIZE', '1')} rank(s): rendezvous, loading {config.model.path}, "
+                 "preflight of the data, the engine, then the first step")  # the first line, before anything slow
         comm.setup_threads()
         comm.init_distributed(config.parallel.dist_timeout_s)
         comm.release_shm_buffer()
@@ -136,7 +115,7 @@ class Trainer:
             from .parallel.ulysses import SequenceParallel
 
             self.sp = SequenceParallel(self.layout)
-        seed_everything(config.seed)
+        ckpt.seed_everything(config.seed)
         self.log = RunLog(config.checkpoint.output_dir, enabled=self.layout.rank == 0)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s)
@@ -172,37 +151,18 @@ class Trainer:
     def bf16(self) -> bool:
         return self.ds_config["bf16"]["enabled"]
 
-    def _dataset(self, spec: str) -> SFTDataset:
-        """A data spec's usable records, as preflight found them (or as it left them: --preflight off)."""
-        data = self.config.data
-        records = RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
-        checks, said = preflight(records, self.encoder, data.preflight, data.data_cache, data.loader_workers,
-                                 progress=self.layout.rank == 0)
-        self.log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
-        kept = usable(checks, data.bad_records, data.truncation, spec)
-        if len(kept) < len(checks):
-            self.log.event({"event": "skipped_records", "data": spec, "count": len(checks) - len(kept),
-                            "kinds": {k: n for k, n in checks.select(checks.bad).counts().items()}})
-        return SFTDataset(records, self.encoder, kept.index, skip_bad=data.preflight not in ("cached", "full"),
-                          checks=kept)
-
     def setup_data(self) -> None:
-        config, batch, adapter = self.config, self.config.batch, self.loaded.adapter
-        self.train_set = self._dataset(config.data.train_data)
-        self.eval_set = self._dataset(config.data.eval_data) if config.data.eval_data else None
+        config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
+        self.train_set = preflighted(config.data.train_data, config.data, self.encoder, self.log, rank0)
+        self.eval_set = preflighted(config.data.eval_data, config.data, self.encoder, self.log, rank0) \
+            if config.data.eval_data else None
         for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
                                   self.encoder):
             self.log.info(line)  # rank 0's
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
-        needs_positions = batch.packing or adapter.padded_batch_positions
-        positions = adapter.position_ids(self.loaded.model.config) if needs_positions else None
-        # a dummy video rides along when some record has a video (or when nobody checked: --preflight off)
-        has_video = any(bool(s.checks.n_video_tokens.any()) for s in (self.train_set, self.eval_set) if s) or (
-            self.train_set.skip_bad and self.encoder.video_token is not None)
-        self.collator = Collator(self.encoder.tokenizer.pad_token_id, self.encoder.dummy(), positions,
-                                 multiple_of=self.layout.sp_size, packing=batch.packing,
-                                 dummy_video=self.encoder.dummy_video() if has_video else None)
+        self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
+                                         self.layout.sp_size, (self.train_set, self.eval_set))
         self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
                          "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
                          "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
@@ -411,7 +371,8 @@ class Trainer:
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
-        self.draw_curves()
+        if self.evaluator is None:  # an evaluation drew them last (the events since are not plotted)
+            self.draw_curves()
         self.watchdog.phase(None)
         if not saved:
             raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see "

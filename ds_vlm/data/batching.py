@@ -40,6 +40,22 @@ class SFTDataset(Dataset):
             return {"bad": str(err)}
 
 
+def preflighted(spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
+    """A data spec's usable records (`data`: the run's DataConfig), as preflight found them (or as it left them:
+    --preflight off); said, and the records left out logged as an event."""
+    from .preflight import preflight, summarize, usable
+
+    records = RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
+    checks, said = preflight(records, encoder, data.preflight, data.data_cache, data.loader_workers,
+                             progress=show_progress)
+    log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
+    kept = usable(checks, data.bad_records, data.truncation, spec)
+    if len(kept) < len(checks):
+        log.event({"event": "skipped_records", "data": spec, "count": len(checks) - len(kept),
+                   "kinds": {k: n for k, n in checks.select(checks.bad).counts().items()}})
+    return SFTDataset(records, encoder, kept.index, skip_bad=data.preflight not in ("cached", "full"), checks=kept)
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch: what the collator makes and the step consumes (nothing is taken out of it on the way).
@@ -85,6 +101,17 @@ class Collator:
         self.positions = positions
         self.packing = packing
         self.multiple_of = multiple_of  # --sequence_parallel: every row's length divides by it
+
+    @classmethod
+    def for_run(cls, encoder: Encoder, adapter, hf_config, batch, sp_size: int, datasets=()) -> "Collator":
+        """The run's collator (`batch`: its BatchConfig): the adapter's positions where packing or the family
+        needs them, rows a multiple of the sequence-parallel size, and a dummy video riding along when some
+        record of `datasets` has a video (or when nobody checked: --preflight off)."""
+        positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
+        has_video = any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
+            bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)
+        return cls(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp_size),
+                   packing=batch.packing, dummy_video=encoder.dummy_video() if has_video else None)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> MicroBatch:
         bad = [s["bad"] for s in samples if "bad" in s]
