@@ -96,20 +96,24 @@ def trim_deepspeed_startup() -> None:
         cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def single_process_defaults() -> None:
     """Started without a launcher (`ds-vlm train ...`, `python launch/train.py ...`): one rank on this machine,
     instead of DeepSpeed's MPI discovery (which needs mpi4py and an MPI launcher)."""
     launched = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
     if any(name in os.environ for name in launched):
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(timeout_s: int) -> None:

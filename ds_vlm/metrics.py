@@ -126,8 +126,12 @@ def device_peak_tflops(configured: float) -> float | None:
         return configured
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name())
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """The table's bf16 peak for a GPU named `name` (its device name, or the planner's --gpu), or None."""
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name.upper()), None)
 
 
 def _numel(*modules, skip=()) -> int:

@@ -41,11 +41,10 @@ from typing import Optional
 from .plan_trace import largest_image_tokens, meta_model, trace_activations, worst_counts, worst_micro_batch
 
 GIB = 1 << 30
-# name: (memory as torch reports it, dense bf16 peak TFLOP/s: the table metrics.py's MFU uses)
-GPUS = {"h100-80gb": (80 * GIB, 989.0), "h200": (140 * GIB, 989.0), "h800": (80 * GIB, 989.0),
-        "a100-80gb": (80 * GIB, 312.0), "a100-40gb": (40 * GIB, 312.0), "a800-80gb": (80 * GIB, 312.0),
-        "l40s": (48 * GIB, 362.0), "l40": (48 * GIB, 181.0), "a6000": (48 * GIB, 155.0), "a10g": (24 * GIB, 125.0),
-        "l4": (24 * GIB, 121.0), "4090": (24 * GIB, 165.0), "v100-32gb": (32 * GIB, 125.0)}
+# name: memory as torch reports it (the dense bf16 peak comes from metrics.PEAK_TFLOPS, the table MFU uses)
+GPUS = {"h100-80gb": 80 * GIB, "h200": 140 * GIB, "h800": 80 * GIB, "a100-80gb": 80 * GIB, "a100-40gb": 40 * GIB,
+        "a800-80gb": 80 * GIB, "l40s": 48 * GIB, "l40": 48 * GIB, "a6000": 48 * GIB, "a10g": 24 * GIB,
+        "l4": 24 * GIB, "4090": 24 * GIB, "v100-32gb": 32 * GIB}
 DEFAULT_MFU = 0.35  # an assumption, stated in the output: a dense 2B-8B fine-tune on H100s reaches 30-45%
 MARGIN = 0.10       # the allocator's fragmentation and CUDA context, as a share of the GPU
 
@@ -200,7 +199,7 @@ def plan(argv=None) -> Optional[dict]:
     from .data.encode import encoder_for
     from .ds_config import resolve_ds_config
     from .flags import load_tool_config
-    from .metrics import FlopsCounter
+    from .metrics import FlopsCounter, peak_tflops_of
     from .models import adapter_for
 
     try:
@@ -229,8 +228,8 @@ def plan(argv=None) -> Optional[dict]:
     meta, _ = meta_model(model_cfg, adapter, config.model)
     counts = ParamCounts.of(meta)
     states = counts.states(stage, world, precision, zero)
-    memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]][0]
-    peak_tflops = GPUS.get(extra["gpu"], (0, None))[1] if cuda else None
+    memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]
+    peak_tflops = peak_tflops_of(extra["gpu"]) if cuda and extra["gpu"] in GPUS else None
 
     # the worst micro-batch: from the data's preflight, else the flags
     longest, most_image = config.data.max_length, 0

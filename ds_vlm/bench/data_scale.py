@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from .runner import ROOT, free_port, launcher
+from ..distributed import free_port
+from .runner import ROOT, launcher
 
 WARM_TARGET_S, RSS_MARGIN_GB = 60.0, 1.0
 

@@ -19,18 +19,11 @@ import sys
 from pathlib import Path
 
 from ds_vlm.bench.gpu_check import ROOT, TRAIN_FLAGS, _env
+from ds_vlm.distributed import free_port
 
 
 class StageFailed(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, resume: bool = False) -> dict:
@@ -43,9 +36,9 @@ def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, 
         if not resume:
             shutil.rmtree(out, ignore_errors=True)
         starter = os.environ.get("DS_VLM_GPU_CHECK_RANKS")  # the test suite's dry run: its own rank starter
-        launcher = ([sys.executable, starter, "1", str(_free_port())] if starter else
+        launcher = ([sys.executable, starter, "1", str(free_port())] if starter else
                     [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-                     str(_free_port())])
+                     str(free_port())])
         cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--model", str(work / "model"),
                "--train_data", str(work / "data" / "train.jsonl"), "--deepspeed",
                str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *TRAIN_FLAGS, *extra]

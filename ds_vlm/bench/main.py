@@ -70,7 +70,6 @@ from ds_vlm.bench.runner import (
     available_memory_gb,
     case_command,
     combine_rounds,
-    free_port,
     hf_extras,
     memory_estimate_gb,
     remove_shm_buffers,
@@ -78,6 +77,7 @@ from ds_vlm.bench.runner import (
     step_rows,
     summarize,
 )
+from ds_vlm.distributed import free_port
 
 
 def main(argv=None) -> int:

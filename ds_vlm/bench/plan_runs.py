@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -81,24 +80,25 @@ def planned(flags: list[str], out: Path) -> dict:
 
 
 def measured(flags: list[str], out: Path, timeout: int = 900) -> dict:
-    """Two ranks of launch/train.py with --measure_memory; each step's peak_tensor_gb per rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    """Two ranks of launch/train.py with --measure_memory, started by DeepSpeed's launcher as the other
+    benchmarks start theirs (a rank that fails stops the other); each step's peak_tensor_gb per rank."""
+    from ds_vlm.bench.runner import launcher, remove_shm_buffers
+    from ds_vlm.distributed import free_port
+
+    port = free_port()
     args = [*flags, "--output_dir", str(out), "--max_steps", str(STEPS), "--measure_memory", "true",
             "--export_hf", "false", "--save_steps", "0", "--num_workers", "0", "--plan_at_start", "false"]
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
-    procs = []
-    log = open(out.parent / f"{out.name}.log", "w")
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), f"--local_rank={rank}",
-                                       *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-    codes = [p.wait(timeout=timeout) for p in procs]
-    if any(codes):
-        raise RuntimeError(f"training run failed ({codes}): see {log.name}")
+    log = out.parent / f"{out.name}.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    try:
+        with open(log, "w") as f:
+            code = subprocess.run([*launcher(2, port), str(ROOT / "launch" / "train.py"), *args], env=env, cwd=ROOT,
+                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    finally:
+        remove_shm_buffers(port)
+    if code:
+        raise RuntimeError(f"training run failed (exit {code}): see {log}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "peak_tensor_gb" in r and "event" not in r]
     return {"steps": [r["peak_tensor_gb"] for r in steps], "peak_gb": max(max(r["peak_tensor_gb"]) for r in steps)}

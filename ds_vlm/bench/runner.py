@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -127,12 +126,6 @@ def available_memory_gb(gpu: bool) -> float:
 
 
 # --------------------------------------------------------------------------- the runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher(num_ranks: int, port: int) -> list[str]:

@@ -80,7 +80,8 @@ def breakdown(raw: Path, engine: str, steps: int, rate: int) -> dict:
 
 def main(argv=None) -> int:
     from ds_vlm.bench.presets import PRESETS, build_model, build_train_data
-    from ds_vlm.bench.runner import case_command, free_port, remove_shm_buffers, run_case
+    from ds_vlm.bench.runner import case_command, remove_shm_buffers, run_case
+    from ds_vlm.distributed import free_port
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="ds_zero2,hf_zero2,ds_zero3,hf_zero3")
