@@ -166,6 +166,10 @@ class ParallelConfig:
     dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
                                     "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
                                     "rendezvous and every collective")
+    long_phase_timeout_s: int = _key(7200, "a checkpoint, evaluation or export may take this long before the "
+                                           "watchdog calls the run stuck (rank 0 writing a large model, a universal "
+                                           "checkpoint conversion); the other ranks wait for it through the "
+                                           "rendezvous store, not a collective with --dist_timeout_s")
 
 
 @dataclass
