@@ -236,8 +236,8 @@ def fit_to_shm(num_workers: int, prefetch: int, micro_batch_bytes: float, shm_fr
     prefetch_fit = max(1, room // num_workers)
     workers = num_workers if room >= num_workers else max(0, room)
     said = (f"/dev/shm has {shm_free / 1e9:.1f} GB free and a micro-batch takes up to "
-            f"{micro_batch_bytes / 1e9:.2f} GB: {workers} loader workers x {prefetch_fit if workers else 0} batches in flight (was {num_workers} x "
-            f"{prefetch}); a larger /dev/shm (docker --shm-size) gives them back")
+            f"{micro_batch_bytes / 1e9:.2f} GB: {workers} loader workers x {prefetch_fit if workers else 0} batches "
+            f"in flight (was {num_workers} x {prefetch}); a larger /dev/shm (docker --shm-size) gives them back")
     return workers, prefetch_fit if workers else prefetch, said
 
 
