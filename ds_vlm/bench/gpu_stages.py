@@ -68,12 +68,75 @@ def _check_trained(run: dict, steps: int = 4) -> dict:
     return run["detail"]
 
 
+# what every stage needs, and what some do (a missing optional one skips its stage)
+REQUIRED = ("torch", "deepspeed", "transformers", "accelerate", "peft", "safetensors", "tokenizers", "PIL",
+            "rouge_score", "nltk", "regex", "sacrebleu", "matplotlib", "psutil", "yaml")
+OPTIONAL = ("bitsandbytes", "liger_kernel", "fla", "causal_conv1d", "flash_attn", "av", "triton")
+
+
+def imports(work: Path, dry_run: bool) -> dict:
+    """The versions found (and the GPU); every required module imports (transformers checks regex's version at
+    import: a too old one fails here, not at the first evaluation)."""
+    import importlib
+    import importlib.metadata
+
+    import torch
+
+    found, failed = {}, {}
+    for name in REQUIRED + OPTIONAL:
+        try:
+            module = importlib.import_module(name)
+            found[name] = getattr(module, "__version__", None) or _distribution_version(name)
+        except Exception as err:  # noqa: BLE001 - ImportError, or a wheel for another torch/CUDA
+            found[name] = None
+            if name in REQUIRED:
+                failed[name] = f"{type(err).__name__}: {str(err)[:300]}"
+    cuda = torch.cuda.is_available()
+    detail = {"versions": found, "python": sys.version.split()[0], "cuda": torch.version.cuda,
+              "gpu": torch.cuda.get_device_name() if cuda else None,
+              "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+              "nvcc": shutil.which("nvcc")}
+    print(json.dumps(detail, indent=1), flush=True)
+    if failed:
+        raise StageFailed(f"required modules do not import: {failed}")
+    return detail
+
+
+def _distribution_version(module: str):
+    import importlib.metadata
+
+    names = {"PIL": "pillow", "yaml": "pyyaml", "rouge_score": "rouge-score", "fla": "flash-linear-attention"}
+    for name in (names.get(module, module), module.replace("_", "-")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 def train_zero2(work: Path, dry_run: bool) -> dict:
     return _check_trained(_train(work, "zero2", "2"))
 
 
-def train_zero3(work: Path, dry_run: bool) -> dict:
-    return _check_trained(_train(work, "zero3", "3"))
+def eval_stage(work: Path, dry_run: bool) -> dict:
+    """A ZeRO-3 run with --eval_data: the eval loss, greedy answers to 2 held-out records, their scores
+    (exact match, BLEU, chrF, ROUGE-L) and the HTML report, as a user's run makes them at its end."""
+    run = _train(work, "zero3_eval", "3", "--eval_data", str(work / "data" / "test.jsonl"), "--eval_generate", "2")
+    detail = _check_trained(run)
+    events = [json.loads(line) for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e.get("event") == "eval"]
+    if not evals:
+        raise StageFailed("no eval event in metrics.jsonl:\n" + run["log"][-2000:])
+    last = evals[-1]
+    report = run["out"] / "eval" / f"step_{last['step']}.html"
+    missing = [k for k in ("eval_loss", "exact_match", "bleu", "chrf", "rouge_l") if k not in last]
+    if missing or not report.is_file():
+        raise StageFailed(f"the evaluation lacks {missing or ''} {'' if report.is_file() else f'{report} is missing'}")
+    samples = run["out"] / "samples.jsonl"
+    detail.update({k: last[k] for k in ("eval_loss", "exact_match", "bleu", "chrf", "rouge_l")},
+                  report=str(report), report_bytes=report.stat().st_size,
+                  answers=len(samples.read_text().splitlines()) if samples.exists() else 0)
+    return detail
 
 
 def save_resume(work: Path, dry_run: bool) -> dict:
@@ -96,14 +159,14 @@ def save_resume(work: Path, dry_run: bool) -> dict:
 
 
 def export(work: Path, dry_run: bool) -> dict:
-    """train_zero3's hf/ with plain from_pretrained, then a greedy answer to a held-out record."""
+    """train_zero2's hf/ with plain from_pretrained, then a greedy answer to a held-out record."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.generation import generate_answers
 
-    hf = _train(work, "zero3", "3")["out"] / "hf"
+    hf = _train(work, "zero2", "2")["out"] / "hf"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.bfloat16 if device == "cuda" else None)
     model = model.to(device).eval()
@@ -175,7 +238,7 @@ def sweep_2b(work: Path, dry_run: bool) -> dict:
 
     if dry_run:
         return sweep(preset="tiny", sizes=[64, 400], steps=1, answer_sentences=2)
-    return sweep(preset="2b", sizes=[8192, 16384, 32768, 65536], steps=3)
+    return sweep(preset="2b", sizes=[8192, 32768, 65536], steps=2)  # 65,536: the reference recipe's packed row
 
 
 def plan(work: Path, dry_run: bool) -> dict:
@@ -205,3 +268,7 @@ def plan(work: Path, dry_run: bool) -> dict:
     if off and not dry_run:
         raise StageFailed(f"planned/measured off by more than 10%: {off}")
     return {"rows": rows}
+
+
+STAGE_FUNCTIONS = {"imports": imports, "train_zero2": train_zero2, "save_resume": save_resume, "export": export,
+                   "eval": eval_stage, "qlora": qlora, "lora": lora, "liger": liger, "sweep_2b": sweep_2b, "plan": plan}
