@@ -35,8 +35,6 @@ class Adapter:
     # processor expands it.
     image_text: str = ""
     video_text: str = ""
-    # Module names (substrings) QLoRA keeps out of 4-bit: everything but the language tower.
-    keep_full_precision: tuple[str, ...] = ("lm_head",)
 
     # -- the model -------------------------------------------------------------------------
     def parts(self, model: nn.Module) -> ModelParts:

@@ -33,7 +33,6 @@ def use_patch_projection(conv: torch.nn.Module) -> bool:
 class QwenVLAdapter(Adapter):
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     video_text = "<|vision_start|><|video_pad|><|vision_end|>"
-    keep_full_precision = ("visual", "lm_head")
     padded_batch_positions = True
 
     def prepare(self, model) -> None:
