@@ -134,31 +134,50 @@ def step_peak(states: ModelStates, act) -> float:
 @dataclass
 class ParamCounts:
     """What the model states need of a model: each parameter's size (ZeRO-3's partitioned ones by their full
-    size), which train, and the most one module holds itself (ZeRO-3 gathers module by module)."""
+    size, 4-bit ones by their real number of weights), which train, the most one module holds itself (ZeRO-3
+    gathers module by module), and QLoRA's 4-bit weights: how many, and the bytes they take as stored."""
 
     sizes: list[int]
     n_trained: int
     largest_trained: int
     largest_module: int
+    n_quantized: int = 0
+    quantized_bytes: int = 0
 
     @classmethod
     def of(cls, model) -> "ParamCounts":
-        def numel(p) -> int:
-            return int(getattr(p, "ds_numel", p.numel()))
+        from .metrics import weight_count
 
         params = list(model.parameters())
-        trained = [numel(p) for p in params if p.requires_grad]
-        block = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block)
+        trained = [weight_count(p) for p in params if p.requires_grad]
+        block = max((sum(weight_count(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+        quantized = [p for p in params if getattr(p, "quant_state", None) is not None]
+        return cls([weight_count(p) for p in params], sum(trained), max(trained, default=0), block,
+                   sum(map(weight_count, quantized)), sum(map(stored_bytes, quantized)))
 
     @property
     def n_params(self) -> int:
         return sum(self.sizes)
 
     def states(self, stage: int, world: int, bytes_per_param: int, zero: dict) -> ModelStates:
-        """`model_states` of these parameters (persistence by `zero`'s own stage)."""
-        return model_states(self.n_params, self.n_trained, stage, world, bytes_per_param, zero, self.largest_module,
-                            persistent_numel(self.sizes, zero), self.largest_trained)
+        """`model_states` of these parameters (persistence by `zero`'s own stage); 4-bit weights by their stored
+        bytes (never partitioned: ZeRO-3 refuses them)."""
+        states = model_states(self.n_params - self.n_quantized, self.n_trained, stage, world, bytes_per_param, zero,
+                              self.largest_module, persistent_numel(self.sizes, zero), self.largest_trained)
+        states.weights += self.quantized_bytes
+        return states
+
+
+def stored_bytes(param) -> int:
+    """A 4-bit parameter's bytes: its packed weights (two a byte) and its quantization state's tensors (block
+    scales, and with double quantization their own scales and code tables)."""
+    import torch
+
+    total, state = param.numel() * param.element_size(), param.quant_state
+    while state is not None:
+        total += sum(v.numel() * v.element_size() for v in vars(state).values() if isinstance(v, torch.Tensor))
+        state = getattr(state, "state2", None)
+    return total
 
 
 def persistent_numel(sizes, zero: dict) -> int:

@@ -67,6 +67,12 @@ class Adapter:
         """Vision-tower patches of each image of a batch (for the FLOP count)."""
         raise NotImplementedError
 
+    def vision_attention_pairs(self, batch: dict[str, torch.Tensor], config) -> list[int]:
+        """For the FLOP count: the query-key pairs each vision block's attention computes over a batch (the sum of
+        its attended spans' lengths squared), block by block. Each image (a video's frame pair) whole by default."""
+        pairs = sum(p * p for p in self.patches_per_image(batch, config))
+        return [pairs] * self.vision_depth_width(config)[0]
+
     def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
         """For --sequence_parallel: the language model's inputs that hold one entry per token, besides the
         embeddings and position ids, cut to the tokens [start, end) (none by default)."""
