@@ -180,7 +180,7 @@ class FlopsCounter:
     x its sample's length for QK^T and AV (padding and other samples of a packed row are not attended to, so they
     count nothing); the LM head on label rows only (the loss computes logits nowhere else). Per vision patch the
     same, each block's attention over the spans its adapter names (`vision_attention_pairs`: an image whole, or
-    Qwen2.5-VL's windows), the projector per patch.
+    Qwen2.5-VL's windows), the projector per row it runs over (a patch; Qwen's mergers: a merged square of them).
     """
 
     def __init__(self, model, adapter, config: ModelConfig):
@@ -235,7 +235,8 @@ class FlopsCounter:
             if i < len(self.block_weights):
                 base, lora = self.block_weights[i]
                 vision += (weights * 2 * base + 3 * 2 * lora) * n_patches
-        projector = (self.mult_projector * 2 * self.n_projector + 3 * 2 * self.n_projector_lora) * n_patches
+        projector = (self.mult_projector * 2 * self.n_projector + 3 * 2 * self.n_projector_lora) * \
+            self.adapter.projector_rows(n_patches, self.model_config)
         return text + vision + projector
 
 

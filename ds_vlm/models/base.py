@@ -52,6 +52,11 @@ class Adapter:
         vision = config.vision_config
         return vision.depth, vision.hidden_size
 
+    def projector_rows(self, n_patches: int, config) -> int:
+        """For the FLOP count: the rows the projector's matmuls run over for `n_patches` vision patches (one a
+        patch by default)."""
+        return n_patches
+
     # -- vision tensors ----------------------------------------------------------------------
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The smallest image the processor and vision tower accept (keeps ZeRO ranks in step)."""

@@ -43,6 +43,11 @@ class QwenVLAdapter(Adapter):
         use_patch_projection(model.model.visual.patch_embed.proj)
         route_vision_varlen(model.model.visual.config)
 
+    def projector_rows(self, n_patches: int, config) -> int:
+        """The mergers concatenate each merge x merge square of patches into one row (4 x the width) before their
+        matmuls: a row per image token."""
+        return n_patches // config.vision_config.spatial_merge_size ** 2
+
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         out = dict(encoded)
         if n_images == 0:

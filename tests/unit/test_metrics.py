@@ -25,7 +25,7 @@ def test_flops_counter_follows_the_config(demo_dir):
     assert counter(text_only, 3, [10, 10]) == expected
     with_image = {**text_only, "image_grid_thw": torch.tensor([[1, 8, 8]])}
     assert counter(with_image, 3, [10, 10]) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
-        + 3 * 2 * counter.n_projector * 64
+        + 3 * 2 * counter.n_projector * 16  # the mergers run over merged 2 x 2 squares: 16 rows
     # attention within each sample only: one row of two samples of 10 counts as two rows of 10, not 20^2
     assert counter({"input_ids": torch.zeros(1, 20, dtype=torch.long)}, 3, [10, 10]) == expected
 
@@ -74,7 +74,7 @@ def test_flops_of_qlora_count_4bit_weights_whole_and_lora_apart(demo_dir):
         (n_llm, lora, n_head, n_vision, n_projector)
     text = 2 * 2 * n_llm * 20 + 3 * 2 * lora * 20 + 3 * TEXT_ATTENTION + 2 * 2 * n_head * 3
     assert counter(TEXT_ONLY, 3, [10, 10]) == text
-    assert counter(IMAGE, 3, [10, 10]) == text + 2 * n_vision * 64 + 2 * 4 * 64 * 64 * 64 + 3 * 2 * n_projector * 64
+    assert counter(IMAGE, 3, [10, 10]) == text + 2 * n_vision * 64 + 2 * 4 * 64 * 64 * 64 + 3 * 2 * n_projector * 16
 
 
 def test_flops_of_the_last_vision_blocks_trained(demo_dir):
@@ -96,7 +96,7 @@ def test_flops_of_the_last_vision_blocks_trained(demo_dir):
     attention = 4 * 64 * 64 * 64  # one block: width 64, one image of 64 patches
     text = 2 * (2 * _language_weights(model) * 20 + 2 * model.lm_head.weight.numel() * 3) + 3 * TEXT_ATTENTION
     vision = 2 * (embed + first) * 64 + attention + 3 * (2 * last * 64 + attention)
-    assert counter(IMAGE, 3, [10, 10]) == text + vision + 2 * 2 * counter.n_projector * 64
+    assert counter(IMAGE, 3, [10, 10]) == text + vision + 2 * 2 * counter.n_projector * 16
 
 
 def test_qwen2_5_vl_windows_count_as_windows(family_models):
