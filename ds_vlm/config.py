@@ -129,7 +129,7 @@ class ModelConfig:
     lora_targets: str = _key("default", "default (the language tower's attention and MLP projections), all-linear "
                                         "(every linear layer of a trained part but the LM head), or comma-separated "
                                         "module names / regular expressions on full names")
-    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the frozen weights in 4 bits (bitsandbytes, a GPU, not ZeRO-3)")
+    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the LLM's frozen linear weights in 4 bits (bitsandbytes, not ZeRO-3)")
     gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
     vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
 

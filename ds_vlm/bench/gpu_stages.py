@@ -205,7 +205,82 @@ def lora(work: Path, dry_run: bool) -> dict:
 
 
 def qlora(work: Path, dry_run: bool) -> dict:
-    return _lora_run(work, "qlora", "--lora_bits", "4")
+    """The LoRA stage's run with 4-bit base weights; its merged export against the base model (qlora_export)."""
+    detail = _lora_run(work, "qlora", "--lora_bits", "4")
+    return {**detail, **qlora_export(work / "model", work / "qlora")}
+
+
+def qlora_export(base_dir: Path, run_dir: Path) -> dict:
+    """What a QLoRA run's merged export (RUN/hf, beside RUN/adapter) must hold against its base model: the frozen
+    vision tower bit-identical (it was never quantized), the projector trained (every tensor changed, floating
+    point), each LoRA target of the language tower merged into its dequantized 4-bit weight (hf - B A x alpha/r
+    equals the base rounded through NF4, not the base itself), the rest of the language tower as in the base, no
+    integer weights and no quantization config. Raises StageFailed; returns counts."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ds_vlm.models import adapter_for
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    base, merged, adapter = weights(base_dir), weights(run_dir / "hf"), weights(run_dir / "adapter")
+    lora = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = AutoConfig.from_pretrained(run_dir / "hf")
+    if hasattr(config, "quantization_config"):
+        raise StageFailed("the merged export's config still says it is quantized")
+    if base.keys() != merged.keys():
+        raise StageFailed(f"keys differ from the base model's: {sorted(base.keys() ^ merged.keys())[:5]}")
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    parts, names = adapter_for(config.model_type).parts(skeleton), {id(m): n for n, m in skeleton.named_modules()}
+
+    def under(modules) -> set:
+        roots = [names[id(m)] + "." for m in modules]
+        return {k for k in base if any(k.startswith(r) for r in roots)}
+
+    vision, projector = under(parts.vision), under(parts.projector)
+    head = skeleton.get_output_embeddings()
+    quantized = {f"{names[id(m)]}.weight" for root in parts.llm for m in root.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head}  # NF4-rounded, LoRA or not
+    targets = {f"{t}.weight" for t in lora["target_modules"]}
+    problems = [f"{k}: {merged[k].dtype}" for k in merged if not merged[k].is_floating_point()]
+    problems += [f"vision {k} differs from the base" for k in sorted(vision) if not torch.equal(merged[k], base[k])]
+    problems += [f"projector {k} did not train" for k in sorted(projector) if torch.equal(merged[k], base[k])]
+    rest = set(base) - vision - projector - targets
+    problems += [f"{k} differs from the base" for k in sorted(rest - quantized) if not torch.equal(merged[k], base[k])]
+    scale = lora["lora_alpha"] / lora["r"]
+    problems += [p for key in sorted(targets) if (p := _merge_problem(key, base[key], merged[key], adapter, scale))]
+    if not vision or not projector or not targets:
+        problems.append(f"parts found: vision {len(vision)}, projector {len(projector)}, targets {len(targets)}")
+    if problems:
+        raise StageFailed("the merged QLoRA export: " + "; ".join(problems[:8]))
+    return {"vision_identical": len(vision), "projector_trained": len(projector), "merged_targets": len(targets)}
+
+
+def _merge_problem(key: str, base, merged, adapter: dict, scale: float) -> str:
+    """Why `merged` is not `base` rounded through 4-bit NF4 (in the run's dtype, as the run loaded it) plus its
+    LoRA product B A x `scale`, or "". Exact on a CPU in fp32; allowed: a tenth of what the NF4 rounding moved,
+    or two of the export dtype's rounding steps (bf16), whichever is larger. Merging into the unrounded base
+    misses by the whole NF4 rounding."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = key.removesuffix(".weight")
+    a, b = (adapter[f"base_model.model.{module}.lora_{x}.weight"].to(device, torch.float32) for x in "AB")
+    packed, state = bnb_functional.quantize_4bit(base.to(device, merged.dtype), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4")
+    rounded = bnb_functional.dequantize_4bit(packed, state).float()
+    full = merged.to(device, torch.float32)
+    if torch.equal(full, rounded):
+        return f"{key}: its LoRA changed nothing"
+    error = float((full - b @ a * scale - rounded).abs().max())
+    moved = float((rounded - base.to(device, torch.float32)).abs().max())
+    allowed = max(0.1 * moved, 2 * torch.finfo(merged.dtype).eps * float(full.abs().max()))
+    return "" if error <= allowed else \
+        f"{key}: not the 4-bit base + LoRA (off by {error:.2e}, allowed {allowed:.2e}; NF4 rounding {moved:.2e})"
 
 
 def liger(work: Path, dry_run: bool) -> dict:
