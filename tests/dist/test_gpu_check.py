@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     assert sum(stages[n]["planned_s"] for n in FIRST_PART) <= 420
     assert all(stages[n]["status"] == "ok" for n in FIRST_PART), {n: stages[n]["detail"] for n in FIRST_PART}
     assert stages["liger"]["status"] == "skipped" and "CUDA only" in stages["liger"]["detail"]["reason"]
+    assert stages["qlora"]["status"] == "skipped" and "test_lora.py" in stages["qlora"]["detail"]["reason"]
     # the rest ran where the budget left room on this CPU, else waits for the next call: never failed
     assert all(s["status"] in ("ok", "skipped", "not_run") for s in stages.values())
     versions = stages["imports"]["detail"]["versions"]
