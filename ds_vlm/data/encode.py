@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .control_text import ControlText
 from .formats import DataError, Sample
 from .images import load_images
 from .videos import VideoSampling, load_videos
@@ -54,6 +55,8 @@ class Encoder:
         self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        self.control = ControlText(self.tokenizer)
         # tokens the template writes before an image's own tokens (e.g. <|vision_start|>)
         lead = adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
         self.image_lead = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
@@ -65,8 +68,9 @@ class Encoder:
         probe = "<|im_start|>user\nA probe, 12 words: é ü 中文.<|im_end|>\n"
         self._text_only_fast = _same_tensors(self._process(probe, []), self._tokenize(probe))
 
-    def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
-        out = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
+    def _tokenize(self, text: str, as_text: bool = False) -> dict[str, torch.Tensor]:
+        out = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False,
+                                  **({"split_special_tokens": True} if as_text else {})))
         if self._mm_token_types:
             out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
         return out
@@ -87,7 +91,8 @@ class Encoder:
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant_target) pieces; an assistant turn with
-        'loss': false is left in the text, not a target."""
+        'loss': false is left in the text, not a target. The turns' text is escaped (control_text.py): a
+        special token it spells is a marker here, which `encode` tokenizes as text."""
         try:
             return self._segments(sample)
         except DataError:
@@ -97,7 +102,7 @@ class Encoder:
                             f"conversation: {type(err).__name__}: {str(err)[:200]}") from err
 
     def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
-        messages, tools = sample.messages, sample.tools
+        messages, tools = [self._escaped(m) for m in sample.messages], sample.tools
         if (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)) and not self.template_has_tools:
             raise DataError("bad_record", sample.source, sample.index, "tool-use turns (tool calls, tool results or "
                             "tools), but this model's chat template has no tool roles (no `tool_calls`, no `tool`)")
@@ -120,6 +125,16 @@ class Encoder:
         if cursor < len(full):
             pieces.append((full[cursor:], False))
         return pieces
+
+    def _escaped(self, message: dict) -> dict:
+        parts = [{**p, "text": self.control.escape(p["text"])} if p["type"] == "text" else p
+                 for p in message["content"]]
+        return {**message, "content": parts}
+
+    def spelled_control(self, sample: Sample) -> list[str]:
+        """The control tokens the sample's text spells (each once, sorted): encoded as text, said in a note."""
+        return sorted({token for m in sample.messages for p in m["content"] if p["type"] == "text"
+                       for token in self.control.spelled(p["text"])})
 
     # -- tensors ----------------------------------------------------------------------
     def encode_record(self, records, index: int) -> tuple[Sample, dict[str, torch.Tensor]]:
@@ -146,19 +161,26 @@ class Encoder:
         """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1. `videos`:
         (frames, metadata) pairs, as `media` gives them."""
         parts, images, videos = [], list(images), list(videos)
-        for text, is_target in self.segments(sample):
-            n_images = text.count(self.image_token)
-            n_videos = text.count(self.video_token) if self.video_token else 0
-            encoded = self._process(text, images[:n_images], videos[:n_videos])
-            images, videos = images[n_images:], videos[n_videos:]
-            ids = encoded["input_ids"]
-            encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
-            parts.append(encoded)
+        for segment, is_target in self.segments(sample):
+            for text, is_text in self.control.pieces(segment):
+                if is_text:  # a turn's text that spells special tokens: tokenized as text
+                    encoded = self._process(text, [], as_text=True)
+                else:
+                    n_images = text.count(self.image_token)
+                    n_videos = text.count(self.video_token) if self.video_token else 0
+                    encoded = self._process(text, images[:n_images], videos[:n_videos])
+                    images, videos = images[n_images:], videos[n_videos:]
+                ids = encoded["input_ids"]
+                encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
+                parts.append(encoded)
         if images or videos:
             raise DataError("placeholder_mismatch", sample.source, sample.index,
                             f"the chat template placed fewer images or videos than the record has ({len(images)} "
                             f"image(s), {len(videos)} video(s) left over)")
         out = merge_parts(parts)
+        self._check_vision_tokens(out, sample)
+        sample.notes += [f"text spelling the control token {token}, encoded as plain text"
+                         for token in self.spelled_control(sample)]
         length = out["input_ids"].shape[1]
         if length > self.max_length:
             if self.truncation != "truncate" or sample.videos:
@@ -169,6 +191,21 @@ class Encoder:
         if not (out["labels"] != IGNORE_INDEX).any():
             raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
         return out
+
+    def _check_vision_tokens(self, out: dict[str, torch.Tensor], sample: Sample) -> None:
+        """The image (video) tokens in the ids must be as many as the vision tensors fill, or the model's forward
+        fails mid-step ("Image features and image tokens do not match"); here the record is named instead."""
+        expected = self.adapter.vision_token_counts(out, self.processor)
+        ids = out["input_ids"][0]
+        for what, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if what not in expected or token_id is None:
+                continue
+            found = int((ids == token_id).sum())
+            if found != expected[what]:
+                raise DataError("placeholder_mismatch", sample.source, sample.index,
+                                f"{found} {what} token(s) in the encoded ids but the {what}s' vision tensors fill "
+                                f"{expected[what]}: the chat template or the processor placed {what} tokens the "
+                                f"{what}s do not match")
 
     def _truncate(self, out: dict[str, torch.Tensor], sample: Sample) -> dict[str, torch.Tensor]:
         """Cut at max_length; a cut through an image moves before it (and its lead tokens), and
@@ -210,12 +247,13 @@ class Encoder:
         encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
         return encoded
 
-    def _process(self, text: str, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
+    def _process(self, text: str, images: list, videos: list = (), as_text: bool = False) -> dict[str, torch.Tensor]:
+        """`as_text`: special tokens spelled in `text` are text (no images or videos with it)."""
         if not images and not videos and self._text_only_fast:
-            return self._tokenize(text)
-        kwargs = {}
+            return self._tokenize(text, as_text)
+        kwargs = {"split_special_tokens": True} if as_text else {}
         if videos:  # frames sampled already, with the metadata the processor writes timestamps from
-            kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
+            kwargs = dict(kwargs, videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
                           do_sample_frames=False)
         out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False,
                              **kwargs)

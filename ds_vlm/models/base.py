@@ -78,6 +78,11 @@ class Adapter:
         pairs = sum(p * p for p in self.patches_per_image(batch, config))
         return [pairs] * self.vision_depth_width(config)[0]
 
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """How many image (and video) tokens one encoded sample's vision tensors fill in its ids ({"image": n,
+        "video": m}); the encoder refuses a record whose ids hold another count. Empty: not checked."""
+        return {}
+
     def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
         """For --sequence_parallel: the language model's inputs that hold one entry per token, besides the
         embeddings and position ids, cut to the tokens [start, end) (none by default)."""

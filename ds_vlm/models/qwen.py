@@ -64,6 +64,16 @@ class QwenVLAdapter(Adapter):
             out += [] if grid is None else [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
         return out
 
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """One token per merged patch: the (t, h, w) grid's patches over merge_size squared."""
+        out = {}
+        for what, sub in (("image", "image_processor"), ("video", "video_processor")):
+            grid = encoded.get(f"{what}_grid_thw")
+            merge = getattr(getattr(processor, sub, None), "merge_size", None)
+            if merge:
+                out[what] = 0 if grid is None else int(grid.prod(-1).sum()) // merge ** 2
+        return out
+
     def position_ids(self, config) -> "RopeIndex":
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
