@@ -58,10 +58,12 @@ class RunLog:
             (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
 
     def close(self) -> None:
+        """Idempotent: a run that raises closes its log on the way out, whether or not it was closed."""
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        self.bar = self.file = None
 
 
 class LineProgress:

@@ -1,6 +1,7 @@
 """The training run as named verbs, in the order they run:
 
-    setup_distributed -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train -> finish
+    setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
+    -> finish
 
 `train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
 then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
@@ -24,10 +25,11 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, preflighted
+from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, open_records, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadRecordCount
+from .data.sources import RecordIndex
 from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
@@ -65,9 +67,12 @@ class Trainer:
     # setup_distributed
     layout: ParallelLayout
     sp: Optional["SequenceParallel"]  # noqa: F821 - parallel.ulysses, imported only when --sequence_parallel > 1
-    log: RunLog
     signals: StopSignals
     watchdog: Watchdog
+    # open_data: the data files' indexes (a missing file is said before the model loads), then the run's log
+    train_records: RecordIndex
+    eval_records: Optional[RecordIndex]
+    log: RunLog
     bad_records: BadRecordCount
     # setup_model: the DeepSpeed json, the model (with processor and family adapter), what DeepSpeed trains (the
     # model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part -> [(name, parameter)]
@@ -116,11 +121,18 @@ class Trainer:
 
             self.sp = SequenceParallel(self.layout)
         ckpt.seed_everything(config.seed)
-        self.log = RunLog(config.checkpoint.output_dir, enabled=self.layout.rank == 0)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
                                  config.parallel.long_phase_timeout_s)
-        self.bad_records = BadRecordCount(config.data.max_bad, self.log)
+
+    def open_data(self) -> None:
+        """The data files indexed (cheap once cached; a missing or unreadable file raises here), then the output
+        folder and its metrics.jsonl: a run that cannot start on its data leaves nothing behind."""
+        data = self.config.data
+        self.train_records = open_records(data.train_data, data)
+        self.eval_records = open_records(data.eval_data, data) if data.eval_data else None
+        self.log = RunLog(self.config.checkpoint.output_dir, enabled=self.layout.rank == 0)
+        self.bad_records = BadRecordCount(data.max_bad, self.log)
 
     def setup_model(self) -> None:
         config, model_config = self.config, self.config.model
@@ -159,9 +171,10 @@ class Trainer:
 
     def setup_data(self) -> None:
         config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
-        self.train_set = preflighted(config.data.train_data, config.data, self.encoder, self.log, rank0)
-        self.eval_set = preflighted(config.data.eval_data, config.data, self.encoder, self.log, rank0) \
-            if config.data.eval_data else None
+        data = config.data
+        self.train_set = preflighted(self.train_records, data.train_data, data, self.encoder, self.log, rank0)
+        self.eval_set = preflighted(self.eval_records, data.eval_data, data, self.encoder, self.log, rank0) \
+            if self.eval_records is not None else None
         for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
                                   self.encoder):
             self.log.info(line)  # rank 0's
@@ -401,10 +414,14 @@ class Trainer:
 def run(config: TrainConfig) -> dict:
     trainer = Trainer(config)
     trainer.setup_distributed()
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.setup_engine()
-    trainer.resume()
-    trainer.record_run()
-    trainer.train()
-    return trainer.finish()
+    trainer.open_data()
+    try:
+        trainer.setup_model()
+        trainer.setup_data()
+        trainer.setup_engine()
+        trainer.resume()
+        trainer.record_run()
+        trainer.train()
+        return trainer.finish()
+    finally:
+        trainer.log.close()  # a run that raises leaves metrics.jsonl closed (finish has closed it already)

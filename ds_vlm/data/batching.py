@@ -40,12 +40,17 @@ class SFTDataset(Dataset):
             return {"bad": str(err)}
 
 
-def preflighted(spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
-    """A data spec's usable records (`data`: the run's DataConfig), as preflight found them (or as it left them:
+def open_records(spec: str, data) -> RecordIndex:
+    """A data spec's records (`data`: the run's DataConfig), indexed: a file that is missing or unreadable as a
+    whole raises here, before anything slow."""
+    return RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
+
+
+def preflighted(records: RecordIndex, spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
+    """The usable records of `records` (the data spec `spec`), as preflight found them (or as it left them:
     --preflight off); said, and the records left out logged as an event."""
     from .preflight import preflight, summarize, usable
 
-    records = RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, data.loader_workers,
                              progress=show_progress)
     log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
