@@ -28,7 +28,7 @@ from .curves import plot_curves
 from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, open_records, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
-from .data.preflight import BadRecordCount
+from .data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
 from .data.sources import RecordIndex
 from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
@@ -104,6 +104,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.progress = Progress()
+        self.in_flight: tuple[str, ...] = ()  # the records of the step in progress ("FILE record I"), for errors
 
     # -- setup ------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
@@ -290,6 +291,7 @@ class Trainer:
         """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
         self.watchdog.phase("data", step)
         micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        self.in_flight = tuple(record for mb in micro for record in mb.records)
         for message in (m for mb in micro for m in mb.bad):
             print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
                   flush=True)
@@ -411,11 +413,19 @@ class Trainer:
         return result
 
 
+# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
+# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
+AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
+
+
 def run(config: TrainConfig) -> dict:
+    """The verbs in order. An exception on this rank is said with its phase, step and records, and told to the
+    other ranks (faults.Watchdog.failed), which then stop within seconds; the caller must end the process with
+    os._exit (launch/train.py, cli.entry): its DataLoader workers are not waited for."""
     trainer = Trainer(config)
     trainer.setup_distributed()
-    trainer.open_data()
     try:
+        trainer.open_data()
         trainer.setup_model()
         trainer.setup_data()
         trainer.setup_engine()
@@ -423,5 +433,12 @@ def run(config: TrainConfig) -> dict:
         trainer.record_run()
         trainer.train()
         return trainer.finish()
+    except AGREED_STOPS:
+        raise
+    except Exception as err:
+        if trainer.layout.world_size > 1 or trainer.in_flight:
+            trainer.watchdog.failed(err, trainer.in_flight)
+        raise
     finally:
-        trainer.log.close()  # a run that raises leaves metrics.jsonl closed (finish has closed it already)
+        if getattr(trainer, "log", None) is not None:  # a run that raises leaves metrics.jsonl closed
+            trainer.log.close()
