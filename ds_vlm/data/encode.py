@@ -63,16 +63,23 @@ class Encoder:
         # a segment with no image or video is only tokenized (several times faster than the processor's call,
         # most of which is argument checking); used only if it gives what the processor gives on a probe
         self._text_only_fast = False
+        self._text_keys: frozenset = frozenset()  # the per-token keys the processor gives for text
         # the processor marks image/video tokens in `mm_token_type_ids` (all 0 in a text-only segment)
         self._mm_token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
         probe = "<|im_start|>user\nA probe, 12 words: é ü 中文.<|im_end|>\n"
-        self._text_only_fast = _same_tensors(self._process(probe, []), self._tokenize(probe))
+        processed = self._process(probe, [])
+        self._text_keys = frozenset(processed)
+        self._text_only_fast = _same_tensors(processed, self._tokenize(probe))
 
     def _tokenize(self, text: str, as_text: bool = False) -> dict[str, torch.Tensor]:
+        """`text` through the tokenizer alone, with the keys the processor gives for text (token type ids of
+        text: 0). `as_text`: special tokens spelled in it are text (processors drop `split_special_tokens`)."""
         out = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False,
                                   **({"split_special_tokens": True} if as_text else {})))
         if self._mm_token_types:
             out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
+        if self._text_keys:
+            out = {k: out[k] if k in out else torch.zeros_like(out["input_ids"]) for k in self._text_keys}
         return out
 
     # -- text -------------------------------------------------------------------------
@@ -179,8 +186,9 @@ class Encoder:
                             f"image(s), {len(videos)} video(s) left over)")
         out = merge_parts(parts)
         self._check_vision_tokens(out, sample)
-        sample.notes += [f"text spelling the control token {token}, encoded as plain text"
-                         for token in self.spelled_control(sample)]
+        spelled = [f"text spelling the control token {token}, encoded as plain text"
+                   for token in self.spelled_control(sample)]
+        sample.notes += [note for note in spelled if note not in sample.notes]
         length = out["input_ids"].shape[1]
         if length > self.max_length:
             if self.truncation != "truncate" or sample.videos:
@@ -249,11 +257,11 @@ class Encoder:
 
     def _process(self, text: str, images: list, videos: list = (), as_text: bool = False) -> dict[str, torch.Tensor]:
         """`as_text`: special tokens spelled in `text` are text (no images or videos with it)."""
-        if not images and not videos and self._text_only_fast:
+        if as_text or (not images and not videos and self._text_only_fast):
             return self._tokenize(text, as_text)
-        kwargs = {"split_special_tokens": True} if as_text else {}
+        kwargs = {}
         if videos:  # frames sampled already, with the metadata the processor writes timestamps from
-            kwargs = dict(kwargs, videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
+            kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
                           do_sample_frames=False)
         out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False,
                              **kwargs)

@@ -148,6 +148,9 @@ def test_text_spelling_control_tokens_is_text(encoder, demo_dir):
     assert tok.decode(ids) == encoder.render(sample.messages)  # the same characters, as text
     assert tok.decode(ids[labels != IGNORE_INDEX]) == "ok <|endoftext|> done<|im_end|>"
     assert "pixel_values" not in out
+    through_processor = Encoder(encoder.processor, encoder.adapter, 256)
+    through_processor._text_only_fast = False  # the processor's path (which drops split_special_tokens)
+    assert all(torch.equal(v, out[k]) for k, v in through_processor.encode(sample, []).items())
     assert "text spelling the control token <|im_end|>, encoded as plain text" in sample.notes
     assert len([n for n in sample.notes if n.startswith("text spelling")]) == 6
     # beside a real image: its own 16 tokens, the typed ones text
