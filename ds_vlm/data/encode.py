@@ -169,14 +169,7 @@ class Encoder:
         (frames, metadata) pairs, as `media` gives them."""
         parts, images, videos = [], list(images), list(videos)
         for segment, is_target in self.segments(sample):
-            for text, is_text in self.control.pieces(segment):
-                if is_text:  # a turn's text that spells special tokens: tokenized as text
-                    encoded = self._process(text, [], as_text=True)
-                else:
-                    n_images = text.count(self.image_token)
-                    n_videos = text.count(self.video_token) if self.video_token else 0
-                    encoded = self._process(text, images[:n_images], videos[:n_videos])
-                    images, videos = images[n_images:], videos[n_videos:]
+            for encoded in self._encode_rendered(segment, images, videos):
                 ids = encoded["input_ids"]
                 encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
                 parts.append(encoded)
@@ -199,6 +192,29 @@ class Encoder:
         if not (out["labels"] != IGNORE_INDEX).any():
             raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
         return out
+
+    def _encode_rendered(self, rendered: str, images: list, videos: list) -> list[dict[str, torch.Tensor]]:
+        """A rendered piece of conversation (its turns' text escaped) encoded: the template's structure through
+        the processor with the images and videos it places (taken off the front of `images` and `videos`), a
+        turn's text that spells special tokens as text."""
+        parts = []
+        for text, is_text in self.control.pieces(rendered):
+            if is_text:
+                parts.append(self._process(text, [], as_text=True))
+                continue
+            n_images = text.count(self.image_token)
+            n_videos = text.count(self.video_token) if self.video_token else 0
+            parts.append(self._process(text, images[:n_images], videos[:n_videos]))
+            del images[:n_images], videos[:n_videos]
+        return parts
+
+    def prompt(self, sample: Sample, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
+        """What a model is given to answer the sample's last assistant turn (the turns before it, then the
+        generation prompt), encoded as in training: a special token its text spells is text."""
+        last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+        rendered = self.render([self._escaped(m) for m in sample.messages[:last]], add_generation_prompt=True,
+                               tools=sample.tools)
+        return merge_parts(self._encode_rendered(rendered, list(images), list(videos)))
 
     def _check_vision_tokens(self, out: dict[str, torch.Tensor], sample: Sample) -> None:
         """The image (video) tokens in the ids must be as many as the vision tensors fill, or the model's forward
