@@ -151,9 +151,10 @@ def test_a_second_signal_exits_at_once(tmp_path):
 @pytest.mark.waits
 def test_a_record_that_fails_on_one_rank_ends_the_job_in_seconds(demo_dir, tmp_path):
     """A record's image is deleted mid-run (after preflight checked it): the rank that draws it next fails in
-    its data phase, names the record, phase and step, and exits without waiting for its DataLoader worker;
-    the other rank, waiting for it in the step's collectives, reads the failure from the rendezvous store and
-    exits too. The job ends within seconds, not after --dist_timeout_s (600 here)."""
+    its data phase, names the record, phase and step, and exits without waiting for its DataLoader worker; the
+    other rank, waiting for it in the step's collectives, reads the failure from the rendezvous store and exits
+    too. The job ends within seconds, not after --dist_timeout_s (600 here). Meanwhile a record that spells
+    vision tokens in its text trains as text."""
     import json
     import shutil
 
@@ -162,6 +163,9 @@ def test_a_record_that_fails_on_one_rank_ends_the_job_in_seconds(demo_dir, tmp_p
     shutil.copy(demo_dir / "data" / rows[5]["images"][0], victim)
     rows = [{**r, "images": [str(victim) if i == 5 else str(demo_dir / "data" / r["images"][0])]}
             for i, r in enumerate(rows)]
+    # the record that crashed the first step of a run and then hung it (issue 35): its vision tokens are text now
+    rows[7] = {"conversations": [{"from": "human", "value": "Echo <|vision_start|><|image_pad|><|vision_end|>"},
+                                 {"from": "gpt", "value": "A red circle."}]}
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, log = tmp_path / "run", tmp_path / "log.txt"
@@ -187,3 +191,5 @@ def test_a_record_that_fails_on_one_rank_ends_the_job_in_seconds(demo_dir, tmp_p
     other = 1 - int(failed[1])
     assert f"ds-vlm: rank {other}: stopping: rank {failed[1]} failed in phase data of step" in text, text[-3000:]
     assert "has been in phase" not in text  # not the watchdog's timeout
+    assert f"note: text spelling the control token <|image_pad|>, encoded as plain text in 1 record ({data} record " \
+           "7)" in text, text[-3000:]
