@@ -38,6 +38,7 @@ HUNG_EXIT = 3
 PEER_FAILED_EXIT = 1
 FAILED_KEY = "ds_vlm/failed"
 FAILED_GRACE_S = 5.0
+STEP_PHASES = ("forward", "backward", "step")  # the phases that compute on the step's records
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -117,9 +118,10 @@ class Watchdog:
         in the rendezvous store, where the other ranks' watchdogs read it and stop; return once they have read
         it (at most FAILED_GRACE_S)."""
         phase = self._phase
-        where = f"in phase {phase[0]} of step {phase[1]}" if phase else "before training"
+        where = (f"in phase {phase[0]} of step {phase[1]}" if phase else
+                 f"after step {self.step}" if self.step else "before training")
         message = f"rank {self.rank} failed {where}: {describe(error)}"
-        if records and phase and phase[0] != "data":  # a data error names its record itself
+        if records and phase and phase[0] in STEP_PHASES:  # (a data error names its record itself)
             message += f" (records of the step on rank {self.rank}: {', '.join(records)})"
         print(f"ds-vlm: {message}", file=sys.stderr, flush=True)
         self._failing = True
