@@ -50,6 +50,26 @@ class ControlText:
     def escape(self, text: str) -> str:
         return self._spelled.sub(lambda m: self._markers[m[0]], text)
 
+    def escape_all(self, value):
+        """`value` (a message, tool calls, tool schemas: dicts, lists and strings) with every string escaped."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, (list, tuple)):
+            return [self.escape_all(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.escape_all(v) for k, v in value.items()}
+        return value
+
+    def spelled_all(self, value) -> set[str]:
+        """The special tokens the strings inside `value` spell."""
+        if isinstance(value, str):
+            return set(self.spelled(value))
+        if isinstance(value, (list, tuple)):
+            return set().union(*(self.spelled_all(v) for v in value))
+        if isinstance(value, dict):
+            return set().union(*(self.spelled_all(v) for v in value.values()))
+        return set()
+
     def restore(self, text: str) -> str:
         return self._marker.sub(lambda m: self._restore.get(m[0][1], m[0]), text)
 

@@ -98,8 +98,8 @@ class Encoder:
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant_target) pieces; an assistant turn with
-        'loss': false is left in the text, not a target. The turns' text is escaped (control_text.py): a
-        special token it spells is a marker here, which `encode` tokenizes as text."""
+        'loss': false is left in the text, not a target. The turns' text (tool calls and tools included) is
+        escaped (control_text.py): a special token it spells is a marker here, which `encode` tokenizes as text."""
         try:
             return self._segments(sample)
         except DataError:
@@ -109,7 +109,7 @@ class Encoder:
                             f"conversation: {type(err).__name__}: {str(err)[:200]}") from err
 
     def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
-        messages, tools = [self._escaped(m) for m in sample.messages], sample.tools
+        messages, tools = self.control.escape_all(sample.messages), self.control.escape_all(sample.tools)
         if (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)) and not self.template_has_tools:
             raise DataError("bad_record", sample.source, sample.index, "tool-use turns (tool calls, tool results or "
                             "tools), but this model's chat template has no tool roles (no `tool_calls`, no `tool`)")
@@ -133,15 +133,10 @@ class Encoder:
             pieces.append((full[cursor:], False))
         return pieces
 
-    def _escaped(self, message: dict) -> dict:
-        parts = [{**p, "text": self.control.escape(p["text"])} if p["type"] == "text" else p
-                 for p in message["content"]]
-        return {**message, "content": parts}
-
     def spelled_control(self, sample: Sample) -> list[str]:
-        """The control tokens the sample's text spells (each once, sorted): encoded as text, said in a note."""
-        return sorted({token for m in sample.messages for p in m["content"] if p["type"] == "text"
-                       for token in self.control.spelled(p["text"])})
+        """The control tokens the sample's text (turns, tool calls, tools) spells, sorted: encoded as text, said in
+        a note."""
+        return sorted(self.control.spelled_all([sample.messages, sample.tools]))
 
     # -- tensors ----------------------------------------------------------------------
     def encode_record(self, records, index: int) -> tuple[Sample, dict[str, torch.Tensor]]:
@@ -212,8 +207,8 @@ class Encoder:
         """What a model is given to answer the sample's last assistant turn (the turns before it, then the
         generation prompt), encoded as in training: a special token its text spells is text."""
         last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
-        rendered = self.render([self._escaped(m) for m in sample.messages[:last]], add_generation_prompt=True,
-                               tools=sample.tools)
+        rendered = self.render(self.control.escape_all(sample.messages[:last]), add_generation_prompt=True,
+                               tools=self.control.escape_all(sample.tools))
         return merge_parts(self._encode_rendered(rendered, list(images), list(videos)))
 
     def _check_vision_tokens(self, out: dict[str, torch.Tensor], sample: Sample) -> None:
