@@ -9,19 +9,6 @@ from .data.images import load_images
 from .data.videos import VideoSampling, load_videos
 
 
-def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,
-                     video_sampling: VideoSampling | None = None, **generate_kwargs) -> list[str]:
-    """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
-    sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling or VideoSampling(),
-                         generate_kwargs)
-    finally:
-        tokenizer.padding_side = side
-
-
 def prompt_batch(encoder: Encoder, samples: list, video_sampling: VideoSampling) -> dict[str, torch.Tensor]:
     """The samples' prompts (Encoder.prompt: text spelling special tokens stays text, as in training), padded on
     the left as the processor pads a batch; vision tensors concatenated."""
@@ -38,21 +25,23 @@ def prompt_batch(encoder: Encoder, samples: list, video_sampling: VideoSampling)
     return {key: torch.cat(values) for key, values in batch.items()}
 
 
-def _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling, generate_kwargs) -> list[str]:
+def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,
+                     video_sampling: VideoSampling | None = None, **generate_kwargs) -> list[str]:
+    """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
+    sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
     from .models import adapter_for
 
-    tokenizer = processor.tokenizer
     encoder = Encoder(processor, adapter_for(model.config.model_type), max_length=0)
     answers = []
     for start in range(0, len(samples), batch_size):
-        inputs = prompt_batch(encoder, samples[start:start + batch_size], video_sampling)
+        inputs = prompt_batch(encoder, samples[start:start + batch_size], video_sampling or VideoSampling())
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                     **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(t.strip() for t in encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
 
