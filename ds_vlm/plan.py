@@ -286,7 +286,8 @@ def plan(argv=None) -> Optional[dict]:
         from .data.sources import RecordIndex
 
         checks, _ = preflight(RecordIndex(config.data.train_data, config.data.image_root, config.data.data_format,
-                                          config.data.data_cache), encoder, "cached", config.data.data_cache)
+                                          config.data.data_cache, config.data.caption_prompt), encoder, "cached",
+                              config.data.data_cache)
         if (checks.kind == OK).any():
             longest, most_image = worst_counts(checks, longest)
             source = f"{config.data.train_data}: longest sample {longest} tokens, most image tokens {most_image}"

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     encoder = encoder_for(processor, adapter_for(model_type), data)
     try:
-        records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache)
+        records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache,
+                              data.caption_prompt)
     except (SpecError, OSError, ValueError) as err:  # the spec or a file as a whole, named
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2

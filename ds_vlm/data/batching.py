@@ -46,7 +46,7 @@ class SFTDataset(Dataset):
 def open_records(spec: str, data) -> RecordIndex:
     """A data spec's records (`data`: the run's DataConfig), indexed: a file that is missing or unreadable as a
     whole raises here, before anything slow."""
-    return RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
+    return RecordIndex(spec, data.image_root, data.data_format, data.data_cache, data.caption_prompt)
 
 
 def preflighted(records: RecordIndex, spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
