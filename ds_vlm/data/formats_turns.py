@@ -147,7 +147,8 @@ class TurnReader(MediaReader):
         role = ROLE_NAMES.get(str(speaker).lower())
         if role is None:
             raise self.bad("bad_record", f"turn {number}: unknown speaker {speaker!r}")
-        read = TURN_KEYS | ({"name"} if role == "tool" else set()) | ({"weight"} if _weight(turn, role) else set())
+        weight = _weight(turn, role)
+        read = TURN_KEYS | ({"name"} if role == "tool" else set()) | ({"weight"} if weight is not None else set())
         self.ignored.update(f"turn.{key}" for key in turn if key not in read)
         content = turn.get("value", turn.get("content"))
         if str(speaker).lower() == "function_call":  # LLaMA-Factory's: the calls as JSON text, no content
@@ -161,7 +162,6 @@ class TurnReader(MediaReader):
         if loss and role != "assistant":
             raise self.bad("bad_record", f"turn {number} ({role}): 'loss': true on a turn that is not the "
                                          "assistant's; only assistant turns are learned")
-        weight = _weight(turn, role)
         if weight is not None and loss is not None and (weight == 1) != loss:
             raise self.bad("bad_record", f"turn {number}: 'loss': {loss} and 'weight': {turn['weight']} disagree")
         learn = role == "assistant" and loss is not False and weight != 0
