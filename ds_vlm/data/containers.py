@@ -85,7 +85,7 @@ def _guess(data: bytes, at: int) -> str:
 
 def converted(path: str, cache_dir: str = "") -> Path:
     """The JSONL file in the data cache that holds `path`'s records (built once), for a JSON list, a compressed
-    JSONL or a CSV/TSV file."""
+    JSONL or a CSV/TSV file; for a WebDataset tar shard, its index (shards.py)."""
     suffix = data_suffix(path)
     if suffix == ".json":
         build = _json_list
@@ -93,6 +93,8 @@ def converted(path: str, cache_dir: str = "") -> Path:
         build = _decompress
     elif suffix in TABLES:
         build = _table
+    elif suffix.startswith(".tar") or suffix == ".tgz":  # a compressed tar: refused by name there
+        from .shards import index_tar as build
     else:
         raise DataFileError(f"{path}: no conversion for {suffix!r} files")
     root = cache.writable(cache.cache_root(cache_dir))

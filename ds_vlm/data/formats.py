@@ -50,7 +50,8 @@ MEDIA_KEYS = {"images", "image", "videos", "video", "audios", "audio", "system",
 # placements of images a record keeps apart from its text, each as its project does it
 PLACED = {"trl": "images placed before the first user text (TRL's placement)",
           "internvl": "<image>\\n put before the first turn's text (InternVL's placement)",
-          "caption": "", "cauldron": "", "insert": ""}
+          "cauldron": "images placed before the first question (the Cauldron's texts hold no placeholder)",
+          "caption": "", "insert": ""}
 _JSON_TEXT_KEYS = ("conversations", "messages", "conversation", "contents", "texts")
 ASSISTANT_FIRST = "an opening assistant turn (nothing before it to answer) kept as context, not learned"
 
@@ -113,7 +114,8 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
     how = {"prompt_completion": "trl", "cauldron": "cauldron", "caption": "caption"}.get(layout, placement)
     if insert_placeholders:
         how = "insert"
-    if how and turns.insert_placeholders(messages, images, newline=how == "internvl", only_one=how == "internvl"):
+    placed = how and turns.insert_placeholders(messages, images, newline=how == "internvl", only_one=how == "internvl")
+    if placed and PLACED[how]:
         reader.notes.append(PLACED[how])
     reader.notes += turns.video_behind_image_placeholders(messages, images, videos)
     _check_counts(reader, messages, images, videos, how)

@@ -20,6 +20,7 @@ import numpy as np
 from . import cache
 from .containers import DataFileError, check_text, converted, data_suffix
 from .formats import DataError, Sample, to_sample
+from .shards import expand_pattern, sample_record
 from .specs import HUB_PREFIX, Remap, Source, parse_spec, select_rows
 
 
@@ -32,6 +33,7 @@ class RecordFile:
             raise FileNotFoundError(f"data file {self.path} does not exist")
         suffix = data_suffix(self.path)
         self._lines = self.path  # the JSONL file read by offset (for a JSON list, CSV, .jsonl.gz: its converted copy)
+        self._shard = suffix == ".tar"  # a WebDataset shard: _lines is its index, a line a sample's members
         if is_saved_dataset(self.path) or suffix == ".parquet":
             self._table = _open_table(self.path)
             self._length = self._table.num_rows
@@ -39,13 +41,13 @@ class RecordFile:
             check_text(self.path)
             self._offsets = line_offsets(self.path)
             self._length = len(self._offsets)
-        elif suffix in (".json", ".jsonl.gz", ".jsonl.zst", ".csv", ".tsv"):
+        elif suffix in (".json", ".jsonl.gz", ".jsonl.zst", ".csv", ".tsv", ".tgz") or suffix.startswith(".tar"):
             self._lines = str(converted(self.path, cache_dir))
             self._offsets = line_offsets(self._lines)
             self._length = len(self._offsets)
         else:
             raise DataFileError(f"{self.path}: unsupported data file type {suffix!r} (use .jsonl, .json, .parquet, "
-                                ".csv, .tsv, .jsonl.gz or .jsonl.zst)")
+                                ".csv, .tsv, .jsonl.gz, .jsonl.zst or WebDataset .tar shards)")
         if not self._length:
             raise DataFileError(f"{self.path}: no records in it")
 
@@ -59,7 +61,7 @@ class RecordFile:
             f.seek(int(self._offsets[index]))
             line = f.readline()
         try:
-            return json.loads(line)
+            record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             where = ""
             if self._lines == self.path:  # JSONL: the line in the user's file (blank lines are not records)
@@ -69,6 +71,7 @@ class RecordFile:
                                 f"at column {err.start + 1} (cp1252 or Latin-1 text?); re-save the file as UTF-8"
                                 ) from err
             raise DataError("bad_record", self.path, index, f"{where}not valid JSON ({err})") from err
+        return sample_record(self.path, record) if self._shard else record
 
     def line_number(self, index: int) -> int:
         """The 1-based line of record `index` in the JSONL file (counted only when asked: an error)."""
@@ -145,7 +148,10 @@ def _open_table(path: str):
 
 
 def expand_source(path: str) -> list[str]:
-    """A data path -> the files it holds: a file, a save_to_disk folder, or a folder of parquet files."""
+    """A data path -> the files it holds: a file, a save_to_disk folder, a folder of parquet files, or shards
+    named by a range (`train-{000..009}.tar`) or a glob."""
+    if not os.path.exists(path):
+        return expand_pattern(path)
     if os.path.isdir(path) and not is_saved_dataset(path):
         if os.path.isfile(os.path.join(path, "dataset_dict.json")):
             raise ValueError(f"{path} holds several splits (a DatasetDict); name one, e.g. {path}/train")

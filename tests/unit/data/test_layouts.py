@@ -49,6 +49,7 @@ def test_the_cauldron_puts_its_images_before_the_first_question():
     assert brief(sample) == ["user: <image>What colour is it?", "assistant*: Red.", "user: Is it round?",
                              "assistant*: No."]
     assert sample.ignored == ("texts.source",)  # reported, not silently dropped
+    assert sample.notes == ["images placed before the first question (the Cauldron's texts hold no placeholder)"]
 
 
 @pytest.mark.parametrize("spec", ["openai_tools.jsonl", "llamafactory/dataset_info.json#tool_use"])
