@@ -27,6 +27,7 @@ from .flags import load_config
 
 
 def main(argv=None) -> int:
+    from .data.containers import DataFileError
     from .data.preflight import BadDataError, TooManyBadRecords
     from .data.specs import SpecError
     from .distributed import RendezvousError
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except (ConfigError, DataError, BadDataError, TrainingDiverged, TooManyBadRecords, RendezvousError,
-            FileNotFoundError, SpecError) as err:
+            FileNotFoundError, SpecError, DataFileError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
     except Exception:  # a traceback, then the caller's os._exit: a normal exit would wait for DataLoader workers
