@@ -56,6 +56,9 @@ def check_text(path: str, head: bytes | None = None) -> None:
         raise DataFileError(f"{path}: holds NUL bytes (UTF-16 or UTF-32 text without a byte-order mark, or a binary "
                             "file); data files are read as UTF-8")
     not_utf8(path, head[3:] if head.startswith(codecs.BOM_UTF8) else head, at_end=len(head) < _HEAD)
+    if path.lower().endswith(".jsonl") and head.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"["):
+        raise DataFileError(f"{path}: holds a JSON list, not one record a line: name it .json (a list is read "
+                            "from a .json file) or write one record a line")
     if b"\r" in head and b"\n" not in head and len(head.strip().split(b"\r")) > 1:
         raise DataFileError(f"{path}: CR-only line endings (classic Mac OS): the records cannot be told apart; "
                             "convert them to LF (e.g. `tr '\\r' '\\n' < in > out`)")

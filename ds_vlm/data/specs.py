@@ -141,8 +141,9 @@ def expand_mixture(path: str, selector: Optional[str]) -> Optional[list[Source]]
         with open(path, encoding="utf-8-sig") as f:
             table = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        lines = isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" and err.lineno > 1
         raise SpecError(f"{path}: not valid {'JSON' if isinstance(err, json.JSONDecodeError) else 'UTF-8'} ({err})"
-                        ) from err
+                        + ("; it looks like JSON Lines (one record a line): name it .jsonl" if lines else "")) from err
     if not isinstance(table, dict) or not table or not all(isinstance(v, dict) for v in table.values()):
         raise SpecError(f"{path}: a JSON object that is neither a dataset_info.json nor an InternVL meta file "
                         "(expected {name: {...}, ...}); a data file holds a list of records")

@@ -76,6 +76,9 @@ def test_csv_and_tsv_rows_are_records_with_json_cells_parsed(tmp_path):
     ("cp1252.json", json.dumps(RECORDS, ensure_ascii=False).encode("cp1252"),
      r"cp1252.json: not UTF-8: byte 0xe9 at byte 63, line 1 \(cp1252 would read it as .*café.*iconv"),
     ("empty.json", b"[]", r"empty.json: no records in it"),
+    ("list.jsonl", json.dumps(RECORDS, indent=1).encode(), r"list.jsonl: holds a JSON list, not one record a line"),
+    ("lines.json", jsonl(RECORDS), r"lines.json: not valid JSON \(Extra data.*it looks like JSON Lines .*name it "
+                                   r"\.jsonl"),
 ])
 def test_file_level_problems_are_named_with_the_file_and_the_fix(tmp_path, name, content, message):
     path = tmp_path / name
