@@ -148,7 +148,10 @@ def _check_counts(reader, messages: list[dict], images: list, videos: list, plac
             named = (f" ({', '.join(r.describe() for r in refs[:2])}{', ...' if len(refs) > 2 else ''})"
                      if refs else "")
             said.append(f"{counted[kind]} {placeholder} placeholder(s) but {len(refs)} {kind}(s){named}")
-    if not counted["image"] and images and not placement:
+    if not counted["image"] and len(images) > 1 and placement == "internvl":
+        said.append("InternVL puts <image>\\n in front of a single image only; a record of several needs its "
+                    "placeholders")
+    elif not counted["image"] and images and not placement:
         said.append("images with no placeholder are placed only where the layout's project places them (TRL's "
                     "prompt/completion, the Cauldron, captions, an InternVL meta file's single image)")
     raise reader.bad("placeholder_mismatch", "; ".join(said))

@@ -125,6 +125,10 @@ def test_internvl_and_trl_place_images_with_no_placeholder_as_their_projects_do(
     with pytest.raises(DataError, match=r"placeholder_mismatch: 0 <image> placeholder\(s\) but 1 image\(s\) .*placed "
                                         r"only where the layout's project places them"):
         samples(str(tmp_path / "ann.jsonl"))  # the same file outside its meta: no project says where
+    write(tmp_path / "ann.jsonl", [{"images": ["a.png", "a.png"], "conversations": [
+        {"from": "human", "value": "Same?"}, {"from": "gpt", "value": "Yes."}]}])
+    with pytest.raises(DataError, match=r"InternVL puts <image>\\n in front of a single image only"):
+        samples_of(str(tmp_path / "meta.json"))
     trl = {"prompt": [{"role": "user", "content": "What colour?"}],
            "completion": [{"role": "assistant", "content": "Red."}], "images": ["pics/a.png"]}
     [sample] = samples(write(tmp_path / "trl.jsonl", [trl]))
