@@ -137,6 +137,10 @@ def to_sample(record: Any, source: str, index: int, image_root: str = "", data_f
                   ignored=tuple(ignored), notes=reader.notes, tools=record_tools(record, reader.bad))
 
 
+def _has_content(message: dict) -> bool:
+    return any(part["type"] != "text" or part["text"].strip() for part in message["content"])
+
+
 def _check_counts(reader, messages: list[dict], images: list, videos: list, placement: str) -> None:
     counted = {kind: sum(part["type"] == kind for m in messages for part in m["content"])
                for kind in ("image", "video")}
@@ -190,6 +194,7 @@ class _Reader(TurnReader):
         if layout == "caption":
             return self._caption(record, caption_prompt)
         messages = [self.message(turn, i) for i, turn in enumerate(self.layout_turns(record, layout))]
+        messages = [m for m in messages if m["role"] != "system" or _has_content(m)]  # an empty one is none
         system = record.get("system")
         if layout == "gemini":
             given = record.get("systemInstruction", record.get("system_instruction"))

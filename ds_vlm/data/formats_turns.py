@@ -155,7 +155,7 @@ class TurnReader(MediaReader):
             calls, content = tool_calls(content, True, number, self.bad), None
         else:
             calls = tool_calls(turn.get("tool_calls"), False, number, self.bad)
-        parts = self.parts(content, f"turn {number} ({role})", allow_empty=bool(calls))
+        parts = self.parts(content, f"turn {number} ({role})", allow_empty=bool(calls) or role == "system")
         loss = turn.get("loss")
         if loss is not None and not isinstance(loss, bool):
             raise self.bad("bad_record", f"turn {number}: 'loss' must be true or false, not {loss!r}")

@@ -84,6 +84,8 @@ def test_image_and_images_given_together(tmp_path):
 def test_an_empty_system_string_is_no_system_prompt():
     sample = to_sample({**chat(("user", "Hi"), ("assistant", "Hello.")), "system": ""}, "s.jsonl", 0)
     assert [m["role"] for m in sample.messages] == ["user", "assistant"]
+    turn = to_sample(chat(("system", " "), ("user", "Hi"), ("assistant", "Hello.")), "s.jsonl", 0)
+    assert [m["role"] for m in turn.messages] == ["user", "assistant"]
     with pytest.raises(DataError, match="the 'system' field is not text"):
         to_sample({**chat(("user", "Hi"), ("assistant", "Hello.")), "system": 3}, "s.jsonl", 0)
 
