@@ -88,12 +88,15 @@ class TurnReader(MediaReader):
 
     def _gemini_part(self, part, where: str) -> dict:
         if isinstance(part, dict) and isinstance(part.get("text"), str):
+            self._report("part", part, {"text"})
             return {"type": "text", "text": part["text"]}
         kind = next((k for k in _GEMINI_MEDIA if isinstance(part, dict) and k in part), None)
         if kind is None or not isinstance(part[kind], dict):
             raise self.bad("bad_record", f"{where}: a Gemini part that is neither text, inlineData nor fileData: "
                                          f"{str(part)[:80]}")
         media = part[kind]
+        self._report("part", part, {kind})
+        self._report(f"part.{kind}", media, {"mimeType", "mime_type", "data", "fileUri", "file_uri"})
         mime = str(media.get("mimeType", media.get("mime_type", "")))
         if not mime.startswith(("image/", "video/")):
             raise self.bad("unsupported_media", f"{where}: a {mime or 'untyped'} part; images and videos are read")
@@ -121,6 +124,7 @@ class TurnReader(MediaReader):
         if isinstance(block, dict) and "type" in block:
             return block  # a typed part in a Bedrock-shaped record: read as such
         if isinstance(block, dict) and isinstance(block.get("text"), str):
+            self._report("part", block, {"text"})
             return {"type": "text", "text": block["text"]}
         kind = next((k for k in ("image", "video") if isinstance(block, dict) and isinstance(block.get(k), dict)),
                     None)
@@ -129,6 +133,9 @@ class TurnReader(MediaReader):
                            else "unsupported_media", f"{where}: a Bedrock content block that is neither text, "
                                                      f"image nor video: {str(block)[:80]}")
         source = block[kind].get("source", {})
+        self._report("part", block, {kind})
+        self._report(f"part.{kind}", block[kind], {"format", "source"})
+        self._report(f"part.{kind}.source", source, {"bytes", "s3Location"})
         if "bytes" in source:
             value = f"data:{kind}/{block[kind].get('format', 'png')};base64,{source['bytes']}"
             if kind == "video":
@@ -138,6 +145,10 @@ class TurnReader(MediaReader):
         else:
             raise self.bad("bad_record", f"{where}: a Bedrock {kind} block with no source bytes or s3Location")
         return {"type": kind, kind: value}
+
+    def _report(self, prefix: str, mapping: dict, read: set) -> None:
+        """Keys of a part (or of a value inside one) that nothing reads: reported as ignored keys."""
+        self.ignored.update(f"{prefix}.{key}" for key in mapping if key not in read)
 
     # -- turns and parts -------------------------------------------------------------------------
     def message(self, turn, number: int) -> dict:

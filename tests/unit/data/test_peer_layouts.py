@@ -43,7 +43,8 @@ def test_mantis_gemini_and_bedrock_records_read_as_their_apis_define_them(tmp_pa
                                {"role": "assistant", "content": "Yes."}]}
     gemini = {"systemInstruction": {"role": "system", "parts": [{"text": "Be brief."}]},
               "contents": [{"role": "user", "parts": [{"text": "What colour?"},
-                                                      {"inlineData": {"mimeType": "image/png", "data": data}}]},
+                                                      {"inlineData": {"mimeType": "image/png", "data": data},
+                                                       "videoMetadata": {}}]},
                            {"role": "model", "parts": [{"text": "Blue."}]}]}
     gemini_file = {"contents": [{"role": "user", "parts": [{"file_data": {"mime_type": "image/png",
                                                                           "file_uri": "a.png"}}, {"text": "And?"}]},
@@ -58,7 +59,7 @@ def test_mantis_gemini_and_bedrock_records_read_as_their_apis_define_them(tmp_pa
         ["system: Be brief.", "user: What colour?<image>", "assistant*: Blue."],
         ["user: <image>And?", "assistant*: Red."],
         ["system: Be brief.", "user: <image>Colour?", "assistant*: Blue."]]
-    assert got[0].ignored == ("id",) and got[1].ignored == ()
+    assert got[0].ignored == ("id",) and got[1].ignored == ("part.videoMetadata",) and got[3].ignored == ()
     assert got[1].images[0].data == got[3].images[0].data == png(colour="blue")
     assert got[2].images[0].path == str(tmp_path / "a.png")
     s3 = {**bedrock, "messages": [{"role": "user", "content": [
