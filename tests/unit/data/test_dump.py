@@ -46,3 +46,27 @@ def test_validate_dump_shows_what_the_model_sees(demo_dir, tmp_path, capsys):
     assert "<|image_pad|>×8<|vision_end|>What?" in trl["text"] and trl["learned"] == ["Dark.<|im_end|>"]
     assert trl["notes"] == ["images placed before the first user text (TRL's placement)"]
     assert bad["kind"] == "missing_image" and "d.jsonl record 2: missing_image: image file" in bad["error"]
+
+
+def test_dump_shows_where_implicit_and_numbered_placeholders_put_the_images(demo_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from ds_vlm.data.dump import record_line
+    from ds_vlm.data.encode import Encoder
+    from ds_vlm.data.sources import RecordIndex
+    from ds_vlm.models import adapter_for
+
+    (tmp_path / "wide.png").write_bytes(png("RGB", (64, 32)))
+    (tmp_path / "tall.png").write_bytes(png("L", (32, 64)))
+    ann = {"image": "wide.png", "conversations": [{"from": "human", "value": "Colour?"},
+                                                  {"from": "gpt", "value": "B."}]}
+    mmmu = {"messages": [{"role": "user", "content": "<image 2> or <image 1>?"},
+                         {"role": "assistant", "content": "B."}], "images": ["wide.png", "tall.png"]}
+    (tmp_path / "ann.jsonl").write_text(json.dumps(ann) + "\n" + json.dumps(mmmu) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"set": {"annotation": "ann.jsonl", "root": ""}}))
+    encoder = Encoder(AutoProcessor.from_pretrained(demo_dir / "model"), adapter_for("qwen3_vl"), 512)
+    records = RecordIndex(str(tmp_path / "meta.json"))
+    internvl, numbered = record_line(records, encoder, 0), record_line(records, encoder, 1)
+    assert "user\n<|vision_start|><|image_pad|>×8<|vision_end|>\nColour?<|im_end|>" in internvl["text"]
+    assert internvl["notes"] == ["<image>\\n put before the first turn's text (InternVL's placement)"]
+    assert [(i["width"], i["mode"]) for i in numbered["images"]] == [(32, "L"), (64, "RGB")]  # image 2 first
