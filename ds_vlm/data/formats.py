@@ -52,7 +52,7 @@ PLACED = {"trl": "images placed before the first user text (TRL's placement)",
           "internvl": "<image>\\n put before the first turn's text (InternVL's placement)",
           "cauldron": "images placed before the first question (the Cauldron's texts hold no placeholder)",
           "caption": "", "insert": ""}
-_JSON_TEXT_KEYS = ("conversations", "messages", "conversation", "contents", "texts")
+_JSON_TEXT_KEYS = ("conversations", "messages", "conversation", "contents", "texts", "images", "videos")
 ASSISTANT_FIRST = "an opening assistant turn (nothing before it to answer) kept as context, not learned"
 
 

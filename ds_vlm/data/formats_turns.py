@@ -95,7 +95,7 @@ class TurnReader(MediaReader):
             raise self.bad("bad_record", f"{where}: a Gemini part that is neither text, inlineData nor fileData: "
                                          f"{str(part)[:80]}")
         media = part[kind]
-        self._report("part", part, {kind})
+        self._report("part", part, {kind, "videoMetadata", "video_metadata"})
         self._report(f"part.{kind}", media, {"mimeType", "mime_type", "data", "fileUri", "file_uri"})
         mime = str(media.get("mimeType", media.get("mime_type", "")))
         if not mime.startswith(("image/", "video/")):
@@ -107,7 +107,29 @@ class TurnReader(MediaReader):
                 raise self.bad("unsupported_media", f"{where}: an inline (base64) video; give it as a file")
         else:
             value = media.get("fileUri", media.get("file_uri"))
-        return {"type": kind_name, kind_name: value}
+        return {"type": kind_name, kind_name: value, **self._gemini_clip(part, kind_name, where)}
+
+    def _gemini_clip(self, part: dict, kind: str, where: str) -> dict:
+        """A video part's `videoMetadata` ({startOffset, endOffset: "1.5s", fps}) as the part's own sampling."""
+        meta = part.get("videoMetadata", part.get("video_metadata"))
+        if meta is None:
+            return {}
+        if kind != "video":
+            self.ignored.add("part.videoMetadata")  # on an image: nothing to read it for
+            return {}
+        if not isinstance(meta, dict):
+            raise self.bad("bad_record", f"{where}: videoMetadata is not an object")
+        self._report("part.videoMetadata", meta, {"startOffset", "start_offset", "endOffset", "end_offset", "fps"})
+        out = {"fps": meta["fps"]} if "fps" in meta else {}
+        for key, option in (("startOffset", "video_start"), ("endOffset", "video_end")):
+            value = meta.get(key, meta.get(re.sub("([A-Z])", r"_\1", key).lower()))
+            if value is not None:
+                seconds = re.fullmatch(r"(\d+(?:\.\d+)?)s", str(value).strip())
+                if not seconds:
+                    raise self.bad("bad_record", f"{where}: videoMetadata {key} {value!r} is not a duration "
+                                                 "like '1.5s'")
+                out[option] = float(seconds[1])
+        return out
 
     def _bedrock_turn(self, turn, number: int) -> dict:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), list):

@@ -53,6 +53,11 @@ def test_mantis_gemini_and_bedrock_records_read_as_their_apis_define_them(tmp_pa
                "messages": [{"role": "user", "content": [{"image": {"format": "png", "source": {"bytes": data}}},
                                                          {"text": "Colour?"}]},
                             {"role": "assistant", "content": [{"text": "Blue."}]}]}
+    clip = {"contents": [{"role": "user", "parts": [{"fileData": {"mimeType": "video/mp4", "fileUri": "c.mp4"},
+                                                     "videoMetadata": {"startOffset": "1.5s", "endOffset": "4s"}}]},
+                         {"role": "model", "parts": [{"text": "A clip."}]}]}
+    [video] = samples(write(tmp_path / "clip.jsonl", [clip]))
+    assert (video.videos[0].path, video.videos[0].start, video.videos[0].end) == (str(tmp_path / "c.mp4"), 1.5, 4.0)
     got = samples(write(tmp_path / "peers.jsonl", [mantis, gemini, gemini_file, bedrock]))
     assert [brief(s) for s in got] == [
         ["user: <image><image>Same?", "assistant*: Yes."],
@@ -91,11 +96,16 @@ def test_a_conversation_kept_as_json_text_in_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     turns = [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Red."}]
+    (tmp_path / "a.png").write_bytes(png())
     table = pa.Table.from_pylist([{"conversations": json.dumps(turns), "images": [{"bytes": png(), "path": None}]}])
     pq.write_table(table, tmp_path / "t.parquet")
     [sample] = samples(str(tmp_path / "t.parquet"))
     assert brief(sample) == ["user: <image>Colour?", "assistant*: Red."]
     assert sample.notes == ["'conversations' read from JSON text"]
+    pq.write_table(pa.Table.from_pylist([{"conversations": json.dumps(turns), "images": '["a.png"]'}]),
+                   tmp_path / "u.parquet")
+    [sample] = samples(str(tmp_path / "u.parquet"))
+    assert sample.images[0].path == str(tmp_path / "a.png") and len(sample.notes) == 2
 
 
 def test_mmmu_numbered_placeholders_show_the_images_they_number(tmp_path):
