@@ -1,0 +1,157 @@
+"""Keeping packed samples apart in linear-attention layers: Qwen3.5's Gated DeltaNet.
+
+Qwen3.5's language tower is hybrid: most layers are Gated DeltaNet (a causal depthwise conv1d over the q/k/v
+channels, then a gated delta rule that carries a recurrent state along the sequence), every few layers a
+full-attention one. In a packed row the conv window and the recurrent state must restart at every sample,
+or a sample reads the one before it through the state, while the loss looks fine.
+
+Both layer kinds get a packed row's boundaries from the same place: `attention.SampleBoundaries` hands the
+language model `cu_seq_lens_q` (and the rest of the varlen kwargs) while armed, and transformers passes them
+down to every layer. Full attention runs them on the varlen interface (attention.py). A linear-attention layer
+gets them through the patch below, which picks one of two paths per forward:
+
+- "varlen kernels": on CUDA, where transformers found FLA's `chunk_gated_delta_rule` (flash-linear-attention /
+  fla-core) and causal-conv1d's `causal_conv1d_fn`: the layer's own forward once over the whole row, with
+  `cu_seq_lens_q` (int32 [samples + 1], on the device; the forward passes it to FLA as `cu_seqlens`) and
+  `seq_idx` (int32 [1, L], each token's sample; transformers' kernel wrapper passes it to causal-conv1d, which
+  restarts the conv window where it changes). No host sync.
+- "per sample": everywhere else (a CPU; a GPU without both packages): the layer's own forward on each sample
+  in turn (the row split at the boundaries, each sample run from a zero conv window and a zero state, the
+  outputs concatenated). Exact by construction: the same math as the sample alone. Its cost: one forward of
+  the layer per sample instead of one per row (the same FLOPs, but more, smaller kernel calls; transformers'
+  chunked delta rule pads each sample, not the row, to a multiple of its 64-token chunk), and on a GPU one
+  host read of the boundaries per layer.
+
+Neither path drops a boundary silently. If transformers resolved a kernel that this module did not find (or
+the other way round), transformers' own wrapper raises on the boundaries it cannot honour ("can't keep packed
+sequences apart without ..."); a boundary with a cache, or with more than one row, is refused here.
+
+The patch, `SampleAwareLinearAttention`, is a subclass of each Gated DeltaNet class (its `__class__` swapped on
+the language model's linear-attention layers by `install`, which `SampleBoundaries` calls): parameter names,
+the state dict and `isinstance` stay as they were, and without boundaries (generation, evaluation with padding)
+the layer is transformers' own. Written for transformers 5.24.0 (`Qwen3_5GatedDeltaNet`,
+`Qwen3_5MoeGatedDeltaNet`: their forward takes `cu_seq_lens_q` and passes its kwargs to the conv and the
+delta rule), fla-core / flash-linear-attention 0.6.0 and causal-conv1d 1.7.0. Sequence parallelism
+(--sequence_parallel) is refused for these layers (parallel/ulysses.py): they need whole sequences per head.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Optional
+
+import torch
+
+# The Gated DeltaNet classes whose forward this patch was written against (transformers 5.24.0).
+PATCHED_CLASSES = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
+LINEAR_ATTENTION = "linear_attention"  # the value of `layer_types` for these layers
+# The varlen kwargs SampleBoundaries adds; the per-sample path hands none of them down.
+BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+VARLEN_KERNELS, PER_SAMPLE = "varlen kernels", "per sample"
+
+
+def has_linear_attention(config) -> bool:
+    """Whether a model config's language tower has linear-attention layers (Qwen3.5's `layer_types`)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ())
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_kernels_installed() -> bool:
+    """Whether FLA's chunked gated delta rule and causal-conv1d's conv import here, as transformers looks for
+    them (integrations/hub_kernels.py: the package, then the function at its internal path)."""
+    try:
+        fla = importlib.import_module("fla.ops.gated_delta_rule")
+        conv = importlib.import_module("causal_conv1d")
+    except Exception:  # not installed, or installed without the GPU stack it needs (Triton, CUDA)
+        return False
+    return hasattr(fla, "chunk_gated_delta_rule") and hasattr(conv, "causal_conv1d_fn")
+
+
+def linear_attention_path(device: torch.device) -> str:
+    """Which path a packed row takes on `device` (the module docstring says what each costs)."""
+    return VARLEN_KERNELS if device.type == "cuda" and varlen_kernels_installed() else PER_SAMPLE
+
+
+def sequence_index(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """causal-conv1d's `seq_idx`: int32 [1, length], each token's sample (tokens past the last boundary, if any,
+    one more), built on the boundaries' device without reading them back."""
+    positions = torch.arange(length, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
+    return torch.searchsorted(cu_seq_lens[1:].contiguous(), positions, right=True, out_int32=True)[None]
+
+
+def segment_lengths(cu_seq_lens: torch.Tensor, length: int) -> list[int]:
+    """The samples' lengths from their boundaries (one host read where they are on a GPU), empty ones dropped,
+    and any tokens past the last boundary as one more segment."""
+    bounds = cu_seq_lens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if bounds[-1] < length:
+        lengths.append(length - bounds[-1])
+    return lengths
+
+
+class SampleAwareLinearAttention(torch.nn.Module):
+    """The patch (see the module docstring): a Gated DeltaNet layer that honours a packed row's boundaries.
+    Only ever a base in front of a transformers Gated DeltaNet class (`install`)."""
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
+        layer_forward = super().forward  # transformers' Gated DeltaNet forward
+        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        kwargs = {k: v for k, v in kwargs.items() if k not in BOUNDARY_KWARGS}
+        if cu_seq_lens is None:
+            return layer_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        if cache is not None or hidden_states.shape[0] != 1:
+            raise ValueError(f"{type(self).__name__}: sample boundaries come with one packed row and no cache; got "
+                             f"{hidden_states.shape[0]} rows" + (" and a cache" if cache is not None else ""))
+        if linear_attention_path(hidden_states.device) == VARLEN_KERNELS:
+            cu_seq_lens = cu_seq_lens.to(hidden_states.device, torch.int32)
+            return layer_forward(hidden_states, attention_mask=attention_mask, cu_seq_lens_q=cu_seq_lens,
+                                 seq_idx=sequence_index(cu_seq_lens, hidden_states.shape[1]), **kwargs)
+        lengths = segment_lengths(cu_seq_lens, hidden_states.shape[1])
+        masks = [None] * len(lengths) if attention_mask is None else torch.split(attention_mask, lengths, dim=1)
+        # split, not slices: split's backward is one concatenation
+        return torch.cat([layer_forward(sample, attention_mask=mask, **kwargs)
+                          for sample, mask in zip(torch.split(hidden_states, lengths, dim=1), masks)], dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_aware_class(cls: type) -> type:
+    return type(f"SampleAware{cls.__name__}", (SampleAwareLinearAttention, cls), {"__module__": __name__})
+
+
+def linear_attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's Gated DeltaNet layers, patched or not. Refuses a model whose config has
+    linear-attention layers of a class this patch was not written for (it would run them unbounded)."""
+    layers = [m for m in language_model.modules()
+              if type(m).__name__ in PATCHED_CLASSES or isinstance(m, SampleAwareLinearAttention)]
+    config = getattr(language_model, "config", None)
+    expected = (getattr(config, "layer_types", None) or ()).count(LINEAR_ATTENTION) if config is not None else 0
+    if expected > len(layers):
+        found = sorted({type(m).__name__ for m in language_model.modules() if "linear" in type(m).__name__.lower()
+                        or "deltanet" in type(m).__name__.lower()})
+        raise ValueError(f"the language model has {expected} linear-attention layers but only {len(layers)} of a "
+                         f"class ds-vlm keeps packed samples apart in ({', '.join(PATCHED_CLASSES)}); found "
+                         f"{found or 'none'}: packing would leak across samples, train without --packing")
+    return layers
+
+
+def install(language_model: torch.nn.Module) -> int:
+    """Swap every Gated DeltaNet layer of `language_model` to its SampleAware subclass (idempotent); returns how
+    many layers there are."""
+    layers = linear_attention_layers(language_model)
+    for layer in layers:
+        if not isinstance(layer, SampleAwareLinearAttention):
+            layer.__class__ = _sample_aware_class(type(layer))
+    return len(layers)
+
+
+def describe(device: Optional[torch.device] = None) -> str:
+    """For the run's log: the path packed rows take in linear-attention layers on this machine."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = linear_attention_path(device)
+    if path == VARLEN_KERNELS:
+        return "linear attention: FLA chunk_gated_delta_rule + causal-conv1d with the samples' boundaries"
+    return "linear attention: transformers' torch path, one sample at a time (FLA and causal-conv1d " + (
+        "not both installed)" if device.type == "cuda" else "need a GPU)")
