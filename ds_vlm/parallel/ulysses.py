@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 
 from ..attention import varlen_attention
+from ..linear_attention import has_linear_attention
 from ..loss import LabelRows
 from . import ParallelLayout
 
@@ -60,6 +61,10 @@ class SequenceParallel:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+        if has_linear_attention(model_config):
+            raise ValueError("--sequence_parallel with linear-attention layers (Qwen3.5's Gated DeltaNet) is not "
+                             "supported yet: they need whole sequences per head, an all-to-all of their own; train "
+                             "with --sequence_parallel 1")
         if core == "eager":
             raise ValueError("--sequence_parallel needs sdpa, varlen or flash_attention_2 attention, not eager")
         text = model_config.get_text_config()

@@ -1,7 +1,8 @@
-"""Sequence parallelism's label rows per slice."""
+"""Sequence parallelism's label rows per slice, and what it refuses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ds_vlm.loss import LabelRows
@@ -28,3 +29,13 @@ def test_each_rank_keeps_the_label_rows_of_its_slice_shifted_first():
                                                                                            local[part.rows])
     # label 7 sits at position 4, rank 1's first; the token predicting it (position 3) is rank 0's: rank 0 has it
     assert 7 in parts[0].targets.tolist() and 7 not in parts[1].targets.tolist()
+
+
+def test_linear_attention_layers_are_refused():
+    """Qwen3.5's Gated DeltaNet layers need whole sequences per head (an all-to-all of their own, not written
+    yet): --sequence_parallel refuses a tower that has them, before anything is loaded."""
+    from transformers import Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ValueError, match="linear-attention layers"):
+        _group(2, 0).attn_implementation("varlen", config)
