@@ -20,7 +20,11 @@ gets them through the patch below, which picks one of two paths per forward:
   outputs concatenated). Exact by construction: the same math as the sample alone. Its cost: one forward of
   the layer per sample instead of one per row (the same FLOPs, but more, smaller kernel calls; transformers'
   chunked delta rule pads each sample, not the row, to a multiple of its 64-token chunk), and on a GPU one
-  host read of the boundaries per layer.
+  host read of the boundaries per layer. Measured on this project's 2-core CPU (one Gated DeltaNet layer,
+  hidden 256, 4 value heads of 64, forward + backward of a 2,048-token row, fp32, 1 thread): 0.6-0.8x the time
+  of the same row run as one unbounded sequence for samples of 64-1,024 tokens (transformers' torch path
+  writes its chunk outputs into one row-long tensor, which costs more on a long row), 1.7x for 128 samples
+  of 16 tokens (each padded to 64).
 
 Neither path drops a boundary silently. If transformers resolved a kernel that this module did not find (or
 the other way round), transformers' own wrapper raises on the boundaries it cannot honour ("can't keep packed

@@ -248,3 +248,84 @@ def test_sequence_index_and_segments():
     assert linear_attention.sequence_index(cu, 9).dtype == torch.int32
     assert linear_attention.segment_lengths(cu, 9) == [3, 4, 2]
     assert linear_attention.segment_lengths(cu, 7) == [3, 4]
+
+
+# --------------------------------------------------------------------------- the whole VLM
+
+IMAGE, START, END = 120, 121, 122  # the tiny VLM's image-pad, vision-start and vision-end ids
+
+
+def tiny_vlm():
+    """A tiny Qwen3.5 VLM (vision tower, merger, the hybrid language tower) on the varlen interface."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = tiny_hybrid_config().to_dict()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                               "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 64}
+    config = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=123,
+                           vision_start_token_id=START, vision_end_token_id=END)
+    register_varlen()
+    config._attn_implementation = VARLEN
+    torch.manual_seed(0)
+    return Qwen3_5ForConditionalGeneration(config).float().train()
+
+
+def vlm_sample(n_text: int, grid: tuple[int, int] | None):
+    """input_ids [1, L] (text, then an image of `grid` patches (h, w) if any, then text), its
+    mm_token_type_ids, and the pixels and grid of the image."""
+    image = [] if grid is None else [START] + [IMAGE] * (grid[0] * grid[1] // 4) + [END]
+    ids = torch.tensor([torch.randint(0, 100, (n_text // 2,)).tolist() + image
+                        + torch.randint(0, 100, (n_text - n_text // 2,)).tolist()])
+    sample = {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int()}
+    if grid is not None:
+        sample["pixel_values"] = torch.randn(grid[0] * grid[1], 3 * 2 * 4 * 4)
+        sample["image_grid_thw"] = torch.tensor([[1, *grid]])
+    return sample
+
+
+def vlm_losses(model, inputs, spans):
+    """The summed next-token loss within each (row, start, end) span: no prediction across samples or padding."""
+    logits = model(**inputs).logits.float()
+    ids = inputs["input_ids"]
+    return sum(torch.nn.functional.cross_entropy(logits[row, start:end - 1], ids[row, start + 1:end], reduction="sum")
+               for row, start, end in spans)
+
+
+def test_packed_equals_padded_on_the_vlm():
+    """The whole tiny Qwen3.5 VLM, an image sample then a text-only one: packed in one row (position ids per
+    sample, the boundaries armed) gives the loss and every gradient of the same two padded in a batch (fp32)."""
+    model = tiny_vlm()
+    boundaries = SampleBoundaries(model.model.language_model, stand_in_mask=True)
+    samples = [vlm_sample(60, (4, 8)), vlm_sample(40, None)]
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    width = max(lengths)
+
+    def pad(t, value=0):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    padded = {"input_ids": torch.cat([pad(s["input_ids"]) for s in samples]),
+              "mm_token_type_ids": torch.cat([pad(s["mm_token_type_ids"]) for s in samples]),
+              "attention_mask": torch.cat([pad(torch.ones(1, n, dtype=torch.long)) for n in lengths]),
+              "pixel_values": samples[0]["pixel_values"], "image_grid_thw": samples[0]["image_grid_thw"]}
+    model.zero_grad()
+    loss = vlm_losses(model, padded, [(i, 0, n) for i, n in enumerate(lengths)])
+    loss.backward()
+    expected = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    positions = []
+    for s in samples:  # each sample's multimodal rope index, with the text row in front
+        mrope, _ = model.model.get_rope_index(s["input_ids"], s["mm_token_type_ids"], s.get("image_grid_thw"))
+        positions.append(torch.cat([torch.arange(s["input_ids"].shape[1])[None, None], mrope]))
+    packed = {"input_ids": torch.cat([s["input_ids"] for s in samples], 1),
+              "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples], 1),
+              "position_ids": torch.cat(positions, dim=2),
+              "pixel_values": samples[0]["pixel_values"], "image_grid_thw": samples[0]["image_grid_thw"]}
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    model.zero_grad()
+    with boundaries.armed(cu, width):
+        loss = vlm_losses(model, packed, [(0, 0, lengths[0]), (0, lengths[0], sum(lengths))])
+    loss.backward()
+    got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_close_results(got, expected)
