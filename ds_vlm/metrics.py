@@ -142,12 +142,41 @@ def _numel(*modules, skip=()) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
 
 
+# The chunk of the gated delta rule, in FLA's kernels and in transformers' torch path alike.
+DELTA_RULE_CHUNK = 64
+
+
+def token_mixing(text_config) -> tuple[int, int]:
+    """How a language tower's layers mix tokens, for the FLOP count: (its full-attention layers, the forward FLOPs
+    per token of its linear-attention layers beyond their weights).
+
+    A full-attention layer's QK^T and AV grow with its sample's length (FlopsCounter). A Gated DeltaNet layer
+    (Qwen3.5's `linear_attention` in `layer_types`) is linear in the length: its projections and its depthwise
+    conv are weight matmuls, already 2 x parameters per token (the conv's K taps per channel are its K x channels
+    weights); its chunked delta rule adds, per token and value head (query and key heads are repeated to the
+    value heads they serve), with d_k, d_v the head dims and C the chunk:
+    - 6 d_k d_v: the state read by the query, by the keys (the values it already predicts) and its update,
+      three (C x d_k) by (d_k x d_v) products per chunk;
+    - C (5 d_k + 3 d_v): within the chunk, q k^T and (beta k) k^T (2 C^2 d_k each), the triangular solves for
+      the new values and the decayed keys (C^2 d_v + C^2 d_k), the chunk's attention times the new values
+      (2 C^2 d_v), divided over its C tokens.
+    The gates, decays and norms (elementwise) are left out, as elsewhere."""
+    layer_types = list(getattr(text_config, "layer_types", None) or ())
+    linear = layer_types.count("linear_attention")
+    if not linear:
+        return text_config.num_hidden_layers, 0
+    d_k, d_v = text_config.linear_key_head_dim, text_config.linear_value_head_dim
+    per_head = 6 * d_k * d_v + DELTA_RULE_CHUNK * (5 * d_k + 3 * d_v)
+    return text_config.num_hidden_layers - linear, linear * text_config.linear_num_value_heads * per_head
+
+
 class FlopsCounter:
     """Model FLOPs of a training step from the config and the batch shapes (no recomputation counted).
 
     Per token of the language tower: 2 x (its non-embedding, non-head parameters) for the matmuls plus
-    4 x layers x attention width x its sample's length for QK^T and AV (padding and other samples of a packed
-    row are not attended to, so they count nothing); the LM head, 2 x its parameters per
+    4 x full-attention layers x attention width x its sample's length for QK^T and AV (padding and other samples
+    of a packed row are not attended to, so they count nothing), plus its linear-attention layers' delta rule,
+    the same for every token (`token_mixing`); the LM head, 2 x its parameters per
     label row only (the loss computes logits nowhere else); per vision patch the same with the vision
     tower's depth and the patches of its image. A trained part costs 3 forwards (forward, input grads,
     weight grads); a frozen one that gradients pass through costs 2; a frozen one at the input costs 1.
@@ -163,7 +192,8 @@ class FlopsCounter:
         self.n_vision = _numel(*parts.vision)
         self.n_projector = _numel(*parts.projector)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.text_layers, self.text_width = text.num_hidden_layers, text.num_attention_heads * head_dim
+        self.text_layers, self.linear_per_token = token_mixing(text)
+        self.text_width = text.num_attention_heads * head_dim
         self.vision_layers, self.vision_width = adapter.vision_depth_width(model.config)
         vision_trained = config.vision_blocks_to_train is not None
         self.mult_vision = 3 if vision_trained else 1
@@ -176,7 +206,8 @@ class FlopsCounter:
         a packed row and the same samples padded count alike."""
         tokens = sum(sample_lengths)
         text = (2 * self.n_llm * tokens + 2 * self.n_head * n_label_rows
-                + 4 * self.text_layers * self.text_width * sum(n * n for n in sample_lengths))
+                + 4 * self.text_layers * self.text_width * sum(n * n for n in sample_lengths)
+                + self.linear_per_token * tokens)
         patches_per_image = self.adapter.patches_per_image(batch, self.model_config)
         n_patches = sum(patches_per_image)
         vision = 2 * self.n_vision * n_patches + 4 * self.vision_layers * self.vision_width * sum(
