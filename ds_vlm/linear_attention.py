@@ -35,17 +35,28 @@ the language model's linear-attention layers by `install`, which `SampleBoundari
 the state dict and `isinstance` stay as they were, and without boundaries (generation, evaluation with padding)
 the layer is transformers' own. Written for transformers 5.24.0 (`Qwen3_5GatedDeltaNet`,
 `Qwen3_5MoeGatedDeltaNet`: their forward takes `cu_seq_lens_q` and passes its kwargs to the conv and the
-delta rule), fla-core / flash-linear-attention 0.6.0 and causal-conv1d 1.7.0. Sequence parallelism
-(--sequence_parallel) is refused for these layers (parallel/ulysses.py): they need whole sequences per head.
+delta rule), fla-core / flash-linear-attention 0.6.0 and causal-conv1d 1.7.0.
+
+Under sequence parallelism (--sequence_parallel N, parallel/ulysses.py) each rank holds 1/N of the sequence,
+but the conv and the delta rule need whole sequences. The patch then runs the layer as transformers does,
+around two all-to-alls of its own (full-attention layers keep DeepSpeed's Ulysses wrapper): the projections on
+the rank's slice; q, k, v (the conv's channels), beta's and the decay's inputs of 1/N of the heads sent so that
+each rank holds its heads over the whole sequence; the conv (its channels of the weight) and the delta rule
+there, on either path above with the whole sequence's boundaries; their output sent back to the slice for the
+gated norm and the output projection. Each all-to-all moves (2 d_k H_k + (d_v + 2) H_v) x L / N values (and
+d_v H_v x L / N back) per rank and layer, as Ulysses' own moves q, k, v and the output.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from typing import Optional
 
 import torch
+
+from . import distributed as comm
 
 # The Gated DeltaNet classes whose forward this patch was written against (transformers 5.24.0).
 PATCHED_CLASSES = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
@@ -97,13 +108,20 @@ def segment_lengths(cu_seq_lens: torch.Tensor, length: int) -> list[int]:
 
 
 class SampleAwareLinearAttention(torch.nn.Module):
-    """The patch (see the module docstring): a Gated DeltaNet layer that honours a packed row's boundaries.
-    Only ever a base in front of a transformers Gated DeltaNet class (`install`)."""
+    """The patch (see the module docstring): a Gated DeltaNet layer that honours a packed row's boundaries, and
+    under sequence parallelism runs its conv and delta rule on whole sequences for its share of the heads. Only
+    ever a base in front of a transformers Gated DeltaNet class (`install`)."""
+
+    sequence_group = None  # --sequence_parallel's process group, set by install (None: no SP)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
+        from .parallel.ulysses import SLICED
+
         layer_forward = super().forward  # transformers' Gated DeltaNet forward
-        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        cu_seq_lens, sliced = kwargs.get("cu_seq_lens_q"), kwargs.pop(SLICED, False)
         kwargs = {k: v for k, v in kwargs.items() if k not in BOUNDARY_KWARGS}
+        if sliced:
+            return self._sequence_parallel_forward(hidden_states, cu_seq_lens)
         if cu_seq_lens is None:
             return layer_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         if cache is not None or hidden_states.shape[0] != 1:
@@ -118,6 +136,63 @@ class SampleAwareLinearAttention(torch.nn.Module):
         # split, not slices: split's backward is one concatenation
         return torch.cat([layer_forward(sample, attention_mask=mask, **kwargs)
                           for sample, mask in zip(torch.split(hidden_states, lengths, dim=1), masks)], dim=1)
+
+    # -- sequence parallelism -----------------------------------------------------------------------------
+    def _sequence_parallel_forward(self, hidden_states: torch.Tensor, cu_seq_lens) -> torch.Tensor:
+        """transformers' forward around two all-to-alls: the projections on this rank's slice of the sequence;
+        q/k/v (the conv's channels), beta and the decay inputs of this rank's 1/N of the heads over the whole
+        sequence (each rank's slices, in order) for the conv and the delta rule, with the whole sequence's
+        sample boundaries; their output back to the slice for the gated norm and the output projection."""
+        from .parallel.ulysses import heads_to_sequence, sequence_to_heads
+
+        if self.sequence_group is None:
+            raise ValueError(f"{type(self).__name__} got a sequence slice but no sequence-parallel group")
+        ranks = comm.world_size(self.sequence_group)
+        batch, length, _ = hidden_states.shape
+        q, k, v = self.in_proj_qkv(hidden_states).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        per_rank = [t.reshape(batch, length, ranks, -1) for t in
+                    (q, k, v, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))]
+        widths = [t.shape[-1] for t in per_rank]
+        whole = sequence_to_heads(torch.cat(per_rank, dim=-1), self.sequence_group).split(widths, dim=-1)
+        core = self._delta_rule_on_heads(*whole, cu_seq_lens)  # (batch, L, this rank's value heads, d_v)
+        core = heads_to_sequence(core.flatten(2), self.sequence_group, ranks).reshape(-1, self.head_v_dim)
+        z = self.in_proj_z(hidden_states).reshape(-1, self.head_v_dim)
+        return self.out_proj(self.norm(core, z).reshape(batch, length, -1))
+
+    def _delta_rule_on_heads(self, q, k, v, b, a, cu_seq_lens) -> torch.Tensor:
+        """The conv and the delta rule of this rank's heads over the whole sequence (the kernels transformers
+        resolved; with boundaries the varlen kernels or one sample at a time, as for a whole row)."""
+        modeling = sys.modules[next(c for c in type(self).__mro__ if c.__name__ in PATCHED_CLASSES).__module__]
+        rank, key_width, value_width = comm.rank(self.sequence_group), q.shape[-1], v.shape[-1]
+        channels = torch.cat([torch.arange(rank * key_width, (rank + 1) * key_width) + offset for offset in
+                              (0, self.key_dim)] + [torch.arange(rank * value_width, (rank + 1) * value_width)
+                                                    + 2 * self.key_dim]).to(q.device)
+        weight = self.conv1d.weight.squeeze(1)[channels]
+        bias = None if self.conv1d.bias is None else self.conv1d.bias[channels]
+        heads = slice(rank * b.shape[-1], (rank + 1) * b.shape[-1])
+        beta = b.sigmoid()
+        g = -self.A_log[heads].float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias[heads])
+
+        def conv_and_rule(mixed, g, beta, conv_bounds=None, rule_bounds=None):
+            mixed = modeling.causal_conv1d_fn(mixed.transpose(1, 2), weight, bias, activation=self.activation,
+                                              **(conv_bounds or {})).transpose(1, 2)
+            q, k, v = mixed.split([key_width, key_width, value_width], dim=-1)
+            out, _ = modeling.torch_chunk_gated_delta_rule(
+                q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim)),
+                v.unflatten(-1, (-1, self.head_v_dim)), g=g, beta=beta, initial_state=None, output_final_state=False,
+                use_qk_l2norm_in_kernel=True, **(rule_bounds or {}))
+            return out
+
+        mixed = torch.cat([q, k, v], dim=-1)  # contiguous, channel-last once transposed (as causal-conv1d wants)
+        if cu_seq_lens is None:
+            return conv_and_rule(mixed, g, beta)
+        if linear_attention_path(mixed.device) == VARLEN_KERNELS:
+            cu_seq_lens = cu_seq_lens.to(mixed.device, torch.int32)
+            return conv_and_rule(mixed, g, beta, {"seq_idx": sequence_index(cu_seq_lens, mixed.shape[1])},
+                                 {"cu_seqlens": cu_seq_lens})
+        lengths = segment_lengths(cu_seq_lens, mixed.shape[1])
+        return torch.cat([conv_and_rule(*parts) for parts in
+                          zip(*(torch.split(t, lengths, dim=1) for t in (mixed, g, beta)))], dim=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,13 +216,15 @@ def linear_attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Mo
     return layers
 
 
-def install(language_model: torch.nn.Module) -> int:
-    """Swap every Gated DeltaNet layer of `language_model` to its SampleAware subclass (idempotent); returns how
-    many layers there are."""
+def install(language_model: torch.nn.Module, sequence_group=None) -> int:
+    """Swap every Gated DeltaNet layer of `language_model` to its SampleAware subclass (idempotent), and give
+    them --sequence_parallel's group where there is one; returns how many layers there are."""
     layers = linear_attention_layers(language_model)
     for layer in layers:
         if not isinstance(layer, SampleAwareLinearAttention):
             layer.__class__ = _sample_aware_class(type(layer))
+        if sequence_group is not None:
+            layer.sequence_group = sequence_group
     return len(layers)
 
 

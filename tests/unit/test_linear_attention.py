@@ -11,19 +11,9 @@ import torch
 
 from ds_vlm import linear_attention
 from ds_vlm.attention import VARLEN, SampleBoundaries, register_varlen
+from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
 LENGTHS = (70, 45)  # A longer than the delta rule's 64-token chunk, B shorter
-
-
-def tiny_hybrid_config():
-    """A tiny Qwen3.5 language tower: Gated DeltaNet, full attention, Gated DeltaNet."""
-    from transformers import Qwen3_5TextConfig
-
-    return Qwen3_5TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             layer_types=["linear_attention", "full_attention", "linear_attention"],
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-                             linear_conv_kernel_dim=4, use_cache=False)
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def hybrid():
 
     torch.manual_seed(0)
     register_varlen()
-    config = tiny_hybrid_config()
+    config = tiny_hybrid_text_config()
     config._attn_implementation = VARLEN
     model = Qwen3_5ForCausalLM(config).float().train()
     boundaries = SampleBoundaries(model.model, stand_in_mask=True)
@@ -259,7 +249,7 @@ def tiny_vlm():
     """A tiny Qwen3.5 VLM (vision tower, merger, the hybrid language tower) on the varlen interface."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    text = tiny_hybrid_config().to_dict()
+    text = tiny_hybrid_text_config().to_dict()
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,

@@ -68,17 +68,6 @@ def test_the_tensor_meter_sees_every_allocation_between_start_and_stop():
     assert reachable_tensor_bytes() - before == made.numel() * 4 and view.numel()
 
 
-def _hybrid_text_config():
-    """A tiny Qwen3.5 language tower: Gated DeltaNet, full attention, Gated DeltaNet (4 value heads of 32, key
-    heads of 16; full attention 4 heads of 16)."""
-    from transformers import Qwen3_5TextConfig
-
-    return Qwen3_5TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                             layer_types=["linear_attention", "full_attention", "linear_attention"],
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=32)
-
-
 def test_linear_attention_layers_count_what_the_delta_rule_computes():
     """A Gated DeltaNet layer's delta rule per token and value head: 6 d_k d_v + C (5 d_k + 3 d_v) (C = 64). Its
     matmuls are what torch's FLOP counter counts in transformers' torch path; the two triangular solves (which
@@ -87,8 +76,9 @@ def test_linear_attention_layers_count_what_the_delta_rule_computes():
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
 
     from ds_vlm.metrics import DELTA_RULE_CHUNK, token_mixing
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
-    config = _hybrid_text_config()
+    config = tiny_hybrid_text_config(linear_value_head_dim=32)
     full, per_token = token_mixing(config)
     per_head = 6 * 16 * 32 + 64 * (5 * 16 + 3 * 32)  # 3072 + 11264
     assert (full, per_token) == (1, 2 * 4 * per_head)
@@ -112,6 +102,7 @@ def test_flops_counter_on_a_hybrid_tower():
     from ds_vlm.metrics import FlopsCounter
     from ds_vlm.models import adapter_for
     from ds_vlm.models.base import ModelParts
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
     class Qwen35Parts(type(adapter_for("qwen3_vl"))):  # the towers only: the family's adapter is not on this branch
         def parts(self, model):
@@ -121,8 +112,8 @@ def test_flops_counter_on_a_hybrid_tower():
 
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
               "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64}
-    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=_hybrid_text_config().to_dict(),
-                                                          vision_config=vision))
+    text = tiny_hybrid_text_config(linear_value_head_dim=32).to_dict()
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision))
     counter = FlopsCounter(model, Qwen35Parts(), ModelConfig())
     language = model.model.language_model
     assert counter.n_llm == sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()

@@ -31,11 +31,11 @@ def test_each_rank_keeps_the_label_rows_of_its_slice_shifted_first():
     assert 7 in parts[0].targets.tolist() and 7 not in parts[1].targets.tolist()
 
 
-def test_linear_attention_layers_are_refused():
-    """Qwen3.5's Gated DeltaNet layers need whole sequences per head (an all-to-all of their own, not written
-    yet): --sequence_parallel refuses a tower that has them, before anything is loaded."""
-    from transformers import Qwen3_5TextConfig
+def test_linear_attention_heads_must_split_over_the_group():
+    """Each rank runs the Gated DeltaNet layers on whole sequences for 1/N of their key and value heads: a tower
+    whose linear-attention heads do not divide by --sequence_parallel is refused before anything is loaded."""
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
-    config = Qwen3_5TextConfig(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
-    with pytest.raises(ValueError, match="linear-attention layers"):
-        _group(2, 0).attn_implementation("varlen", config)
+    config = tiny_hybrid_text_config()  # 2 key heads, 4 value heads
+    with pytest.raises(ValueError, match="2 key and 4 value heads do not split evenly"):
+        _group(4, 0).attn_implementation("varlen", config)
