@@ -56,8 +56,6 @@ from typing import Optional
 
 import torch
 
-from . import distributed as comm
-
 # The Gated DeltaNet classes whose forward this patch was written against (transformers 5.24.0).
 PATCHED_CLASSES = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
 LINEAR_ATTENTION = "linear_attention"  # the value of `layer_types` for these layers
@@ -112,7 +110,7 @@ class SampleAwareLinearAttention(torch.nn.Module):
     under sequence parallelism runs its conv and delta rule on whole sequences for its share of the heads. Only
     ever a base in front of a transformers Gated DeltaNet class (`install`)."""
 
-    sequence_group = None  # --sequence_parallel's process group, set by install (None: no SP)
+    sequence_parallel = None  # --sequence_parallel's SequenceParallel (size, rank, group), set by install
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
         from .parallel.ulysses import SLICED
@@ -145,17 +143,18 @@ class SampleAwareLinearAttention(torch.nn.Module):
         sample boundaries; their output back to the slice for the gated norm and the output projection."""
         from .parallel.ulysses import heads_to_sequence, sequence_to_heads
 
-        if self.sequence_group is None:
+        sp = self.sequence_parallel
+        if sp is None:
             raise ValueError(f"{type(self).__name__} got a sequence slice but no sequence-parallel group")
-        ranks = comm.world_size(self.sequence_group)
+        ranks = sp.size
         batch, length, _ = hidden_states.shape
         q, k, v = self.in_proj_qkv(hidden_states).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         per_rank = [t.reshape(batch, length, ranks, -1) for t in
                     (q, k, v, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))]
         widths = [t.shape[-1] for t in per_rank]
-        whole = sequence_to_heads(torch.cat(per_rank, dim=-1), self.sequence_group).split(widths, dim=-1)
+        whole = sequence_to_heads(torch.cat(per_rank, dim=-1), sp.group).split(widths, dim=-1)
         core = self._delta_rule_on_heads(*whole, cu_seq_lens)  # (batch, L, this rank's value heads, d_v)
-        core = heads_to_sequence(core.flatten(2), self.sequence_group, ranks).reshape(-1, self.head_v_dim)
+        core = heads_to_sequence(core.flatten(2), sp.group, ranks).reshape(-1, self.head_v_dim)
         z = self.in_proj_z(hidden_states).reshape(-1, self.head_v_dim)
         return self.out_proj(self.norm(core, z).reshape(batch, length, -1))
 
@@ -163,7 +162,7 @@ class SampleAwareLinearAttention(torch.nn.Module):
         """The conv and the delta rule of this rank's heads over the whole sequence (the kernels transformers
         resolved; with boundaries the varlen kernels or one sample at a time, as for a whole row)."""
         modeling = sys.modules[next(c for c in type(self).__mro__ if c.__name__ in PATCHED_CLASSES).__module__]
-        rank, key_width, value_width = comm.rank(self.sequence_group), q.shape[-1], v.shape[-1]
+        rank, key_width, value_width = self.sequence_parallel.rank, q.shape[-1], v.shape[-1]
         channels = torch.cat([torch.arange(rank * key_width, (rank + 1) * key_width) + offset for offset in
                               (0, self.key_dim)] + [torch.arange(rank * value_width, (rank + 1) * value_width)
                                                     + 2 * self.key_dim]).to(q.device)
@@ -216,15 +215,15 @@ def linear_attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Mo
     return layers
 
 
-def install(language_model: torch.nn.Module, sequence_group=None) -> int:
+def install(language_model: torch.nn.Module, sequence_parallel=None) -> int:
     """Swap every Gated DeltaNet layer of `language_model` to its SampleAware subclass (idempotent), and give
-    them --sequence_parallel's group where there is one; returns how many layers there are."""
+    them --sequence_parallel's SequenceParallel where there is one; returns how many layers there are."""
     layers = linear_attention_layers(language_model)
     for layer in layers:
         if not isinstance(layer, SampleAwareLinearAttention):
             layer.__class__ = _sample_aware_class(type(layer))
-        if sequence_group is not None:
-            layer.sequence_group = sequence_group
+        if sequence_parallel is not None:
+            layer.sequence_parallel = sequence_parallel
     return len(layers)
 
 

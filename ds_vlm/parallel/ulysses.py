@@ -110,7 +110,7 @@ class SequenceParallel:
             return args, adapter.slice_per_token(kwargs, start, end)
 
         language_model.register_forward_pre_hook(slice_inputs, with_kwargs=True)
-        linear_attention.install(language_model, self.group)  # Gated DeltaNet layers: their own all-to-alls
+        linear_attention.install(language_model, self)  # Gated DeltaNet layers: their own all-to-alls
 
     # -- per step ---------------------------------------------------------------------------------
     @contextmanager
@@ -152,18 +152,24 @@ class _AllToAll(torch.autograd.Function):
         return comm.all_to_all(grad, ctx.group), None
 
 
+def _exchange(chunks: torch.Tensor, group) -> torch.Tensor:
+    """Chunk i (dim 0) to rank i, chunk i back from rank i. Without a group (the planner's one-process trace on
+    fake tensors) a copy of the same shape stands in for the exchange."""
+    return chunks.clone(memory_format=torch.contiguous_format) if group is None else _AllToAll.apply(chunks, group)
+
+
 def sequence_to_heads(local: torch.Tensor, group) -> torch.Tensor:
     """(batch, this rank's L/N tokens, N, c): the channels of each rank's heads, grouped by rank -> (batch, L, c):
     this rank's channels over the whole sequence (the ranks' slices in order)."""
     batch, length, ranks, width = local.shape
-    received = _AllToAll.apply(local.permute(2, 0, 1, 3), group)  # (N, batch, L/N, c): chunk i from rank i
+    received = _exchange(local.permute(2, 0, 1, 3), group)  # (N, batch, L/N, c): chunk i from rank i
     return received.permute(1, 0, 2, 3).reshape(batch, ranks * length, width)
 
 
 def heads_to_sequence(whole: torch.Tensor, group, ranks: int) -> torch.Tensor:
     """The inverse of sequence_to_heads: (batch, L, c) -> (batch, L/N, N, c)."""
     batch, length, width = whole.shape
-    received = _AllToAll.apply(whole.reshape(batch, ranks, length // ranks, width).permute(1, 0, 2, 3), group)
+    received = _exchange(whole.reshape(batch, ranks, length // ranks, width).permute(1, 0, 2, 3), group)
     return received.permute(1, 2, 0, 3)
 
 

@@ -319,3 +319,38 @@ def test_packed_equals_padded_on_the_vlm():
     loss.backward()
     got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert_close_results(got, expected)
+
+
+# --------------------------------------------------------------------------- the sequence-parallel forward, one rank
+
+def test_the_sequence_parallel_forward_is_the_layer(hybrid, monkeypatch):
+    """The patch's sequence-parallel forward (transformers' forward around two all-to-alls) in one process (a
+    group of one, the exchange a copy): the layer's own output, unpacked; with a packed row's boundaries the
+    per-sample output, on the per-sample path and on the varlen kernels (stand-ins) alike. The 2-rank check is
+    tests/dist/test_linear_attention.py."""
+    from ds_vlm.parallel.ulysses import SLICED
+
+    model, _, _ = hybrid
+    layer = model.model.layers[0].linear_attn
+    layer.sequence_parallel = types.SimpleNamespace(size=1, rank=0, group=None)
+    hidden = torch.randn(1, sum(LENGTHS), 64)
+    cu = torch.tensor([0, LENGTHS[0], sum(LENGTHS)], dtype=torch.int32)
+    torch.testing.assert_close(layer(hidden, **{SLICED: True}), layer(hidden), rtol=1e-6, atol=1e-6)
+    per_sample = layer(hidden, cu_seq_lens_q=cu)
+    torch.testing.assert_close(layer(hidden, cu_seq_lens_q=cu, **{SLICED: True}), per_sample, rtol=1e-6, atol=1e-6)
+    calls = []
+    modeling = fake_kernel_packages(monkeypatch, calls)
+    try:
+        from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+
+        monkeypatch.setattr(modeling, "causal_conv1d_fn", use_kernel_func_from_hub_with_fallback(
+            "causal_conv1d_fn", "causal_conv1d")(modeling.causal_conv1d_fn.__wrapped__))
+        monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", use_kernel_func_from_hub_with_fallback(
+            "chunk_gated_delta_rule", "fla")(modeling.torch_chunk_gated_delta_rule.__wrapped__))
+        monkeypatch.setattr(linear_attention, "linear_attention_path", lambda device: linear_attention.VARLEN_KERNELS)
+        on_kernels = layer(hidden, cu_seq_lens_q=cu, **{SLICED: True})
+    finally:
+        monkeypatch.undo()
+        linear_attention.varlen_kernels_installed.cache_clear()
+    torch.testing.assert_close(on_kernels, per_sample, rtol=1e-6, atol=1e-6)
+    assert [c[0] for c in calls] == ["conv", "rule"]
