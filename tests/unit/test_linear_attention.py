@@ -16,17 +16,18 @@ from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 LENGTHS = (70, 45)  # A longer than the delta rule's 64-token chunk, B shorter
 
 
-@pytest.fixture
-def hybrid():
-    """(the tiny hybrid Qwen3.5 causal LM on the varlen interface, in train mode and fp32; SampleBoundaries on its
-    language model; samples A and B as token ids)."""
-    from transformers import Qwen3_5ForCausalLM
+@pytest.fixture(params=["dense"])
+def hybrid(request):
+    """(the tiny hybrid Qwen3.5 causal LM (or Qwen3.5-MoE's, param "moe") on the varlen interface, in train mode
+    and fp32; SampleBoundaries on its language model; samples A and B as token ids)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
     torch.manual_seed(0)
     register_varlen()
-    config = tiny_hybrid_text_config()
+    moe = request.param == "moe"
+    config = tiny_hybrid_text_config(moe=moe)
     config._attn_implementation = VARLEN
-    model = Qwen3_5ForCausalLM(config).float().train()
+    model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config).float().train()
     boundaries = SampleBoundaries(model.model, stand_in_mask=True)
     samples = [torch.randint(0, config.vocab_size, (1, n)) for n in LENGTHS]
     return model, boundaries, samples
@@ -75,11 +76,12 @@ def assert_close_results(got, expected):
                                    msg=name)
 
 
+@pytest.mark.parametrize("hybrid", ["dense", "moe"], indirect=True)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_then_b_equals_each_alone(hybrid, checkpointing):
-    """A packed row of A and B gives each the per-token losses and gradients it has alone (fp32), on a CPU:
-    the per-sample path restarts the conv window and the recurrent state at B's first token. With activation
-    checkpointing the recomputed layers see the boundaries too."""
+    """A packed row of A and B gives each the per-token losses and gradients it has alone (fp32), on a CPU, in
+    Qwen3.5's and Qwen3.5-MoE's towers: the per-sample path restarts the conv window and the recurrent state at
+    B's first token. With activation checkpointing the recomputed layers see the boundaries too."""
     model, boundaries, samples = hybrid
     if checkpointing:
         model.activation_checkpointing_enable()
