@@ -1,7 +1,7 @@
-"""Rank script (tests/dist/test_linear_attention.py): a tiny hybrid Qwen3.5 language model on 2 CPU ranks under
-sequence parallelism 2 (Ulysses for its full-attention layer, the Gated DeltaNet layers' own all-to-alls)
-against the same model on one rank (each rank computes that too). Rank 0 writes the largest differences of the
-loss and of every gradient, relative to their scale, as JSON to the path given."""
+"""Rank script (tests/dist/test_linear_attention.py): tiny hybrid Qwen3.5 and Qwen3.5-MoE language models on 2 CPU
+ranks under sequence parallelism 2 (Ulysses for the full-attention layer, the Gated DeltaNet layers' own
+all-to-alls) against the same model on one rank (each rank computes that too). Rank 0 writes the largest
+differences of the loss and of every gradient, relative to their scale, as JSON to the path given."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def compare(model, sp, boundaries, ids: torch.Tensor, lengths: list[int]) -> dic
 
 
 def main(out_path: str) -> None:
-    from transformers import Qwen3_5ForCausalLM
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
     from ds_vlm import distributed as comm
     from ds_vlm.attention import SampleBoundaries
@@ -71,20 +71,24 @@ def main(out_path: str) -> None:
     comm.init_distributed(120)
     rank = comm.rank()
     sp = SequenceParallel(ParallelLayout(2, rank, 2))
-    config = tiny_hybrid_text_config()
-    config._attn_implementation = sp.attn_implementation("varlen", config)["text_config"]
-    torch.manual_seed(0)
-    model = Qwen3_5ForCausalLM(config).train()
-    sp.install(model.model, Adapter())
-    boundaries = SampleBoundaries(model.model, stand_in_mask=True)
     generator = torch.Generator().manual_seed(1)
     cases = {"packed": (torch.randint(0, 128, (1, 100), generator=generator), [70, 30]),  # A past a 64-token chunk
              "two rows": (torch.randint(0, 128, (2, 64), generator=generator), [64])}
     report = {}
-    for dtype in (torch.float64, torch.float32):  # float64 outside transformers' float32 delta rule and norms
-        model.to(dtype)
-        for name, (ids, lengths) in cases.items():
-            report[f"{name}, {dtype}"] = compare(model, sp, boundaries, ids, lengths)
+    for moe in (False, True):
+        config = tiny_hybrid_text_config(moe=moe)
+        config._attn_implementation = sp.attn_implementation("varlen", config)["text_config"]
+        torch.manual_seed(0)
+        model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config).train()
+        sp.install(model.model, Adapter())
+        boundaries = SampleBoundaries(model.model, stand_in_mask=True)
+        # float64 outside transformers' float32 delta rule and norms; the MoE tower in float32 only (its experts'
+        # grouped_mm takes no float64)
+        for dtype in (torch.float32,) if moe else (torch.float64, torch.float32):
+            model.to(dtype)
+            for name, (ids, lengths) in cases.items():
+                report[f"{'moe' if moe else 'dense'}, {name}, {dtype}"] = compare(model, sp, boundaries, ids,
+                                                                                  lengths)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)
