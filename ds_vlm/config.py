@@ -129,7 +129,7 @@ class ModelConfig:
     lora_targets: str = _key("default", "default (the language tower's attention and MLP projections), all-linear "
                                         "(every linear layer of a trained part but the LM head), or comma-separated "
                                         "module names / regular expressions on full names")
-    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the frozen weights in 4 bits (bitsandbytes, a GPU, not ZeRO-3)")
+    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the LLM's frozen linear weights in 4 bits (bitsandbytes, not ZeRO-3)")
     gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
     vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
 
@@ -166,6 +166,10 @@ class ParallelConfig:
     dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
                                     "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
                                     "rendezvous and every collective")
+    long_phase_timeout_s: int = _key(7200, "a checkpoint, evaluation or export may take this long before the "
+                                           "watchdog calls the run stuck (rank 0 writing a large model, a universal "
+                                           "checkpoint conversion); the other ranks wait for it through the "
+                                           "rendezvous store, not a collective with --dist_timeout_s")
 
 
 @dataclass

@@ -62,15 +62,29 @@ def ignore_stop_signals(_worker_id=None) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+LONG_PHASES = frozenset({"checkpoint", "eval", "export", "convert"})
+
+
 class Watchdog:
     """Publishes this rank's phase every second; if the phase lasts `timeout_s` (0.9 x --dist_timeout_s, so
-    the message comes before gloo's or NCCL's own timeout), names the rank that holds the others up."""
+    the message comes before gloo's or NCCL's own timeout), or `long_timeout_s` for a phase of LONG_PHASES,
+    names the rank that holds the others up."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float):
+    def __init__(self, rank: int, world: int, timeout_s: float, long_timeout_s: float = 7200.0, start: bool = True):
         self.rank, self.world, self.timeout_s, self.step = rank, world, timeout_s, 0
+        self.long_timeout_s = max(long_timeout_s, timeout_s)
         self._phase: tuple[str, int, float] | None = None  # (name, step, since), set by the main thread
         self._store = None
-        threading.Thread(target=self._run, name="ds-vlm-watchdog", daemon=True).start()
+        if start:  # the heartbeat thread (the limits alone: start=False)
+            threading.Thread(target=self._run, name="ds-vlm-watchdog", daemon=True).start()
+
+    def limit_s(self, name: str) -> float:
+        """How long the phase `name` may last."""
+        return self.long_timeout_s if name in LONG_PHASES else self.timeout_s
+
+    def overdue(self, phase: tuple[str, int, float] | None, now: float) -> bool:
+        """Whether `phase` (name, step, since) has lasted longer than its limit at `now`."""
+        return phase is not None and now - phase[2] > self.limit_s(phase[0])
 
     def phase(self, name: str | None, step: int | None = None) -> None:
         """What the main thread does now (None: nothing watched); `step` stays the last one given."""
@@ -96,13 +110,14 @@ class Watchdog:
                      "for_s": time.monotonic() - phase[2] if phase else 0.0}))
             except Exception:  # noqa: BLE001 - the store is unreachable: rank 0 stopped, seen below
                 pass
-            if phase is not None and time.monotonic() - phase[2] > self.timeout_s:
+            if self.overdue(phase, time.monotonic()):
                 self._report(phase)
 
     def _report(self, phase: tuple[str, int, float]) -> None:
         name, step, since = phase
         lines = [f"ds-vlm: error: rank {self.rank} has been in phase {name} of step {step} for "
-                 f"{time.monotonic() - since:.0f} s (--dist_timeout_s): the run is stuck"]
+                 f"{time.monotonic() - since:.0f} s "
+                 f"({'--long_phase_timeout_s' if name in LONG_PHASES else '--dist_timeout_s'}): the run is stuck"]
         if name == "data":
             lines.append(f"  rank {self.rank}'s data loader returned no batch: its data source stalls (a hung file "
                          "system or a slow remote mount?)")

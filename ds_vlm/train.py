@@ -24,7 +24,7 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, make_loader, preflighted
+from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadRecordCount
@@ -120,7 +120,8 @@ class Trainer:
         ckpt.seed_everything(config.seed)
         self.log = RunLog(config.checkpoint.output_dir, enabled=self.layout.rank == 0)
         self.signals = StopSignals(self.layout.rank)
-        self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s)
+        self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
+                                 config.parallel.long_phase_timeout_s)
         self.bad_records = BadRecordCount(config.data.max_bad, self.log)
 
     def setup_model(self) -> None:
@@ -128,7 +129,8 @@ class Trainer:
         self.ds_config = resolve_ds_config(config, self.layout.world_size)
         try:
             check_loss_available(model_config.loss)
-            attention = resolve_attention(model_config.attn_implementation, config.batch.packing)
+            attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
+                                          dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
@@ -153,6 +155,10 @@ class Trainer:
     def bf16(self) -> bool:
         return self.ds_config["bf16"]["enabled"]
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     def setup_data(self) -> None:
         config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
         self.train_set = preflighted(config.data.train_data, config.data, self.encoder, self.log, rank0)
@@ -164,7 +170,7 @@ class Trainer:
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
-                                         self.layout.sp_size, (self.train_set, self.eval_set))
+                                         self.layout.sp_size, (self.train_set, self.eval_set), self.model_dtype)
         self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
                          "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
                          "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
@@ -178,13 +184,15 @@ class Trainer:
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
         self.resume_from, self.universal = ckpt.resume_point(config.checkpoint, self.run_meta)
         if self.universal:
-            ckpt.ensure_universal(self.resume_from)
+            self.watchdog.phase("convert")
+            ckpt.ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
+            self.watchdog.phase(None)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
         linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
-        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention {kernel_description(implementation)}"
-                      + linear)
+        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
+                      f"{kernel_description(implementation, dtype=self.model_dtype)}" + linear)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
@@ -209,7 +217,8 @@ class Trainer:
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self.checkpointer = ckpt.Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
-                                              trained_only=bool(self.lora))
+                                              trained_only=bool(self.lora),
+                                              long_timeout_s=config.parallel.long_phase_timeout_s)
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
 
@@ -236,13 +245,20 @@ class Trainer:
         self.log.info(f"{len(self.train_set)} train samples, {batch}, {self.plan.steps_per_epoch} steps/epoch, "
                       f"{self.total_steps} steps")
 
+    def loader_settings(self) -> tuple[int, int]:
+        workers, prefetch, said = loader_settings(self.config, self.encoder, self.model_dtype)
+        if said and self.layout.rank == 0:
+            self.log.info(said)
+        return workers, prefetch
+
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
         config, progress = self.config, self.progress
         # the loader's workers fork before the progress bar starts tqdm's monitor thread: on Python 3.11 a fork
         # while another thread is being created can deadlock the child (seen at a02ac0c: the demo hung at step 0)
+        workers, prefetch = self.loader_settings()
         loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
-                                  self.collator, config.data.loader_workers))
+                                  self.collator, workers, prefetch))
         self.log.start_progress(self.total_steps, progress.step)
         progress.clock = time.perf_counter()
         while progress.step < self.total_steps:
@@ -374,7 +390,8 @@ class Trainer:
         saved = self.save()
         if self.config.checkpoint.export_hf:
             self.watchdog.phase("export")
-            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora)
+            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
+                           self.config.parallel.long_phase_timeout_s)
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()

@@ -11,7 +11,6 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
     image_text = "<image>"
-    keep_full_precision = ("vision_tower", "multi_modal_projector", "lm_head")
 
     def parts(self, model) -> ModelParts:
         tower = model.model.vision_tower

@@ -33,7 +33,6 @@ def use_patch_projection(conv: torch.nn.Module) -> bool:
 class QwenVLAdapter(Adapter):
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     video_text = "<|vision_start|><|video_pad|><|vision_end|>"
-    keep_full_precision = ("visual", "lm_head")
     padded_batch_positions = True
 
     def prepare(self, model) -> None:
@@ -43,6 +42,11 @@ class QwenVLAdapter(Adapter):
 
         use_patch_projection(model.model.visual.patch_embed.proj)
         route_vision_varlen(model.model.visual.config)
+
+    def projector_rows(self, n_patches: int, config) -> int:
+        """The mergers concatenate each merge x merge square of patches into one row (4 x the width) before their
+        matmuls: a row per image token."""
+        return n_patches // config.vision_config.spatial_merge_size ** 2
 
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         out = dict(encoded)
