@@ -8,23 +8,27 @@ or a sample reads the one before it through the state, while the loss looks fine
 Both layer kinds get a packed row's boundaries from the same place: `attention.SampleBoundaries` hands the
 language model `cu_seq_lens_q` (and the rest of the varlen kwargs) while armed, and transformers passes them
 down to every layer. Full attention runs them on the varlen interface (attention.py). A linear-attention layer
-gets them through the patch below, which picks one of two paths per forward:
+gets them through the patch below, which then runs transformers' forward itself (`_bounded_forward`: the same
+math, tested equal to it): the projections, the gated norm and the output projection once over the row, and
+the conv and the delta rule on one of two paths:
 
 - "varlen kernels": on CUDA, where transformers found FLA's `chunk_gated_delta_rule` (flash-linear-attention /
-  fla-core) and causal-conv1d's `causal_conv1d_fn`: the layer's own forward once over the whole row, with
-  `cu_seq_lens_q` (int32 [samples + 1], on the device; the forward passes it to FLA as `cu_seqlens`) and
-  `seq_idx` (int32 [1, L], each token's sample; transformers' kernel wrapper passes it to causal-conv1d, which
-  restarts the conv window where it changes). No host sync.
-- "per sample": everywhere else (a CPU; a GPU without both packages): the layer's own forward on each sample
-  in turn (the row split at the boundaries, each sample run from a zero conv window and a zero state, the
-  outputs concatenated). Exact by construction: the same math as the sample alone. Its cost: one forward of
-  the layer per sample instead of one per row (the same FLOPs, but more, smaller kernel calls; transformers'
-  chunked delta rule pads each sample, not the row, to a multiple of its 64-token chunk), and on a GPU one
-  host read of the boundaries per layer. Measured on this project's 2-core CPU (one Gated DeltaNet layer,
-  hidden 256, 4 value heads of 64, forward + backward of a 2,048-token row, fp32, 1 thread): 0.6-0.8x the time
-  of the same row run as one unbounded sequence for samples of 64-1,024 tokens (transformers' torch path
-  writes its chunk outputs into one row-long tensor, which costs more on a long row), 1.7x for 128 samples
-  of 16 tokens (each padded to 64).
+  fla-core) and causal-conv1d's `causal_conv1d_fn`: one call of each over the whole row, the conv given
+  `seq_idx` (int32 [1, L], each token's sample: it restarts its window where that changes), the delta rule
+  `cu_seqlens` (int32 [samples + 1], on the device). No host sync.
+- "per sample": everywhere else (a CPU; a GPU without both packages): the conv and the delta rule on each
+  sample in turn (the row split at the boundaries, each sample from a zero conv window and a zero state, the
+  outputs concatenated): exactly the sample alone. Its cost: more, smaller calls for the same FLOPs
+  (transformers' chunked delta rule pads each sample, not the row, to a multiple of its 64-token chunk), and on
+  a GPU one host read of the boundaries per layer. Measured on this project's 2-core CPU (one Gated DeltaNet
+  layer, hidden 256, 4 value heads of 64, forward + backward of a 2,048-token row, fp32, 1 thread): 0.6-0.8x
+  the time of the same row run as one unbounded sequence for samples of 64-1,024 tokens (transformers' torch
+  path writes its chunk outputs into one row-long tensor, which costs more on a long row), 1.7x for 128
+  samples of 16 tokens (each padded to 64).
+
+Submodules run once a forward on both paths, however many samples a row holds: ZeRO-3 gathers a submodule's
+weights at each call, and ranks whose rows hold different numbers of samples would otherwise run different
+numbers of collectives and hang (seen with the layer's own forward run once per sample).
 
 Neither path drops a boundary silently. If transformers resolved a kernel that this module did not find (or
 the other way round), transformers' own wrapper raises on the boundaries it cannot honour ("can't keep packed
@@ -34,8 +38,9 @@ The patch, `SampleAwareLinearAttention`, is a subclass of each Gated DeltaNet cl
 the language model's linear-attention layers by `install`, which `SampleBoundaries` calls): parameter names,
 the state dict and `isinstance` stay as they were, and without boundaries (generation, evaluation with padding)
 the layer is transformers' own. Written for transformers 5.24.0 (`Qwen3_5GatedDeltaNet`,
-`Qwen3_5MoeGatedDeltaNet`: their forward takes `cu_seq_lens_q` and passes its kwargs to the conv and the
-delta rule), fla-core / flash-linear-attention 0.6.0 and causal-conv1d 1.7.0.
+`Qwen3_5MoeGatedDeltaNet`: their forward's math, and the module-level `causal_conv1d_fn` and
+`torch_chunk_gated_delta_rule` through which transformers reaches the kernels it found), fla-core /
+flash-linear-attention 0.6.0 and causal-conv1d 1.7.0.
 
 Under sequence parallelism (--sequence_parallel N, parallel/ulysses.py) each rank holds 1/N of the sequence,
 but the conv and the delta rule need whole sequences. The patch then runs the layer as transformers does,
@@ -115,54 +120,50 @@ class SampleAwareLinearAttention(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
         from .parallel.ulysses import SLICED
 
-        layer_forward = super().forward  # transformers' Gated DeltaNet forward
         cu_seq_lens, sliced = kwargs.get("cu_seq_lens_q"), kwargs.pop(SLICED, False)
         kwargs = {k: v for k, v in kwargs.items() if k not in BOUNDARY_KWARGS}
         if sliced:
-            return self._sequence_parallel_forward(hidden_states, cu_seq_lens)
-        if cu_seq_lens is None:
-            return layer_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+            if self.sequence_parallel is None:
+                raise ValueError(f"{type(self).__name__} got a sequence slice but no sequence-parallel group")
+            return self._bounded_forward(hidden_states, cu_seq_lens, self.sequence_parallel)
+        if cu_seq_lens is None:  # transformers' own forward
+            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         if cache is not None or hidden_states.shape[0] != 1:
             raise ValueError(f"{type(self).__name__}: sample boundaries come with one packed row and no cache; got "
                              f"{hidden_states.shape[0]} rows" + (" and a cache" if cache is not None else ""))
-        if linear_attention_path(hidden_states.device) == VARLEN_KERNELS:
-            cu_seq_lens = cu_seq_lens.to(hidden_states.device, torch.int32)
-            return layer_forward(hidden_states, attention_mask=attention_mask, cu_seq_lens_q=cu_seq_lens,
-                                 seq_idx=sequence_index(cu_seq_lens, hidden_states.shape[1]), **kwargs)
-        lengths = segment_lengths(cu_seq_lens, hidden_states.shape[1])
-        masks = [None] * len(lengths) if attention_mask is None else torch.split(attention_mask, lengths, dim=1)
-        # split, not slices: split's backward is one concatenation
-        return torch.cat([layer_forward(sample, attention_mask=mask, **kwargs)
-                          for sample, mask in zip(torch.split(hidden_states, lengths, dim=1), masks)], dim=1)
+        if attention_mask is not None:  # a packed row has no padding: the stand-in mask is all ones
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        return self._bounded_forward(hidden_states, cu_seq_lens, None)
 
-    # -- sequence parallelism -----------------------------------------------------------------------------
-    def _sequence_parallel_forward(self, hidden_states: torch.Tensor, cu_seq_lens) -> torch.Tensor:
-        """transformers' forward around two all-to-alls: the projections on this rank's slice of the sequence;
-        q/k/v (the conv's channels), beta and the decay inputs of this rank's 1/N of the heads over the whole
-        sequence (each rank's slices, in order) for the conv and the delta rule, with the whole sequence's
-        sample boundaries; their output back to the slice for the gated norm and the output projection."""
+    def _bounded_forward(self, hidden_states: torch.Tensor, cu_seq_lens, sp) -> torch.Tensor:
+        """transformers' forward (5.24) with the conv and the delta rule over the boundaries: the projections,
+        the gated norm and the output projection once over the row, each submodule called once whatever the
+        number of samples (ZeRO-3 gathers a submodule's weights per call: a count that differed between ranks
+        would hang it). Under sequence parallelism (`sp`), around two all-to-alls: the projections on this
+        rank's slice; q/k/v (the conv's channels), beta's and the decay's inputs of this rank's 1/N of the heads
+        over the whole sequence (each rank's slices, in order) for the conv and the delta rule, with the whole
+        sequence's boundaries; their output back to the slice for the norm and the output projection."""
         from .parallel.ulysses import heads_to_sequence, sequence_to_heads
 
-        sp = self.sequence_parallel
-        if sp is None:
-            raise ValueError(f"{type(self).__name__} got a sequence slice but no sequence-parallel group")
-        ranks = sp.size
+        ranks = 1 if sp is None else sp.size
         batch, length, _ = hidden_states.shape
         q, k, v = self.in_proj_qkv(hidden_states).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        per_rank = [t.reshape(batch, length, ranks, -1) for t in
-                    (q, k, v, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))]
-        widths = [t.shape[-1] for t in per_rank]
-        whole = sequence_to_heads(torch.cat(per_rank, dim=-1), sp.group).split(widths, dim=-1)
-        core = self._delta_rule_on_heads(*whole, cu_seq_lens)  # (batch, L, this rank's value heads, d_v)
-        core = heads_to_sequence(core.flatten(2), sp.group, ranks).reshape(-1, self.head_v_dim)
+        b, a = self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+        if sp is not None:
+            per_rank = [t.reshape(batch, length, ranks, -1) for t in (q, k, v, b, a)]
+            widths = [t.shape[-1] for t in per_rank]
+            q, k, v, b, a = sequence_to_heads(torch.cat(per_rank, dim=-1), sp.group).split(widths, dim=-1)
+        core = self._delta_rule_on_heads(q, k, v, b, a, cu_seq_lens, 0 if sp is None else sp.rank)
+        if sp is not None:  # (batch, L, this rank's value heads, d_v) -> this rank's tokens, all heads
+            core = heads_to_sequence(core.flatten(2), sp.group, ranks)
         z = self.in_proj_z(hidden_states).reshape(-1, self.head_v_dim)
-        return self.out_proj(self.norm(core, z).reshape(batch, length, -1))
+        return self.out_proj(self.norm(core.reshape(-1, self.head_v_dim), z).reshape(batch, length, -1))
 
-    def _delta_rule_on_heads(self, q, k, v, b, a, cu_seq_lens) -> torch.Tensor:
-        """The conv and the delta rule of this rank's heads over the whole sequence (the kernels transformers
-        resolved; with boundaries the varlen kernels or one sample at a time, as for a whole row)."""
+    def _delta_rule_on_heads(self, q, k, v, b, a, cu_seq_lens, rank: int) -> torch.Tensor:
+        """The conv and the delta rule of the heads given (rank `rank`'s share of them) over whole sequences, on
+        the kernels transformers resolved: with boundaries FLA's varlen kernels, or one sample at a time."""
         modeling = sys.modules[next(c for c in type(self).__mro__ if c.__name__ in PATCHED_CLASSES).__module__]
-        rank, key_width, value_width = self.sequence_parallel.rank, q.shape[-1], v.shape[-1]
+        key_width, value_width = q.shape[-1], v.shape[-1]
         channels = torch.cat([torch.arange(rank * key_width, (rank + 1) * key_width) + offset for offset in
                               (0, self.key_dim)] + [torch.arange(rank * value_width, (rank + 1) * value_width)
                                                     + 2 * self.key_dim]).to(q.device)
