@@ -20,11 +20,11 @@ the conv and the delta rule on one of two paths:
   sample in turn (the row split at the boundaries, each sample from a zero conv window and a zero state, the
   outputs concatenated): exactly the sample alone. Its cost: more, smaller calls for the same FLOPs
   (transformers' chunked delta rule pads each sample, not the row, to a multiple of its 64-token chunk), and on
-  a GPU one host read of the boundaries per layer. Measured on this project's 2-core CPU (one Gated DeltaNet
-  layer, hidden 256, 4 value heads of 64, forward + backward of a 2,048-token row, fp32, 1 thread): 0.6-0.8x
-  the time of the same row run as one unbounded sequence for samples of 64-1,024 tokens (transformers' torch
-  path writes its chunk outputs into one row-long tensor, which costs more on a long row), 1.7x for 128
-  samples of 16 tokens (each padded to 64).
+  a GPU one host read of the boundaries per layer. Measured on this project's shared 2-core CPU (one Gated
+  DeltaNet layer, hidden 256, 4 value heads of 64, forward + backward of a 2,048-token row, fp32, 1 thread, two
+  runs): 0.6-0.9x the time of the same row run as one unbounded sequence for samples of 64-1,024 tokens
+  (transformers' torch path writes its chunk outputs into one row-long tensor, which costs more on a long
+  row), 1.7x for 128 samples of 16 tokens (each padded to 64).
 
 Submodules run once a forward on both paths, however many samples a row holds: ZeRO-3 gathers a submodule's
 weights at each call, and ranks whose rows hold different numbers of samples would otherwise run different
