@@ -119,6 +119,22 @@ def test_the_patch_is_transformers_layer_without_boundaries(hybrid):
         layer(hidden, cu_seq_lens_q=torch.tensor([0, 4, 9], dtype=torch.int32))
 
 
+def test_each_submodule_runs_once_however_many_samples(hybrid):
+    """ZeRO-3 gathers a submodule's weights at each of its calls: ranks whose packed rows hold different numbers of
+    samples must still call each one equally often (running the layer's whole forward per sample hung a 2-rank
+    ZeRO-3 run). One call each, for a row of 1 sample and of 3."""
+    model, _, _ = hybrid
+    layer = model.model.layers[0].linear_attn
+    calls = []
+    for child in layer.children():
+        child.register_forward_pre_hook(lambda module, args, name=type(child).__name__: calls.append(name))
+    hidden = torch.randn(1, 30, 64)
+    for cu in ([0, 30], [0, 10, 18, 30]):
+        calls.clear()
+        layer(hidden, cu_seq_lens_q=torch.tensor(cu, dtype=torch.int32))
+        assert sorted(calls) == sorted(["Linear"] * 5 + ["Qwen3_5RMSNormGated"]), calls
+
+
 def test_unknown_linear_attention_layers_are_refused():
     """A config that says linear_attention over layers of a class the patch was not written for is refused
     (packing would leak), not run unbounded."""
