@@ -166,6 +166,34 @@ def _weights(*modules, skip=()) -> tuple[int, int]:
     return sum(map(weight_count, base.values())), sum(map(weight_count, adapters.values()))
 
 
+# The chunk of the gated delta rule, in FLA's kernels and in transformers' torch path alike.
+DELTA_RULE_CHUNK = 64
+
+
+def token_mixing(text_config) -> tuple[int, int]:
+    """How a language tower's layers mix tokens, for the FLOP count: (its full-attention layers, the forward FLOPs
+    per token of its linear-attention layers beyond their weights).
+
+    A full-attention layer's QK^T and AV grow with its sample's length (FlopsCounter). A Gated DeltaNet layer
+    (Qwen3.5's `linear_attention` in `layer_types`) is linear in the length: its projections and its depthwise
+    conv are weight matmuls, already 2 x parameters per token (the conv's K taps per channel are its K x channels
+    weights); its chunked delta rule adds, per token and value head (query and key heads are repeated to the
+    value heads they serve), with d_k, d_v the head dims and C the chunk:
+    - 6 d_k d_v: the state read by the query, by the keys (the values it already predicts) and its update,
+      three (C x d_k) by (d_k x d_v) products per chunk;
+    - C (5 d_k + 3 d_v): within the chunk, q k^T and (beta k) k^T (2 C^2 d_k each), the triangular solves for
+      the new values and the decayed keys (C^2 d_v + C^2 d_k), the chunk's attention times the new values
+      (2 C^2 d_v), divided over its C tokens.
+    The gates, decays and norms (elementwise) are left out, as elsewhere."""
+    layer_types = list(getattr(text_config, "layer_types", None) or ())
+    linear = layer_types.count("linear_attention")
+    if not linear:
+        return text_config.num_hidden_layers, 0
+    d_k, d_v = text_config.linear_key_head_dim, text_config.linear_value_head_dim
+    per_head = 6 * d_k * d_v + DELTA_RULE_CHUNK * (5 * d_k + 3 * d_v)
+    return text_config.num_hidden_layers - linear, linear * text_config.linear_num_value_heads * per_head
+
+
 class FlopsCounter:
     """Model FLOPs of a training step from the model as it trains (LoRA applied, 4-bit weights), the config and
     the batch shapes (no recomputation counted).
@@ -178,11 +206,13 @@ class FlopsCounter:
     beside. In forward order: the vision tower's patch embedding, its blocks (with `--train_vision last:N` only
     the last N train; the blocks before them run forward only), the projector, the language tower, the LM head.
 
-    Per token of the language tower: 2 x its non-embedding, non-head weights, plus 4 x layers x attention width
-    x its sample's length for QK^T and AV (padding and other samples of a packed row are not attended to, so they
-    count nothing); the LM head on label rows only (the loss computes logits nowhere else). Per vision patch the
-    same, each block's attention over the spans its adapter names (`vision_attention_pairs`: an image whole, or
-    Qwen2.5-VL's windows), the projector per row it runs over (a patch; Qwen's mergers: a merged square of them).
+    Per token of the language tower: 2 x its non-embedding, non-head weights, plus 4 x full-attention layers x
+    attention width x its sample's length for QK^T and AV (padding and other samples of a packed row are not
+    attended to, so they count nothing), plus its linear-attention layers' delta rule, the same for every token
+    (`token_mixing`; no weights: multiplied as attention is); the LM head on label rows only (the loss computes
+    logits nowhere else). Per vision patch the same, each block's attention over the spans its adapter names
+    (`vision_attention_pairs`: an image whole, or Qwen2.5-VL's windows), the projector per row it runs over (a
+    patch; Qwen's mergers: a merged square of them).
     """
 
     def __init__(self, model, adapter, config: ModelConfig):
@@ -199,7 +229,8 @@ class FlopsCounter:
         self.n_vision_rest = self.n_vision - sum(b for b, _ in self.block_weights)  # patch embedding, unused blocks
         self.n_vision_rest_lora = n_vision_lora - sum(a for _, a in self.block_weights)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.text_layers, self.text_width = text.num_hidden_layers, text.num_attention_heads * head_dim
+        self.text_layers, self.linear_per_token = token_mixing(text)
+        self.text_width = text.num_attention_heads * head_dim
         self.vision_width = adapter.vision_depth_width(model.config)[1]
 
         # a part holding LoRA trains through its adapters only (lora.fully_trained); walk in forward order
@@ -223,7 +254,8 @@ class FlopsCounter:
         a packed row's samples, or each padded row's unpadded length), attention within each sample only, so
         a packed row and the same samples padded count alike."""
         tokens = sum(sample_lengths)
-        text_attention = 4 * self.text_layers * self.text_width * sum(n * n for n in sample_lengths)
+        text_attention = (4 * self.text_layers * self.text_width * sum(n * n for n in sample_lengths)
+                          + self.linear_per_token * tokens)
         text = (self.mult_llm * 2 * self.n_llm * tokens + 3 * 2 * self.n_llm_lora * tokens
                 + (3 if self.mult_llm > 1 else 1) * text_attention + self.mult_head * 2 * self.n_head * n_label_rows)
         n_patches = sum(self.adapter.patches_per_image(batch, self.model_config))

@@ -34,6 +34,8 @@ from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
 from .forward import ForwardContext
+from .linear_attention import describe as describe_linear_attention
+from .linear_attention import has_linear_attention
 from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
@@ -202,8 +204,9 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
+        linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
         self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
-                      f"{kernel_description(implementation, dtype=self.model_dtype)}")
+                      f"{kernel_description(implementation, dtype=self.model_dtype)}" + linear)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
@@ -211,9 +214,12 @@ class Trainer:
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
         self.engine.train()
         boundaries = None
-        if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None):
+        # linear-attention layers (Qwen3.5) need the boundaries whatever the attention: without them their conv
+        # and recurrent state run across samples (on sdpa, full attention keeps its mask from the positions)
+        if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None
+                                     or has_linear_attention(model.config)):
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
-                                          stand_in_mask=implementation != "flash_attention_2")
+                                          stand_in_mask=implementation not in ("flash_attention_2", "sdpa", "eager"))
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
                                  torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp)
         self.runner = StepRunner(self.engine, self.layout.world_size, context,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 from conftest import load_4bit
 
@@ -152,3 +154,58 @@ def test_the_tensor_meter_sees_every_allocation_between_start_and_stop():
     assert 8_000_000 <= peak - before <= 8_000_000 + 2_000_000 + 4096, peak - before
     assert meter.closing_gap == 0, meter.closing_gap
     assert reachable_tensor_bytes() - before == made.numel() * 4 and view.numel()
+
+
+def test_linear_attention_layers_count_what_the_delta_rule_computes():
+    """A Gated DeltaNet layer's delta rule per token and value head: 6 d_k d_v + C (5 d_k + 3 d_v) (C = 64). Its
+    matmuls are what torch's FLOP counter counts in transformers' torch path; the two triangular solves (which
+    torch does not count) add C (d_k + d_v)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    from ds_vlm.metrics import DELTA_RULE_CHUNK, token_mixing
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
+
+    config = tiny_hybrid_text_config(linear_value_head_dim=32)
+    full, per_token = token_mixing(config)
+    per_head = 6 * 16 * 32 + 64 * (5 * 16 + 3 * 32)  # 3072 + 11264
+    assert (full, per_token) == (1, 2 * 4 * per_head)
+    length, heads = 256, 4
+    q, k = torch.randn(1, length, 2, 16), torch.randn(1, length, 2, 16)
+    v, g, beta = torch.randn(1, length, heads, 32), -torch.rand(1, length, heads), torch.rand(1, length, heads)
+    with FlopCounterMode(display=False) as counted:
+        torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta)
+    solves = DELTA_RULE_CHUNK * (16 + 32)
+    assert counted.get_total_flops() == length * heads * (per_head - solves)
+    assert token_mixing(types.SimpleNamespace(num_hidden_layers=5, layer_types=None)) == (5, 0)
+
+
+def test_flops_counter_on_a_hybrid_tower():
+    """Qwen3.5's language tower: L^2 attention for its full-attention layer only, the delta rule for its two
+    Gated DeltaNet layers per token (their projections and conv are weights, in n_llm): a packed row of two
+    samples counts as the two alone."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.metrics import FlopsCounter
+    from ds_vlm.models import adapter_for
+    from ds_vlm.models.base import ModelParts
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
+
+    class Qwen35Parts(type(adapter_for("qwen3_vl"))):  # the towers only: the family's adapter is not on this branch
+        def parts(self, model):
+            visual, language = model.model.visual, model.model.language_model
+            return ModelParts(vision=[visual.patch_embed, visual.pos_embed, visual.blocks], vision_blocks=visual.blocks,
+                              projector=[visual.merger], llm=[language, model.lm_head], llm_decoder=language)
+
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64}
+    text = tiny_hybrid_text_config(linear_value_head_dim=32).to_dict()
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision))
+    counter = FlopsCounter(model, Qwen35Parts(), ModelConfig())
+    language = model.model.language_model
+    assert counter.n_llm == sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
+    delta_rule = 2 * 4 * (6 * 16 * 32 + 64 * (5 * 16 + 3 * 32))
+    expected = 3 * (2 * counter.n_llm * 30 + 2 * counter.n_head * 3 + 4 * 1 * 64 * (10 * 10 + 20 * 20)
+                    + delta_rule * 30)
+    assert counter({"input_ids": torch.zeros(1, 30, dtype=torch.long)}, 3, [10, 20]) == expected
