@@ -24,7 +24,7 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, make_loader, preflighted
+from .data.batching import Collator, MicroBatch, SFTDataset, make_loader, preflighted, refuse_packing
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadRecordCount
@@ -128,6 +128,7 @@ class Trainer:
             check_loss_available(model_config.loss)
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
+            refuse_packing(self.loaded.adapter, config.batch.packing)  # before preflight reads the data
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -192,7 +193,8 @@ class Trainer:
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
                                           stand_in_mask=implementation != "flash_attention_2")
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
-                                 torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp)
+                                 torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp,
+                                 adapter.router_aux_loss_coef(model.config))
         self.runner = StepRunner(self.engine, self.layout.world_size, context,
                                  FlopsCounter(model, adapter, config.model), self.watchdog.phase,
                                  config.logging.measure_memory)
