@@ -7,6 +7,7 @@ import torch
 from .data.encode import template_message
 from .data.images import load_images
 from .data.videos import VideoSampling, load_videos
+from .models import adapter_for
 
 
 def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,
@@ -42,9 +43,10 @@ def _generate(model, processor, samples, max_new_tokens, batch_size, video_sampl
                            add_special_tokens=False, **media)
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        family = adapter_for(model.config.model_type).generation_kwargs()
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                    **generate_kwargs)
+                                    **family, **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers

@@ -87,6 +87,10 @@ class Adapter:
         """The weight of the MoE router's auxiliary loss in the training loss (0: none; moe.py)."""
         return 0.0
 
+    def generation_kwargs(self) -> dict:
+        """What `generate` must be given for this family to generate at all (none by default)."""
+        return {}
+
     # Whether padded batches should carry the position ids too: where the model would otherwise compute them
     # on the device with host reads (Qwen's multimodal rope index), the collator does it on the host.
     padded_batch_positions: bool = False

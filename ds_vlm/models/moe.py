@@ -54,6 +54,13 @@ class MoeExperts:
             return 0.0
         return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
 
+    def generation_kwargs(self) -> dict:
+        """No router logits while generating. transformers 5.24's Qwen3-VL-MoE and Qwen3.5-MoE compute the aux
+        loss whenever `output_router_logits` is set, with the whole attention mask against the router logits of
+        the new tokens only: every cached decoding step of a config that asks for the aux loss fails ("The size
+        of tensor a (2) must match the size of tensor b (82)")."""
+        return {"output_router_logits": False}
+
 
 class _FullShapes:
     """A model seen only through `get_parameter(name).shape`, with ZeRO-3's full shapes."""

@@ -80,10 +80,11 @@ SPECS = {
     "qwen3_5": TinySpec("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", QWEN3_5_VISION, 8,
                         rope=QWEN3_5_ROPE, text=QWEN3_5_TEXT, video_processor="Qwen3VLVideoProcessor",
                         tokenizer="Qwen3_5Tokenizer", thinking=True),
-    # 16 small experts (2 a token) and a shared one in every layer, as released
+    # 32 small experts (2 a token: a small batch leaves some without tokens on a rank) and a shared one in every
+    # layer, as released
     "qwen3_5_moe": TinySpec("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
                             QWEN3_5_VISION, 8, rope=QWEN3_5_ROPE,
-                            text=dict(QWEN3_5_TEXT, **MOE_TEXT, num_experts=16, shared_expert_intermediate_size=32),
+                            text=dict(QWEN3_5_TEXT, **MOE_TEXT, num_experts=32, shared_expert_intermediate_size=32),
                             video_processor="Qwen3VLVideoProcessor", tokenizer="Qwen3_5Tokenizer", thinking=True),
 }
 
