@@ -140,7 +140,9 @@ def test_packing_is_refused_where_linear_attention_would_leak_across_samples(fam
     first, second = dataset[0], dataset[3]
     alone = _token_losses(model, padded([second]))
     in_row = _token_losses(model, packed([first, second]))[-len(alone):]
-    assert not torch.allclose(in_row, alone, rtol=1e-3, atol=1e-4)
+    # fp32 rounding moves a kept-apart sample's losses by ~1e-6 (test_packed_equals_padded); the leak of a random
+    # tiny model is small (its linear-attention outputs are), but far above that
+    assert (in_row - alone).abs().max() > 1e-4
 
 
 def _token_losses(model, micro, **forward_kwargs) -> torch.Tensor:
