@@ -129,6 +129,8 @@ class Trainer:
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
             refuse_packing(self.loaded.adapter, config.batch.packing)  # before preflight reads the data
+            if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal()):
+                raise ConfigError(reason)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err

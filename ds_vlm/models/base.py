@@ -83,6 +83,10 @@ class Adapter:
         """Why --packing cannot train this family correctly (one line), or None where it can."""
         return None
 
+    def sequence_parallel_refusal(self) -> Optional[str]:
+        """Why --sequence_parallel cannot train this family correctly (one line), or None where it can."""
+        return None
+
     def router_aux_loss_coef(self, config) -> float:
         """The weight of the MoE router's auxiliary loss in the training loss (0: none; moe.py)."""
         return 0.0

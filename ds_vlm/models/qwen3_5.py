@@ -7,6 +7,8 @@ GradientCheckpointingLayer, so activation checkpointing of the language model wr
 Packing is refused for now: the linear-attention layers carry a causal conv window and a recurrent state
 along the row, and transformers' PyTorch path of Gated DeltaNet cannot restart them at a packed sample's
 boundary (given boundaries without the FLA kernels it raises; without boundaries sample 2 would see sample 1).
+So is sequence parallelism: Ulysses re-splits heads for attention only, and a linear-attention layer would run
+on its rank's slice of the sequence alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ class Qwen35Adapter(Qwen3VLAdapter):
         return (f"--packing is not supported for {self.family} yet: its Gated DeltaNet (linear-attention) layers "
                 "would carry their conv window and recurrent state across packed samples; train padded (drop "
                 "--packing)")
+
+    def sequence_parallel_refusal(self) -> Optional[str]:
+        return (f"--sequence_parallel is not supported for {self.family} yet: Ulysses splits the sequence "
+                "between ranks, and its Gated DeltaNet (linear-attention) layers would each see their rank's "
+                "slice only; train with --sequence_parallel 1")
 
 
 class Qwen35MoeAdapter(MoeExperts, Qwen35Adapter):

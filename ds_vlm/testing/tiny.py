@@ -1,5 +1,6 @@
 """Every family's tiny random model, built one way: one table row per family (its transformers classes and
-its vision tower's shape), one language tower shape for all (2 layers of width 64), the demo's 64x64 images
+its vision tower's shape), one language tower shape for all (2 layers of width 64; Qwen3.5: 4, to keep its
+hybrid pattern of 3 linear-attention layers and 1 full-attention one), the demo's 64x64 images
 turned into 16 image tokens by every family's processor (Qwen2-VL and Qwen2.5-VL resize them to 112 x 112 for their
 patch of 14)."""
 

@@ -150,3 +150,16 @@ def test_each_optimizer_group_holds_its_configured_learning_rate(family_run):
         for part in parts_of[group["name"]]:  # parts with equal lr share a group
             assert group["lr"] == group["initial_lr"] == lrs[part], group  # warmup 0: step 1 at the peak lr
         assert group["weight_decay"] == (0.0 if group["name"].endswith("_no_decay") else config.optim.weight_decay)
+
+
+def test_qwen3_5_refuses_sequence_parallelism_at_load(family_models, mixed_data, tmp_path):
+    """Until its linear-attention layers get their own placement, a Qwen3.5 run with --sequence_parallel stops
+    right after loading, with the reason in one line (--packing stops the same way: unit/data/test_batching.py)."""
+    args = ["--model", str(family_models("qwen3_5")), "--train_data", str(mixed_data), "--deepspeed",
+            str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+            "--sequence_parallel", "2", "--num_workers", "0", "--dist_timeout_s", "60"]
+    proc = run_train(args)
+    assert proc.returncode != 0
+    assert "--sequence_parallel is not supported for qwen3_5 yet: Ulysses splits the sequence" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run")
