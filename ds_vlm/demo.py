@@ -1,6 +1,6 @@
 """The built-in offline demo: a tiny Qwen3-VL (or another family) and a synthetic captioning set.
 
-    python -m ds_vlm.demo --out DIR [--family qwen3_vl|qwen3_vl_moe|qwen2_5_vl|qwen2_vl|llava]
+    python -m ds_vlm.demo --out DIR [--family qwen3_vl|qwen3_vl_moe|qwen2_5_vl|qwen2_vl|llava|qwen3_5|qwen3_5_moe]
 
 writes DIR/model/ (config, random safetensors weights, tokenizer, chat template,
 image (and video) processor) and DIR/data/ (train/test splits of coloured shapes in the
@@ -20,7 +20,7 @@ from pathlib import Path
 from .console import quiet_console
 from .models import FAMILIES, adapter_by_family
 from .models.qwen3_vl import Qwen3VLAdapter
-from .testing.tiny import IMAGE_SIZE, tiny_model
+from .testing.tiny import IMAGE_SIZE, SPECS, tiny_model
 
 COLORS = {
     "red": (220, 30, 30),
@@ -39,15 +39,28 @@ QWEN_SPECIAL_TOKENS = [
     "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
+# Qwen3's text markers: added tokens that are not special (decoding keeps them), as in the released tokenizers
+QWEN3_MARKERS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
-def chat_template(image_text: str, video_text: str = "") -> str:
+def chat_template(image_text: str, video_text: str = "", thinking: bool = False) -> str:
     """A ChatML template writing `image_text` (and `video_text`, if any) for each vision part.
+
+    `thinking`: Qwen3.5's conventions: each answer opens with its reasoning in a <think> block (empty:
+    `<think>\\n\\n</think>\\n\\n`), and the generation prompt opens an empty one unless the caller passes
+    `enable_thinking=True` (then `<think>\\n`, and the model reasons first). Unlike the released template, earlier
+    turns keep their blocks, so a conversation renders as a growing prefix.
 
     The trainer finds assistant spans by rendering prefixes, so no generation markers are needed."""
     video = f"{{%- elif part['type'] == 'video' -%}}{video_text}" if video_text else ""
+    think = ("{%- if message['role'] == 'assistant' -%}"
+             "{{ '<think>\\n' + (message['reasoning_content'] or '') | trim + '\\n</think>\\n\\n' }}{%- endif -%}"
+             if thinking else "")
+    prompt = ("{%- if enable_thinking is defined and enable_thinking -%}{{ '<think>\\n' }}"
+              "{%- else -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}" if thinking else "")
     return (
         "{%- for message in messages -%}"
         "<|im_start|>{{ message['role'] + '\\n' }}"
+        f"{think}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
         f"{{%- if part['type'] == 'image' -%}}{image_text}"
@@ -56,7 +69,9 @@ def chat_template(image_text: str, video_text: str = "") -> str:
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\\n' }}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+        f"{prompt}"
+        "{%- endif -%}"
     )
 
 
@@ -92,17 +107,20 @@ def draw_shape(color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZ
     return img
 
 
-def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), template: str = CHAT_TEMPLATE):
-    """A byte-level BPE with Qwen's pre-tokenizer and special tokens (+ `extra_special`), trained on
-    the demo's own words."""
+def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), template: str = CHAT_TEMPLATE,
+                    tokenizer_class: str = "Qwen2Tokenizer", markers: tuple[str, ...] = ()):
+    """A byte-level BPE with the pre-tokenizer of `tokenizer_class` (Qwen2Tokenizer or Qwen3_5Tokenizer) and
+    Qwen's special tokens (+ `extra_special`; + `markers` as plain added tokens), trained on the demo's own
+    words."""
+    import transformers
     from tokenizers import Tokenizer, models, trainers
-    from transformers import Qwen2Tokenizer
 
+    cls = getattr(transformers, tokenizer_class)
     corpus = list(extra_text) * 20 + [
         "user assistant system What is in this picture? The image shows",
         "0 1 2 3 4 5 6 7 8 9 a b c d e f g h i j k l m n o p q r s t u v w x y z . , ? !",
     ]
-    probe = Qwen2Tokenizer()  # only for its pre-tokenizer and decoder
+    probe = cls()  # only for its pre-tokenizer and decoder
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
@@ -113,10 +131,12 @@ def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), 
     state = json.loads(bpe.to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    tokenizer = Qwen2Tokenizer(
+    tokenizer = cls(
         vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, extra_special_tokens=QWEN_SPECIAL_TOKENS[1:] + list(extra_special),
     )
+    if markers:
+        tokenizer.add_tokens(list(markers), special_tokens=False)
     tokenizer.chat_template = template
     return tokenizer
 
@@ -137,7 +157,9 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
              + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
              + [VIDEO_PROMPT.replace("<video>", "")])
     extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
-    tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text))
+    spec = SPECS[family]
+    tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text, spec.thinking),
+                                spec.tokenizer, tuple(QWEN3_MARKERS) if spec.thinking else ())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)
     config = tiny.config

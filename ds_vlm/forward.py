@@ -27,16 +27,31 @@ class ArmedForward:
     inputs: dict[str, torch.Tensor]  # the micro-batch's tensors on the device: what to call the model with
     head: HeadResult
 
+    router_aux_coef: float = 0.0
+
     def loss(self, output) -> torch.Tensor:
         """The summed loss on the label rows, from the model's output (the armed LM head put it there)."""
         return LabelLoss.loss_from(self.head, output)
 
+    def router_aux(self, output, n_rows: int) -> Optional[torch.Tensor]:
+        """The MoE router's auxiliary loss of this forward times `n_rows` (its label rows), fp32; None where the
+        config asks for none (Adapter.router_aux_loss_coef)."""
+        if not self.router_aux_coef:
+            return None
+        aux = getattr(output, "aux_loss", None)
+        if not isinstance(aux, torch.Tensor):
+            raise RuntimeError("the model config asks for the router's auxiliary loss (output_router_logits, "
+                               "router_aux_loss_coef) but the forward returned none")
+        return aux.float() * n_rows
+
 
 class ForwardContext:
     def __init__(self, loss: LabelLoss, device: torch.device, dtype: torch.dtype,
-                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None):
+                 boundaries: Optional[SampleBoundaries] = None, sequence_parallel=None, router_aux_coef: float = 0.0):
+        """`router_aux_coef`: the MoE router's auxiliary loss joins the training loss with this weight (0: not)."""
         self.loss, self.device, self.dtype = loss, device, dtype
         self.boundaries, self.sp = boundaries, sequence_parallel
+        self.router_aux_coef = router_aux_coef
 
     def to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Tensors to the device (from pinned memory, without waiting); the pixels in the model's dtype, every
@@ -54,4 +69,4 @@ class ForwardContext:
                                                           micro.max_length))
             if self.sp is not None:
                 stack.enter_context(self.sp.arming())
-            yield ArmedForward(self.to_device(micro.inputs), head)
+            yield ArmedForward(self.to_device(micro.inputs), head, self.router_aux_coef)

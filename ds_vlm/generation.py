@@ -7,6 +7,7 @@ import torch
 from .data.encode import TOKEN_KEYS, Encoder
 from .data.images import load_images
 from .data.videos import VideoSampling, load_videos
+from .models import adapter_for
 
 
 def prompt_batch(encoder: Encoder, samples: list, video_sampling: VideoSampling) -> dict[str, torch.Tensor]:
@@ -29,7 +30,6 @@ def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, 
                      video_sampling: VideoSampling | None = None, **generate_kwargs) -> list[str]:
     """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
     sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
-    from .models import adapter_for
 
     encoder = Encoder(processor, adapter_for(model.config.model_type), max_length=0)
     answers = []
@@ -37,9 +37,10 @@ def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, 
         inputs = prompt_batch(encoder, samples[start:start + batch_size], video_sampling or VideoSampling())
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        family = adapter_for(model.config.model_type).generation_kwargs()
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                    **generate_kwargs)
+                                    **family, **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         answers.extend(t.strip() for t in encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers

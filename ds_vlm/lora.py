@@ -16,8 +16,10 @@ import torch
 
 from .config import ConfigError, ModelConfig
 
-# The language tower's attention and MLP projections (Qwen2/2.5/3-VL, Qwen3-VL-MoE's shared names, Llama).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The language tower's attention and MLP projections (Qwen2/2.5/3-VL, Qwen3-VL-MoE's shared names, Llama), and
+# Qwen3.5's Gated DeltaNet projections (q/k/v fused, the output gate z, the decay a and the write strength b)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 
 
 def target_modules(model, parts, config: ModelConfig) -> list[str]:

@@ -105,6 +105,7 @@ def step_record(step: int, stats, seconds: float, lr: float, world_size: int, pe
                 skipped_steps: int) -> dict:
     """A step's metrics.jsonl line from its StepStats and how long it took."""
     tflops = stats.flops / seconds / world_size / 1e12
+    aux = {} if stats.router_aux_loss is None else {"router_aux_loss": stats.router_aux_loss}
     return {"step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
             "tokens_per_s": stats.tokens / seconds, "samples_per_s": stats.samples / seconds, "step_time_s": seconds,
             "tokens": stats.tokens, "targets": stats.targets,
@@ -112,7 +113,7 @@ def step_record(step: int, stats, seconds: float, lr: float, world_size: int, pe
             "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
             "peak_mem_gb": stats.peak_mem_gb, "peak_reserved_gb": stats.peak_reserved_gb,
             "peak_tensor_gb": stats.peak_tensor_gb, "skipped": stats.skipped,
-            "skipped_steps": skipped_steps}
+            "skipped_steps": skipped_steps, **aux}
 
 
 # --------------------------------------------------------------------------- FLOPs and MFU

@@ -31,11 +31,13 @@ class StepStats:
                                              # None on a CPU without --measure_memory)
     grad_norm: Optional[float]  # before clipping; None where it was not finite
     skipped: bool               # no update was applied (non-finite loss or gradients)
+    router_aux_loss: Optional[float] = None  # MoE: the router's auxiliary loss, mean per label token (before its
+                                             # coefficient); None where the config asks for none
 
 
 # The sums a logged step all-reduces, in the order they travel in one float64 tensor (then 3 x world sizes of
 # memory, peak / reserved / tensor: each rank fills its own slots, the others add 0).
-_SUMMED = ("loss_sum", "targets", "tokens", "samples", "computed", "flops")
+_SUMMED = ("loss_sum", "aux_sum", "targets", "tokens", "samples", "computed", "flops")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PendingStep:
     work: Any = None
     grad_norm: Any = None           # a float or a device tensor (DeepSpeed's), read in stats()
     world_size: int = 1
+    router_aux: bool = False        # the step added the router's auxiliary loss (aux_sum means something)
 
     def stats(self) -> StepStats:
         if self.work is None:  # not folded into a later step's all-reduce: its own
@@ -73,7 +76,8 @@ class PendingStep:
                          peak_reserved_gb=[round(m, 4) for m in reserved] if any(reserved) else None,
                          peak_tensor_gb=[round(m, 4) for m in tensor] if any(tensor) else None,
                          grad_norm=norm if norm is not None and math.isfinite(norm) else None,
-                         skipped=not (self.applied and math.isfinite(loss)))
+                         skipped=not (self.applied and math.isfinite(loss)),
+                         router_aux_loss=summed["aux_sum"] / targets if self.router_aux and targets else None)
 
 
 @dataclass
@@ -138,16 +142,18 @@ class StepRunner:
             fold.totals, fold.work = votes[3:], counting or _Done()
         count = votes[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm, skip_plain, read_votes = None, False, None
         for i, (micro, rows) in enumerate(zip(micro_batches, label_rows)):
             self.phase("forward")
-            summed = self.forward(micro, rows)
+            summed, aux = self.forward(micro, rows)
             if i == 0:
                 if counting is not None:
                     counting.wait()
                 read_votes = _to_host(votes[1:3])
             self.phase("backward")
-            self.engine.backward(summed * (self.world_size / count).float(), scale_wrt_gas=False)
+            objective = summed if aux is None else summed + self.context.router_aux_coef * aux
+            self.engine.backward(objective * (self.world_size / count).float(), scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and self._plain_fp32:
                 grad_norm = self._grad_norm()
                 skip_plain = not math.isfinite(grad_norm)
@@ -157,17 +163,20 @@ class StepRunner:
             self.phase("step")
             self.engine.step()  # per micro-batch: DeepSpeed steps the optimizer at the accumulation boundary only
             loss_sum += summed.detach()
+            if aux is not None:
+                aux_sum += aux.detach()
         stop, bad = read_votes()
         pending = PendingStep(self.engine.was_step_applied() and not skip_plain, stop > 0, int(bad))
         if not with_stats:
             return pending
         # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs
         share = 1 / self.sp.size if self.sp else 1
-        host = [n_local, *(share * sum(getattr(m, k) for m in micro_batches) for k in _SUMMED[2:5]), share * flops]
+        host = [n_local, *(share * sum(getattr(m, k) for m in micro_batches) for k in _SUMMED[3:6]), share * flops]
         # every rank fills its own slots: peak allocated (or RSS), reserved, live tensors
         memory, here, n = [0.0] * (3 * self.world_size), comm.rank(), self.world_size
         memory[here], memory[n + here], memory[2 * n + here] = self.memory.read()
-        pending.totals = torch.cat([loss_sum.view(1), _on_device(host + memory, self.device)])  # summed later
+        pending.totals = torch.cat([loss_sum.view(1), aux_sum.view(1), _on_device(host + memory, self.device)])
+        pending.router_aux = bool(self.context.router_aux_coef)
         pending.grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         pending.world_size = self.world_size
         return pending
@@ -176,11 +185,15 @@ class StepRunner:
         """This rank's label rows: all of them, or under sequence parallelism those of its slice."""
         return rows if self.sp is None else self.sp.local_rows(rows, micro.labels.shape[1])
 
-    def forward(self, micro: MicroBatch, rows: LabelRows) -> torch.Tensor:
-        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism)."""
+    def forward(self, micro: MicroBatch, rows: LabelRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The summed loss of one micro-batch (this rank's slice of it under sequence parallelism), and the MoE
+        router's auxiliary loss times its label rows where the config asks for it (else None): the objective
+        is summed + coef x that, so that after the division by the global label count each micro-batch adds
+        coef x its aux loss, weighted by its share of the label tokens (one micro-batch: transformers' own
+        `loss + coef x aux_loss`)."""
         with self.context.armed(micro, rows) as forward:
             output = self.engine(**forward.inputs)  # through the engine: ZeRO-3 gathers every module, the head too
-        return forward.loss(output)
+        return forward.loss(output), forward.router_aux(output, len(rows))
 
     def _grad_norm(self) -> float:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
@@ -192,7 +205,7 @@ class StepRunner:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in micro_batches:
             rows = self.local_rows(LabelRows.from_labels(micro.labels), micro)
-            totals[0] += self.forward(micro, rows)
+            totals[0] += self.forward(micro, rows)[0]
             totals[1] += len(rows)
         comm.all_reduce(totals)
         loss_sum, n_targets = totals.tolist()

@@ -25,7 +25,16 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, open_records, preflighted
+from .data.batching import (
+    Collator,
+    MicroBatch,
+    SFTDataset,
+    loader_settings,
+    make_loader,
+    open_records,
+    preflighted,
+    refuse_packing,
+)
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
@@ -145,6 +154,9 @@ class Trainer:
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
+            refuse_packing(self.loaded.adapter, config.batch.packing)  # before preflight reads the data
+            if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal()):
+                raise ConfigError(reason)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -221,7 +233,8 @@ class Trainer:
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
                                           stand_in_mask=implementation not in ("flash_attention_2", "sdpa", "eager"))
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
-                                 torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp)
+                                 torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp,
+                                 adapter.router_aux_loss_coef(model.config))
         self.runner = StepRunner(self.engine, self.layout.world_size, context,
                                  FlopsCounter(model, adapter, config.model), self.watchdog.phase,
                                  config.logging.measure_memory)

@@ -2,6 +2,7 @@
 # The built-in demo, offline: build a tiny Qwen3-VL and a synthetic captioning set, train it
 # on 2 ranks with ZeRO-3, then print exact-match caption accuracy on held-out images.
 #   OUT=runs/demo NUM_GPUS=2 bash launch/demo.sh
+# FAMILY=qwen3_5 (or any family of `python -m ds_vlm.demo --help`) builds that family's tiny model instead.
 # VIDEOS=N adds N clips of a shape sliding left or right ("A red circle moving left.") to the
 # training set and N/10 to the held-out set: the same run then learns images and videos.
 set -euo pipefail
@@ -10,7 +11,8 @@ OUT=${OUT:-runs/demo}
 NUM_GPUS=${NUM_GPUS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 VIDEOS=${VIDEOS:-0}
-python -m ds_vlm.demo --out "$OUT" --train_size 5000 --test_size 200 --videos "$VIDEOS"
+FAMILY=${FAMILY:-qwen3_vl}
+python -m ds_vlm.demo --out "$OUT" --family "$FAMILY" --train_size 5000 --test_size 200 --videos "$VIDEOS"
 TRAIN="$OUT/data/train.jsonl" TEST="$OUT/data/test.jsonl"
 if [ "$VIDEOS" -gt 0 ]; then
   TRAIN="$TRAIN,$OUT/data/video_train.jsonl" TEST="$TEST,$OUT/data/video_test.jsonl"

@@ -210,12 +210,23 @@ def launch_and_kill_after(args: list[str], step: int, timeout: float = 240) -> N
 
 def loss_and_grads(model, micro):
     """The summed loss of a MicroBatch and every parameter's gradient (on sdpa, a packed row's block-diagonal
-    mask comes from its position ids); and the MicroBatch."""
+    mask comes from its position ids; a model with linear-attention layers gets the row's sample boundaries, as
+    the trainer arms them); and the MicroBatch."""
+    import contextlib
 
+    from ds_vlm.attention import SampleBoundaries
+    from ds_vlm.linear_attention import has_linear_attention
     from ds_vlm.loss import LabelLoss, LabelRows
+    from ds_vlm.models import adapter_for
 
     model.zero_grad()
-    loss = LabelLoss(model).loss_of(model, micro.inputs, LabelRows.from_labels(micro.labels))
+    armed = contextlib.nullcontext()
+    if micro.cu_seq_lens is not None and has_linear_attention(model.config):
+        if not hasattr(model, "_test_boundaries"):  # one pre-hook per model
+            model._test_boundaries = SampleBoundaries(adapter_for(model.config.model_type).parts(model).llm_decoder)
+        armed = model._test_boundaries.armed(micro.cu_seq_lens, micro.max_length)
+    with armed:
+        loss = LabelLoss(model).loss_of(model, micro.inputs, LabelRows.from_labels(micro.labels))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, micro
 

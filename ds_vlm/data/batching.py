@@ -94,6 +94,15 @@ class MicroBatch:
 PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos"})
 
 
+def refuse_packing(adapter, packing: bool) -> None:
+    """--packing where the family's layers cannot keep packed samples apart: a ConfigError saying why."""
+    reason = adapter.packing_refusal() if packing else None
+    if reason:
+        from ..config import ConfigError
+
+        raise ConfigError(reason)
+
+
 class Collator:
     """Samples -> one MicroBatch, padded to its longest sample (one row each) or, with `packing`, packed into
     one row: samples concatenated, each with its own positions (which restart at every sample: that is how
@@ -124,6 +133,7 @@ class Collator:
         """The run's collator (`batch`: its BatchConfig): the adapter's positions where packing or the family
         needs them, rows a multiple of the sequence-parallel size, and a dummy video riding along when some
         record of `datasets` has a video (or when nobody checked: --preflight off)."""
+        refuse_packing(adapter, batch.packing)
         positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
         has_video = any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
             bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from .base import Adapter, ModelParts
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from .qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
-                                 LlavaAdapter())
+                                 LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter())
 FAMILIES = tuple(a.family for a in ADAPTERS)
 
 

@@ -93,6 +93,22 @@ class Adapter:
         at each sample; the collator concatenates them). Plain 1-d positions by default."""
         return TextPositions()
 
+    def packing_refusal(self) -> Optional[str]:
+        """Why --packing cannot train this family correctly (one line), or None where it can."""
+        return None
+
+    def sequence_parallel_refusal(self) -> Optional[str]:
+        """Why --sequence_parallel cannot train this family correctly (one line), or None where it can."""
+        return None
+
+    def router_aux_loss_coef(self, config) -> float:
+        """The weight of the MoE router's auxiliary loss in the training loss (0: none; moe.py)."""
+        return 0.0
+
+    def generation_kwargs(self) -> dict:
+        """What `generate` must be given for this family to generate at all (none by default)."""
+        return {}
+
     # Whether padded batches should carry the position ids too: where the model would otherwise compute them
     # on the device with host reads (Qwen's multimodal rope index), the collator does it on the host.
     padded_batch_positions: bool = False

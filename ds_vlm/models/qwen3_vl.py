@@ -1,4 +1,5 @@
-"""Qwen3-VL: model.model.visual (blocks + merger + deepstack mergers), model.model.language_model."""
+"""Qwen3-VL: model.model.visual (blocks + merger + deepstack mergers), model.model.language_model. Qwen3.5's
+vision tower is the same without the deepstack mergers (qwen3_5.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def parts(self, model) -> ModelParts:
         visual = model.model.visual
-        projector = [visual.merger, visual.deepstack_merger_list]
+        deepstack = getattr(visual, "deepstack_merger_list", None)  # Qwen3.5 has none
+        projector = [visual.merger] + ([deepstack] if deepstack is not None else [])
         return ModelParts(
             vision=[visual.patch_embed, visual.pos_embed, visual.blocks],
             vision_blocks=visual.blocks,

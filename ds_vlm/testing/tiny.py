@@ -1,5 +1,6 @@
 """Every family's tiny random model, built one way: one table row per family (its transformers classes and
-its vision tower's shape), one language tower shape for all (2 layers of width 64), the demo's 64x64 images
+its vision tower's shape), one language tower shape for all (2 layers of width 64; Qwen3.5: 4, to keep its
+hybrid pattern of 3 linear-attention layers and 1 full-attention one), the demo's 64x64 images
 turned into 16 image tokens by every family's processor (Qwen2-VL and Qwen2.5-VL resize them to 112 x 112 for their
 patch of 14)."""
 
@@ -34,11 +35,24 @@ class TinySpec:
     rope: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)  # more language-tower keys (MoE, token ids)
     video_processor: str = "Qwen2VLVideoProcessor"
+    tokenizer: str = "Qwen2Tokenizer"       # the released checkpoints' tokenizer class
+    thinking: bool = False                  # the released chat template writes a <think> block per answer
 
 
 QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8, spatial_merge_size=2,
                     temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=(IMAGE_SIZE // 8) ** 2,
                     deepstack_visual_indexes=[0])
+QWEN3_5_VISION = {k: v for k, v in QWEN3_VISION.items() if k != "deepstack_visual_indexes"}
+# Qwen3.5's hybrid tower at the smallest size that keeps its shape: 3 Gated DeltaNet layers, then one gated
+# full-attention layer (full_attention_interval 4, as released); rope on a quarter of each head (as released:
+# partial_rotary_factor 0.25), so mrope sections sum to 32 x 0.25 / 2
+QWEN3_5_TEXT = dict(num_hidden_layers=4, full_attention_interval=4, head_dim=32, linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+QWEN3_5_ROPE = {"mrope_section": [2, 1, 1], "mrope_interleaved": True, "partial_rotary_factor": 0.25}
+# the MoE families ask for the router's auxiliary loss, so the suite trains with it
+MOE_TEXT = dict(num_experts_per_tok=2, moe_intermediate_size=16, output_router_logits=True,
+                router_aux_loss_coef=0.01)
 SPECS = {
     "qwen3_vl": TinySpec("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", QWEN3_VISION, 8,
                          rope={"mrope_section": MROPE, "mrope_interleaved": True},
@@ -47,8 +61,7 @@ SPECS = {
     # (2 x 16 != 64, 16 != 64): the experts' layout check in transformers relies on shapes
     "qwen3_vl_moe": TinySpec("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
                              QWEN3_VISION, 8, rope={"mrope_section": MROPE, "mrope_interleaved": True},
-                             text=dict(num_experts=64, num_experts_per_tok=2, moe_intermediate_size=16,
-                                       decoder_sparse_step=1),
+                             text=dict(MOE_TEXT, num_experts=64, decoder_sparse_step=1),
                              video_processor="Qwen3VLVideoProcessor"),
     "qwen2_5_vl": TinySpec("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
                            # one window of 112 px (4 x 4 merged patches) and a full-attention last block
@@ -65,6 +78,15 @@ SPECS = {
                       dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16), 16,
                       text=dict(model_type="llama", bos_token_id=None)),
+    "qwen3_5": TinySpec("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", QWEN3_5_VISION, 8,
+                        rope=QWEN3_5_ROPE, text=QWEN3_5_TEXT, video_processor="Qwen3VLVideoProcessor",
+                        tokenizer="Qwen3_5Tokenizer", thinking=True),
+    # 32 small experts (2 a token: a small batch leaves some without tokens on a rank) and a shared one in every
+    # layer, as released
+    "qwen3_5_moe": TinySpec("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
+                            QWEN3_5_VISION, 8, rope=QWEN3_5_ROPE,
+                            text=dict(QWEN3_5_TEXT, **MOE_TEXT, num_experts=32, shared_expert_intermediate_size=32),
+                            video_processor="Qwen3VLVideoProcessor", tokenizer="Qwen3_5Tokenizer", thinking=True),
 }
 
 
@@ -74,9 +96,10 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
 
     spec = SPECS[family]
     rope = {"rope_type": "default", "rope_theta": 10000.0, **spec.rope}
-    assert sum(rope.get("mrope_section", [TEXT["head_dim"] // 2])) == TEXT["head_dim"] // 2
-    text = dict(vocab_size=len(tokenizer), **TEXT, rope_parameters=rope, pad_token_id=token_ids["<|endoftext|>"],
+    text = dict(TEXT, vocab_size=len(tokenizer), rope_parameters=rope, pad_token_id=token_ids["<|endoftext|>"],
                 eos_token_id=token_ids["<|im_end|>"], **spec.text)
+    rotary = text["head_dim"] * rope.get("partial_rotary_factor", 1.0)
+    assert sum(rope.get("mrope_section", [rotary // 2])) == rotary // 2
     if family == "llava":
         image = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})

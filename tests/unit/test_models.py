@@ -125,11 +125,11 @@ def test_frozen_vision_tower_keeps_no_activations(family_model, demo_dir):
     assert all(block.gradient_checkpointing for block in adapter_for(family).parts(model).vision_blocks)
 
 
-@pytest.mark.parametrize("family_model", ["qwen3_vl_moe"], indirect=True)
+@pytest.mark.parametrize("family_model", ["qwen3_vl_moe", "qwen3_5_moe"], indirect=True)
 def test_moe_experts_without_tokens_on_one_rank_and_router_aux_loss(family_model, mixed_data):
     """Step 1 of the MoE run above routes tokens to experts that get none on the other rank; the
     router's aux loss (when a config asks for it) leaves the logits, and so our loss, unchanged."""
-    family = "qwen3_vl_moe"
+    family = json.loads((family_model / "config.json").read_text())["model_type"]
     model, processor = _load(family_model)
     model.eval()
     adapter = adapter_for(family)
@@ -156,6 +156,38 @@ def test_moe_experts_without_tokens_on_one_rank_and_router_aux_loss(family_model
     experts = model.config.text_config.num_experts
     assert any(hit[0][layer] ^ hit[1][layer] for layer in range(len(routers)))  # tokens on one rank only
     assert any(len(hit[r][layer]) < experts for r in range(2) for layer in range(len(routers)))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_parts_full_precision_names_lora_targets_and_hybrid_checkpointing(family, family_models):
+    """Qwen3.5's hybrid tower (linear- and full-attention layers) and its vision tower without deepstack: every
+    parameter in one part (QLoRA's full-precision names come from these parts: test_lora.py checks them against
+    transformers' conversion for every family); LoRA's default targets reach every projection of both layer kinds;
+    activation checkpointing covers both layer kinds."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.lora import target_modules
+    from ds_vlm.model_loading import part_parameters
+
+    model = AutoModelForImageTextToText.from_pretrained(family_models(family), dtype=torch.float32)
+    adapter = adapter_for(family)
+    kinds = model.config.text_config.layer_types
+    assert {"linear_attention", "full_attention"} == set(kinds) and kinds.count("linear_attention") == 3
+    groups = part_parameters(model, adapter)
+    assert groups["projector"] and all(n.startswith("model.visual.merger.") for n, _ in groups["projector"])
+    assert {n for n, _ in groups["vision"]} | {n for n, _ in groups["projector"]} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.visual.")}
+    parts = adapter.parts(model)
+    set_trainable(model, adapter, ModelConfig())
+    targets = target_modules(model, parts, ModelConfig(lora_rank=4))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and n.startswith("model.language_model.layers.") and not n.endswith("shared_expert_gate")]
+    assert sorted(linear) == targets  # every projection of both layer kinds (MoE: the shared expert's, not its
+    # one-output gate; the routed experts are fused 3-d parameters, not linear layers)
+    assert any(".linear_attn.in_proj_qkv" in t for t in targets) and any(".self_attn.q_proj" in t for t in targets)
+
+    enable_checkpointing(model, adapter, ModelConfig())
+    assert all(layer.gradient_checkpointing for layer in parts.llm_decoder.layers)
 
 
 def test_unsupported_model_type_lists_the_families(tmp_path):

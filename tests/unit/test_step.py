@@ -99,9 +99,9 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
         calls.clear()
         stats = pending.stats()
         assert [c[0] for c in calls] == ["tolist", "__float__"], calls  # the step's sums, the grad norm
-        assert reduces == [3 + 9] and following.work is None  # folded: no collective of its own (6 sums, 3 memory)
+        assert reduces == [3 + 10] and following.work is None  # folded: no collective of its own (7 sums, 3 memory)
         last = following.stats()  # no step follows (the last one, or before a save): its own all-reduce
-        assert reduces == [3 + 9, 9] and last.targets == 2 * 5
+        assert reduces == [3 + 10, 10] and last.targets == 2 * 5
     finally:
         dist.destroy_process_group()
     assert stats.targets == 4 * 5 and stats.tokens == 40 and stats.grad_norm == 1.0
@@ -136,3 +136,48 @@ def test_the_watchdog_gives_long_phases_their_own_limit():
         assert not dog.overdue((name, 3, 0.0), 3600) and dog.overdue((name, 3, 0.0), 7201)
     assert not dog.overdue(None, 10**9)
     assert Watchdog(0, 1, timeout_s=900, long_timeout_s=60, start=False).limit_s("export") == 900  # never shorter
+
+
+class _MoeModel(_Model):
+    """The stand-in with a router's auxiliary loss in its output, as transformers' MoE models return it."""
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.embed(input_ids)
+        return SimpleNamespace(logits=self.lm_head(hidden), aux_loss=hidden.pow(2).mean() + 1.0)
+
+
+def test_router_aux_loss_joins_the_loss_with_its_coefficient_and_is_logged(tmp_path):
+    """Where the config asks for it, the objective a micro-batch backpropagates is its summed loss + coef x aux
+    x its label rows: after the division by the step's label count, the mean loss + coef x aux (transformers'
+    own `loss + router_aux_loss_coef * aux_loss`); the step logs the aux loss itself, and a step without it
+    logs none."""
+    import torch.distributed as dist
+
+    from ds_vlm.data.batching import MicroBatch
+    from ds_vlm.forward import ForwardContext
+    from ds_vlm.step import StepRunner
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]])
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
+    micro = MicroBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels, samples=2, tokens=10,
+                       targets=5, computed=10, sample_lengths=[5, 5])
+    coef = 0.25
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        results = {}
+        for c in (0.0, coef):
+            engine = _Engine()
+            engine.module = _MoeModel()
+            seen = []
+            engine.backward = lambda loss, scale_wrt_gas=True, seen=seen: seen.append(loss.detach())
+            runner = StepRunner(engine, 1, ForwardContext(LabelLoss(engine.module), engine.device, torch.float32,
+                                                          router_aux_coef=c))
+            stats = runner.start([micro]).stats()
+            results[c] = seen[0], stats
+    finally:
+        dist.destroy_process_group()
+    aux = float(_MoeModel()(ids).aux_loss)
+    (plain, plain_stats), (with_aux, aux_stats) = results[0.0], results[coef]
+    assert float(with_aux - plain) == pytest.approx(coef * aux, rel=1e-6)
+    assert aux_stats.router_aux_loss == pytest.approx(aux, rel=1e-6) and plain_stats.router_aux_loss is None
+    assert aux_stats.loss == pytest.approx(plain_stats.loss, rel=1e-7)  # the logged loss is the cross-entropy

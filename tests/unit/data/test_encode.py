@@ -89,8 +89,12 @@ def test_max_pixels_and_min_pixels_change_the_image_tokens(processor, demo_dir):
         set_pixel_bounds(copy.deepcopy(processor), 4096, 1024)
 
 
-def test_truncation_never_cuts_an_image_and_keeps_an_answer(processor, demo_dir):
-    adapter = adapter_for("qwen3_vl")
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])  # Qwen3.5: its <think> template, the same cuts
+def test_truncation_never_cuts_an_image_and_keeps_an_answer(family, family_models, demo_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(family_models(family))
+    adapter = adapter_for(family)
     image = str(demo_dir / "data" / "images" / "train_00000.png")
     record = {"conversations": [{"from": "human", "value": "Look: <image> and <image> now"},
                                 {"from": "gpt", "value": "A red circle. " * 8}], "images": [image, image]}
