@@ -155,8 +155,11 @@ def run_train(args: list[str], nprocs: int = 2, timeout: int = 300, extra_env: d
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
+    """The step lines of metrics.jsonl. Tests poll it while a run writes: a line that does not end in a newline
+    yet is still being written (a line crossing a page boundary can be read half-way) and is left out."""
     with open(output_dir / "metrics.jsonl") as f:
-        return [r for r in map(json.loads, f) if "loss" in r and "step" in r and "event" not in r]
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    return [r for r in rows if "loss" in r and "step" in r and "event" not in r]
 
 
 def full_logits_loss_sum(logits, labels):
