@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, read_metrics, train_command, train_env
+from fixtures.runs import ROOT, read_metrics, train_command, train_env
 
 TIMEOUT = 20  # --dist_timeout_s
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, start_zygote, train_env
+from fixtures.runs import ROOT, start_zygote, train_env
 
 
 def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):

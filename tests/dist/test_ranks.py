@@ -12,7 +12,7 @@ import sys
 import time
 
 import psutil
-from conftest import _ZYGOTE, ROOT, free_port, start_zygote, train_env
+from fixtures.runs import _ZYGOTE, ROOT, free_port, start_zygote, train_env
 
 SCRIPT = """
 import json, os, resource, signal, sys, time

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, write_bad_set, write_json
+from fixtures.datasets import write_bad_set, write_json
+from fixtures.runs import ROOT, read_metrics, run_train
 
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
-from conftest import ROOT
+from fixtures.runs import ROOT
 
 from ds_vlm import distributed
 
