@@ -31,8 +31,42 @@ VARLEN = "ds_vlm_varlen"
 VISION_VARLEN = "ds_vlm_flash_varlen_vision"
 
 
+# flash-attention 2 and PyTorch's varlen kernel take half precision only, on Ampere (compute capability 8.0) and newer
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
 def has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn is installed AND loads: a wheel built for another torch or CUDA is found by name but fails at
+    import (an undefined symbol in its extension); it is then not offered, with the reason said once."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        importlib.import_module("flash_attn.flash_attn_interface")
+    except Exception as err:  # noqa: BLE001 - ImportError, OSError (undefined symbol), RuntimeError
+        say_once(f"flash-attn is installed but does not load ({type(err).__name__}: {str(err)[:200]}); not used")
+        return False
+    return True
+
+
+def flash_unusable(dtype: torch.dtype, capability: Optional[tuple[int, int]]) -> str:
+    """Why the flash/varlen kernels cannot run a model of `dtype` on a GPU of `capability` ('' if they can)."""
+    if dtype not in FLASH_DTYPES:
+        return f"they take fp16/bf16 only and this run is {str(dtype).replace('torch.', '')}"
+    if capability is not None and tuple(capability) < FLASH_MIN_CAPABILITY:
+        return f"they need compute capability 8.0+ (Ampere) and this GPU is {capability[0]}.{capability[1]}"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _flash_runs(query: torch.Tensor) -> bool:
+    """The varlen kernels take this call's tensors (CUDA, half precision, Ampere or newer)."""
+    return query.device.type == "cuda" and not flash_unusable(query.dtype, _device_capability(query.device.index or 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,19 +81,25 @@ def torch_varlen_signature() -> Optional[frozenset]:
     return params if {"window_size", "is_causal"} & params else None
 
 
-def resolve_attention(choice: str, packing: bool = False, cuda: Optional[bool] = None) -> str:
-    """--attn_implementation -> the name transformers loads.
+def resolve_attention(choice: str, packing: bool = False, cuda: Optional[bool] = None,
+                      dtype: torch.dtype = torch.bfloat16, capability: Optional[tuple[int, int]] = None) -> str:
+    """--attn_implementation -> the name transformers loads, for a model of `dtype` on this machine's GPU
+    (`capability`: its compute capability, read from the device when not given).
 
     auto: with --packing the varlen interface (on CUDA flash-attention 2 if installed, else PyTorch's varlen
-    kernel, else sdpa with transformers' block-diagonal mask, said in one line; on a CPU the per-sample sdpa
-    loop); without packing flash-attention 2 where installed on CUDA, else sdpa. varlen: the varlen interface
-    (on CUDA without PyTorch's kernel: flash-attention 2, then sdpa, said in one line). flash_attention_2
-    without its package or a GPU is an error naming what is missing."""
+    kernel, else sdpa with transformers' block-diagonal mask, said in one line; on a CPU, in fp32, or on a GPU
+    older than Ampere the per-sample sdpa loop, said in one line); without packing sdpa (flash-attention 2 on a
+    padded batch unpads with host reads in every layer; sdpa takes the mask as it is). varlen: the varlen
+    interface. flash_attention_2 without its package, a GPU, half precision or Ampere is an error naming what is
+    missing."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    flash = has_flash_attn() and cuda
+    if cuda and capability is None:
+        capability = _device_capability(torch.cuda.current_device())
+    why_not = flash_unusable(dtype, capability) if cuda else "no CUDA GPU"
+    flash = has_flash_attn() and not why_not
     if choice == "auto":
         if not packing:
-            return "flash_attention_2" if flash else "sdpa"
+            return "sdpa"
         choice = "flash_attention_2" if flash else "varlen"
     if choice == "flash_attention_2":
         if not has_flash_attn():
@@ -67,9 +107,14 @@ def resolve_attention(choice: str, packing: bool = False, cuda: Optional[bool] =
                              "(pip install flash-attn, built for your CUDA); sdpa needs nothing")
         if not cuda:
             raise ValueError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa here")
+        if why_not:
+            raise ValueError(f"--attn_implementation flash_attention_2 cannot run here: {why_not}; use sdpa or varlen")
         return choice
     if choice == "varlen":
-        if cuda and torch_varlen_signature() is None:
+        if cuda and why_not:
+            say_once(f"packed rows run sdpa sample by sample (one host read of the boundaries per layer): the varlen "
+                     f"kernels cannot run here ({why_not})")
+        elif cuda and torch_varlen_signature() is None:
             fallback = "flash_attention_2" if flash else "sdpa"
             say_once(f"this torch ({torch.__version__}) has no torch.nn.attention.varlen kernel: packed rows run on "
                       f"{fallback}" + (" with a block-diagonal mask (O(L^2) memory)" if fallback == "sdpa" else ""))
@@ -79,13 +124,19 @@ def resolve_attention(choice: str, packing: bool = False, cuda: Optional[bool] =
     return choice
 
 
-def kernel_description(implementation: str, cuda: Optional[bool] = None) -> str:
+def kernel_description(implementation: str, cuda: Optional[bool] = None, dtype: torch.dtype = torch.bfloat16,
+                       capability: Optional[tuple[int, int]] = None) -> str:
     """What actually runs for a resolved implementation name on this machine (for logs and the GPU check)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if implementation != VARLEN:
         return implementation
     if not cuda:
         return "varlen interface: per-sample sdpa on the CPU"
+    if cuda and capability is None:
+        capability = _device_capability(torch.cuda.current_device())
+    why_not = flash_unusable(dtype, capability)
+    if why_not:
+        return f"varlen interface: per-sample sdpa ({why_not})"
     params = torch_varlen_signature() or frozenset()
     return f"varlen interface: torch varlen_attn ({'window_size' if 'window_size' in params else 'is_causal'})"
 
@@ -141,7 +192,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    if query.device.type != "cuda":
+    if not _flash_runs(query):  # a CPU; on CUDA fp32, or a GPU older than Ampere (one host read of the bounds)
         return _per_sample_sdpa(query, key, value, cu_seq_lens_q, scaling, causal), None
     if max_length_q is None:  # a caller that did not say: read it (one host sync)
         max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
@@ -171,10 +222,14 @@ def register_varlen() -> None:
 
 
 def route_vision_varlen(vision_config) -> bool:
-    """A vision tower loaded with the varlen interface gets it under the name that makes transformers pass its
-    images' boundaries (set after loading: the name is checked only then). True if it was changed."""
-    if getattr(vision_config, "_attn_implementation", None) != VARLEN:
+    """A vision tower loaded with the varlen interface or sdpa, packed or not, gets the varlen interface under
+    the name that makes transformers pass its images' boundaries (set after loading: the name is checked only
+    then). Otherwise transformers' sdpa path loops over the images with three host reads in every vision block
+    (72 device syncs a forward for Qwen3-VL-2B). The same numbers: each image attends within itself either way.
+    True if it was changed."""
+    if getattr(vision_config, "_attn_implementation", None) not in (VARLEN, "sdpa"):
         return False
+    register_varlen()
     vision_config._attn_implementation_internal = VISION_VARLEN
     return True
 

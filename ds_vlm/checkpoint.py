@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import CheckpointConfig, ConfigError, default_of
-from .distributed import all_ok, barrier
+from .distributed import all_ok, barrier, store_barrier
 
 MARKER = "ds_vlm_checkpoint.json"
 HF_CONFIG = "hf_config"
@@ -122,8 +122,9 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves and finds checkpoints of one run; every method is called on all ranks."""
 
-    def __init__(self, output_dir: str, keep: int = 0, trained_only: bool = False):
+    def __init__(self, output_dir: str, keep: int = 0, trained_only: bool = False, long_timeout_s: float = 7200):
         self.root = Path(output_dir) / "checkpoints"
+        self.long_timeout_s = long_timeout_s  # how long the ranks wait for each other's writing (the store, not NCCL)
         self.keep = keep
         self.trained_only = trained_only  # LoRA: the frozen base weights come from --model, not the checkpoint
         self.rank = dist.get_rank()
@@ -143,6 +144,9 @@ class Checkpointer:
             torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         except Exception as err:  # disk full, quota, I/O errors: report, keep earlier checkpoints
             error = f"rank {self.rank}: {type(err).__name__}: {err}"
+        # writing may outlast --dist_timeout_s (a large model on a slow disk): wait for it through the store, so
+        # that the collectives below start only when every rank is there
+        store_barrier(f"writing checkpoint step {step}", self.long_timeout_s)
         agreed = all_ok(not error)
         if agreed and self.rank == 0:
             try:
@@ -158,6 +162,7 @@ class Checkpointer:
                 _write_atomic(self.root / LATEST, final.name)
             except Exception as err:
                 error = f"rank 0: {type(err).__name__}: {err}"
+        store_barrier(f"rank 0 completing checkpoint step {step}", self.long_timeout_s)
         ok = all_ok(agreed and not error, src_rank_decides=True)
         if not ok:
             error = error or "another rank failed to write its part"
@@ -165,7 +170,7 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         elif self.keep and self.rank == 0:
             self._prune()
-        barrier()
+        store_barrier("rank 0 pruning old checkpoints", self.long_timeout_s)
         return ok, error
 
     def _prune(self) -> None:
@@ -232,8 +237,9 @@ def universal_dir(checkpoint: Path) -> Path:
     return checkpoint / "universal"
 
 
-def ensure_universal(checkpoint: Path) -> Path:
-    """Rank 0 converts a ZeRO checkpoint to DeepSpeed's universal format (once); all ranks wait."""
+def ensure_universal(checkpoint: Path, long_timeout_s: float = 7200) -> Path:
+    """Rank 0 converts a ZeRO checkpoint to DeepSpeed's universal format (once); all ranks wait (through the store:
+    a large model's conversion can outlast --dist_timeout_s)."""
     target = universal_dir(checkpoint)
     if dist.get_rank() == 0 and not (target / MARKER).is_file():
         from argparse import Namespace
@@ -248,7 +254,7 @@ def ensure_universal(checkpoint: Path) -> Path:
         shutil.copy(checkpoint / MARKER, staging / MARKER)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    barrier()
+    store_barrier(f"rank 0 converting {checkpoint} to the universal format", long_timeout_s)
     return target
 
 
@@ -345,9 +351,9 @@ def save_lora_exports(state: dict, lora, config, generation_config, processor, o
     save_adapter(state, lora, adapter_dir)
 
 
-def export_hf(engine, processor, out_dir: str, lora=None) -> None:
+def export_hf(engine, processor, out_dir: str, lora=None, long_timeout_s: float = 7200) -> None:
     """All ranks: consolidated weights of the live engine -> out_dir on rank 0 (with LoRA: merged, and peft's
-    adapter folder beside it, `adapter/`)."""
+    adapter folder beside it, `adapter/`); the others wait for rank 0's writing through the store."""
     state = gathered_state_dict(engine)
     if dist.get_rank() == 0:
         if lora is None:
@@ -358,4 +364,4 @@ def export_hf(engine, processor, out_dir: str, lora=None) -> None:
             state = dequantized_state_dict(engine.module, state)  # QLoRA: 4-bit weights back to full precision
             save_lora_exports(state, lora, engine.module.config, engine.module.generation_config, processor, out_dir,
                               str(Path(out_dir).parent / "adapter"))
-    barrier()
+    store_barrier(f"rank 0 writing {out_dir}", long_timeout_s)

@@ -11,7 +11,8 @@ commands (ds-vlm-validate, ...) stay as aliases.
 Exit statuses: 0 done; 2 an error the message explains (config, data, too many bad records, rendezvous, divergence);
 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
 (a rank stopped responding: the watchdog names it); 130 interrupted (Ctrl-C: stopped at once, no checkpoint);
-1 anything else (a traceback).
+1 anything else (a traceback), and the ranks another rank's error stopped (they say which rank failed, in which
+phase and on which records).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from .config import ConfigError
 from .data.formats import DataError
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     from .faults import PREEMPTED_EXIT, Preempted, exit_on_interrupt
 
     exit_on_interrupt()  # first: a Ctrl-C during the rendezvous or the model's loading ends the rank too
+    from .data.containers import DataFileError
     from .data.preflight import BadDataError, TooManyBadRecords
     from .data.specs import SpecError
     from .distributed import RendezvousError
@@ -41,9 +44,13 @@ def main(argv=None) -> int:
         print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except (ConfigError, DataError, BadDataError, TrainingDiverged, TooManyBadRecords, RendezvousError,
-            FileNotFoundError, SpecError) as err:
+            FileNotFoundError, SpecError, DataFileError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception:  # a traceback, then the caller's os._exit: a normal exit would wait for DataLoader workers
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
     return 0
 
 

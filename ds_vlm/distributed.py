@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -96,6 +97,35 @@ def trim_deepspeed_startup() -> None:
         cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
 
 
+def clear_stale_build_lock(op_name: str, min_age_s: float = 60.0) -> Optional[str]:
+    """A JIT build of a DeepSpeed op that was killed (a timeout, Ctrl-C, a preempted job) leaves torch's lock file
+    in the op's build folder, and every later start waits on it forever, silently, before any watchdog runs.
+    The lock holds no process id: it is stale when it is older than `min_age_s` and no process works in that
+    folder (ninja and the compilers run there). Removed, and said; returns its path (None if there was none)."""
+    import psutil
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = os.path.realpath(_get_build_directory(op_name, verbose=False))
+    lock = os.path.join(folder, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except FileNotFoundError:
+        return None
+    if age < min_age_s:
+        return None
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and os.path.realpath(cwd).startswith(folder):
+            return None  # a build is running
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock)
+        from .console import say_once
+
+        say_once(f"removed a stale build lock {lock} ({age:.0f} s old, no build running): a build of {op_name} was "
+                 "killed; it is built again")
+    return lock
+
+
 def free_port() -> int:
     """A TCP port free on this machine now (for a rendezvous on 127.0.0.1)."""
     import socket
@@ -116,6 +146,15 @@ def single_process_defaults() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def use_expandable_segments() -> None:
+    """PyTorch's allocator grows its segments in place instead of caching fixed blocks, unless the user chose
+    (PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF): packed and token-budget batches change shape every step, and
+    fixed blocks then fragment the memory --max_tokens_per_batch auto plans to 90% of. Read when the allocator
+    starts: before the first CUDA call."""
+    if not any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init_distributed(timeout_s: int) -> None:
     """deepspeed.init_distributed; a rendezvous that fails (a node never joined, the master never came up)
     becomes one RendezvousError that says so. --dist_timeout_s bounds the rendezvous as well: the master's
@@ -126,7 +165,9 @@ def init_distributed(timeout_s: int) -> None:
 
     trim_deepspeed_startup()
     single_process_defaults()
+    clear_stale_build_lock("deepspeed_shm_comm")
     if torch.cuda.is_available():  # before any collective: NCCL's object collectives (preflight) use this device
+        use_expandable_segments()
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's "... shm_comm_op built successfully" per rank
@@ -257,6 +298,30 @@ def barrier(group=None) -> None:
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier(group=group)
+
+
+_store_waits = 0  # store_barrier calls so far: every rank makes them in the same order
+
+
+def store_barrier(what: str, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Wait until every rank has arrived, through the rendezvous store rank 0 hosts, not a collective: for the
+    waits on one rank's long work (rank 0 writing an export or converting a checkpoint; a rank writing its
+    checkpoint shards) that may outlast --dist_timeout_s, which NCCL would enforce on the ranks waiting in a
+    barrier. `timeout_s` (--long_phase_timeout_s) bounds it; `what` names the wait in its error."""
+    global _store_waits
+    if not is_distributed():
+        return
+    _store_waits += 1
+    key = f"ds_vlm/wait/{_store_waits}"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False,
+                          timeout=timedelta(seconds=60), wait_for_workers=False)
+    arrived, deadline = store.add(key, 1), time.monotonic() + timeout_s
+    while arrived < world_size():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank()}: {arrived} of {world_size()} ranks finished {what} within "
+                               f"{timeout_s:.0f} s (--long_phase_timeout_s)")
+        time.sleep(poll_s)
+        arrived = store.add(key, 0)
 
 
 def all_gather_object(obj: Any, group=None) -> list:

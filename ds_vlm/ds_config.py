@@ -16,7 +16,18 @@ from .console import say_once
 def resolve_precision(model: ModelConfig) -> str:
     if model.precision != "auto":
         return model.precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if native_bf16() else "fp32"
+
+
+def native_bf16() -> bool:
+    """A GPU that computes in bf16 (Ampere and newer). `torch.cuda.is_bf16_supported()` alone also says yes for
+    bf16 emulated through fp32 (V100, T4): slower than fp32 there, and the flash kernels refuse it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
@@ -77,12 +88,18 @@ def settle_optimizer(ds: dict) -> str:
     needs no nvcc). Returns a short description for the run's log."""
     params = ds["optimizer"]["params"]
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    from .distributed import clear_stale_build_lock
+
     if params.get("torch_adam") or offload:
+        if offload:
+            clear_stale_build_lock("cpu_adam")  # DeepSpeedCPUAdam is JIT-built inside deepspeed.initialize
         return "torch AdamW" if params.get("torch_adam") else "DeepSpeed CPU Adam (ZeRO-Offload)"
     from deepspeed.accelerator import get_accelerator
 
     try:
-        get_accelerator().create_op_builder("FusedAdamBuilder").load(verbose=False)
+        builder = get_accelerator().create_op_builder("FusedAdamBuilder")
+        clear_stale_build_lock(builder.name)
+        builder.load(verbose=False)
         return "DeepSpeed FusedAdam"
     except Exception as err:  # no nvcc, a CUDA toolkit that does not match torch's, no compiler, a read-only cache
         params["torch_adam"] = True

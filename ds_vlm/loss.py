@@ -39,7 +39,16 @@ class LabelRows:
         return int(self.rows.numel())
 
     def to(self, device) -> "LabelRows":
-        return LabelRows(self.rows.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+        """On the device, copied without blocking the host: from pinned memory on CUDA (a non-blocking copy from
+        pageable memory is staged by the driver and waits)."""
+        return LabelRows(to_device(self.rows, device), to_device(self.targets, device))
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without blocking the host: through pinned memory when the device is CUDA."""
+    if torch.device(device).type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -142,6 +151,12 @@ class _LigerLinearCrossEntropy(torch.autograd.Function):
 
 
 def liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    """liger's fused loss; a micro-batch with no label rows (a dummy at an epoch's end, an evaluation's dummy, a
+    sequence-parallel slice without answer tokens) takes the plain path instead, which gives 0 and zero
+    gradients: liger 0.8.5 sizes its chunks from the row count and divides by 0 there (ZeroDivisionError in
+    `cdiv`, before any kernel runs). The row count is a shape: no device read."""
+    if targets.shape[0] == 0:
+        return full_loss_sum(hidden, weight, bias, targets)
     return _LigerLinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 

@@ -35,6 +35,26 @@ def rank_memory(config) -> Optional[float]:
     return None
 
 
+NCCL_RESERVE = 1e9  # NCCL's buffers on a multi-rank GPU run, allocated at the first collectives outside PyTorch's
+# allocator (a stated allowance: ~0.3-1 GB a rank on 8 GPUs, more with NVLink SHARP)
+
+
+def outside_torch(world: int, cuda_info: Optional[tuple[float, float, float]] = None) -> float:
+    """Bytes of the rank's GPU that PyTorch's allocator cannot have, beyond the planner's 10% margin: what is
+    taken outside it now (the CUDA context, cuBLAS workspaces, another process: total - free - reserved, read
+    after the model loaded; `cuda_info` gives those three) and NCCL's buffers, which come later (NCCL_RESERVE,
+    with more than one rank). 0 without a GPU."""
+    import torch
+
+    if cuda_info is None:
+        if not torch.cuda.is_available():
+            return 0.0
+        free, total = torch.cuda.mem_get_info()
+        cuda_info = (float(total), float(free), float(torch.cuda.memory_reserved()))
+    total, free, reserved = cuda_info
+    return max(0.0, total - free - reserved) + (NCCL_RESERVE if world > 1 else 0.0)
+
+
 class RunPlanner:
     def __init__(self, config, loaded, ds_config: dict, world: int, checks, encoder):
         from .data.cache import cache_root, writable
@@ -87,11 +107,14 @@ class RunPlanner:
         return said + (f" of {memory / 1e9:.1f} GB: WILL NOT FIT: see `python -m ds_vlm.plan` for what would (ZeRO-3, "
                        "sequence parallelism, a smaller --max_tokens_per_batch)")
 
-    def auto_budget(self, memory: float) -> tuple[int, str]:
+    def auto_budget(self, memory: float, outside: float = 0.0) -> tuple[int, str]:
         """The largest --max_tokens_per_batch (a whole number of the longest sample) whose predicted peak fits
-        `memory` with the margin: traced at one and two samples, the line between them gives the count, which
-        is traced and stepped down until it fits (activations grow about linearly in tokens)."""
-        limit = (1 - MARGIN) * memory
+        `memory` with the margin, less what PyTorch cannot have (`outside`: outside_torch's): traced at one and
+        two samples, the line between them gives the count, which is traced and stepped down until it fits
+        (activations grow about linearly in tokens)."""
+        limit = (1 - MARGIN) * memory - outside
+        kept = "10% kept for the allocator" + (f", {_bytes(outside)} outside PyTorch: CUDA context, NCCL" if outside
+                                               else "")
 
         def peak_at(copies: int) -> float:
             return self.peak(replace(self.config.batch, max_tokens_per_batch=copies * self.longest))
@@ -100,7 +123,7 @@ class RunPlanner:
         if one > limit:
             raise ConfigError(f"--max_tokens_per_batch auto: even one sample of {self.longest} tokens (the longest) "
                               f"needs {_bytes(one)} a rank, over the {_bytes(limit)} usable of {_bytes(memory)} "
-                              "(10% kept for the allocator): see `python -m ds_vlm.plan` for what would fit")
+                              f"({kept}): see `python -m ds_vlm.plan` for what would fit")
         per_copy = max(1.0, peak_at(2) - one)
         copies = max(1, min(MAX_COPIES, 1 + math.floor((limit - one) / per_copy)))
         peak = peak_at(copies)
@@ -110,7 +133,7 @@ class RunPlanner:
             peak = peak_at(copies)
         budget = copies * self.longest
         return budget, (f"--max_tokens_per_batch auto: {budget} ({copies} x the longest sample, {self.longest} "
-                        f"tokens): predicted peak {_bytes(peak)} a rank of {_bytes(memory)} (10% kept)")
+                        f"tokens): predicted peak {_bytes(peak)} a rank of {_bytes(memory)} ({kept})")
 
 
 @contextmanager
@@ -151,7 +174,8 @@ def plan_at_start(config, loaded, ds_config: dict, world: int, checks, encoder) 
                                           "--plan_memory_gb")
                     with _own_rng():
                         planner = RunPlanner(config, loaded, ds_config, world, checks, encoder)
-                        result = planner.auto_budget(memory)
+                        outside = 0.0 if config.batch.plan_memory_gb else outside_torch(world)
+                        result = planner.auto_budget(memory, outside)
                 except ConfigError as err:
                     result = (0, str(err))
                 except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast

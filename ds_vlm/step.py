@@ -11,7 +11,7 @@ import torch
 from . import distributed as comm
 from .data.batching import MicroBatch
 from .forward import ForwardContext
-from .loss import LabelRows
+from .loss import LabelRows, to_device
 from .memory import MemoryMeter
 
 
@@ -208,10 +208,7 @@ class _Done:
 
 def _on_device(values: list[float], device) -> torch.Tensor:
     """Host numbers as a float64 device tensor, copied without blocking the host (pinned on GPUs)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
 
 
 def _to_host(tensor: torch.Tensor):

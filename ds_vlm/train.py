@@ -1,6 +1,7 @@
 """The training run as named verbs, in the order they run:
 
-    setup_distributed -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train -> finish
+    setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
+    -> finish
 
 `train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
 then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
@@ -24,10 +25,11 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, make_loader, preflighted
+from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, open_records, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
-from .data.preflight import BadRecordCount
+from .data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
+from .data.sources import RecordIndex
 from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
@@ -65,9 +67,12 @@ class Trainer:
     # setup_distributed
     layout: ParallelLayout
     sp: Optional["SequenceParallel"]  # noqa: F821 - parallel.ulysses, imported only when --sequence_parallel > 1
-    log: RunLog
     signals: StopSignals
     watchdog: Watchdog
+    # open_data: the data files' indexes (a missing file is said before the model loads), then the run's log
+    train_records: RecordIndex
+    eval_records: Optional[RecordIndex]
+    log: RunLog
     bad_records: BadRecordCount
     # setup_model: the DeepSpeed json, the model (with processor and family adapter), what DeepSpeed trains (the
     # model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part -> [(name, parameter)]
@@ -99,6 +104,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.progress = Progress()
+        self.in_flight: tuple[str, ...] = ()  # the records of the step in progress ("FILE record I"), for errors
 
     # -- setup ------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
@@ -116,17 +122,26 @@ class Trainer:
 
             self.sp = SequenceParallel(self.layout)
         ckpt.seed_everything(config.seed)
-        self.log = RunLog(config.checkpoint.output_dir, enabled=self.layout.rank == 0)
         self.signals = StopSignals(self.layout.rank)
-        self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s)
-        self.bad_records = BadRecordCount(config.data.max_bad, self.log)
+        self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
+                                 config.parallel.long_phase_timeout_s)
+
+    def open_data(self) -> None:
+        """The data files indexed (cheap once cached; a missing or unreadable file raises here), then the output
+        folder and its metrics.jsonl: a run that cannot start on its data leaves nothing behind."""
+        data = self.config.data
+        self.train_records = open_records(data.train_data, data)
+        self.eval_records = open_records(data.eval_data, data) if data.eval_data else None
+        self.log = RunLog(self.config.checkpoint.output_dir, enabled=self.layout.rank == 0)
+        self.bad_records = BadRecordCount(data.max_bad, self.log)
 
     def setup_model(self) -> None:
         config, model_config = self.config, self.config.model
         self.ds_config = resolve_ds_config(config, self.layout.world_size)
         try:
             check_loss_available(model_config.loss)
-            attention = resolve_attention(model_config.attn_implementation, config.batch.packing)
+            attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
+                                          dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
@@ -151,18 +166,23 @@ class Trainer:
     def bf16(self) -> bool:
         return self.ds_config["bf16"]["enabled"]
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     def setup_data(self) -> None:
         config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
-        self.train_set = preflighted(config.data.train_data, config.data, self.encoder, self.log, rank0)
-        self.eval_set = preflighted(config.data.eval_data, config.data, self.encoder, self.log, rank0) \
-            if config.data.eval_data else None
+        data = config.data
+        self.train_set = preflighted(self.train_records, data.train_data, data, self.encoder, self.log, rank0)
+        self.eval_set = preflighted(self.eval_records, data.eval_data, data, self.encoder, self.log, rank0) \
+            if self.eval_records is not None else None
         for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
                                   self.encoder):
             self.log.info(line)  # rank 0's
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
-                                         self.layout.sp_size, (self.train_set, self.eval_set))
+                                         self.layout.sp_size, (self.train_set, self.eval_set), self.model_dtype)
         self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
                          "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
                          "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
@@ -176,11 +196,14 @@ class Trainer:
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
         self.resume_from, self.universal = ckpt.resume_point(config.checkpoint, self.run_meta)
         if self.universal:
-            ckpt.ensure_universal(self.resume_from)
+            self.watchdog.phase("convert")
+            ckpt.ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
+            self.watchdog.phase(None)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
-        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention {kernel_description(implementation)}")
+        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
+                      f"{kernel_description(implementation, dtype=self.model_dtype)}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
@@ -202,7 +225,8 @@ class Trainer:
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self.checkpointer = ckpt.Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
-                                              trained_only=bool(self.lora))
+                                              trained_only=bool(self.lora),
+                                              long_timeout_s=config.parallel.long_phase_timeout_s)
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
 
@@ -229,13 +253,20 @@ class Trainer:
         self.log.info(f"{len(self.train_set)} train samples, {batch}, {self.plan.steps_per_epoch} steps/epoch, "
                       f"{self.total_steps} steps")
 
+    def loader_settings(self) -> tuple[int, int]:
+        workers, prefetch, said = loader_settings(self.config, self.encoder, self.model_dtype)
+        if said and self.layout.rank == 0:
+            self.log.info(said)
+        return workers, prefetch
+
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
         config, progress = self.config, self.progress
         # the loader's workers fork before the progress bar starts tqdm's monitor thread: on Python 3.11 a fork
         # while another thread is being created can deadlock the child (seen at a02ac0c: the demo hung at step 0)
+        workers, prefetch = self.loader_settings()
         loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
-                                  self.collator, config.data.loader_workers))
+                                  self.collator, workers, prefetch))
         self.log.start_progress(self.total_steps, progress.step)
         progress.clock = time.perf_counter()
         while progress.step < self.total_steps:
@@ -260,6 +291,7 @@ class Trainer:
         """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
         self.watchdog.phase("data", step)
         micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        self.in_flight = tuple(record for mb in micro for record in mb.records)
         for message in (m for mb in micro for m in mb.bad):
             print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
                   flush=True)
@@ -368,7 +400,8 @@ class Trainer:
         saved = self.save()
         if self.config.checkpoint.export_hf:
             self.watchdog.phase("export")
-            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora)
+            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
+                           self.config.parallel.long_phase_timeout_s)
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
@@ -381,13 +414,32 @@ class Trainer:
         return result
 
 
+# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
+# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
+AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
+
+
 def run(config: TrainConfig) -> dict:
+    """The verbs in order. An exception on this rank is said with its phase, step and records, and told to the
+    other ranks (faults.Watchdog.failed), which then stop within seconds; the caller must end the process with
+    os._exit (launch/train.py, cli.entry): its DataLoader workers are not waited for."""
     trainer = Trainer(config)
     trainer.setup_distributed()
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.setup_engine()
-    trainer.resume()
-    trainer.record_run()
-    trainer.train()
-    return trainer.finish()
+    try:
+        trainer.open_data()
+        trainer.setup_model()
+        trainer.setup_data()
+        trainer.setup_engine()
+        trainer.resume()
+        trainer.record_run()
+        trainer.train()
+        return trainer.finish()
+    except AGREED_STOPS:
+        raise
+    except Exception as err:
+        if trainer.layout.world_size > 1 or trainer.in_flight:
+            trainer.watchdog.failed(err, trainer.in_flight)
+        raise
+    finally:
+        if getattr(trainer, "log", None) is not None:  # a run that raises leaves metrics.jsonl closed
+            trainer.log.close()

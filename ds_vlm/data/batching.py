@@ -17,11 +17,13 @@ from .formats import DataError
 from .plan import BatchPlan
 from .sources import RecordIndex
 
+RECORD = "record"  # a sample's name ("FILE record I") beside its tensors, kept by the collator in MicroBatch.records
+
 
 class SFTDataset(Dataset):
     """Encoded samples for the records listed in `indices` (the ones preflight kept; a numpy array, so that
-    forked workers share it). With `skip_bad` (records preflight did not check), a bad record comes out as
-    {"bad": its message}, which the collator leaves out and counts."""
+    forked workers share it), each named under RECORD. With `skip_bad` (records preflight did not check), a bad
+    record comes out as {"bad": its message}, which the collator leaves out and counts."""
 
     def __init__(self, records: RecordIndex, encoder: Encoder, indices=None, skip_bad: bool = False, checks=None):
         self.records, self.encoder, self.skip_bad = records, encoder, skip_bad
@@ -33,19 +35,25 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         try:
-            return self.encoder.encode_record(self.records, int(self.indices[i]))[1]
+            sample, encoded = self.encoder.encode_record(self.records, int(self.indices[i]))
+            return {**encoded, RECORD: f"{sample.source} record {sample.index}"}
         except DataError as err:
             if not self.skip_bad:
                 raise
             return {"bad": str(err)}
 
 
-def preflighted(spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
-    """A data spec's usable records (`data`: the run's DataConfig), as preflight found them (or as it left them:
+def open_records(spec: str, data) -> RecordIndex:
+    """A data spec's records (`data`: the run's DataConfig), indexed: a file that is missing or unreadable as a
+    whole raises here, before anything slow."""
+    return RecordIndex(spec, data.image_root, data.data_format, data.data_cache, data.caption_prompt)
+
+
+def preflighted(records: RecordIndex, spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
+    """The usable records of `records` (the data spec `spec`), as preflight found them (or as it left them:
     --preflight off); said, and the records left out logged as an event."""
     from .preflight import preflight, summarize, usable
 
-    records = RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, data.loader_workers,
                              progress=show_progress)
     log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
@@ -74,12 +82,16 @@ class MicroBatch:
     cu_seq_lens: Optional[torch.Tensor] = None  # a packed row's sample boundaries (int32, on the host)
     max_length: int = 0                     # a packed row's longest sample
     bad: list[str] = field(default_factory=list)  # the messages of records left out for being bad
+    records: list[str] = field(default_factory=list)  # the samples' records ("FILE record I"), to name in errors
 
     def pin_memory(self) -> "MicroBatch":
         """Called by the DataLoader's pinning thread on GPUs: copies to the device then run without waiting."""
         return dataclasses.replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
                                    labels=self.labels.pin_memory(),
                                    cu_seq_lens=None if self.cu_seq_lens is None else self.cu_seq_lens.pin_memory())
+
+
+PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos"})
 
 
 class Collator:
@@ -92,7 +104,8 @@ class Collator:
     of its labels ignored."""
 
     def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1,
-                 dummy_video: Optional[dict[str, torch.Tensor]] = None, packing: bool = False):
+                 dummy_video: Optional[dict[str, torch.Tensor]] = None, packing: bool = False,
+                 pixel_dtype: torch.dtype = torch.float32):
         if packing and positions is None:
             raise ValueError("packing needs the adapter's position ids")
         self.pad_token_id = pad_token_id
@@ -101,9 +114,13 @@ class Collator:
         self.positions = positions
         self.packing = packing
         self.multiple_of = multiple_of  # --sequence_parallel: every row's length divides by it
+        # the pixels in the model's dtype already in the worker: what the forward would cast them to anyway, at half
+        # the bytes in /dev/shm (workers x prefetch x micro-batches of fp32 pixels ran to ~45 GB a rank)
+        self.pixel_dtype = pixel_dtype
 
     @classmethod
-    def for_run(cls, encoder: Encoder, adapter, hf_config, batch, sp_size: int, datasets=()) -> "Collator":
+    def for_run(cls, encoder: Encoder, adapter, hf_config, batch, sp_size: int, datasets=(),
+                pixel_dtype: torch.dtype = torch.float32) -> "Collator":
         """The run's collator (`batch`: its BatchConfig): the adapter's positions where packing or the family
         needs them, rows a multiple of the sequence-parallel size, and a dummy video riding along when some
         record of `datasets` has a video (or when nobody checked: --preflight off)."""
@@ -111,14 +128,20 @@ class Collator:
         has_video = any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
             bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)
         return cls(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp_size),
-                   packing=batch.packing, dummy_video=encoder.dummy_video() if has_video else None)
+                   packing=batch.packing, dummy_video=encoder.dummy_video() if has_video else None,
+                   pixel_dtype=pixel_dtype)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> MicroBatch:
         bad = [s["bad"] for s in samples if "bad" in s]
-        samples = [s for s in samples if "bad" not in s]
-        counts = dict(bad=bad, samples=len(samples), tokens=sum(int(s["input_ids"].shape[1]) for s in samples),
+        records = [s[RECORD] for s in samples if RECORD in s]
+        samples = [{k: v for k, v in s.items() if k != RECORD} for s in samples if "bad" not in s]
+        counts = dict(bad=bad, records=records, samples=len(samples),
+                      tokens=sum(int(s["input_ids"].shape[1]) for s in samples),
                       targets=sum(count_targets(s["labels"]) for s in samples))
-        return self._pack(samples, counts) if self.packing else self._pad(samples, counts)
+        micro = self._pack(samples, counts) if self.packing else self._pad(samples, counts)
+        for key in PIXEL_KEYS & micro.inputs.keys():
+            micro.inputs[key] = micro.inputs[key].to(self.pixel_dtype)
+        return micro
 
     def _pad(self, samples: list[dict[str, torch.Tensor]], counts: dict) -> MicroBatch:
         for dummy in self._dummies(samples):
@@ -197,9 +220,10 @@ class _MicroBatches:
         return (self.steps - self.start) * self.plan.grad_accum
 
 
-def make_loader(dataset, plan: BatchPlan, dp_rank: int, start: int, steps: int, collator, num_workers: int):
+def make_loader(dataset, plan: BatchPlan, dp_rank: int, start: int, steps: int, collator, num_workers: int,
+                prefetch: int = 2):
     """The micro-batches of data-parallel rank `dp_rank` from step `start` to `steps`, collated in
-    `num_workers` workers (pinned on GPUs)."""
+    `num_workers` workers, each `prefetch` micro-batches ahead (pinned on GPUs)."""
     from torch.utils.data import DataLoader
 
     # its own generator: creating the iterator draws a seed, which from the global RNG would shift every later
@@ -207,4 +231,40 @@ def make_loader(dataset, plan: BatchPlan, dp_rank: int, start: int, steps: int, 
     return DataLoader(dataset, batch_sampler=_MicroBatches(plan, dp_rank, start, steps), collate_fn=collator,
                       num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(start))
+                      prefetch_factor=prefetch if num_workers else None,
+                      generator=torch.Generator().manual_seed(start))
+
+
+def fit_to_shm(num_workers: int, prefetch: int, micro_batch_bytes: float, shm_free: float) -> tuple[int, int, str]:
+    """(workers, prefetch, what was changed) such that the micro-batches the workers hold in /dev/shm (workers x
+    prefetch x the largest micro-batch) fit in half of its free space: a full /dev/shm kills a worker with a bus
+    error mid-run (a container's default is 64 MB). Fewer batches in flight first, then fewer workers; said."""
+    if num_workers == 0 or micro_batch_bytes <= 0:
+        return num_workers, prefetch, ""
+    room = int(0.5 * shm_free // micro_batch_bytes)
+    if num_workers * prefetch <= room:
+        return num_workers, prefetch, ""
+    prefetch_fit = max(1, room // num_workers)
+    workers = num_workers if room >= num_workers else max(0, room)
+    said = (f"/dev/shm has {shm_free / 1e9:.1f} GB free and a micro-batch takes up to "
+            f"{micro_batch_bytes / 1e9:.2f} GB: {workers} loader workers x {prefetch_fit if workers else 0} batches "
+            f"in flight (was {num_workers} x {prefetch}); a larger /dev/shm (docker --shm-size) gives them back")
+    return workers, prefetch_fit if workers else prefetch, said
+
+
+def loader_settings(config, encoder: Encoder, pixel_dtype: torch.dtype) -> tuple[int, int, str]:
+    """The run's (loader workers, micro-batches each holds ahead, what was changed): --num_workers and 2, fitted to
+    /dev/shm for the largest micro-batch (its token budget, every token an image token, at the pixel bytes per
+    image token of the family's dummy image)."""
+    import os
+    import shutil
+
+    batch, workers = config.batch, config.data.loader_workers
+    if not workers or not os.path.isdir("/dev/shm"):
+        return workers, 2, ""
+    tokens = batch.max_tokens_per_batch if batch.max_tokens_per_batch > 0 else batch.micro_batch_size * \
+        config.data.max_length
+    dummy = encoder.dummy()
+    image_tokens = max(1, int((dummy["input_ids"] == encoder.image_token_id).sum()))
+    per_token = dummy["pixel_values"].numel() * pixel_dtype.itemsize / image_tokens
+    return fit_to_shm(workers, 2, tokens * per_token, shutil.disk_usage("/dev/shm").free)

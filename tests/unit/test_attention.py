@@ -3,6 +3,8 @@ installed torch allows."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from fixtures.encoding import packing_setup
@@ -113,21 +115,70 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(signature, monkeypa
 
 def test_the_attention_kernel_each_machine_gets(monkeypatch):
     """auto: packed rows on the varlen interface (CPU: per-sample sdpa; CUDA: flash-attention 2 where installed,
-    else PyTorch's varlen kernel, else sdpa with the mask, said once); unpacked batches on flash-attention 2
-    where installed, else sdpa."""
+    else PyTorch's varlen kernel, else sdpa with the mask, said once); unpacked batches on sdpa (flash-attention 2
+    would unpad a padded batch with host reads in every layer)."""
     import ds_vlm.attention as attention
 
+    ampere = (8, 0)
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
     assert attention.resolve_attention("auto", packing=True, cuda=False) == attention.VARLEN
     assert attention.resolve_attention("auto", packing=False, cuda=False) == "sdpa"
-    assert attention.resolve_attention("auto", packing=True, cuda=True) == attention.VARLEN
-    assert attention.resolve_attention("auto", packing=False, cuda=True) == "sdpa"
+    assert attention.resolve_attention("auto", packing=True, cuda=True, capability=ampere) == attention.VARLEN
+    assert attention.resolve_attention("auto", packing=False, cuda=True, capability=ampere) == "sdpa"
     monkeypatch.setattr(attention, "torch_varlen_signature", lambda: None)  # torch < 2.9
-    assert attention.resolve_attention("auto", packing=True, cuda=True) == "sdpa"
+    assert attention.resolve_attention("auto", packing=True, cuda=True, capability=ampere) == "sdpa"
     monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
-    assert attention.resolve_attention("auto", packing=True, cuda=True) == "flash_attention_2"
-    assert attention.resolve_attention("varlen", packing=True, cuda=True) == "flash_attention_2"
-    assert attention.resolve_attention("auto", packing=False, cuda=True) == "flash_attention_2"
+    assert attention.resolve_attention("auto", packing=True, cuda=True, capability=ampere) == "flash_attention_2"
+    assert attention.resolve_attention("varlen", packing=True, cuda=True, capability=ampere) == "flash_attention_2"
+    assert attention.resolve_attention("auto", packing=False, cuda=True, capability=ampere) == "sdpa"
     assert attention.resolve_attention("auto", packing=True, cuda=False) == attention.VARLEN
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         attention.resolve_attention("flash_attention_2", cuda=False)
+
+
+@pytest.mark.parametrize("dtype,capability,why", [
+    (torch.float32, (9, 0), "fp16/bf16 only and this run is float32"),
+    (torch.bfloat16, (7, 0), "compute capability 8.0+ (Ampere) and this GPU is 7.0"),
+    (torch.float16, (7, 5), "this GPU is 7.5"),
+])
+def test_flash_kernels_are_never_chosen_where_they_cannot_run(monkeypatch, dtype, capability, why):
+    """The flash/varlen kernels take fp16/bf16 on compute capability 8.0+ only: a packed fp32 run, or any packed run
+    on a V100/T4, gets the per-sample sdpa path of the varlen interface (said once), and flash_attention_2 asked
+    for by name is refused with the reason. Half precision on Ampere keeps the kernels."""
+    import ds_vlm.attention as attention
+
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
+    assert attention.flash_unusable(dtype, capability).endswith(why.split(" and ")[-1])
+    for choice in ("auto", "varlen"):
+        assert attention.resolve_attention(choice, packing=True, cuda=True, dtype=dtype,
+                                           capability=capability) == attention.VARLEN
+    assert "per-sample sdpa" in attention.kernel_description(attention.VARLEN, cuda=True, dtype=dtype,
+                                                             capability=capability)
+    with pytest.raises(ValueError, match="cannot run here"):
+        attention.resolve_attention("flash_attention_2", packing=True, cuda=True, dtype=dtype, capability=capability)
+    assert attention.flash_unusable(torch.bfloat16, (8, 0)) == attention.flash_unusable(torch.float16, (9, 0)) == ""
+    assert attention.resolve_attention("auto", packing=True, cuda=True, dtype=torch.bfloat16,
+                                       capability=(9, 0)) == "flash_attention_2"
+
+
+def test_a_flash_attn_that_does_not_load_is_not_offered(tmp_path, monkeypatch):
+    """A flash-attn wheel built for another torch is found by name but fails at import: not offered."""
+    import ds_vlm.attention as attention
+
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "flash_attn_interface.py").write_text("raise ImportError('undefined symbol: _ZN3c10...')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    attention.has_flash_attn.cache_clear()
+    try:
+        assert not attention.has_flash_attn()
+        (package / "flash_attn_interface.py").write_text("")
+        for name in ("flash_attn", "flash_attn.flash_attn_interface"):
+            sys.modules.pop(name, None)
+        attention.has_flash_attn.cache_clear()
+        assert attention.has_flash_attn()
+    finally:
+        for name in ("flash_attn", "flash_attn.flash_attn_interface"):
+            sys.modules.pop(name, None)
+        attention.has_flash_attn.cache_clear()

@@ -118,3 +118,67 @@ def test_a_run_without_a_launcher_is_one_rank(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     single_process_defaults()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "8")
+
+
+def test_a_stale_jit_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A JIT build killed midway leaves torch's lock file, on which every later start would wait forever: older
+    than a minute with no process working in the op's build folder, it is removed; a fresh one, or one whose
+    build is still running (a process in that folder), is left to torch's own wait."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "fused_adam"
+    folder.mkdir()
+    lock = folder / "lock"
+    assert distributed.clear_stale_build_lock("fused_adam") is None  # no lock
+    lock.write_text("")
+    assert distributed.clear_stale_build_lock("fused_adam") is None and lock.exists()  # fresh: a build may be starting
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=folder)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(p.info["cwd"] == str(folder) for p in distributed_procs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert distributed.clear_stale_build_lock("fused_adam") is None and lock.exists()  # a build runs there
+    finally:
+        builder.kill()
+        builder.wait()
+    assert distributed.clear_stale_build_lock("fused_adam") == str(folder / "lock") and not lock.exists()
+
+
+def distributed_procs():
+    import psutil
+
+    return list(psutil.process_iter(["cwd"]))
+
+
+def test_store_barrier_waits_for_every_rank_through_the_store(monkeypatch):
+    """store_barrier: a rank returns only when every rank has arrived, counted in the rendezvous store (rank 0
+    writing an export may outlast NCCL's timeout; nothing here is a collective); past its timeout it names how
+    many arrived."""
+    import threading
+    from datetime import timedelta
+
+    import pytest
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(master.port))
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "rank", lambda group=None: 0)
+    monkeypatch.setattr(distributed, "_store_waits", 0)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (distributed.store_barrier("a test", 30, poll_s=0.01), done.set()))
+    waiter.start()
+    assert not done.wait(0.5)  # one of two ranks arrived: it waits
+    master.add("ds_vlm/wait/1", 1)  # the other rank arrives (its call would be its first store_barrier too)
+    assert done.wait(10)
+    waiter.join()
+    with pytest.raises(TimeoutError, match="1 of 2 ranks finished a lonely wait within 0 s"):
+        distributed.store_barrier("a lonely wait", 0.2, poll_s=0.01)

@@ -101,6 +101,34 @@ def test_liger_wrapper_scales_gradients_without_a_host_sync(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_liger_with_no_label_rows_gives_zero_loss_and_zero_gradients(monkeypatch):
+    """A micro-batch with no label rows (a dummy at an epoch's end, an eval dummy, an SP slice without answer
+    tokens) through --loss liger: liger 0.8.5 sizes its chunks from the row count and divides by zero before any
+    kernel runs (the stand-in does what it does). ds-vlm never calls it with 0 rows: the loss is 0 and the
+    gradients are zeros of the right shapes, so every ZeRO rank still reduces a head gradient."""
+    from ds_vlm.loss import liger_loss_sum
+
+    def forward(hidden, weight, targets, **kwargs):
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk_size = min(1 << 16, rows * vocab) // max(1, vocab)  # 0 rows: a chunk of 0
+        (rows + chunk_size - 1) // chunk_size  # liger's cdiv(BT, chunk_size)
+        raise AssertionError("unreachable with rows")
+
+    ops = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")
+    ops.fused_linear_cross_entropy_forward = forward
+    for name in ("liger_kernel", "liger_kernel.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", ops)
+    hidden = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    with pytest.raises(ZeroDivisionError):  # what liger itself does with no rows
+        forward(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss = liger_loss_sum(hidden, weight, None, torch.zeros(0, dtype=torch.long))
+    (loss * 0.5).backward()
+    assert loss.dtype == torch.float32 and float(loss) == 0.0
+    assert weight.grad.shape == weight.shape and not weight.grad.any()
+
+
 def test_rows_whose_logits_fit_one_chunk_take_the_plain_path_with_the_same_loss():
     """Few label rows: the plain autograd path (no recompute in the backward), with the loss and gradients the
     chunked function gives over many chunks; more rows than one chunk holds: the chunked function."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from fixtures.models import load_4bit
 
 
 def test_flops_counter_follows_the_config(demo_dir):
@@ -24,10 +25,97 @@ def test_flops_counter_follows_the_config(demo_dir):
     assert counter(text_only, 3, [10, 10]) == expected
     with_image = {**text_only, "image_grid_thw": torch.tensor([[1, 8, 8]])}
     assert counter(with_image, 3, [10, 10]) - expected == 3 * (2 * counter.n_vision * 64 + 4 * 2 * 64 * 64 * 64) \
-        + 3 * 2 * counter.n_projector * 64
+        + 3 * 2 * counter.n_projector * 16  # the mergers run over merged 2 x 2 squares: 16 rows
     # attention within each sample only: one row of two samples of 10 counts as two rows of 10, not 20^2
     assert counter({"input_ids": torch.zeros(1, 20, dtype=torch.long)}, 3, [10, 10]) == expected
 
+
+
+TEXT_ONLY = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
+TEXT_ATTENTION = 4 * 2 * 64 * 2 * 10 * 10  # 2 layers, width 4 heads x 16, two samples of 10 tokens
+IMAGE = {**TEXT_ONLY, "image_grid_thw": torch.tensor([[1, 8, 8]])}  # 64 patches
+
+
+def _language_weights(model) -> int:
+    """The language tower's matmul weights, counted by hand: its layers and final norm, no embedding, no head."""
+    text = model.model.language_model
+    return sum(p.numel() for p in text.layers.parameters()) + sum(p.numel() for p in text.norm.parameters())
+
+
+def test_flops_of_qlora_count_4bit_weights_whole_and_lora_apart(demo_dir):
+    """QLoRA on the tiny Qwen3-VL (real bitsandbytes 4-bit weights, on the CPU): the language tower's weights by
+    their real number (a 4-bit parameter's numel() is half: two a byte), frozen ones gradients pass through x2,
+    LoRA's A and B x3 apart, the head x2, attention x3; the trained projector x3, the frozen vision tower x1."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.lora import DEFAULT_TARGETS, apply_lora, is_quantized
+    from ds_vlm.metrics import FlopsCounter
+    from ds_vlm.model_loading import set_trainable
+    from ds_vlm.models import adapter_for
+
+    adapter, rank = adapter_for("qwen3_vl"), 4
+    plain = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+    config = ModelConfig(path=str(demo_dir / "model"), lora_rank=rank, lora_bits=4)
+    model = load_4bit(demo_dir / "model", config)
+    set_trainable(model, adapter, config)
+    apply_lora(model, adapter, config)
+    assert sum(isinstance(m, Linear4bit) and is_quantized(m) for m in model.modules()) == 14  # 2 layers x 7
+    counter = FlopsCounter(model, adapter, config)
+    n_llm = _language_weights(plain)
+    lora = sum(rank * (m.in_features + m.out_features) for n, m in plain.model.language_model.named_modules()
+               if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS)
+    n_head, n_vision = plain.lm_head.weight.numel(), sum(p.numel() for p in plain.model.visual.blocks.parameters()) \
+        + sum(p.numel() for p in plain.model.visual.patch_embed.parameters())  # pos_embed: a lookup
+    n_projector = sum(p.numel() for p in (*plain.model.visual.merger.parameters(),
+                                          *plain.model.visual.deepstack_merger_list.parameters()))
+    assert (counter.n_llm, counter.n_llm_lora, counter.n_head, counter.n_vision, counter.n_projector) == \
+        (n_llm, lora, n_head, n_vision, n_projector)
+    text = 2 * 2 * n_llm * 20 + 3 * 2 * lora * 20 + 3 * TEXT_ATTENTION + 2 * 2 * n_head * 3
+    assert counter(TEXT_ONLY, 3, [10, 10]) == text
+    assert counter(IMAGE, 3, [10, 10]) == text + 2 * n_vision * 64 + 2 * 4 * 64 * 64 * 64 + 3 * 2 * n_projector * 16
+
+
+def test_flops_of_the_last_vision_blocks_trained(demo_dir):
+    """--train_vision last:1 of 2 blocks, nothing else trained: the last block x3 (its attention too), the first
+    block and the patch embedding forward only (the gradient stops at the first trained block), the frozen
+    projector, language tower and head x2 (the gradient passes through them to the vision block)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.metrics import FlopsCounter
+    from ds_vlm.models import adapter_for
+
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+    visual = model.model.visual
+    counter = FlopsCounter(model, adapter_for("qwen3_vl"),
+                           ModelConfig(train_vision="last:1", train_projector=False, train_llm=False))
+    first, last = (sum(p.numel() for p in b.parameters()) for b in visual.blocks)
+    embed = sum(p.numel() for p in visual.patch_embed.parameters())
+    attention = 4 * 64 * 64 * 64  # one block: width 64, one image of 64 patches
+    text = 2 * (2 * _language_weights(model) * 20 + 2 * model.lm_head.weight.numel() * 3) + 3 * TEXT_ATTENTION
+    vision = 2 * (embed + first) * 64 + attention + 3 * (2 * last * 64 + attention)
+    assert counter(IMAGE, 3, [10, 10]) == text + vision + 2 * 2 * counter.n_projector * 16
+
+
+def test_qwen2_5_vl_windows_count_as_windows(family_models):
+    """Qwen2.5-VL's windowed blocks attend within windows, its fullatt_block_indexes over the whole frame: the
+    pairs per block equal the windows transformers builds (get_vision_window_index), and a hand count. The tiny
+    model: windows of 112 px = 4 x 4 merged patches of 2 x 2 patches, block 1 full."""
+    from transformers import AutoConfig
+    from transformers.vision_utils import get_vision_window_index
+
+    from ds_vlm.models import adapter_for
+
+    config = AutoConfig.from_pretrained(family_models("qwen2_5_vl"))
+    vision = config.vision_config
+    grid = torch.tensor([[1, 12, 20], [2, 8, 8]])  # 6 x 10 merged: windows of rows 4 + 2 and columns 4 + 4 + 2
+    pairs = adapter_for("qwen2_5_vl").vision_attention_pairs({"image_grid_thw": grid}, config)
+    _, cu = get_vision_window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+    windows = torch.tensor(cu).diff() if not torch.is_tensor(cu) else cu.diff()
+    by_hand = (4 * 4 + 2 * 2) * (4 * 4 + 4 * 4 + 2 * 2) * 2 ** 4 + 2 * (4 * 4 * 4) ** 2
+    assert pairs == [by_hand, 240 ** 2 + 2 * 64 ** 2] and int((windows ** 2).sum()) == by_hand
 
 def test_each_logged_step_has_its_own_memory_peak():
     """On CPU the peak RSS (VmHWM) is reset at each logged step; a big allocation raises it, the next reset

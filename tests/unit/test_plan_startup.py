@@ -30,6 +30,21 @@ def test_auto_takes_the_largest_whole_number_of_samples_that_fits_with_the_margi
     assert budget // 100 <= max(fits) and budget // 100 >= 0.9 * max(fits), (budget, max(fits))
 
 
+def test_auto_leaves_what_pytorch_cannot_have_on_a_gpu():
+    """On a GPU the CUDA context and whatever else holds memory outside PyTorch (read after loading: total - free
+    - reserved) and NCCL's buffers (an allowance, with more than one rank) come out of the budget, beside the 10%
+    margin."""
+    from ds_vlm.plan_startup import NCCL_RESERVE, outside_torch
+
+    gb = 1e9
+    assert outside_torch(1, (80 * gb, 70 * gb, 9 * gb)) == pytest.approx(1 * gb)  # 1 GB of context
+    assert outside_torch(8, (80 * gb, 70 * gb, 9 * gb)) == pytest.approx(1 * gb + NCCL_RESERVE)
+    assert outside_torch(8, (80 * gb, 71 * gb, 9.5 * gb)) == pytest.approx(NCCL_RESERVE)  # never negative
+    linear = planner(lambda tokens: 1e6 + 1000 * tokens)
+    budget, said = linear.auto_budget(10e6, outside=2e6)  # 9 - 2 = 7 MB usable: (7e6 - 1e6) / 1e5 = 60 samples
+    assert budget == 60 * 100 and "2.0 MB outside PyTorch: CUDA context, NCCL" in said
+
+
 def test_auto_stops_when_not_even_one_sample_fits():
     with pytest.raises(ConfigError, match="even one sample of 100 tokens"):
         planner(lambda tokens: 1e6 + 1e6 * tokens).auto_budget(10e6)

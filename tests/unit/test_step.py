@@ -117,3 +117,20 @@ def test_only_the_pixels_take_the_model_dtype():
                               "second_per_grid_ts": torch.tensor([1000.5]), "input_ids": torch.ones(1, 2).long()})
     assert moved["pixel_values"].dtype == moved["pixel_values_videos"].dtype == torch.bfloat16
     assert moved["second_per_grid_ts"].dtype == torch.float32 and moved["second_per_grid_ts"].item() == 1000.5
+
+
+def test_the_watchdog_gives_long_phases_their_own_limit():
+    """A checkpoint, an evaluation, an export or a conversion may legitimately last past --dist_timeout_s (rank 0
+    writing a large model, generation without loader workers): those phases have --long_phase_timeout_s; the
+    step's phases keep the short limit. (Clocks given, not waited for.)"""
+    from ds_vlm.faults import LONG_PHASES, Watchdog
+
+    dog = Watchdog(rank=0, world=1, timeout_s=810, long_timeout_s=7200, start=False)
+    assert LONG_PHASES == {"checkpoint", "eval", "export", "convert"}
+    for name in ("data", "forward", "backward", "step", "log"):
+        assert dog.limit_s(name) == 810
+        assert dog.overdue((name, 3, 0.0), 811) and not dog.overdue((name, 3, 0.0), 809)
+    for name in LONG_PHASES:
+        assert not dog.overdue((name, 3, 0.0), 3600) and dog.overdue((name, 3, 0.0), 7201)
+    assert not dog.overdue(None, 10**9)
+    assert Watchdog(0, 1, timeout_s=900, long_timeout_s=60, start=False).limit_s("export") == 900  # never shorter

@@ -8,7 +8,7 @@ import torch
 from fixtures.encoding import packing_setup
 from fixtures.numerics import assert_same, loss_and_grads
 
-from ds_vlm.data.batching import Collator
+from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder, count_targets
 from ds_vlm.data.formats import to_sample
 from ds_vlm.data.images import load_images
@@ -38,6 +38,11 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
     assert count_targets(micro.labels) == micro.targets
     micro = collate([])  # an empty slot at the end of an epoch still runs the towers
     assert micro.samples == micro.tokens == micro.targets == 0 and count_targets(micro.labels) == 0
+    # the training dataset's samples carry their records' names, which an error in the step names
+    path = demo_dir / "data" / "train.jsonl"
+    dataset = SFTDataset(RecordIndex([str(path)]), encoder)
+    micro = collate([dataset[3], dataset[0]])
+    assert micro.records == [f"{path} record 3", f"{path} record 0"] and "record" not in micro.inputs
 
 
 def test_dummy_image_does_not_change_the_loss(encoder, demo_dir):
@@ -177,3 +182,29 @@ def test_sequences_are_padded_to_split_evenly_or_refused(demo_dir, mixed_data):
             assert micro.inputs["position_ids"].shape[-1] == width == int(micro.cu_seq_lens[-1])
     with pytest.raises(ValueError, match="does not split over --sequence_parallel 2"):
         _group(2, 0).bounds(7)
+
+
+def test_pixels_leave_the_worker_in_the_model_dtype(encoder, demo_dir):
+    """A bf16 run's collator casts the pixels as the forward would (the same values), halving what workers x prefetch
+    hold in /dev/shm; everything else keeps its dtype."""
+    dummy = encoder.dummy()
+    fp32 = Collator(encoder.tokenizer.pad_token_id, dummy)([dict(dummy)])
+    bf16 = Collator(encoder.tokenizer.pad_token_id, dummy, pixel_dtype=torch.bfloat16)([dict(dummy)])
+    assert fp32.inputs["pixel_values"].dtype == torch.float32 and bf16.inputs["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(bf16.inputs["pixel_values"], fp32.inputs["pixel_values"].to(torch.bfloat16))
+    assert all(bf16.inputs[k].dtype == v.dtype for k, v in fp32.inputs.items() if k != "pixel_values")
+
+
+def test_loader_workers_are_fitted_to_dev_shm():
+    """workers x prefetch x the largest micro-batch must fit half of /dev/shm's free space (a full one kills a worker
+    with a bus error mid-run): fewer batches in flight first, then fewer workers, said; room to spare: unchanged."""
+    from ds_vlm.data.batching import fit_to_shm
+
+    gb = 1e9
+    assert fit_to_shm(8, 2, 0.5 * gb, 64 * gb) == (8, 2, "")
+    workers, prefetch, said = fit_to_shm(8, 2, 1.5 * gb, 32 * gb)  # room for 10 batches: 8 x 1
+    assert (workers, prefetch) == (8, 1) and "8 loader workers x 1 batches in flight (was 8 x 2)" in said
+    workers, prefetch, said = fit_to_shm(8, 2, 1 * gb, 8 * gb)  # room for 4: 4 workers x 1
+    assert (workers, prefetch) == (4, 1) and "--shm-size" in said
+    assert fit_to_shm(8, 2, 1 * gb, 0.064 * gb)[:2] == (0, 2)  # docker's 64 MB: the main process loads
+    assert fit_to_shm(0, 2, 10 * gb, 0)[:2] == (0, 2)
