@@ -189,7 +189,7 @@ def test_a_record_that_fails_on_one_rank_ends_the_job_in_seconds(demo_dir, tmp_p
                 pass
     text = log.read_text()
     assert proc.returncode != 0 and ended < 30, (ended, text[-3000:])
-    failed = re.search(r"ds-vlm: rank (\d) failed in phase data of step \d+: ds_vlm\.data\.formats\.DataError: "
+    failed = re.search(r"ds-vlm: rank (\d) failed in phase data of step \d+: ds_vlm\.data\.sample\.DataError: "
                        + re.escape(f"{data} record 5: missing_image: image file {victim} does not exist (in a "
                                    "DataLoader worker)"), text)
     assert failed, text[-3000:]
