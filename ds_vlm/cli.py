@@ -10,8 +10,9 @@ commands (ds-vlm-validate, ...) stay as aliases.
 
 Exit statuses: 0 done; 2 an error the message explains (config, data, too many bad records, rendezvous, divergence);
 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
-(a rank stopped responding: the watchdog names it); 1 anything else (a traceback), and the ranks another rank's
-error stopped (they say which rank failed, in which phase and on which records).
+(a rank stopped responding: the watchdog names it); 130 interrupted (Ctrl-C: stopped at once, no checkpoint);
+1 anything else (a traceback), and the ranks another rank's error stopped (they say which rank failed, in which
+phase and on which records).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from .flags import load_config
 
 
 def main(argv=None) -> int:
+    from .faults import PREEMPTED_EXIT, Preempted, exit_on_interrupt
+
+    exit_on_interrupt()  # first: a Ctrl-C during the rendezvous or the model's loading ends the rank too
     from .data.containers import DataFileError
     from .data.preflight import BadDataError, TooManyBadRecords
     from .data.specs import SpecError
     from .distributed import RendezvousError
-    from .faults import PREEMPTED_EXIT, Preempted
     from .train import TrainingDiverged, run
 
     try:

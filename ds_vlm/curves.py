@@ -33,6 +33,31 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def log_subs(low: float, high: float) -> tuple[float, ...]:
+    """Which multiples of each power of ten carry a labelled (major) tick on a log axis from `low` to `high`:
+    over 3 decades or more the powers alone, over half a decade to 3 the 1-2-5 series, over less every integer
+    multiple (0.3, 0.4, 0.5), so that a short range still shows at least one number and a long one is not
+    crowded."""
+    decades = math.log10(high / low) if 0 < low < high else 0.0
+    if decades >= 3:
+        return (1.0,)
+    if decades >= 0.5:
+        return (1.0, 2.0, 5.0)
+    return tuple(float(k) for k in range(1, 10))
+
+
+def readable_log_axis(axis, low: float, high: float) -> None:
+    """Plain numbers (0.5, 2, 20; not 5 x 10^-1) at the major ticks of log_subs, and unlabelled minor ticks at
+    every other integer multiple (matplotlib's default labels minor ticks on short log ranges, and a
+    formatter set for both piles every minor label on top of its neighbours)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=log_subs(low, high)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(float(k) for k in range(2, 10))))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_curves(metrics_file: str, out_png: str, title: str = "") -> bool:
     """Draw the run's curves; False (and nothing written) when metrics.jsonl holds no step yet."""
     import matplotlib
@@ -97,14 +122,13 @@ def plot_curves(metrics_file: str, out_png: str, title: str = "") -> bool:
         ax.text(0.02, 0.92, "no peak known for this device: TFLOP/s shown", transform=ax.transAxes, fontsize=8,
                 color="gray")
     ax.set(title="MFU (%)" if _series(rows, "mfu")[0] else "model TFLOP/s per GPU", xlabel="step")
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
     for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_yscale() == "log":  # plain numbers on a log axis (0.5, 2, 5), not 5 x 10^-1
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        if ax.get_yscale() == "log":
+            readable_log_axis(ax.yaxis, *ax.get_ylim())
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return True

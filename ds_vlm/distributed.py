@@ -334,6 +334,13 @@ def store_barrier(what: str, timeout_s: float, poll_s: float = 0.2) -> None:
                                f"{timeout_s:.0f} s (--long_phase_timeout_s)")
         time.sleep(poll_s)
         arrived = store.add(key, 0)
+    # Rank 0 hosts the store and leaves last: the last rank to arrive goes on at once, and when that is rank 0
+    # and this wait is a run's last (after the export), it exits and takes the store with it while the others
+    # still poll ("Connection reset by peer" on a loaded machine).
+    left = store.add(f"{key}/left", 1)
+    while rank() == 0 and left < world_size() and time.monotonic() < deadline:
+        time.sleep(poll_s / 4)
+        left = store.add(f"{key}/left", 0)
 
 
 def all_gather_object(obj: Any, group=None) -> list:

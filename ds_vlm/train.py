@@ -391,15 +391,16 @@ class Trainer:
     def evaluate(self) -> dict:
         self.watchdog.phase("eval")
         step = self.progress.step
-        self.draw_curves()  # the report embeds them
-        result = self.evaluator(step)
+        result, answers = self.evaluator(step)
         self.log.event({"event": "eval", "step": step, **result})
         self.reporter.log(step, result)
+        self.draw_curves()  # with this evaluation's scores: its report embeds them
+        if answers is not None:
+            self.evaluator.write(answers)
         self.log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
             f", exact match {result['exact_match']:.1%}, chrF {result['chrf']:.1f}, report "
             f"{os.path.join(self.config.checkpoint.output_dir, 'eval', f'step_{step}.html')}"
             if "exact_match" in result else ""))
-        self.draw_curves()  # with this eval's numbers
         self.progress.clock = time.perf_counter()
         return result
 

@@ -20,17 +20,23 @@ run_launcher() {
     printf '\n'
     return 0
   fi
-  local pid rc=0
+  local pid dest= rc=0 sig pending=()
   RUN_PREEMPTED=0
+  # The traps come first: a signal between the launcher's start and its traps would take bash's default
+  # action, ending this script and leaving the launcher's group running. One that comes before the
+  # launcher's pid is known waits in `pending`.
+  trap '_pass_on INT' INT
+  trap 'RUN_PREEMPTED=1; _pass_on TERM' TERM HUP
+  trap 'RUN_PREEMPTED=1; _pass_on USR1' USR1
   set -m                                   # job control on: the launcher gets its own process group
   "$@" </dev/null &
   pid=$!
   set +m
-  local dest=$pid
+  dest=$pid
   [[ $target == group ]] && dest=-$pid
-  trap 'kill -INT -- '"$dest"' 2>/dev/null' INT
-  trap 'RUN_PREEMPTED=1; kill -TERM -- '"$dest"' 2>/dev/null' TERM HUP
-  trap 'RUN_PREEMPTED=1; kill -USR1 -- '"$dest"' 2>/dev/null' USR1
+  for sig in ${pending[@]+"${pending[@]}"}; do
+    kill -"$sig" -- "$dest" 2>/dev/null
+  done
   while :; do
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break    # still alive: wait was cut short by a signal we passed on
@@ -41,6 +47,15 @@ run_launcher() {
   trap - INT TERM HUP USR1
   (( RUN_PREEMPTED )) && rc=75
   return "$rc"
+}
+
+# _pass_on SIG: run_launcher's traps: SIG to the launcher (its `dest`), or kept for when it has started.
+_pass_on() {
+  if [[ -n $dest ]]; then
+    kill -"$1" -- "$dest" 2>/dev/null
+  else
+    pending+=("$1")
+  fi
 }
 
 # launcher_cmd: the DeepSpeed launcher as an array (DEEPSPEED="python -m deepspeed.launcher.runner" etc.).

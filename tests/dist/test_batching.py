@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, read_metrics, run_train
 
 
 def test_two_ranks_zero3_packed_equals_padded(demo_dir, tmp_path):

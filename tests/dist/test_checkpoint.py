@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, launch_and_kill_after, read_metrics, run_train, train_command, train_env, write_json
+from fixtures.datasets import write_json
+from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train, train_command, train_env
 
 from ds_vlm import checkpoint as ckpt
 from ds_vlm.checkpoint import resume_point

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, write_json
+from fixtures.datasets import write_json
+from fixtures.runs import ROOT, read_metrics, run_train
 
 from ds_vlm.config import TrainConfig, key_table
 from ds_vlm.data.encode import template_message

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, start_zygote, train_env
+from fixtures.runs import ROOT, start_zygote, train_env
 
 FIRST_PART = ["imports", "train_zero2", "save_resume", "export", "eval"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RUNNER, free_port, launch_env, read_metrics
+from fixtures.runs import ROOT, RUNNER, free_port, launch_env, read_metrics
 
 RECIPE = ROOT / "launch" / "run_qwen3_vl_2b.sh"
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, free_port, start_zygote, train_env
+from fixtures.runs import ROOT, free_port, start_zygote, train_env
 
 
 def test_sequence_parallel_2_equals_one_rank(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, launch_and_kill_after, read_metrics, run_train
+from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train
 
 from ds_vlm import checkpoint as ckpt
 

@@ -7,13 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import (
-    ROOT,
-    read_metrics,
-    run_train,
-    train_command,
-    train_env,
-)
+from fixtures.runs import ROOT, read_metrics, run_train, train_command, train_env
 
 
 def test_two_ranks_zero2_zero3_tied_and_untied(demo_dir, mixed_data, tmp_path):
@@ -28,7 +22,7 @@ def test_two_ranks_zero2_zero3_tied_and_untied(demo_dir, mixed_data, tmp_path):
     command = train_command([], 2)
     command[command.index(str(ROOT / "launch" / "train.py"))] = str(script)
     command += ["--models", f"{demo_dir / 'model'},{untied}", "--data", str(mixed_data), "--out", str(out)]
-    # the script imports the reference loss from conftest (and keeps a PYTHONPATH the caller set)
+    # the script imports the reference loss from tests/fixtures (and keeps a PYTHONPATH the caller set)
     env = train_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import ROOT, read_metrics, run_train, write_json
+from fixtures.datasets import write_json
+from fixtures.runs import ROOT, read_metrics, run_train
 
 
 def test_the_plan_of_a_two_rank_run_is_within_ten_percent_of_its_measured_peak(demo_dir, tmp_path):

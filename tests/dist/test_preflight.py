@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from conftest import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, read_metrics, run_train
 
 
 def test_two_ranks_with_preflight_off_skip_and_count_a_bad_record(demo_dir, data, tmp_path):

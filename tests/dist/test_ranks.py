@@ -12,7 +12,7 @@ import sys
 import time
 
 import psutil
-from conftest import _ZYGOTE, ROOT, free_port, start_zygote, train_env
+from fixtures.runs import _ZYGOTE, ROOT, free_port, start_zygote, train_env
 
 SCRIPT = """
 import json, os, resource, signal, sys, time
@@ -22,6 +22,11 @@ print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "rank": os.environ["
 print("to stderr", file=sys.stderr, flush=True)
 if sys.argv[-1] == "sleep":
     time.sleep(60)
+# rank 0's failure stops the other ranks (as the DeepSpeed launcher does): it fails only once every rank has
+# spoken, or a rank slow to start would be stopped before its lines and the test would see them missing
+open(f"spoke.{os.environ['RANK']}", "w").close()
+while not all(os.path.exists(f"spoke.{r}") for r in range(int(os.environ["WORLD_SIZE"]))):
+    time.sleep(0.01)
 sys.exit(3 if os.environ["RANK"] == "0" else 0)
 """
 

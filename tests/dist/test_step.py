@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, read_metrics, run_train
 
 
 def _normalisation_data(demo_dir: Path, tmp: Path) -> Path:

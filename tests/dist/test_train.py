@@ -3,14 +3,18 @@ a run reports, the HF export, bad data stopping a run, every format end to end, 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, train_env, write_bad_set, write_json
+from fixtures.datasets import write_bad_set, write_json
+from fixtures.runs import ROOT, read_metrics, run_train, train_env
 
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
@@ -126,6 +130,11 @@ def test_run_reports_evals_samples_mfu_memory_and_curves(frozen_zero3_run):
         assert page.count("<img class='thumb'") == 2 and page.count("src='data:image/png;base64,") >= 2
     curves = Image.open(out / "curves.png")  # matplotlib's: 3 x 2 panels
     assert curves.size == (1170, 900)
+    # the last evaluation's page embeds the curves drawn with its own scores: the run's final curves.png
+    page = (out / "eval" / f"step_{STEPS}.html").read_text()
+    embedded = page.split("alt='training curves' src='data:image/png;base64,")[1].split("'")[0]
+    embedded = Image.open(io.BytesIO(base64.b64decode(embedded))).convert("RGB")
+    assert np.array_equal(np.asarray(embedded), np.asarray(curves.convert("RGB")))
 
 
 def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, demo_dir):

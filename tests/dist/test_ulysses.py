@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, read_metrics, run_train
 
 
 def _varied(demo_dir, mixed_data, tmp_path):

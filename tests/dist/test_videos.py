@@ -6,7 +6,9 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, absolute_rows, check, read_metrics, run_train, video_encoder, write_json, write_jsonl
+from fixtures.datasets import absolute_rows, write_json, write_jsonl
+from fixtures.encoding import check, video_encoder
+from fixtures.runs import ROOT, read_metrics, run_train
 
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.videos import VideoSampling

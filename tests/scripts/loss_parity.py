@@ -13,8 +13,9 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from conftest import ROOT, full_logits_loss_sum
 from deepspeed.utils import safe_get_full_grad
+from fixtures.numerics import full_logits_loss_sum
+from fixtures.runs import ROOT
 
 from ds_vlm.config import TrainConfig
 from ds_vlm.data.batching import Collator, SFTDataset

@@ -24,6 +24,12 @@ import zygote
 
 def main() -> int:
     n, port, script, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    # Signals are taken from before the first rank starts (one that came while ranks were starting would
+    # otherwise end this process by its default action and leave the ranks behind), only noted by the
+    # handler, and passed on by the loop below to every rank, each signal once.
+    received, passed = [], 0
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, lambda signum, frame: received.append(signum))
     ranks = []
     for rank in range(n):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(n), RANK=str(rank),
@@ -31,15 +37,12 @@ def main() -> int:
         argv = [f"--local_rank={rank}", *args]
         ranks.append(zygote.spawn(script, argv, env, os.getcwd())
                      or subprocess.Popen([sys.executable, "-u", script, *argv], env=env))
-
-    def forward(signum, frame):
-        for proc in ranks:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, forward)
     while True:
+        while passed < len(received):
+            for proc in ranks:
+                if proc.poll() is None:
+                    proc.send_signal(received[passed])
+            passed += 1
         codes = [proc.poll() for proc in ranks]
         failed = [code for code in codes if code not in (None, 0)]
         if failed or all(code == 0 for code in codes):

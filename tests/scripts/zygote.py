@@ -2,7 +2,7 @@
 torchvision, DeepSpeed, ds_vlm) and forks ranks from itself: the test suite's ranks start without the ~4-5 s
 of imports each (two ranks on two cores), everything after the imports runs as in a fresh process.
 
-    python -u tests/scripts/zygote.py SOCKET       # serve: conftest starts one per test session
+    python -u tests/scripts/zygote.py SOCKET       # serve: tests/fixtures/runs.py starts one per test session
     tests/scripts/ranks.py uses spawn() when DS_VLM_TEST_ZYGOTE names the socket
 
 One connection per rank. The client sends one JSON line {script, args, env, cwd, rlimits} with its stdin,

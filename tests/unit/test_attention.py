@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_same, loss_and_grads, packing_setup
+from fixtures.encoding import packing_setup
+from fixtures.numerics import assert_same, loss_and_grads
 
 from ds_vlm.loss import LabelLoss, LabelRows
 from ds_vlm.models import adapter_for

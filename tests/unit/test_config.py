@@ -4,7 +4,7 @@ place they are listed), aliases, the flag table in the docs, flat keys in and ou
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT
+from fixtures.runs import ROOT
 
 from ds_vlm.config import ConfigError, TrainConfig, choices, key_table
 from ds_vlm.flags import load_config

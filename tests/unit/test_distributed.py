@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
-from conftest import ROOT
+from fixtures.runs import ROOT
 
 from ds_vlm import distributed
 
@@ -178,6 +178,8 @@ def test_store_barrier_waits_for_every_rank_through_the_store(monkeypatch):
     waiter.start()
     assert not done.wait(0.5)  # one of two ranks arrived: it waits
     master.add("ds_vlm/wait/1", 1)  # the other rank arrives (its call would be its first store_barrier too)
+    assert not done.wait(0.5)  # rank 0 hosts the store: it leaves only once the other rank has left the wait
+    master.add("ds_vlm/wait/1/left", 1)
     assert done.wait(10)
     waiter.join()
     with pytest.raises(TimeoutError, match="1 of 2 ranks finished a lonely wait within 0 s"):

@@ -6,7 +6,8 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, write_json
+from fixtures.datasets import write_json
+from fixtures.runs import ROOT
 
 from ds_vlm.config import ConfigError, TrainConfig
 from ds_vlm.ds_config import resolve_ds_config

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check, launch_env
+from fixtures.encoding import check
+from fixtures.runs import ROOT, launch_env
 
 RECIPE = ROOT / "launch" / "run_qwen3_vl_2b.sh"
 

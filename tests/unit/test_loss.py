@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same, full_logits_loss_sum
+from fixtures.numerics import assert_same, full_logits_loss_sum
 
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import types
 
 import torch
-from conftest import load_4bit
+from fixtures.models import load_4bit
 
 
 def test_flops_counter_follows_the_config(demo_dir):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import full_logits_loss_sum
+from fixtures.numerics import full_logits_loss_sum
 
 from ds_vlm.config import ModelConfig
 from ds_vlm.data.batching import Collator, SFTDataset

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_4bit
+from fixtures.models import load_4bit
 
 from ds_vlm.plan import main, model_states, persistent_numel
 

@@ -126,6 +126,38 @@ def test_curves_are_drawn_by_matplotlib_with_eval_points(tmp_path):
     assert not plot_curves(str(empty), str(tmp_path / "none.png"))
 
 
+@pytest.mark.parametrize("low, high", [(0.25, 5.0), (0.02, 2.0), (2.1, 2.9), (3e-4, 10.0), (0.052, 0.098)])
+def test_log_axes_label_major_ticks_only_and_labels_do_not_overlap(low, high):
+    """curves.png's log panels (loss, gradient norm): plain numbers at the major ticks, at least two of them
+    on any range, none at the minor ticks (they were every one labelled, piled on top of each other), and no
+    two labels overlapping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ds_vlm.curves import readable_log_axis
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.3), dpi=90)  # one panel of curves.png
+    ax.plot([1, 100], [high, low])
+    ax.set_yscale("log")
+    readable_log_axis(ax.yaxis, *ax.get_ylim())
+    fig.canvas.draw()
+    bottom, top = ax.get_ylim()
+
+    def shown(ticks):
+        return [t for t in ticks if bottom <= t.get_loc() <= top and t.label1.get_visible()]
+
+    major, minor = shown(ax.yaxis.get_major_ticks()), shown(ax.yaxis.get_minor_ticks())
+    labels = [t.label1.get_text() for t in major]
+    assert all(t.label1.get_text() == "" for t in minor), [t.label1.get_text() for t in minor]
+    assert len([x for x in labels if x]) >= 2, labels
+    assert all("times" not in x and "^" not in x for x in labels), labels  # 0.5, not 5 x 10^-1
+    boxes = sorted((t.label1.get_window_extent() for t in major if t.label1.get_text()), key=lambda b: b.y0)
+    assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), labels
+    plt.close(fig)
+
+
 def test_without_a_terminal_the_bar_is_a_line_every_5_percent(capsys):
     from ds_vlm.metrics import LineProgress
 

@@ -8,9 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import (
-    full_logits_loss_sum,
-)
+from fixtures.numerics import full_logits_loss_sum
 
 from ds_vlm.loss import LabelLoss
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same, loss_and_grads, packing_setup
+from fixtures.encoding import packing_setup
+from fixtures.numerics import assert_same, loss_and_grads
 
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder, count_targets
@@ -15,14 +16,6 @@ from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
 from ds_vlm.models import adapter_for
 from ds_vlm.parallel.ulysses import SequenceParallel
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(demo_dir / "model")
-    return Encoder(processor, adapter_for("qwen3_vl"), max_length=256)
 
 
 def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, demo_dir):
@@ -174,7 +167,6 @@ def _group(size: int, rank: int) -> SequenceParallel:
 def test_sequences_are_padded_to_split_evenly_or_refused(demo_dir, mixed_data):
     from transformers import AutoConfig, AutoProcessor
 
-    from ds_vlm.data.encode import Encoder
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.models import adapter_for
 

@@ -12,14 +12,6 @@ from ds_vlm.data.sources import RecordIndex
 from ds_vlm.models import adapter_for
 
 
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(demo_dir / "model")
-    return Encoder(processor, adapter_for("qwen3_vl"), max_length=256)
-
-
 def _spans(labels: torch.Tensor) -> list[tuple[int, int]]:
     mask = (labels != IGNORE_INDEX).tolist()
     spans, start = [], None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check
+from fixtures.encoding import check
 
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder
 from ds_vlm.data.formats import DataError, to_sample
@@ -48,13 +48,6 @@ def test_every_layout_becomes_the_same_sample(demo_dir, tmp_path):
 
 
 ANSWER = "A red circle."
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    return Encoder(AutoProcessor.from_pretrained(demo_dir / "model"), adapter_for("qwen3_vl"), 512)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import check
+from fixtures.encoding import check
 from PIL import Image, ImageOps
 
-from ds_vlm.data.encode import Encoder
 from ds_vlm.data.formats import ImageRef, Sample
 from ds_vlm.data.images import ANIMATED, load_image
 from ds_vlm.data.preflight import summarize
 from ds_vlm.data.sources import RecordIndex
-from ds_vlm.models import adapter_for
 
 
 def _load(path) -> Image.Image:
@@ -86,13 +84,6 @@ def test_an_animated_file_is_its_first_frame_and_preflight_counts_it(demo_dir, t
     sample = Sample(messages=[], source="x.jsonl", index=0)
     got = np.asarray(load_image(ImageRef(path=str(path)), sample)).astype(int)
     assert np.abs(got - (200, 0, 0)).max() <= 8 and sample.notes == [ANIMATED]
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    return Encoder(AutoProcessor.from_pretrained(demo_dir / "model"), adapter_for("qwen3_vl"), max_length=512)
 
 
 def test_no_record_stops_preflight(encoder, demo_dir, tmp_path):

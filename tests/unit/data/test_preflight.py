@@ -8,23 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check, write_bad_set
+from fixtures.datasets import write_bad_set
+from fixtures.encoding import check
 
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
 from ds_vlm.data.preflight import OK, Checks, preflight
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.models import adapter_for
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(demo_dir / "model")
-    return Encoder(processor, adapter_for("qwen3_vl"), max_length=256)
-
-
 
 
 def test_preflight_names_file_record_and_defect(encoder, demo_dir, tmp_path):

@@ -12,13 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from ds_vlm.data.encode import IGNORE_INDEX, Encoder
+from ds_vlm.data.encode import IGNORE_INDEX
 from ds_vlm.data.formats import ASSISTANT_FIRST, DataError, to_sample
 from ds_vlm.data.formats_media import WINDOWS_SEPARATORS
 from ds_vlm.data.images import load_images
 from ds_vlm.data.sample import Sample, VideoRef
 from ds_vlm.data.videos import VideoSampling, load_video
-from ds_vlm.models import adapter_for
 
 
 def png(size=(64, 64)) -> bytes:
@@ -27,13 +26,6 @@ def png(size=(64, 64)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, "red").save(out, "PNG")
     return out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    return Encoder(AutoProcessor.from_pretrained(demo_dir / "model"), adapter_for("qwen3_vl"), 512)
 
 
 def learned_and_ids(encoder, sample) -> tuple[str, list]:

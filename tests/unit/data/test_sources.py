@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ds_vlm.data.encode import Encoder
 from ds_vlm.data.formats import DataError
 from ds_vlm.data.images import load_images
 from ds_vlm.data.plan import epoch_order
 from ds_vlm.data.sources import RecordFile, RecordIndex
-from ds_vlm.models import adapter_for
 
 
 def test_every_container_and_layout_reads_the_same_records(all_formats):
@@ -55,14 +53,6 @@ def test_a_json_list_is_indexed_once_and_reads_like_jsonl(demo_dir, data, tmp_pa
     (data / "b.json").write_text('{"conversations": []}')
     with pytest.raises(ValueError, match="b.json: a .json data file must hold a list of records"):
         RecordFile(str(data / "b.json"), str(tmp_path / "c"))
-
-
-@pytest.fixture(scope="module")
-def encoder(demo_dir):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(demo_dir / "model")
-    return Encoder(processor, adapter_for("qwen3_vl"), max_length=256)
 
 
 def test_jsonl_and_parquet_give_the_same_tensors(encoder, demo_dir):

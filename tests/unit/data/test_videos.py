@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import absolute_rows, assert_same, check, loss_and_grads, video_encoder, write_jsonl
+from fixtures.datasets import absolute_rows, write_jsonl
+from fixtures.encoding import check, video_encoder
+from fixtures.numerics import assert_same, loss_and_grads
 
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.sources import RecordIndex
