@@ -155,7 +155,8 @@ class Trainer:
                                           dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
             refuse_packing(self.loaded.adapter, config.batch.packing)  # before preflight reads the data
-            if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal()):
+            if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal(
+                    self.loaded.model.config)):
                 raise ConfigError(reason)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:

@@ -97,8 +97,9 @@ class Adapter:
         """Why --packing cannot train this family correctly (one line), or None where it can."""
         return None
 
-    def sequence_parallel_refusal(self) -> Optional[str]:
-        """Why --sequence_parallel cannot train this family correctly (one line), or None where it can."""
+    def sequence_parallel_refusal(self, config=None) -> Optional[str]:
+        """Why --sequence_parallel cannot train this family (and this model `config`) correctly (one line), or None
+        where it can."""
         return None
 
     def router_aux_loss_coef(self, config) -> float:

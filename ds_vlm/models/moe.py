@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Optional
 
 
 class MoeExperts:
@@ -53,6 +54,17 @@ class MoeExperts:
         if not getattr(text, "output_router_logits", False):
             return 0.0
         return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
+
+    def sequence_parallel_refusal(self, config=None) -> Optional[str]:
+        """The router's aux loss under --sequence_parallel: transformers 5.24 computes it inside the forward from
+        the whole sequence's attention mask and one rank's slice of the router logits (a shape error), so a config
+        that asks for it is refused until the loss is computed per slice."""
+        if config is not None and self.router_aux_loss_coef(config):
+            return (f"--sequence_parallel with the router's auxiliary loss ({self.family}: output_router_logits and "
+                    "router_aux_loss_coef in the config) is not supported yet: transformers computes it from the whole "
+                    "sequence's mask and one rank's router logits; set output_router_logits to false, or train "
+                    "with --sequence_parallel 1")
+        return super().sequence_parallel_refusal(config)
 
     def generation_kwargs(self) -> dict:
         """No router logits while generating. transformers 5.24's Qwen3-VL-MoE and Qwen3.5-MoE compute the aux

@@ -199,3 +199,21 @@ def test_unsupported_model_type_lists_the_families(tmp_path):
 
     with pytest.raises(ValueError, match="unknown family 'gemma3'"):
         build_model_dir(tmp_path, family="gemma3")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_sequence_parallelism_with_the_router_aux_loss_is_refused_by_name(family, family_models):
+    """transformers computes the router's aux loss inside the forward from the whole sequence's mask and, under
+    sequence parallelism, one rank's router logits (a shape error mid-step): a config asking for it is refused
+    at load with the way out; without it, sequence parallelism is not refused."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(family_models(family))
+    text = config.get_text_config()
+    text.output_router_logits, text.router_aux_loss_coef = True, 0.001
+    reason = adapter_for(family).sequence_parallel_refusal(config)
+    assert reason.startswith("--sequence_parallel with the router's auxiliary loss") and "set output_router_logits" \
+        in reason
+    text.output_router_logits = False
+    assert adapter_for(family).sequence_parallel_refusal(config) is None
+    assert adapter_for("qwen3_5").sequence_parallel_refusal(config) is None
