@@ -145,6 +145,10 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["auto", "adamw", "muon"] = _key(
+        "auto", "auto: the DeepSpeed json's optimizer type (AdamW when it names none); muon: DeepSpeed's Muon "
+                "under ZeRO on the 2-D hidden weight matrices, AdamW on the rest (embeddings, LM head, norms, "
+                "biases, the vision patch embedding; docs/training.md)")
     lr: float = _key(2e-5, "peak learning rate")
     warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
     min_lr_ratio: float = _key(0.0, "cosine decays to lr x this")
@@ -154,6 +158,9 @@ class OptimConfig:
     adam_beta1: float = _key(0.9, "AdamW beta1")
     adam_beta2: float = _key(0.999, "AdamW beta2")
     adam_eps: float = _key(1e-8, "AdamW epsilon")
+    muon_lr: float = _key(0.02, "Muon's peak learning rate on the language tower's matrices (vision and projector "
+                                "matrices: this x --vision_lr / --lr and x --projector_lr / --lr)")
+    muon_momentum: float = _key(0.95, "Muon's momentum (its one state per parameter)")
     grad_clip: float = _key(1.0, "clip the global gradient norm; 0 disables")
     max_bad_steps: int = _key(5, "stop after this many consecutive steps with a non-finite loss or gradient")
 
@@ -275,6 +282,7 @@ class TrainConfig:
              "--eval_steps/--eval_generate must be >= 0")
         need(self.checkpoint.save_total_limit >= 0 and self.checkpoint.save_steps >= 0,
              "--save_steps and --save_total_limit must be >= 0")
+        need(optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1, "--muon_lr must be > 0, --muon_momentum in [0, 1)")
         need(optim.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         need(self.logging.logging_steps >= 1, "--logging_steps must be >= 1")
         need(self.parallel.sequence_parallel >= 1, "--sequence_parallel must be >= 1")

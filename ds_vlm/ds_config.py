@@ -57,9 +57,11 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the trainer owns the LR schedule "
                           "(--lr, --warmup_ratio, --min_lr_ratio)")
-    optimizer_type = ds.get("optimizer", {}).get("type", "AdamW")
-    if optimizer_type.lower() not in ("adamw", "adam"):
-        raise ConfigError(f"{path}: optimizer type {optimizer_type!r} is not supported; the trainer uses AdamW")
+    muon = optimizer_kind(optim.optimizer, ds, path) == "muon"
+    if muon:
+        owned += [(("optimizer", "params", "muon_lr"), optim.muon_lr, "--muon_lr"),
+                  (("optimizer", "params", "momentum"), optim.muon_momentum, "--muon_momentum"),
+                  (("optimizer", "params", "adam_lr"), optim.lr, "--lr")]
     for keys, value, flag in owned:
         node = ds
         for key in keys[:-1]:
@@ -69,9 +71,11 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"{path}: {'.'.join(keys)} = {current!r} contradicts {flag} (resolved to {value!r}); "
                               "remove it from the json or set it to \"auto\"")
         node[keys[-1]] = value
-    ds["optimizer"]["type"] = "AdamW"
+    ds["optimizer"]["type"] = "Muon" if muon else "AdamW"
     ds["optimizer"]["params"]["adam_w_mode"] = True
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if muon:
+        _muon_zero(zero, path)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if precision == "bf16":  # skip steps whose gradients are not finite, as fp32 ZeRO does
@@ -79,6 +83,28 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def optimizer_kind(flag: str, ds: dict, path: str) -> str:
+    """adamw or muon: --optimizer, or with `auto` the json's optimizer type (AdamW when it names none)."""
+    named = str(ds.get("optimizer", {}).get("type", "AdamW")).lower()
+    if named not in ("adamw", "adam", "muon"):
+        raise ConfigError(f"{path}: optimizer type {named!r} is not supported; use AdamW or Muon (--optimizer)")
+    named = "adamw" if named == "adam" else named
+    if flag != "auto" and "type" in ds.get("optimizer", {}) and named != flag:
+        raise ConfigError(f"{path}: optimizer type {named!r} contradicts --optimizer {flag}; remove the type from "
+                          "the json or change the flag")
+    return named if flag == "auto" else flag
+
+
+def _muon_zero(zero: dict, path: str) -> None:
+    """DeepSpeed's ZeRO-3 Muon orthogonalizes gathered whole-matrix gradients and cannot reduce-scatter them
+    (stage3.py raises): turned off here unless the json asks for it."""
+    if zero.get("stage", 0) == 3:
+        if zero.get("reduce_scatter") is True:
+            raise ConfigError(f"{path}: DeepSpeed's ZeRO-3 Muon cannot reduce-scatter: remove "
+                              "zero_optimization.reduce_scatter or set it to false")
+        zero["reduce_scatter"] = False
 
 
 def settle_optimizer(ds: dict) -> str:

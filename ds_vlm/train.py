@@ -36,7 +36,7 @@ from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
-from .optim import lr_lambda, optimizer_groups, param_groups
+from .optim import lr_lambda, optimizer_groups, param_groups, tag_muon
 from .parallel import ParallelLayout
 from .plan_startup import plan_at_start
 from .step import PendingStep, StepRunner, Unlogged
@@ -188,10 +188,11 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
-        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
+        muon, adam = self.ds_config["optimizer"]["type"] == "Muon", settle_optimizer(self.ds_config)
+        self.log.info(f"optimizer {tag_muon(self.trained, adam) if muon else adam}; attention "
                       f"{kernel_description(implementation, dtype=self.model_dtype)}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
+            model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
         # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation

@@ -62,3 +62,28 @@ def test_the_optimizer_falls_back_to_torch_adamw_where_fused_adam_cannot_be_buil
     offload = resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d",
                                             deepspeed=str(ROOT / "ds_configs" / "zero3_offload.json")), 1)
     assert settle_optimizer(offload) == "DeepSpeed CPU Adam (ZeRO-Offload)"
+
+
+def test_muon_by_flag_or_json(tmp_path):
+    """--optimizer muon, or a json whose optimizer type is Muon (with --optimizer auto): DeepSpeed's Muon with
+    --muon_lr and --muon_momentum; ZeRO-3 without reduce-scatter (DeepSpeed's ZeRO-3 Muon refuses it)."""
+    def resolve(ds_path, **keys):
+        return resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ds_path), **keys), 2)
+
+    ds = resolve(ROOT / "ds_configs" / "zero3.json", optimizer="muon", muon_lr=0.01)
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "Muon" and params["muon_lr"] == 0.01 and params["momentum"] == 0.95
+    assert ds["zero_optimization"]["reduce_scatter"] is False
+    in_json = write_json(tmp_path / "muon.json", {"zero_optimization": {"stage": 2},
+                                                  "optimizer": {"type": "Muon", "params": {"momentum": 0.9}}})
+    assert resolve(in_json, muon_momentum=0.9)["optimizer"]["type"] == "Muon"
+    with pytest.raises(ConfigError, match=re.escape("momentum = 0.9 contradicts --muon_momentum")):
+        resolve(in_json)
+    with pytest.raises(ConfigError, match="optimizer type 'muon' contradicts --optimizer adamw"):
+        resolve(in_json, optimizer="adamw", muon_momentum=0.9)
+    assert resolve(ROOT / "ds_configs" / "zero2.json")["optimizer"]["type"] == "AdamW"
+    scatter = write_json(tmp_path / "scatter.json", {"zero_optimization": {"stage": 3, "reduce_scatter": True}})
+    with pytest.raises(ConfigError, match="cannot reduce-scatter"):
+        resolve(scatter, optimizer="muon")
+    with pytest.raises(ConfigError, match="'lion' is not supported"):
+        resolve(write_json(tmp_path / "lion.json", {"optimizer": {"type": "Lion"}}))
