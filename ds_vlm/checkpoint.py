@@ -183,8 +183,8 @@ class Checkpointer:
 
 
 # Settings whose change makes a resumed run differ from the uninterrupted one.
-EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "warmup_ratio", "min_lr_ratio",
-                  "max_tokens_per_batch", "packing")
+EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "muon_lr", "warmup_ratio",
+                  "min_lr_ratio", "max_tokens_per_batch", "packing")
 
 
 def config_differences(meta: dict, config: dict, global_batch: int, total_steps: int) -> list[str]:
