@@ -323,6 +323,13 @@ def store_barrier(what: str, timeout_s: float, poll_s: float = 0.2) -> None:
                                f"{timeout_s:.0f} s (--long_phase_timeout_s)")
         time.sleep(poll_s)
         arrived = store.add(key, 0)
+    # Rank 0 hosts the store: it leaves only when every rank has stopped polling it. Without this, a rank still
+    # polling after the run's last wait found the store gone with rank 0's exit ("Failed to recv", seen in a
+    # two-node test under load).
+    left = store.add(f"{key}/left", 1)
+    while rank() == 0 and left < world_size() and time.monotonic() < deadline:
+        time.sleep(poll_s / 4)
+        left = store.add(f"{key}/left", 0)
 
 
 def all_gather_object(obj: Any, group=None) -> list:

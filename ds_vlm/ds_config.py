@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig
 from .console import say_once
+from .distributed import local_world_size
 
 
 def resolve_precision(model: ModelConfig) -> str:
@@ -30,7 +31,7 @@ def native_bf16() -> bool:
         return torch.cuda.get_device_capability() >= (8, 0)
 
 
-def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
+def resolve_ds_config(config: TrainConfig, world_size: int, ranks_per_node: Optional[int] = None) -> dict:
     """The user's json (ZeRO settings: config.parallel.deepspeed) plus everything the trainer decides from the
     batch and optimizer sections and the model's precision.
 
@@ -78,11 +79,32 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
         _muon_zero(zero, path)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    _zero_plus_plus(zero, world_size, local_world_size() if ranks_per_node is None else ranks_per_node, path)
     if precision == "bf16":  # skip steps whose gradients are not finite, as fp32 ZeRO does
         ds["bf16"].setdefault("check_grad_overflow", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _zero_plus_plus(zero: dict, world_size: int, ranks_per_node: int, path: str) -> None:
+    """ZeRO++'s "auto" values (ds_configs/zero3pp.json). zero_hpz_partition_size: the ranks of a node (a
+    secondary copy of the weights partitioned within each node, so the forward's and backward's all-gathers stay
+    on the node's links), 1 (off) on one node, where the primary partition is within the node already.
+    zero_quantized_weights / zero_quantized_gradients: on where CUDA is (DeepSpeed's QuantizerBuilder kernels
+    are CUDA-only; a CPU has no build of them), else off."""
+    if zero.get("zero_hpz_partition_size") == "auto":
+        multi_node = 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0
+        zero["zero_hpz_partition_size"] = ranks_per_node if multi_node else 1
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if hpz > 1 and (zero.get("stage", 0) != 3 or world_size % hpz):
+        raise ConfigError(f"{path}: zero_hpz_partition_size {hpz} needs ZeRO stage 3 and a world size it divides "
+                          f"({world_size} ranks); set it to \"auto\" (the ranks of a node)")
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if zero.get(key) == "auto":
+            zero[key] = torch.cuda.is_available()
+        elif zero.get(key) and not torch.cuda.is_available():
+            raise ConfigError(f"{path}: {key} needs CUDA (DeepSpeed's quantizer kernels); set it to \"auto\"")
 
 
 def optimizer_kind(flag: str, ds: dict, path: str) -> str:

@@ -87,3 +87,30 @@ def test_muon_by_flag_or_json(tmp_path):
         resolve(scatter, optimizer="muon")
     with pytest.raises(ConfigError, match="'lion' is not supported"):
         resolve(write_json(tmp_path / "lion.json", {"optimizer": {"type": "Lion"}}))
+
+
+def test_zero_plus_plus_auto_values():
+    """zero3pp.json: hpZ's secondary partition is the ranks of a node where there are several nodes, off on one
+    node; quantized weights and gradients only where CUDA is (DeepSpeed's quantizer kernels)."""
+    import torch
+
+    config = TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ROOT / "ds_configs" / "zero3pp.json"))
+    zero = resolve_ds_config(config, 16, ranks_per_node=8)["zero_optimization"]
+    assert zero["zero_hpz_partition_size"] == 8
+    assert zero["zero_quantized_weights"] is zero["zero_quantized_gradients"] is torch.cuda.is_available()
+    assert resolve_ds_config(config, 8, ranks_per_node=8)["zero_optimization"]["zero_hpz_partition_size"] == 1
+    assert resolve_ds_config(config, 2, ranks_per_node=1)["zero_optimization"]["zero_hpz_partition_size"] == 1
+
+
+def test_zero_plus_plus_values_that_cannot_work(tmp_path):
+    def resolve(zero, world_size=4):
+        path = write_json(tmp_path / "z.json", {"zero_optimization": zero})
+        return resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(path)), world_size)
+
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size 3 needs ZeRO stage 3 and a world size it divides"):
+        resolve({"stage": 3, "zero_hpz_partition_size": 3})
+    with pytest.raises(ConfigError, match="needs ZeRO stage 3"):
+        resolve({"stage": 2, "zero_hpz_partition_size": 2})
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ConfigError, match="zero_quantized_weights needs CUDA"):
+            resolve({"stage": 3, "zero_quantized_weights": True})
