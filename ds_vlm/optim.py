@@ -45,18 +45,24 @@ def param_groups(groups: dict[str, list], config: OptimConfig, muon: bool = Fals
     return out
 
 
-def tag_muon(model: torch.nn.Module, adam: str) -> str:
-    """Marks the parameters Muon updates (`param.use_muon`) by DeepSpeed's own rule (deepspeed.set_optimizer_flags,
-    which deepspeed.initialize runs again on the same model): matrices (2 or more dims as a layer; ZeRO-3's
-    ds_shape) whose name holds neither 'embed' nor 'lm_head'. So the attention, MLP and expert projections of both
-    towers and the projector go to Muon; the token embedding, the LM head, norms, biases, and the vision tower's
-    patch embedding (a Conv3d) and position embedding to AdamW (`adam`, as settle_optimizer named it). Returns the
-    log's description."""
+def muon_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """Which parameters DeepSpeed's Muon updates, by its own rule (deepspeed.set_optimizer_flags, which
+    deepspeed.initialize runs again on the same model): matrices (2 or more dims as a layer; ZeRO-3's ds_shape)
+    whose name holds neither 'embed' nor 'lm_head'. So the attention, MLP and expert projections of both towers
+    and the projector go to Muon; the token embedding, the LM head, norms, biases, and the vision tower's patch
+    embedding (a Conv3d) and position embedding to AdamW. Sets `param.use_muon`; name -> flag, in
+    named_parameters' order."""
     from types import SimpleNamespace
 
     import deepspeed
 
     deepspeed.set_optimizer_flags(SimpleNamespace(optimizer_name="muon", optimizer_params={}), model)
+    return {name: p.use_muon for name, p in model.named_parameters()}
+
+
+def tag_muon(model: torch.nn.Module, adam: str) -> str:
+    """`muon_flags` on the model the engine gets; the log's description (`adam`: as settle_optimizer named it)."""
+    muon_flags(model)
     tags = [p.use_muon for p in model.parameters() if p.requires_grad]
     return f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, {adam} on the rest"
 

@@ -65,19 +65,23 @@ class ModelStates:
 
 def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_per_param: int,
                  zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0,
-                 largest_trained: int = 0) -> ModelStates:
+                 largest_trained: int = 0, muon_trained: int = 0) -> ModelStates:
     """Per-rank bytes of weights, gradients, optimizer states and ZeRO's buffers (see the module docstring).
     `bytes_per_param`: 2 in bf16, 4 in fp32; `largest_module`: the most parameters one module holds directly
     (what ZeRO-3 gathers at a time); `persistent`: the parameters ZeRO-3 keeps whole on every rank (those under
     `stage3_param_persistence_threshold`: `persistent_numel`); `largest_trained`: the largest trained parameter
-    (ZeRO-1/2 reduce its gradient through a copy)."""
+    (ZeRO-1/2 reduce its gradient through a copy); `muon_trained`: the trained parameters DeepSpeed's Muon
+    updates (one momentum each in the gradients' dtype instead of AdamW's two fp32 moments; ZeRO-1/2 stage the
+    step's momentum in a second buffer). ZeRO++'s hpZ (`zero_hpz_partition_size` h > 1) keeps a secondary copy
+    of the weights, partitioned over the h ranks of a node (int8 with `zero_quantized_weights`)."""
     zero = zero or {}
     p, t = bytes_per_param, n_trained
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
     shard = world if stage >= 1 else 1
     master = 4 * t if (p == 2 or stage >= 1) else 0  # a separate fp32 copy (ZeRO 1-3 keep one in fp32 too)
-    optimizer = 0.0 if offload_optimizer else (master + 8 * t) / shard
+    momentum = p * muon_trained * (2 if stage in (1, 2) else 1)
+    optimizer = 0.0 if offload_optimizer else (master + 8 * (t - muon_trained) + momentum) / shard
     if stage == 3:
         weights = 0.0 if offload_param else ((n_params - persistent) / world + persistent) * p
         live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
@@ -85,6 +89,9 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         # gathered in full while a module runs: that module and the one prefetched behind it, within the caps
         # (a new full-size tensor each: the rank's own partition stays where it is)
         weights += min(n_params, 2 * block, live) * p if world > 1 else 0
+        hpz = int(zero.get("zero_hpz_partition_size", 1))
+        if hpz > 1 and not offload_param:
+            weights += (n_params - persistent) / hpz * (1 if zero.get("zero_quantized_weights") else p)
     else:
         weights = n_params * p
     if stage >= 2:
@@ -140,16 +147,23 @@ class ParamCounts:
     n_trained: int
     largest_trained: int
     largest_module: int
+    n_muon: int = 0  # of the trained parameters, those DeepSpeed's Muon updates (a Muon run's)
 
     @classmethod
-    def of(cls, model) -> "ParamCounts":
+    def of(cls, model, muon: bool = False) -> "ParamCounts":
         def numel(p) -> int:
             return int(getattr(p, "ds_numel", p.numel()))
 
         params = list(model.parameters())
         trained = [numel(p) for p in params if p.requires_grad]
         block = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block)
+        n_muon = 0
+        if muon:
+            from .optim import muon_flags
+
+            flags = muon_flags(model)
+            n_muon = sum(numel(p) for name, p in model.named_parameters() if flags[name] and p.requires_grad)
+        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block, n_muon)
 
     @property
     def n_params(self) -> int:
@@ -158,7 +172,7 @@ class ParamCounts:
     def states(self, stage: int, world: int, bytes_per_param: int, zero: dict) -> ModelStates:
         """`model_states` of these parameters (persistence by `zero`'s own stage)."""
         return model_states(self.n_params, self.n_trained, stage, world, bytes_per_param, zero, self.largest_module,
-                            persistent_numel(self.sizes, zero), self.largest_trained)
+                            persistent_numel(self.sizes, zero), self.largest_trained, self.n_muon)
 
 
 def persistent_numel(sizes, zero: dict) -> int:
@@ -226,7 +240,7 @@ def plan(argv=None) -> Optional[dict]:
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
     meta, _ = meta_model(model_cfg, adapter, config.model)
-    counts = ParamCounts.of(meta)
+    counts = ParamCounts.of(meta, muon=ds["optimizer"]["type"] == "Muon")
     states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]
     peak_tflops = peak_tflops_of(extra["gpu"]) if cuda and extra["gpu"] in GPUS else None

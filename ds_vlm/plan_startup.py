@@ -62,7 +62,8 @@ class RunPlanner:
         self.config, self.loaded, self.encoder = config, loaded, encoder
         zero = ds_config["zero_optimization"]
         self.bf16 = ds_config["bf16"]["enabled"]
-        self.states = ParamCounts.of(loaded.model).states(zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
+        self.states = ParamCounts.of(loaded.model, muon=ds_config["optimizer"]["type"] == "Muon").states(
+            zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
         self.longest, self.most_image = worst_counts(checks, config.data.max_length)
         self.sp = config.parallel.sequence_parallel
         self.root = writable(cache_root(config.data.data_cache))

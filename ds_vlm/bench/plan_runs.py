@@ -8,8 +8,8 @@ busiest rank's largest step.
 
 Every record of a row's data is the same image-and-caption record, so every micro-batch is the worst one the
 planner traces. Rows: the tiny Qwen3-VL under ZeRO-0, 2 and 3, checkpointing off, packing, LoRA and SP 2, and a
-~110M-parameter Qwen3-VL with the real 151,936-token vocabulary (ZeRO-2 and ZeRO-3). Target: planned/measured
-within 10% in every row.
+~110M-parameter Qwen3-VL with the real 151,936-token vocabulary (ZeRO-2 and ZeRO-3, AdamW and Muon). Target:
+planned/measured within 10% in every row.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ ROWS = {  # name: (model, ZeRO json, trainer flags)
     "tiny, ZeRO-2, SP 2": ("tiny", "zero2", ["--sequence_parallel", "2"]),
     "110M, 151,936 vocab, ZeRO-2": ("wide", "zero2", []),
     "110M, 151,936 vocab, ZeRO-3": ("wide", "zero3", []),
+    "110M, 151,936 vocab, ZeRO-2, Muon": ("wide", "zero2", ["--optimizer", "muon"]),
+    "110M, 151,936 vocab, ZeRO-3, Muon": ("wide", "zero3", ["--optimizer", "muon"]),
 }
 
 

@@ -38,6 +38,22 @@ def test_model_states_follow_zero_partitioning():
     assert frozen.gradients == frozen.optimizer == 0
 
 
+def test_model_states_of_muon_and_hpz():
+    """Muon: one momentum in the gradients' dtype per Muon parameter (ZeRO-1/2 stage the step's in a second
+    buffer) against AdamW's two fp32 moments; hpZ: a secondary copy of the weights over a node's ranks."""
+    n = t = 1_000_000_000
+    m = 800_000_000  # the hidden matrices; the rest (embeddings, norms) stay on AdamW
+    zero3 = model_states(n, t, 3, 16, 2, {}, muon_trained=m)
+    assert zero3.optimizer == pytest.approx((4 * t + 8 * (t - m) + 2 * m) / 16)
+    zero2 = model_states(n, t, 2, 16, 2, {}, muon_trained=m)
+    assert zero2.optimizer == pytest.approx((4 * t + 8 * (t - m) + 2 * 2 * m) / 16)
+    plain = model_states(n, t, 3, 16, 2, {})
+    hpz = model_states(n, t, 3, 16, 2, {"zero_hpz_partition_size": 8})
+    assert hpz.weights - plain.weights == pytest.approx(2e9 / 8)
+    quantized = model_states(n, t, 3, 16, 2, {"zero_hpz_partition_size": 8, "zero_quantized_weights": True})
+    assert quantized.weights - plain.weights == pytest.approx(1e9 / 8)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
     model = family_models(family)
