@@ -170,6 +170,9 @@ class ParallelConfig:
     deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
     sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
                                      "the groups; 1: off")
+    expert_parallel: int = _key(1, "split each MoE block's experts over groups of N ranks (DeepSpeed AutoEP; "
+                                   "qwen3_vl_moe, qwen3_5_moe); the rest stays data-parallel under ZeRO; 1: off "
+                                   "(or the json's expert_parallel section)")
     dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
                                     "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
                                     "rendezvous and every collective")
@@ -286,6 +289,7 @@ class TrainConfig:
         need(optim.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         need(self.logging.logging_steps >= 1, "--logging_steps must be >= 1")
         need(self.parallel.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
+        need(self.parallel.expert_parallel >= 1, "--expert_parallel must be >= 1")
         need(model.lora_rank >= 0 and model.lora_alpha > 0 and 0 <= model.lora_dropout < 1,
              "--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1)")
         need(not model.lora_bits or model.lora_rank, "--lora_bits 4 needs --lora_rank > 0 (QLoRA trains LoRA adapters)")

@@ -38,6 +38,7 @@ from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_re
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
 from .optim import lr_lambda, optimizer_groups, param_groups, tag_muon
 from .parallel import ParallelLayout
+from .parallel.expert import fill_autoep_section
 from .plan_startup import plan_at_start
 from .step import PendingStep, StepRunner, Unlogged
 
@@ -130,6 +131,7 @@ class Trainer:
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
+            fill_autoep_section(self.ds_config, self.loaded.adapter, self.loaded.model.config)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err

@@ -114,3 +114,38 @@ def test_zero_plus_plus_values_that_cannot_work(tmp_path):
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ConfigError, match="zero_quantized_weights needs CUDA"):
             resolve({"stage": 3, "zero_quantized_weights": True})
+
+
+def test_expert_parallel_section(tmp_path):
+    """--expert_parallel N writes AutoEP's section; a json's own section is read (its size must agree); the
+    adapter adds the preset (qwen3_vl_moe: AutoEP's qwen3_moe layout) and the text config's top-k."""
+    from types import SimpleNamespace
+
+    from ds_vlm.models import adapter_for
+    from ds_vlm.parallel.expert import fill_autoep_section
+
+    def resolve(ds_path, world=4, **keys):
+        keys = {"export_hf": False, **keys}
+        return resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ds_path), **keys),
+                                 world)
+
+    ds = resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2)
+    assert ds["expert_parallel"] == {"enabled": True, "autoep_size": 2}
+    text = SimpleNamespace(num_experts_per_tok=8)
+    config = SimpleNamespace(get_text_config=lambda: text)
+    section = fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config)
+    assert section["preset_model"] == "qwen3_moe" and section["top_k"] == 8
+    assert section["moe_layer_pattern"] == r"model\.language_model\.layers\.\d+\.mlp"
+    with pytest.raises(ConfigError, match="qwen3_vl has no MoE blocks"):
+        fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2), adapter_for("qwen3_vl"),
+                            config)
+    in_json = write_json(tmp_path / "ep.json", {"expert_parallel": {"enabled": True, "autoep_size": 4, "top_k": 4}})
+    assert resolve(in_json)["expert_parallel"]["autoep_size"] == 4
+    assert fill_autoep_section(resolve(in_json), adapter_for("qwen3_vl_moe"), config)["top_k"] == 4  # the json's
+    with pytest.raises(ConfigError, match="autoep_size = 4 contradicts --expert_parallel 2"):
+        resolve(in_json, expert_parallel=2)
+    with pytest.raises(ConfigError, match="world size 4 is not a multiple"):
+        resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=3)
+    with pytest.raises(ConfigError, match="--export_hf false"):
+        resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2, export_hf=True)
+    assert "expert_parallel" not in resolve(ROOT / "ds_configs" / "zero2.json")
