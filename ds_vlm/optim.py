@@ -16,7 +16,7 @@ def param_groups(groups: dict[str, list], config: OptimConfig, muon: bool = Fals
     (each group is a flat buffer of its own: its own all-gather after the step; measured on the tiny model,
     ZeRO-2: 4 groups ~13 ms a step, 2 groups ~6 ms).
 
-    With `muon`, the parameters `tag_muon` marked are grouped apart at --muon_lr times the part's lr / --lr:
+    With `muon`, the parameters `muon_flags` marked are grouped apart at --muon_lr times the part's lr / --lr:
     DeepSpeed splits every group it is given into a Muon and an AdamW half (naming them NAME-muon-params and
     NAME-adam-params) and gives both halves the group's lr, so a group must be all Muon or all AdamW for each
     to get its own lr."""
@@ -60,11 +60,17 @@ def muon_flags(model: torch.nn.Module) -> dict[str, bool]:
     return {name: p.use_muon for name, p in model.named_parameters()}
 
 
-def tag_muon(model: torch.nn.Module, adam: str) -> str:
-    """`muon_flags` on the model the engine gets; the log's description (`adam`: as settle_optimizer named it)."""
+def settle_optimizer_for(ds: dict, model: torch.nn.Module) -> tuple[str, bool]:
+    """settle_optimizer (which AdamW this machine gets), and with Muon `muon_flags` on the model the engine
+    gets: (the log's description, whether the run is a Muon run)."""
+    from .ds_config import settle_optimizer
+
+    adam = settle_optimizer(ds)
+    if ds["optimizer"]["type"] != "Muon":
+        return adam, False
     muon_flags(model)
     tags = [p.use_muon for p in model.parameters() if p.requires_grad]
-    return f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, {adam} on the rest"
+    return f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, {adam} on the rest", True
 
 
 def _on_muon(param: torch.nn.Parameter, muon: bool) -> bool:

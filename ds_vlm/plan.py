@@ -65,7 +65,7 @@ class ModelStates:
 
 def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_per_param: int,
                  zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0,
-                 largest_trained: int = 0, muon_trained: int = 0) -> ModelStates:
+                 largest_trained: int = 0, muon_trained: int = 0, experts: int = 0, ep: int = 1) -> ModelStates:
     """Per-rank bytes of weights, gradients, optimizer states and ZeRO's buffers (see the module docstring).
     `bytes_per_param`: 2 in bf16, 4 in fp32; `largest_module`: the most parameters one module holds directly
     (what ZeRO-3 gathers at a time); `persistent`: the parameters ZeRO-3 keeps whole on every rank (those under
@@ -73,7 +73,10 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
     (ZeRO-1/2 reduce its gradient through a copy); `muon_trained`: the trained parameters DeepSpeed's Muon
     updates (one momentum each in the gradients' dtype instead of AdamW's two fp32 moments; ZeRO-1/2 stage the
     step's momentum in a second buffer). ZeRO++'s hpZ (`zero_hpz_partition_size` h > 1) keeps a secondary copy
-    of the weights, partitioned over the h ranks of a node (int8 with `zero_quantized_weights`)."""
+    of the weights, partitioned over the h ranks of a node (int8 with `zero_quantized_weights`). Expert
+    parallelism (`ep` > 1, AutoEP; `experts`: the MoE experts' parameters) leaves each rank its 1/ep of the
+    experts, whose ZeRO partitions then span the world / ep ranks that hold the same experts: the same 1/world
+    of their gradients and optimizer states, but 1/ep of their weights where ZeRO-0/1/2 keep weights whole."""
     zero = zero or {}
     p, t = bytes_per_param, n_trained
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
@@ -93,7 +96,7 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         if hpz > 1 and not offload_param:
             weights += (n_params - persistent) / hpz * (1 if zero.get("zero_quantized_weights") else p)
     else:
-        weights = n_params * p
+        weights = (n_params - experts + experts / ep) * p
     if stage >= 2:
         gradients = (4 * t / world) + (0 if stage == 2 else t * p / world)
     else:
@@ -148,9 +151,11 @@ class ParamCounts:
     largest_trained: int
     largest_module: int
     n_muon: int = 0  # of the trained parameters, those DeepSpeed's Muon updates (a Muon run's)
+    n_experts: int = 0  # the MoE experts' parameters (names with `.experts.`)
+    ep: int = 1  # expert parallelism (AutoEP's autoep_size)
 
     @classmethod
-    def of(cls, model, muon: bool = False) -> "ParamCounts":
+    def of(cls, model, muon: bool = False, ep: int = 1) -> "ParamCounts":
         def numel(p) -> int:
             return int(getattr(p, "ds_numel", p.numel()))
 
@@ -163,7 +168,8 @@ class ParamCounts:
 
             flags = muon_flags(model)
             n_muon = sum(numel(p) for name, p in model.named_parameters() if flags[name] and p.requires_grad)
-        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block, n_muon)
+        experts = sum(numel(p) for name, p in model.named_parameters() if ".experts." in name)
+        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block, n_muon, experts, ep)
 
     @property
     def n_params(self) -> int:
@@ -172,7 +178,8 @@ class ParamCounts:
     def states(self, stage: int, world: int, bytes_per_param: int, zero: dict) -> ModelStates:
         """`model_states` of these parameters (persistence by `zero`'s own stage)."""
         return model_states(self.n_params, self.n_trained, stage, world, bytes_per_param, zero, self.largest_module,
-                            persistent_numel(self.sizes, zero), self.largest_trained, self.n_muon)
+                            persistent_numel(self.sizes, zero), self.largest_trained, self.n_muon, self.n_experts,
+                            self.ep)
 
 
 def persistent_numel(sizes, zero: dict) -> int:
@@ -215,6 +222,7 @@ def plan(argv=None) -> Optional[dict]:
     from .flags import load_tool_config
     from .metrics import FlopsCounter, peak_tflops_of
     from .models import adapter_for
+    from .parallel.expert import ep_size_of
 
     try:
         config, extra = load_tool_config(argv, _extra, needs_data=False)
@@ -240,7 +248,7 @@ def plan(argv=None) -> Optional[dict]:
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
     meta, _ = meta_model(model_cfg, adapter, config.model)
-    counts = ParamCounts.of(meta, muon=ds["optimizer"]["type"] == "Muon")
+    counts = ParamCounts.of(meta, muon=ds["optimizer"]["type"] == "Muon", ep=ep_size_of(ds))
     states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]
     peak_tflops = peak_tflops_of(extra["gpu"]) if cuda and extra["gpu"] in GPUS else None

@@ -28,7 +28,7 @@ from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, ma
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadRecordCount
-from .ds_config import resolve_ds_config, settle_optimizer
+from .ds_config import resolve_ds_config
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
 from .forward import ForwardContext
@@ -36,7 +36,7 @@ from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
-from .optim import lr_lambda, optimizer_groups, param_groups, tag_muon
+from .optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
 from .parallel import ParallelLayout
 from .parallel.expert import fill_autoep_section
 from .plan_startup import plan_at_start
@@ -131,7 +131,8 @@ class Trainer:
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
-            fill_autoep_section(self.ds_config, self.loaded.adapter, self.loaded.model.config)
+            fill_autoep_section(self.ds_config, self.loaded.adapter, self.loaded.model.config,
+                                config.checkpoint.export_hf)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -190,9 +191,8 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
-        muon, adam = self.ds_config["optimizer"]["type"] == "Muon", settle_optimizer(self.ds_config)
-        self.log.info(f"optimizer {tag_muon(self.trained, adam) if muon else adam}; attention "
-                      f"{kernel_description(implementation, dtype=self.model_dtype)}")
+        optimizer, muon = settle_optimizer_for(self.ds_config, self.trained)
+        self.log.info(f"optimizer {optimizer}; attention {kernel_description(implementation, dtype=self.model_dtype)}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))

@@ -137,19 +137,20 @@ def test_expert_parallel_section(tmp_path):
     assert ds["expert_parallel"] == {"enabled": True, "autoep_size": 2}
     text = SimpleNamespace(num_experts_per_tok=8)
     config = SimpleNamespace(get_text_config=lambda: text)
-    section = fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config)
+    section = fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config, export_hf=False)
     assert section["preset_model"] == "qwen3_moe" and section["top_k"] == 8
     assert section["moe_layer_pattern"] == r"model\.language_model\.layers\.\d+\.mlp"
     with pytest.raises(ConfigError, match="qwen3_vl has no MoE blocks"):
         fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2), adapter_for("qwen3_vl"),
-                            config)
+                            config, export_hf=False)
     in_json = write_json(tmp_path / "ep.json", {"expert_parallel": {"enabled": True, "autoep_size": 4, "top_k": 4}})
     assert resolve(in_json)["expert_parallel"]["autoep_size"] == 4
-    assert fill_autoep_section(resolve(in_json), adapter_for("qwen3_vl_moe"), config)["top_k"] == 4  # the json's
+    assert fill_autoep_section(resolve(in_json), adapter_for("qwen3_vl_moe"), config, False)["top_k"] == 4  # json's
     with pytest.raises(ConfigError, match="autoep_size = 4 contradicts --expert_parallel 2"):
         resolve(in_json, expert_parallel=2)
     with pytest.raises(ConfigError, match="world size 4 is not a multiple"):
         resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=3)
     with pytest.raises(ConfigError, match="--export_hf false"):
-        resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2, export_hf=True)
+        fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2),
+                            adapter_for("qwen3_vl_moe"), config, export_hf=True)
     assert "expert_parallel" not in resolve(ROOT / "ds_configs" / "zero2.json")

@@ -54,6 +54,17 @@ def test_model_states_of_muon_and_hpz():
     assert quantized.weights - plain.weights == pytest.approx(1e9 / 8)
 
 
+def test_model_states_under_expert_parallelism():
+    """EP 4 over 16 ranks: each rank keeps a quarter of the experts' weights (ZeRO-2 keeps weights whole);
+    their gradients and optimizer states stay 1/16 (partitioned over the 4 ranks holding the same experts)."""
+    n = t = 1_000_000_000
+    e = 600_000_000
+    dense = model_states(n, t, 2, 16, 2, {}, experts=e)
+    ep = model_states(n, t, 2, 16, 2, {}, experts=e, ep=4)
+    assert dense.weights - ep.weights == pytest.approx(e * 3 / 4 * 2)
+    assert (dense.gradients, dense.optimizer) == (ep.gradients, ep.optimizer)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
     model = family_models(family)
