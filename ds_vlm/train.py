@@ -196,6 +196,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        self.groups = {}  # AutoEP replaced the experts' tensors: the ones listed here would stay alive otherwise
         # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
         self.engine.train()
