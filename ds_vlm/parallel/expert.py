@@ -14,8 +14,9 @@ AutoEP preset whose MoE block layout the family's text layers share) and the mod
 Found on 2 CPU ranks (gloo, torch 2.14.1, deepspeed 0.19.8): AutoEP runs there with `use_grouped_mm` off
 (set here where CUDA is missing); losses equal EP 1 to fp32 rounding. Not yet here: the router's load-balancing
 loss (AutoEP's qwen3_moe adapter retargets transformers' router-logits recorder for Qwen3-MoE classes only, so
-`output_router_logits` finds no logits: the trainer does not ask for them) and an HF export of the sharded
-experts (refused with EP > 1: `--export_hf false`).
+`output_router_logits` finds no logits: the trainer does not ask for them), an HF export of the sharded
+experts (refused with EP > 1: `--export_hf false`) and resuming at another EP size (refused by the resume's
+exactness keys; the same size resumes with the uninterrupted losses).
 """
 
 from __future__ import annotations
