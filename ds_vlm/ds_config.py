@@ -122,8 +122,13 @@ def optimizer_kind(flag: str, ds: dict, path: str) -> str:
 
 
 def _muon_zero(zero: dict, path: str) -> None:
-    """DeepSpeed's ZeRO-3 Muon orthogonalizes gathered whole-matrix gradients and cannot reduce-scatter them
-    (stage3.py raises): turned off here unless the json asks for it."""
+    """DeepSpeed's ZeRO-3 Muon orthogonalizes gathered whole-matrix gradients and can neither reduce-scatter them
+    nor send them through ZeRO++'s quantized all-to-all (stage3.py raises for both): both turned off here unless
+    the json asks for them."""
+    if zero.get("zero_quantized_gradients") is True:
+        raise ConfigError(f"{path}: DeepSpeed's Muon cannot use zero_quantized_gradients (an all-to-all): set it to "
+                          "false or \"auto\"")
+    zero["zero_quantized_gradients"] = False
     if zero.get("stage", 0) == 3:
         if zero.get("reduce_scatter") is True:
             raise ConfigError(f"{path}: DeepSpeed's ZeRO-3 Muon cannot reduce-scatter: remove "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The acceptance script for one short GPU run (ds_vlm/bench/gpu_check.py): each stage in its own process with
 # its own time budget, under 8 minutes on one GPU in all: the real entry on ZeRO-2 and ZeRO-3 (bf16, NCCL,
-# packed), exact resume, the HF export reloaded, LoRA, QLoRA, liger against the chunked loss, and the
-# Qwen3-VL-2B architecture's sweep (tokens/s, MFU, peak memory, the largest size that fits).
+# packed), exact resume, the HF export reloaded, LoRA, QLoRA, liger against the chunked loss, the
+# Qwen3-VL-2B architecture's sweep (tokens/s, MFU, peak memory, the largest size that fits), and ZeRO++'s
+# quantized communication and Muon in bf16 (deepspeed_features).
 #
 #   bash launch/gpu_check.sh [--stages train_zero2,sweep_2b] [--out gpu_check.json] [--workdir DIR]
 #   bash launch/gpu_check.sh --dry_run          # on a CPU: the tiny model, the CUDA-only stages skipped

@@ -47,6 +47,8 @@ STAGES = {
     "liger": (60, ("liger_kernel", "--loss liger needs liger-kernel (Triton) and a CUDA GPU")),
     "sweep_2b": (300, None),
     "plan": (90, None),
+    "deepspeed_features": (180, ("deepspeed", "ZeRO++'s quantized weights and gradients need DeepSpeed's CUDA "
+                                              "quantizer kernels")),
 }
 TRAIN_FLAGS = ["--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "4", "--packing", "--lr", "1e-3",
                "--warmup_ratio", "0", "--max_length", "512", "--dist_timeout_s", "120", "--num_workers", "1"]

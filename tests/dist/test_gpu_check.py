@@ -25,10 +25,11 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     stages = {s["name"]: s for s in json.loads(out.read_text())["stages"]}
     assert list(stages) == ["train_zero2", "train_zero3", "save_resume", "export", "lora", "qlora", "liger",
-                            "sweep_2b", "plan"]
-    assert {n for n, s in stages.items() if s["status"] == "skipped"} == {"qlora", "liger"}
-    assert all(s["status"] == "ok" for n, s in stages.items() if n not in ("qlora", "liger"))
-    assert all("CUDA only" in stages[n]["detail"]["reason"] for n in ("qlora", "liger"))
+                            "sweep_2b", "plan", "deepspeed_features"]
+    cuda_only = {"qlora", "liger", "deepspeed_features"}
+    assert {n for n, s in stages.items() if s["status"] == "skipped"} == cuda_only
+    assert all(s["status"] == "ok" for n, s in stages.items() if n not in cuda_only)
+    assert all("CUDA only" in stages[n]["detail"]["reason"] for n in cuda_only)
     for name in ("train_zero2", "train_zero3"):
         detail = stages[name]["detail"]
         assert len(detail["losses"]) == 4 and detail["backend"] == "gloo"

@@ -89,6 +89,11 @@ def test_muon_by_flag_or_json(tmp_path):
     scatter = write_json(tmp_path / "scatter.json", {"zero_optimization": {"stage": 3, "reduce_scatter": True}})
     with pytest.raises(ConfigError, match="cannot reduce-scatter"):
         resolve(scatter, optimizer="muon")
+    quantized = write_json(tmp_path / "qgz.json", {"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}})
+    with pytest.raises(ConfigError, match="Muon cannot use zero_quantized_gradients"):
+        resolve(quantized, optimizer="muon")
+    pp = resolve(ROOT / "ds_configs" / "zero3pp.json", optimizer="muon")["zero_optimization"]
+    assert pp["zero_quantized_gradients"] is False  # "auto" resolves off under Muon, even on CUDA
     with pytest.raises(ConfigError, match="'lion' is not supported"):
         resolve(write_json(tmp_path / "lion.json", {"optimizer": {"type": "Lion"}}))
 
