@@ -183,8 +183,10 @@ class Checkpointer:
 
 
 # Settings whose change makes a resumed run differ from the uninterrupted one.
-EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "warmup_ratio", "min_lr_ratio",
-                  "max_tokens_per_batch", "packing")
+# expert_parallel: an AutoEP checkpoint holds each rank's experts under AutoEP's names (across EP sizes the
+# engine's load fails; not converted yet)
+EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "muon_lr", "warmup_ratio",
+                  "min_lr_ratio", "max_tokens_per_batch", "packing", "expert_parallel")
 
 
 def config_differences(meta: dict, config: dict, global_batch: int, total_steps: int) -> list[str]:

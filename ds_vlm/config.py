@@ -147,6 +147,10 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["auto", "adamw", "muon"] = _key(
+        "auto", "auto: the DeepSpeed json's optimizer type (AdamW when it names none); muon: DeepSpeed's Muon "
+                "under ZeRO on the 2-D hidden weight matrices, AdamW on the rest (embeddings, LM head, norms, "
+                "biases, the vision patch embedding; docs/training.md)")
     lr: float = _key(2e-5, "peak learning rate")
     warmup_ratio: float = _key(0.03, "linear warmup, as a fraction of all steps")
     min_lr_ratio: float = _key(0.0, "cosine decays to lr x this")
@@ -156,6 +160,9 @@ class OptimConfig:
     adam_beta1: float = _key(0.9, "AdamW beta1")
     adam_beta2: float = _key(0.999, "AdamW beta2")
     adam_eps: float = _key(1e-8, "AdamW epsilon")
+    muon_lr: float = _key(0.02, "Muon's peak learning rate on the language tower's matrices (vision and projector "
+                                "matrices: this x --vision_lr / --lr and x --projector_lr / --lr)")
+    muon_momentum: float = _key(0.95, "Muon's momentum (its one state per parameter)")
     grad_clip: float = _key(1.0, "clip the global gradient norm; 0 disables")
     max_bad_steps: int = _key(5, "stop after this many consecutive steps with a non-finite loss or gradient")
 
@@ -165,6 +172,9 @@ class ParallelConfig:
     deepspeed: str = _key("ds_configs/zero3.json", "the DeepSpeed json (ZeRO stage and its settings)")
     sequence_parallel: int = _key(1, "split every sequence over groups of N ranks (Ulysses); data parallel over "
                                      "the groups; 1: off")
+    expert_parallel: int = _key(1, "split each MoE block's experts over groups of N ranks (DeepSpeed AutoEP; "
+                                   "qwen3_vl_moe, qwen3_5_moe); the rest stays data-parallel under ZeRO; 1: off "
+                                   "(or the json's expert_parallel section)")
     dist_timeout_s: int = _key(900, "a rank stuck this long in one phase (data, forward, backward, step, "
                                     "checkpoint) ends the run, naming the rank that holds it up; also bounds the "
                                     "rendezvous and every collective")
@@ -277,9 +287,11 @@ class TrainConfig:
              "--eval_steps/--eval_generate must be >= 0")
         need(self.checkpoint.save_total_limit >= 0 and self.checkpoint.save_steps >= 0,
              "--save_steps and --save_total_limit must be >= 0")
+        need(optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1, "--muon_lr must be > 0, --muon_momentum in [0, 1)")
         need(optim.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         need(self.logging.logging_steps >= 1, "--logging_steps must be >= 1")
         need(self.parallel.sequence_parallel >= 1, "--sequence_parallel must be >= 1")
+        need(self.parallel.expert_parallel >= 1, "--expert_parallel must be >= 1")
         need(model.lora_rank >= 0 and model.lora_alpha > 0 and 0 <= model.lora_dropout < 1,
              "--lora_rank must be >= 0, --lora_alpha > 0, --lora_dropout in [0, 1)")
         need(not model.lora_bits or model.lora_rank, "--lora_bits 4 needs --lora_rank > 0 (QLoRA trains LoRA adapters)")

@@ -58,7 +58,8 @@ def trim_deepspeed_startup() -> None:
       check). That module decorates three functions with torch.compile at import, and the decoration alone
       loads torch._inductor (~2 s a rank; ~4 s with two ranks on two cores). It is imported here once with
       the decoration deferred to each function's first call (where torch.compile would compile it anyway):
-      the functions and classes are DeepSpeed's own, and nothing of Muon runs in an AdamW run.
+      the functions and classes are DeepSpeed's own, and nothing of Muon runs in an AdamW run. A Muon run on a
+      CPU runs them eagerly (compiling them there outlasted a 120 s --dist_timeout_s on 2 loaded cores).
     - Each op load asks py-cpuinfo for the CPU's flags, which starts a new Python process each time (four a
       rank); the answer is kept for the process."""
     import functools
@@ -74,8 +75,8 @@ def trim_deepspeed_startup() -> None:
                 @functools.wraps(fn)
                 def call(*args, **kwargs):
                     nonlocal compiled
-                    if compiled is None:
-                        compiled = torch.compile(fn)
+                    if compiled is None:  # eager on a CPU: inductor's C++ build of Newton-Schulz took minutes
+                        compiled = torch.compile(fn) if torch.cuda.is_available() else fn
                     return compiled(*args, **kwargs)
 
                 return call

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig
 from .console import say_once
+from .distributed import local_world_size
+from .parallel.expert import expert_parallel_size
 
 
 def resolve_precision(model: ModelConfig) -> str:
@@ -30,7 +32,7 @@ def native_bf16() -> bool:
         return torch.cuda.get_device_capability() >= (8, 0)
 
 
-def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
+def resolve_ds_config(config: TrainConfig, world_size: int, ranks_per_node: Optional[int] = None) -> dict:
     """The user's json (ZeRO settings: config.parallel.deepspeed) plus everything the trainer decides from the
     batch and optimizer sections and the model's precision.
 
@@ -57,9 +59,11 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the trainer owns the LR schedule "
                           "(--lr, --warmup_ratio, --min_lr_ratio)")
-    optimizer_type = ds.get("optimizer", {}).get("type", "AdamW")
-    if optimizer_type.lower() not in ("adamw", "adam"):
-        raise ConfigError(f"{path}: optimizer type {optimizer_type!r} is not supported; the trainer uses AdamW")
+    muon = optimizer_kind(optim.optimizer, ds, path) == "muon"
+    if muon:
+        owned += [(("optimizer", "params", "muon_lr"), optim.muon_lr, "--muon_lr"),
+                  (("optimizer", "params", "momentum"), optim.muon_momentum, "--muon_momentum"),
+                  (("optimizer", "params", "adam_lr"), optim.lr, "--lr")]
     for keys, value, flag in owned:
         node = ds
         for key in keys[:-1]:
@@ -69,16 +73,67 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"{path}: {'.'.join(keys)} = {current!r} contradicts {flag} (resolved to {value!r}); "
                               "remove it from the json or set it to \"auto\"")
         node[keys[-1]] = value
-    ds["optimizer"]["type"] = "AdamW"
+    ds["optimizer"]["type"] = "Muon" if muon else "AdamW"
     ds["optimizer"]["params"]["adam_w_mode"] = True
+    expert_parallel_size(ds, config.parallel.expert_parallel, world_size, path)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if muon:
+        _muon_zero(zero, path)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    _zero_plus_plus(zero, world_size, local_world_size() if ranks_per_node is None else ranks_per_node, path)
     if precision == "bf16":  # skip steps whose gradients are not finite, as fp32 ZeRO does
         ds["bf16"].setdefault("check_grad_overflow", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _zero_plus_plus(zero: dict, world_size: int, ranks_per_node: int, path: str) -> None:
+    """ZeRO++'s "auto" values (ds_configs/zero3pp.json). zero_hpz_partition_size: the ranks of a node (a
+    secondary copy of the weights partitioned within each node, so the forward's and backward's all-gathers stay
+    on the node's links), 1 (off) on one node, where the primary partition is within the node already.
+    zero_quantized_weights / zero_quantized_gradients: on where CUDA is (DeepSpeed's QuantizerBuilder kernels
+    are CUDA-only; a CPU has no build of them), else off."""
+    if zero.get("zero_hpz_partition_size") == "auto":
+        multi_node = 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0
+        zero["zero_hpz_partition_size"] = ranks_per_node if multi_node else 1
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if hpz > 1 and (zero.get("stage", 0) != 3 or world_size % hpz):
+        raise ConfigError(f"{path}: zero_hpz_partition_size {hpz} needs ZeRO stage 3 and a world size it divides "
+                          f"({world_size} ranks); set it to \"auto\" (the ranks of a node)")
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if zero.get(key) == "auto":
+            zero[key] = torch.cuda.is_available()
+        elif zero.get(key) and not torch.cuda.is_available():
+            raise ConfigError(f"{path}: {key} needs CUDA (DeepSpeed's quantizer kernels); set it to \"auto\"")
+
+
+def optimizer_kind(flag: str, ds: dict, path: str) -> str:
+    """adamw or muon: --optimizer, or with `auto` the json's optimizer type (AdamW when it names none)."""
+    named = str(ds.get("optimizer", {}).get("type", "AdamW")).lower()
+    if named not in ("adamw", "adam", "muon"):
+        raise ConfigError(f"{path}: optimizer type {named!r} is not supported; use AdamW or Muon (--optimizer)")
+    named = "adamw" if named == "adam" else named
+    if flag != "auto" and "type" in ds.get("optimizer", {}) and named != flag:
+        raise ConfigError(f"{path}: optimizer type {named!r} contradicts --optimizer {flag}; remove the type from "
+                          "the json or change the flag")
+    return named if flag == "auto" else flag
+
+
+def _muon_zero(zero: dict, path: str) -> None:
+    """DeepSpeed's ZeRO-3 Muon orthogonalizes gathered whole-matrix gradients and can neither reduce-scatter them
+    nor send them through ZeRO++'s quantized all-to-all (stage3.py raises for both): both turned off here unless
+    the json asks for them."""
+    if zero.get("zero_quantized_gradients") is True:
+        raise ConfigError(f"{path}: DeepSpeed's Muon cannot use zero_quantized_gradients (an all-to-all): set it to "
+                          "false or \"auto\"")
+    zero["zero_quantized_gradients"] = False
+    if zero.get("stage", 0) == 3:
+        if zero.get("reduce_scatter") is True:
+            raise ConfigError(f"{path}: DeepSpeed's ZeRO-3 Muon cannot reduce-scatter: remove "
+                              "zero_optimization.reduce_scatter or set it to false")
+        zero["reduce_scatter"] = False
 
 
 def settle_optimizer(ds: dict) -> str:

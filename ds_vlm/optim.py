@@ -9,22 +9,30 @@ import torch
 from .config import ConfigError, OptimConfig
 
 
-def param_groups(groups: dict[str, list], config: OptimConfig) -> list[dict]:
+def param_groups(groups: dict[str, list], config: OptimConfig, muon: bool = False) -> list[dict]:
     """Optimizer groups by (learning rate, weight decay): parts with the same lr share a group (named e.g.
     'projector+llm'); norms, biases and other 1-d tensors get no decay (a '_no_decay' group), unless the
     weight decay is 0 anyway: then they stay in their part's group. Fewer groups make ZeRO's step cheaper
     (each group is a flat buffer of its own: its own all-gather after the step; measured on the tiny model,
-    ZeRO-2: 4 groups ~13 ms a step, 2 groups ~6 ms)."""
+    ZeRO-2: 4 groups ~13 ms a step, 2 groups ~6 ms).
+
+    With `muon`, the parameters `muon_flags` marked are grouped apart at --muon_lr times the part's lr / --lr:
+    DeepSpeed splits every group it is given into a Muon and an AdamW half (naming them NAME-muon-params and
+    NAME-adam-params) and gives both halves the group's lr, so a group must be all Muon or all AdamW for each
+    to get its own lr."""
     lrs = {"vision": config.vision_lr or config.lr, "projector": config.projector_lr or config.lr, "llm": config.lr}
-    merged: dict[tuple[float, float], dict] = {}
+    merged: dict[tuple[float, float, bool], dict] = {}
     for part, named in groups.items():
         trainable = [(n, p) for n, p in named if p.requires_grad]
         for decay in (True, False):
-            params = [p for n, p in trainable if _decays(n, p) == decay]
-            if params:
+            for on_muon in (False, True) if muon else (False,):
+                params = [p for n, p in trainable if _decays(n, p) == decay and _on_muon(p, muon) == on_muon]
+                if not params:
+                    continue
+                lr = lrs[part] * (config.muon_lr / config.lr if on_muon else 1.0)
                 weight_decay = config.weight_decay if decay else 0.0
-                group = merged.setdefault((lrs[part], weight_decay), {
-                    "params": [], "lr": lrs[part], "parts": [], "weight_decay": weight_decay,
+                group = merged.setdefault((lr, weight_decay, on_muon), {
+                    "params": [], "lr": lr, "parts": [], "weight_decay": weight_decay,
                     "suffix": "_no_decay" if config.weight_decay and not decay else ""})
                 group["params"] += params
                 group["parts"] += [part] if part not in group["parts"] else []
@@ -35,6 +43,38 @@ def param_groups(groups: dict[str, list], config: OptimConfig) -> list[dict]:
         parts, suffix = group.pop("parts"), group.pop("suffix")
         out.append({**group, "name": "+".join(parts) + suffix})
     return out
+
+
+def muon_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """Which parameters DeepSpeed's Muon updates, by its own rule (deepspeed.set_optimizer_flags, which
+    deepspeed.initialize runs again on the same model): matrices (2 or more dims as a layer; ZeRO-3's ds_shape)
+    whose name holds neither 'embed' nor 'lm_head'. So the attention, MLP and expert projections of both towers
+    and the projector go to Muon; the token embedding, the LM head, norms, biases, and the vision tower's patch
+    embedding (a Conv3d) and position embedding to AdamW. Sets `param.use_muon`; name -> flag, in
+    named_parameters' order."""
+    from types import SimpleNamespace
+
+    import deepspeed
+
+    deepspeed.set_optimizer_flags(SimpleNamespace(optimizer_name="muon", optimizer_params={}), model)
+    return {name: p.use_muon for name, p in model.named_parameters()}
+
+
+def settle_optimizer_for(ds: dict, model: torch.nn.Module) -> tuple[str, bool]:
+    """settle_optimizer (which AdamW this machine gets), and with Muon `muon_flags` on the model the engine
+    gets: (the log's description, whether the run is a Muon run)."""
+    from .ds_config import settle_optimizer
+
+    adam = settle_optimizer(ds)
+    if ds["optimizer"]["type"] != "Muon":
+        return adam, False
+    muon_flags(model)
+    tags = [p.use_muon for p in model.parameters() if p.requires_grad]
+    return f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, {adam} on the rest", True
+
+
+def _on_muon(param: torch.nn.Parameter, muon: bool) -> bool:
+    return muon and getattr(param, "use_muon", False)
 
 
 def optimizer_groups(engine) -> list[dict]:

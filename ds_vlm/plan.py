@@ -67,19 +67,26 @@ class ModelStates:
 
 def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_per_param: int,
                  zero: Optional[dict] = None, largest_module: int = 0, persistent: int = 0,
-                 largest_trained: int = 0) -> ModelStates:
+                 largest_trained: int = 0, muon_trained: int = 0, experts: int = 0, ep: int = 1) -> ModelStates:
     """Per-rank bytes of weights, gradients, optimizer states and ZeRO's buffers (see the module docstring).
     `bytes_per_param`: 2 in bf16, 4 in fp32; `largest_module`: the most parameters one module holds directly
     (what ZeRO-3 gathers at a time); `persistent`: the parameters ZeRO-3 keeps whole on every rank (those under
     `stage3_param_persistence_threshold`: `persistent_numel`); `largest_trained`: the largest trained parameter
-    (ZeRO-1/2 reduce its gradient through a copy)."""
+    (ZeRO-1/2 reduce its gradient through a copy); `muon_trained`: the trained parameters DeepSpeed's Muon
+    updates (one momentum each in the gradients' dtype instead of AdamW's two fp32 moments; ZeRO-1/2 stage the
+    step's momentum in a second buffer). ZeRO++'s hpZ (`zero_hpz_partition_size` h > 1) keeps a secondary copy
+    of the weights, partitioned over the h ranks of a node (int8 with `zero_quantized_weights`). Expert
+    parallelism (`ep` > 1, AutoEP; `experts`: the MoE experts' parameters) leaves each rank its 1/ep of the
+    experts, whose ZeRO partitions then span the world / ep ranks that hold the same experts: the same 1/world
+    of their gradients and optimizer states, but 1/ep of their weights where ZeRO-0/1/2 keep weights whole."""
     zero = zero or {}
     p, t = bytes_per_param, n_trained
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     offload_param = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
     shard = world if stage >= 1 else 1
     master = 4 * t if (p == 2 or stage >= 1) else 0  # a separate fp32 copy (ZeRO 1-3 keep one in fp32 too)
-    optimizer = 0.0 if offload_optimizer else (master + 8 * t) / shard
+    momentum = p * muon_trained * (2 if stage in (1, 2) else 1)
+    optimizer = 0.0 if offload_optimizer else (master + 8 * (t - muon_trained) + momentum) / shard
     if stage == 3:
         weights = 0.0 if offload_param else ((n_params - persistent) / world + persistent) * p
         live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
@@ -87,8 +94,11 @@ def model_states(n_params: int, n_trained: int, stage: int, world: int, bytes_pe
         # gathered in full while a module runs: that module and the one prefetched behind it, within the caps
         # (a new full-size tensor each: the rank's own partition stays where it is)
         weights += min(n_params, 2 * block, live) * p if world > 1 else 0
+        hpz = int(zero.get("zero_hpz_partition_size", 1))
+        if hpz > 1 and not offload_param:
+            weights += (n_params - persistent) / hpz * (1 if zero.get("zero_quantized_weights") else p)
     else:
-        weights = n_params * p
+        weights = (n_params - experts + experts / ep) * p
     if stage >= 2:
         gradients = (4 * t / world) + (0 if stage == 2 else t * p / world)
     else:
@@ -145,11 +155,15 @@ class ParamCounts:
     largest_module: int
     n_quantized: int = 0
     quantized_bytes: int = 0
+    n_muon: int = 0  # of the trained parameters, those DeepSpeed's Muon updates (a Muon run's)
+    n_experts: int = 0  # the MoE experts' parameters (names with `.experts.`)
+    ep: int = 1  # expert parallelism (AutoEP's autoep_size)
 
     @classmethod
-    def of(cls, model, four_bit=()) -> "ParamCounts":
+    def of(cls, model, four_bit=(), muon: bool = False, ep: int = 1) -> "ParamCounts":
         """`four_bit`: parameters of a model not quantized (the planner's, on the meta device) that --lora_bits 4
-        would load in 4 bits (four_bit_params), at the bytes bitsandbytes would store them in (nf4_bytes)."""
+        would load in 4 bits (four_bit_params), at the bytes bitsandbytes would store them in (nf4_bytes); `muon`:
+        the run's optimizer is DeepSpeed's Muon; `ep`: its expert-parallel size."""
         from .metrics import weight_count
 
         params = list(model.parameters())
@@ -159,8 +173,15 @@ class ParamCounts:
         quantized = [p for p in params if getattr(p, "quant_state", None) is not None]
         planned_only = [p for p in params if id(p) in planned and getattr(p, "quant_state", None) is None]
         stored = sum(map(stored_bytes, quantized)) + sum(nf4_bytes(weight_count(p)) for p in planned_only)
+        n_muon = 0
+        if muon:
+            from .optim import muon_flags
+
+            flags = muon_flags(model)
+            n_muon = sum(weight_count(p) for name, p in model.named_parameters() if flags[name] and p.requires_grad)
+        experts = sum(weight_count(p) for name, p in model.named_parameters() if ".experts." in name)
         return cls([weight_count(p) for p in params], sum(trained), max(trained, default=0), block,
-                   sum(map(weight_count, quantized + planned_only)), stored)
+                   sum(map(weight_count, quantized + planned_only)), stored, n_muon, experts, ep)
 
     @property
     def n_params(self) -> int:
@@ -170,7 +191,8 @@ class ParamCounts:
         """`model_states` of these parameters (persistence by `zero`'s own stage); 4-bit weights by their stored
         bytes (never partitioned: ZeRO-3 refuses them)."""
         states = model_states(self.n_params - self.n_quantized, self.n_trained, stage, world, bytes_per_param, zero,
-                              self.largest_module, persistent_numel(self.sizes, zero), self.largest_trained)
+                              self.largest_module, persistent_numel(self.sizes, zero), self.largest_trained,
+                              self.n_muon, self.n_experts, self.ep)
         states.weights += self.quantized_bytes
         return states
 
@@ -248,6 +270,7 @@ def plan(argv=None) -> Optional[dict]:
     from .flags import load_tool_config
     from .metrics import FlopsCounter, peak_tflops_of
     from .models import adapter_for
+    from .parallel.expert import ep_size_of
 
     try:
         config, extra = load_tool_config(argv, _extra, needs_data=False)
@@ -273,7 +296,8 @@ def plan(argv=None) -> Optional[dict]:
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
     meta, _ = meta_model(model_cfg, adapter, config.model)
-    counts = ParamCounts.of(meta, four_bit_params(meta, adapter) if config.model.lora_bits else ())
+    counts = ParamCounts.of(meta, four_bit_params(meta, adapter) if config.model.lora_bits else (),
+                            muon=ds["optimizer"]["type"] == "Muon", ep=ep_size_of(ds))
     states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]
     peak_tflops = peak_tflops_of(extra["gpu"]) if cuda and extra["gpu"] in GPUS else None

@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from typing import Optional
 
 from .config import AUTO_BUDGET, ConfigError
+from .parallel.expert import ep_size_of
 from .plan import MARGIN, ParamCounts, _bytes, step_peak
 from .plan_trace import Activations, trace_activations, worst_counts, worst_micro_batch
 
@@ -62,7 +63,9 @@ class RunPlanner:
         self.config, self.loaded, self.encoder = config, loaded, encoder
         zero = ds_config["zero_optimization"]
         self.bf16 = ds_config["bf16"]["enabled"]
-        self.states = ParamCounts.of(loaded.model).states(zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
+        muon = ds_config["optimizer"]["type"] == "Muon"
+        self.states = ParamCounts.of(loaded.model, muon, ep_size_of(ds_config)).states(
+            zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
         self.longest, self.most_image = worst_counts(checks, config.data.max_length)
         self.sp = config.parallel.sequence_parallel
         self.root = writable(cache_root(config.data.data_cache))

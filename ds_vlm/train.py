@@ -39,7 +39,7 @@ from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
 from .data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
 from .data.sources import RecordIndex
-from .ds_config import resolve_ds_config, settle_optimizer
+from .ds_config import resolve_ds_config
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
 from .forward import ForwardContext
@@ -49,8 +49,9 @@ from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
 from .model_loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
-from .optim import lr_lambda, optimizer_groups, param_groups
+from .optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
 from .parallel import ParallelLayout
+from .parallel.expert import fill_autoep_section
 from .plan_startup import plan_at_start
 from .step import PendingStep, StepRunner, Unlogged
 
@@ -158,6 +159,8 @@ class Trainer:
             if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal(
                     self.loaded.model.config)):
                 raise ConfigError(reason)
+            fill_autoep_section(self.ds_config, self.loaded.adapter, self.loaded.model.config,
+                                config.checkpoint.export_hf)
             self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -218,11 +221,13 @@ class Trainer:
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
         linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
-        self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
-                      f"{kernel_description(implementation, dtype=self.model_dtype)}" + linear)
+        optimizer, muon = settle_optimizer_for(self.ds_config, self.trained)
+        self.log.info(f"optimizer {optimizer}; attention {kernel_description(implementation, dtype=self.model_dtype)}"
+                      + linear)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
+            model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        self.groups = {}  # AutoEP replaced the experts' tensors: the ones listed here would stay alive otherwise
         # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
         self.engine.train()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The acceptance script for a short GPU lease (ds_vlm/bench/gpu_check.py): stages in priority order (imports,
 # the real entry on ZeRO-2, exact resume, the HF export generating, a ZeRO-3 run with evaluation and its report,
-# QLoRA, LoRA, liger, the Qwen3-VL-2B sweep, the planner against it), each in its own process group with its own
-# budget, started only if it fits what is left of --budget_s; the JSON is rewritten after every stage.
+# QLoRA, LoRA, liger, the Qwen3-VL-2B sweep, the planner against it, ZeRO++'s quantized communication and Muon in
+# bf16), each in its own process group with its own budget, started only if it fits what is left of --budget_s;
+# the JSON is rewritten after every stage.
 #
 #   bash launch/gpu_check.sh --budget_s 420 --out gpu_check.json --workdir runs/gpu_check       # the first call
 #   bash launch/gpu_check.sh --budget_s 330 --resume gpu_check.json --out gpu_check.json \

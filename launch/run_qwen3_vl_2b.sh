@@ -11,8 +11,9 @@
 #   NUM_GPUS=4 bash launch/run_qwen3_vl_2b.sh --micro_batch_size 8 --epochs 1   # flags win over the yaml
 #   HOSTFILE=launch/hostfile bash launch/run_qwen3_vl_2b.sh                      # several nodes over ssh
 #   NODE_RANK=$SLURM_NODEID NNODES=2 MASTER_ADDR=node0 bash launch/run_qwen3_vl_2b.sh  # one launcher per node
+#   NODE_RANK=$SLURM_NODEID NNODES=2 MASTER_ADDR=node0 bash launch/run_qwen3_vl_2b.sh zero3pp  # ZeRO++ (docs/multinode.md)
 #
-# Env: ZERO (2; 0-3 or 3_offload: ds_configs/zeroZERO.json), SP (1: sequence-parallel group size), NUM_GPUS (8 per node), MODEL
+# Env: ZERO (2; 0-3, 3_offload or 3pp: ds_configs/zeroZERO.json), SP (1: sequence-parallel group size), NUM_GPUS (8 per node), MODEL
 # (Qwen/Qwen3-VL-2B-Instruct, or a local folder), DATA (data/pokemon: train.jsonl + test.jsonl),
 # OUT (runs/qwen3_vl_2b_pokemon_zeroZERO), CONFIG (the yaml), MASTER_PORT (29500), DEEPSPEED
 # (launcher command), DRY_RUN=1: print the commands instead of running them. Multi-node: HOSTFILE,
@@ -24,7 +25,7 @@ launcher_cmd
 
 ZERO=${ZERO:-2}
 case "${1:-}" in
-  zero[0-3] | zero3_offload) ZERO=${1#zero}; shift ;;
+  zero[0-3] | zero3_offload | zero3pp) ZERO=${1#zero}; shift ;;
 esac
 NUM_GPUS=${NUM_GPUS:-8}
 MODEL=${MODEL:-Qwen/Qwen3-VL-2B-Instruct}
@@ -33,7 +34,7 @@ OUT=${OUT:-runs/qwen3_vl_2b_pokemon_zero$ZERO}
 CONFIG=${CONFIG:-launch/configs/qwen3_vl_2b_pokemon.yaml}
 DS_JSON=ds_configs/zero$ZERO.json
 if [[ ! -f $DS_JSON ]]; then
-  echo "run_qwen3_vl_2b.sh: ZERO=$ZERO: no $DS_JSON (use 0, 1, 2, 3 or 3_offload)" >&2
+  echo "run_qwen3_vl_2b.sh: ZERO=$ZERO: no $DS_JSON (use 0, 1, 2, 3, 3_offload or 3pp)" >&2
   exit 2
 fi
 

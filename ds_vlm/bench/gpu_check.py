@@ -68,10 +68,12 @@ STAGES = (
     Stage("liger", 30, ("liger_kernel", "--loss liger needs liger-kernel (Triton) and a CUDA GPU")),
     Stage("sweep_2b", 180),
     Stage("plan", 45, after="sweep_2b"),
+    Stage("deepspeed_features", 120, ("deepspeed", "ZeRO++'s quantized weights and gradients need DeepSpeed's CUDA "
+                                                   "quantizer kernels")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 FIRST_CALL_S = 420
-CUDA_ONLY = {"liger"}
+CUDA_ONLY = {"liger", "deepspeed_features"}
 # stages the dry run leaves to the GPU, though a CPU could run them: the suite covers them once already
 DRY_RUN_LEAVES = {"qlora": "QLoRA trains on the CPU in tests/dist/test_lora.py (the same checks); the dry run leaves "
                            "it to the GPU"}
@@ -200,6 +202,9 @@ def run_check(names: list[str], work: Path, dry_run: bool, budget_s: float, bega
             waiting = f"it reads {stage.after}'s run, which has not run yet"
         if name in earlier:
             record = earlier[name]
+        elif reason := skip_reason(stage, dry_run):  # what cannot run here says so, budget or not
+            record = {"name": name, "planned_s": stage.planned_s, "status": "skipped", "seconds": 0.0,
+                      "detail": {"reason": reason}}
         elif stage.after and done.get(stage.after) in ("failed", "skipped"):
             record = {"name": name, "planned_s": stage.planned_s, "status": "skipped", "seconds": 0.0,
                       "detail": {"reason": f"it reads {stage.after}'s run, which {done[stage.after]}"}}

@@ -345,5 +345,25 @@ def plan(work: Path, dry_run: bool) -> dict:
     return {"rows": rows}
 
 
+def deepspeed_features(work: Path, dry_run: bool) -> dict:
+    """ds_configs/zero3pp.json on the GPU (its "auto" values: quantized weights and gradients on; hpZ off on one
+    node), and Muon under ZeRO-2 in bf16 (Newton-Schulz compiled): 4 finite losses each, zero3pp's within 5% of
+    train_zero3's (the same batches; quantization is the difference). Expert parallelism needs 2 ranks: not
+    here (tests/dist/test_expert.py runs it on CPU ranks)."""
+    plain = _check_trained(_train(work, "zero3", "3"))["losses"]
+    pp = _train(work, "zero3pp", "3pp", "--export_hf", "false")
+    quantized = re.search(r'"zero_quantized_weights": (true|false)', (pp["out"] / "run_config.json").read_text())
+    pp_losses = _check_trained(pp)["losses"]
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(plain, pp_losses))
+    if worst > 0.05:
+        raise StageFailed(f"zero3pp losses {pp_losses} against ZeRO-3's {plain} (rel difference {worst:.2e})")
+    muon = _train(work, "muon", "2", "--optimizer", "muon", "--export_hf", "false")
+    if not (muon["detail"]["optimizer"] or "").startswith("DeepSpeed Muon"):
+        raise StageFailed(f"the Muon run said optimizer {muon['detail']['optimizer']!r}")
+    return {"zero3pp_losses": pp_losses, "zero3_losses": plain, "max_rel_difference": worst,
+            "quantized_weights": quantized[1] if quantized else None, "muon": _check_trained(muon)}
+
+
 STAGE_FUNCTIONS = {"imports": imports, "train_zero2": train_zero2, "save_resume": save_resume, "export": export,
-                   "eval": eval_stage, "qlora": qlora, "lora": lora, "liger": liger, "sweep_2b": sweep_2b, "plan": plan}
+                   "eval": eval_stage, "qlora": qlora, "lora": lora, "liger": liger, "sweep_2b": sweep_2b, "plan": plan,
+                   "deepspeed_features": deepspeed_features}

@@ -8,8 +8,9 @@ busiest rank's largest step.
 
 Every record of a row's data is the same image-and-caption record, so every micro-batch is the worst one the
 planner traces. Rows: the tiny Qwen3-VL under ZeRO-0, 2 and 3, checkpointing off, packing, LoRA and SP 2, and a
-~110M-parameter Qwen3-VL with the real 151,936-token vocabulary (ZeRO-2 and ZeRO-3). Target: planned/measured
-within 10% in every row.
+~110M-parameter Qwen3-VL with the real 151,936-token vocabulary (ZeRO-2 and ZeRO-3, AdamW and Muon), and
+the tiny Qwen3-VL-MoE (64 experts) with and without expert parallelism. Target:
+planned/measured within 10% in every row.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ ROWS = {  # name: (model, ZeRO json, trainer flags)
     "tiny, ZeRO-2, SP 2": ("tiny", "zero2", ["--sequence_parallel", "2"]),
     "110M, 151,936 vocab, ZeRO-2": ("wide", "zero2", []),
     "110M, 151,936 vocab, ZeRO-3": ("wide", "zero3", []),
+    "110M, 151,936 vocab, ZeRO-2, Muon": ("wide", "zero2", ["--optimizer", "muon"]),
+    "110M, 151,936 vocab, ZeRO-3, Muon": ("wide", "zero3", ["--optimizer", "muon"]),
+    "tiny MoE, ZeRO-2": ("moe", "zero2", []),
+    "tiny MoE, ZeRO-2, EP 2": ("moe", "zero2", ["--expert_parallel", "2"]),
 }
 
 
@@ -54,8 +59,9 @@ def uniform_data(demo_data: Path, out: Path, n: int = 16, words: int = 40) -> Pa
     return out
 
 
-BUCKET = {"tiny": 1e5, "wide": 2e7}  # ZeRO's buckets scaled to the model (5e8 elements would be 2 GB of the tiny
-# model's 4 GB: the row would measure the bucket alone)
+# ZeRO's buckets scaled to the model (5e8 elements would be 2 GB of the tiny model's 4 GB: the row would measure
+# the bucket alone)
+BUCKET = {"tiny": 1e5, "wide": 2e7, "moe": 1e5}
 
 
 def ds_json(ds: str, kind: str, out: Path) -> Path:
@@ -106,7 +112,8 @@ def measured(flags: list[str], out: Path, timeout: int = 900) -> dict:
 
 def run_row(name: str, demo: Path, work: Path) -> dict:
     kind, ds, extra = ROWS[name]
-    model = demo / "model" if kind == "tiny" else wide_model(work / "wide")
+    model = {"tiny": lambda: demo / "model", "wide": lambda: wide_model(work / "wide"),
+             "moe": lambda: moe_model(work / "moe")}[kind]()
     tag = "".join(c if c.isalnum() else "_" for c in name)
     data = uniform_data(demo / "data", work / f"{tag}.jsonl")
     flags = train_flags(model, data, ds_json(ds, kind, work / f"{tag}.ds.json"), extra, work / "cache")
@@ -122,6 +129,14 @@ def wide_model(out: Path) -> Path:
         from ds_vlm.demo import build_model_dir
 
         build_model_dir(out, seed=0, text_overrides=WIDE)
+    return out
+
+
+def moe_model(out: Path) -> Path:
+    if not (out / "config.json").exists():
+        from ds_vlm.demo import build_model_dir
+
+        build_model_dir(out, seed=0, family="qwen3_vl_moe")
     return out
 
 

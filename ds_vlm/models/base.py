@@ -31,6 +31,7 @@ class Adapter:
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    autoep_preset: Optional[str] = None  # DeepSpeed AutoEP's preset for the text MoE blocks (parallel/expert.py)
     # What the chat template writes for one image (and one video, if the family has a video path); the
     # processor expands it.
     image_text: str = ""

@@ -10,3 +10,4 @@ from .qwen3_vl import Qwen3VLAdapter
 class Qwen3VLMoeAdapter(MoeExperts, Qwen3VLAdapter):
     family = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
+    autoep_preset = "qwen3_moe"  # AutoEP has no Qwen3-VL-MoE preset; the text blocks share Qwen3-MoE's layout

@@ -186,7 +186,8 @@ def _recipe_tiny(demo_dir: Path, out: Path) -> dict:
 
 def test_two_launchers_as_two_nodes_match_one_launcher(demo_dir, tmp_path, spawn):
     """The recipe script on one launcher (NUM_GPUS=2), then as node 0 and node 1 (NODE_RANK=0/1: two launchers
-    with --no_ssh meeting on 127.0.0.1): one world of 2 ranks, the same losses step by step."""
+    with --no_ssh meeting on 127.0.0.1): one world of 2 ranks, the same losses step by step. Then ZeRO++ with
+    hpZ on two nodes of 2 ranks: the same losses again."""
     single_out, two_out = tmp_path / "single", tmp_path / "two"
     single = spawn(["bash", str(RECIPE), *TINY], "single",
                    launch_env(NUM_GPUS=2, MASTER_PORT=free_port(), **_recipe_tiny(demo_dir, single_out)))
@@ -213,6 +214,26 @@ def test_two_launchers_as_two_nodes_match_one_launcher(demo_dir, tmp_path, spawn
     assert max(diffs) < 1e-4, (one, two)
     assert all(abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 for a, b in zip(one, two))
     assert one[-1]["loss"] < one[0]["loss"]
+
+    # ZeRO++ (ds_configs/zero3pp.json) on two nodes of two ranks each, micro-batch 1 (the same global batches):
+    # hpZ on, its secondary weight partition the 2 ranks of a node; quantized communication off (no CUDA)
+    pp_out, port = tmp_path / "zero3pp", free_port()
+    hostfile = tmp_path / "hostfile_2x2"
+    hostfile.write_text("node-a.invalid slots=2\nnode-b.invalid slots=2\n")
+    nodes = [spawn(["bash", str(RECIPE), "zero3pp", *TINY, "--micro_batch_size", "1"], f"zero3pp_node{r}",
+                   launch_env(NODE_RANK=r, HOSTFILE=hostfile, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                              GPUS_PER_NODE=2, **_recipe_tiny(demo_dir, pp_out)))
+             for r in (0, 1)]
+    _wait_all(nodes, timeout=300)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(_tail(n) for n in nodes)
+    run = json.loads((pp_out / "run_config.json").read_text())
+    zero = run["ds_config"]["zero_optimization"]
+    assert run["world_size"] == 4 and zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 2, zero
+    assert zero["zero_quantized_weights"] is zero["zero_quantized_gradients"] is False
+    pp = read_metrics(pp_out)
+    print(f"losses ZeRO++ 2x2:    {[round(r['loss'], 6) for r in pp]}")
+    assert [r["step"] for r in pp] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, pp)) < 1e-4, (one, pp)
 
 
 def _tiny_flags(demo_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -217,3 +217,21 @@ def test_sequence_parallelism_with_the_router_aux_loss_is_refused_by_name(family
     text.output_router_logits = False
     assert adapter_for(family).sequence_parallel_refusal(config) is None
     assert adapter_for("qwen3_5").sequence_parallel_refusal(config) is None
+
+
+def test_expert_parallelism_with_the_router_aux_loss_is_refused_by_name(family_models):
+    """AutoEP's hooks record no Qwen3-VL-MoE router logits, so transformers' aux loss would get none (an IndexError
+    mid-step): --expert_parallel with a config asking for the aux loss is refused with the way out."""
+    from transformers import AutoConfig
+
+    from ds_vlm.config import ConfigError
+    from ds_vlm.parallel.expert import fill_autoep_section
+
+    config = AutoConfig.from_pretrained(family_models("qwen3_vl_moe"))
+    text = config.get_text_config()
+    text.output_router_logits, text.router_aux_loss_coef = True, 0.001
+    ds = {"expert_parallel": {"enabled": True, "autoep_size": 2}}
+    with pytest.raises(ConfigError, match="--expert_parallel with the router's auxiliary loss is not supported yet"):
+        fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config, export_hf=False)
+    text.output_router_logits = False
+    assert fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config, export_hf=False)["preset_model"] == "qwen3_moe"

@@ -35,3 +35,31 @@ def test_groups_by_learning_rate_and_weight_decay():
     assert [(g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in decayed] == [
         ("projector", 1, 1e-3, 0.1), ("projector_no_decay", 1, 1e-3, 0.0), ("llm", 2, 1e-4, 0.1),
         ("llm_no_decay", 1, 1e-4, 0.0)]
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(demo_dir):
+    """The split DeepSpeed's Muon makes (its own rule, read through muon_flags) on the tiny Qwen3-VL: every
+    attention, MLP and projector matrix to Muon; embeddings, the (tied) LM head, norms, biases and the vision
+    patch embedding (a 5-d Conv3d) to AdamW. param_groups then keeps the two apart, Muon at --muon_lr."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import OptimConfig
+    from ds_vlm.optim import muon_flags, param_groups
+
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+    assert sum(muon_flags(model).values()) == 26  # of 63 tensors (22 of the 48 a --train_vision last:1 run trains)
+    muon = {n for n, p in model.named_parameters() if p.use_muon}
+    adam = {n for n, p in model.named_parameters() if not p.use_muon}
+    assert all(p.dim() == 2 for n, p in model.named_parameters() if n in muon)
+    assert any(".self_attn.q_proj." in n for n in muon) and any(".mlp.down_proj." in n for n in muon)
+    assert any(n.startswith("model.visual.blocks.") and ".attn.qkv.weight" in n for n in muon)
+    assert any(n.startswith("model.visual.merger.") for n in muon)
+    assert {"model.language_model.embed_tokens.weight", "model.visual.patch_embed.proj.weight",
+            "model.visual.pos_embed.weight"} <= adam
+    assert all(p.dim() < 2 or "embed" in n or "lm_head" in n for n, p in model.named_parameters() if n in adam)
+    names = {id(p): n for n, p in model.named_parameters()}
+    parts = {"llm": list(model.named_parameters())}
+    groups = param_groups(parts, OptimConfig(lr=1e-4, muon_lr=0.02), muon=True)
+    assert [(g["name"], g["lr"]) for g in groups] == [("llm", 1e-4), ("llm", 0.02)]
+    assert {names[id(p)] for p in groups[1]["params"]} == muon
+    assert [g["lr"] for g in param_groups(parts, OptimConfig(lr=1e-4), muon=False)] == [1e-4]

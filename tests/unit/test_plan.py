@@ -68,6 +68,33 @@ def test_4bit_weights_count_whole_and_take_their_stored_bytes(demo_dir):
         (counts.n_params, counts.n_quantized, counts.quantized_bytes)
 
 
+def test_model_states_of_muon_and_hpz():
+    """Muon: one momentum in the gradients' dtype per Muon parameter (ZeRO-1/2 stage the step's in a second
+    buffer) against AdamW's two fp32 moments; hpZ: a secondary copy of the weights over a node's ranks."""
+    n = t = 1_000_000_000
+    m = 800_000_000  # the hidden matrices; the rest (embeddings, norms) stay on AdamW
+    zero3 = model_states(n, t, 3, 16, 2, {}, muon_trained=m)
+    assert zero3.optimizer == pytest.approx((4 * t + 8 * (t - m) + 2 * m) / 16)
+    zero2 = model_states(n, t, 2, 16, 2, {}, muon_trained=m)
+    assert zero2.optimizer == pytest.approx((4 * t + 8 * (t - m) + 2 * 2 * m) / 16)
+    plain = model_states(n, t, 3, 16, 2, {})
+    hpz = model_states(n, t, 3, 16, 2, {"zero_hpz_partition_size": 8})
+    assert hpz.weights - plain.weights == pytest.approx(2e9 / 8)
+    quantized = model_states(n, t, 3, 16, 2, {"zero_hpz_partition_size": 8, "zero_quantized_weights": True})
+    assert quantized.weights - plain.weights == pytest.approx(1e9 / 8)
+
+
+def test_model_states_under_expert_parallelism():
+    """EP 4 over 16 ranks: each rank keeps a quarter of the experts' weights (ZeRO-2 keeps weights whole);
+    their gradients and optimizer states stay 1/16 (partitioned over the 4 ranks holding the same experts)."""
+    n = t = 1_000_000_000
+    e = 600_000_000
+    dense = model_states(n, t, 2, 16, 2, {}, experts=e)
+    ep = model_states(n, t, 2, 16, 2, {}, experts=e, ep=4)
+    assert dense.weights - ep.weights == pytest.approx(e * 3 / 4 * 2)
+    assert (dense.gradients, dense.optimizer) == (ep.gradients, ep.optimizer)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava", "qwen3_5",
                                     "qwen3_5_moe"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
