@@ -20,6 +20,7 @@ from pathlib import Path
 from .console import quiet_console
 from .models import FAMILIES, adapter_by_family
 from .models.qwen3_vl import Qwen3VLAdapter
+from .testing.chats import QWEN_SPECIAL_TOKENS, ChatSpec, chat_of  # noqa: F401 (the benchmarks import it here)
 from .testing.tiny import IMAGE_SIZE, tiny_model
 
 COLORS = {
@@ -32,13 +33,6 @@ SHAPES = ("circle", "square", "triangle")
 PROMPT = "<image>What is in this picture?"
 VIDEO_PROMPT = "<video>Where does it move?"
 DIRECTIONS = ("left", "right")
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
 
 def chat_template(image_text: str, video_text: str = "") -> str:
     """A ChatML template writing `image_text` (and `video_text`, if any) for each vision part.
@@ -92,31 +86,38 @@ def draw_shape(color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZ
     return img
 
 
-def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), template: str = CHAT_TEMPLATE):
-    """A byte-level BPE with Qwen's pre-tokenizer and special tokens (+ `extra_special`), trained on
-    the demo's own words."""
+def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), template: str = CHAT_TEMPLATE,
+                    chat: ChatSpec | None = None):
+    """A byte-level BPE with Qwen's pre-tokenizer, trained on the demo's own words, with `chat`'s special tokens
+    (default Qwen's, + `extra_special`) and `template`."""
     from tokenizers import Tokenizer, models, trainers
     from transformers import Qwen2Tokenizer
 
+    chat = chat or chat_of("qwen3_vl")
+    special = list(chat.special) + [t for t in extra_special if t not in chat.special]
     corpus = list(extra_text) * 20 + [
-        "user assistant system What is in this picture? The image shows",
+        "user assistant model system What is in this picture? The image shows",
         "0 1 2 3 4 5 6 7 8 9 a b c d e f g h i j k l m n o p q r s t u v w x y z . , ? !",
     ]
     probe = Qwen2Tokenizer()  # only for its pre-tokenizer and decoder
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=QWEN_SPECIAL_TOKENS + list(extra_special), show_progress=False,
+        vocab_size=600, special_tokens=special, show_progress=False,
         initial_alphabet=__import__("tokenizers").pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus, trainer)
     state = json.loads(bpe.to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    named = set(chat.named.values()) | {chat.eos, chat.pad, chat.bos}
+    extra = [t for t in special[1:] if t not in named] if chat.named else special[1:]
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, extra_special_tokens=QWEN_SPECIAL_TOKENS[1:] + list(extra_special),
+        vocab=vocab, merges=merges, eos_token=chat.eos, pad_token=chat.pad, bos_token=chat.bos, unk_token=None,
+        extra_special_tokens=dict(chat.named) if chat.named else extra,
     )
+    if chat.named:  # named tokens as attributes (a processor reads them); the others as special tokens too
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
     tokenizer.chat_template = template
     return tokenizer
 
@@ -136,9 +137,11 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
     words = ([caption(c, s) for c in COLORS for s in SHAPES] + [PROMPT.replace("<image>", "")]
              + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
              + [VIDEO_PROMPT.replace("<video>", "")])
-    extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
-    tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
+    chat = chat_of(family)
+    extra = () if chat.template or adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's <image>
+    tokenizer = build_tokenizer(words, extra, chat.template or chat_template(adapter.image_text, adapter.video_text),
+                                chat)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in list(chat.special) + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)
     config = tiny.config
     if vocab_size:
@@ -151,8 +154,10 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
             config.vision_config.out_hidden_size = value
     torch.manual_seed(seed)
     model = tiny.model_class(config)
+    stop = [ids[t] for t in chat.stop]
     model.generation_config = GenerationConfig(
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False,
+        eos_token_id=stop[0] if len(stop) == 1 else stop, pad_token_id=ids[chat.pad], do_sample=False,
+        **({"bos_token_id": ids[chat.bos]} if chat.bos else {}),
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

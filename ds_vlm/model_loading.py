@@ -20,15 +20,20 @@ class LoadedModel:
     hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
 
 
-def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_parallel=None) -> LoadedModel:
+def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_parallel=None,
+               packing: bool = False) -> LoadedModel:
     """Load model + processor with the attention implementation `attention` (attention.resolve_attention's);
     under ZeRO-3 the weights arrive already partitioned. With sequence parallelism the text model's attention
-    is the Ulysses wrapper around `attention`."""
+    is the Ulysses wrapper around `attention`. A model packing would not keep exact is refused before loading
+    (ConfigError), and a model type with no adapter by name (UnsupportedModel)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import HfDeepSpeedConfig
 
     model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
     adapter = adapter_for(model_config.model_type)
+    refusal = adapter.packing_refusal(model_config) if packing else ""
+    if refusal:
+        raise ConfigError(f"--packing: {refusal}")
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32

@@ -211,21 +211,24 @@ def plan(argv=None) -> Optional[dict]:
         ds = resolve_ds_config(config, extra["world_size"])
         if config.batch.max_tokens_per_batch == AUTO_BUDGET:  # planned as --micro_batch_size; the fit reported
             config.batch.max_tokens_per_batch = 0
+        began = time.perf_counter()
+        model_cfg = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        adapter = adapter_for(model_cfg.model_type)
+        refusal = adapter.packing_refusal(model_cfg) if config.batch.packing else ""
+        if refusal:
+            raise ConfigError(f"--packing: {refusal}")
+        meta, _ = meta_model(model_cfg, adapter, config.model)  # the generic adapter refuses here what it cannot do
+        processor = AutoProcessor.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        encoder = encoder_for(processor, adapter, config.data)
     except (ConfigError, ValueError, OSError) as err:
         print(f"ds-vlm plan: error: {err}", file=sys.stderr)
         return None
-    began = time.perf_counter()
     world, sp = extra["world_size"], config.parallel.sequence_parallel
-    model_cfg = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    adapter = adapter_for(model_cfg.model_type)
-    processor = AutoProcessor.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    encoder = encoder_for(processor, adapter, config.data)
     cuda = extra["device"] == "cuda"
     precision = 2 if cuda and config.model.precision != "fp32" else 4
     dtype = torch.bfloat16 if precision == 2 else torch.float32
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
-    meta, _ = meta_model(model_cfg, adapter, config.model)
     counts = ParamCounts.of(meta)
     states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]

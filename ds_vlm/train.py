@@ -129,12 +129,12 @@ class Trainer:
             check_loss_available(model_config.loss)
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
-            self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
-            self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
-        except ValueError as err:
+            self.loaded = load_model(model_config, self.ds_config, attention, self.sp, config.batch.packing)
+            model, adapter = self.loaded.model, self.loaded.adapter
+            self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
+            self.groups = set_trainable(model, adapter, model_config)  # the generic adapter refuses here
+        except ValueError as err:  # UnsupportedModel included: one line, naming what is missing
             raise ConfigError(str(err)) from err
-        model, adapter = self.loaded.model, self.loaded.adapter
-        self.groups = set_trainable(model, adapter, model_config)
         self.trained, self.lora = model, None
         if model_config.lora_rank:
             self.trained, self.lora = apply_lora(model, adapter, model_config)

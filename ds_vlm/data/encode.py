@@ -53,9 +53,11 @@ class Encoder:
         self.max_length = max_length
         self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        # tokens the template writes before an image's own tokens (e.g. <|vision_start|>)
-        lead = adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
+        # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
+        # <|vision_start|>): truncation keeps both whole
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
+        lead = adapter.image_lead if adapter.image_lead is not None else \
+            adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
         self.image_lead = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
         # a segment with no image or video is only tokenized (several times faster than the processor's call,
         # most of which is argument checking); used only if it gives what the processor gives on a probe
@@ -193,7 +195,7 @@ class Encoder:
         from PIL import Image
 
         image = Image.new("RGB", self.adapter.dummy_image_size(self.processor), (0, 0, 0))
-        encoded = self._process(self.adapter.image_text, [image])
+        encoded = self._process(self.adapter.image_text or self.image_token, [image])
         encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
         return encoded
 

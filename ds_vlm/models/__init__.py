@@ -1,24 +1,31 @@
-"""One adapter per model family; `adapter_for` picks it from the model config's `model_type`."""
+"""One adapter per model family; `adapter_for` picks it from the model config's `model_type`. An image-text-to-text
+type with no adapter of its own takes the generic one (`generic.py`), which refuses by name what it cannot do."""
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts
+from .base import Adapter, ModelParts, UnsupportedModel
+from .gemma3 import Gemma3Adapter
+from .generic import GenericAdapter, image_text_to_text_types
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
-                                 LlavaAdapter())
+                                 LlavaAdapter(), Gemma3Adapter())
 FAMILIES = tuple(a.family for a in ADAPTERS)
 
 
 def adapter_for(model_type: str) -> Adapter:
+    """The family's adapter; the generic adapter for another image-text-to-text type; else UnsupportedModel."""
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
+    if model_type in image_text_to_text_types():
+        return GenericAdapter(model_type)
     supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
-    raise ValueError(f"model type {model_type!r} is not supported; supported families: {supported}")
+    raise UnsupportedModel(f"model type {model_type!r} is not supported: it has no adapter and transformers does not "
+                           f"map it to AutoModelForImageTextToText; supported families: {supported}")
 
 
 def adapter_by_family(family: str) -> Adapter:
@@ -28,4 +35,5 @@ def adapter_by_family(family: str) -> Adapter:
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-__all__ = ["Adapter", "ModelParts", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES"]
+__all__ = ["Adapter", "ModelParts", "UnsupportedModel", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES",
+           "GenericAdapter"]

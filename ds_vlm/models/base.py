@@ -14,6 +14,11 @@ import torch
 import torch.nn as nn
 
 
+class UnsupportedModel(ValueError):
+    """A model, or one of its features, this trainer cannot train correctly; the message names the missing piece.
+    Every verb prints it as one line."""
+
+
 @dataclass
 class ModelParts:
     """The three towers every supported VLM has, as lists of modules."""
@@ -37,6 +42,12 @@ class Adapter:
     video_text: str = ""
     # Module names (substrings) QLoRA keeps out of 4-bit: everything but the language tower.
     keep_full_precision: tuple[str, ...] = ("lm_head",)
+    # The token an image's features fill in input_ids, where it is not the processor's `image_token` (Gemma 3's
+    # template writes <start_of_image>, which the processor expands into a run of <image_soft_token>), and the
+    # text the processor writes before that run (None: what `image_text` has before the image token). Truncation
+    # keeps such runs whole, with their lead.
+    image_fill: str = ""
+    image_lead: Optional[str] = None
 
     # -- the model -------------------------------------------------------------------------
     def parts(self, model: nn.Module) -> ModelParts:
@@ -53,6 +64,11 @@ class Adapter:
         """(blocks, hidden width) of the vision tower, for the FLOP count."""
         vision = config.vision_config
         return vision.depth, vision.hidden_size
+
+    def packing_refusal(self, config) -> str:
+        """Why --packing would not keep this model's attention exact ('' where it does): the trainer then refuses
+        packing with this reason instead of training on a silent approximation."""
+        return ""
 
     # -- vision tensors ----------------------------------------------------------------------
     def dummy_image_size(self, processor) -> tuple[int, int]:

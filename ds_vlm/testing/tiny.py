@@ -65,7 +65,33 @@ SPECS = {
                       dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16), 16,
                       text=dict(model_type="llama", bos_token_id=None)),
+    # SigLIP (patch 8 -> 8 x 8 patches) pooled 2 x 2 to 16 tokens; layer 0 slides over 16 tokens (shorter than a
+    # sample, so the window is exercised), layer 1 is global, as in the released 5:1 pattern
+    "gemma3": TinySpec("Gemma3Config", "Gemma3ForConditionalGeneration", "Gemma3Processor",
+                       dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8,
+                            vision_use_head=False), 8,  # as released: the projector reads the last hidden state
+                       text=dict(model_type="gemma3_text", sliding_window=16, query_pre_attn_scalar=16,
+                                 layer_types=["sliding_attention", "full_attention"])),
 }
+
+
+def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
+    every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
+    `mm_tokens_per_image` soft tokens."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
+    config = tf.Gemma3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                             mm_tokens_per_image=16, boi_token_index=ids["<start_of_image>"],
+                             eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+                             tie_word_embeddings=True)
+    image = tf.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, do_pan_and_scan=False)
+    processor = tf.Gemma3Processor(image_processor=image, tokenizer=tokenizer, image_seq_length=16,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
 
 
 def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
@@ -75,8 +101,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
     spec = SPECS[family]
     rope = {"rope_type": "default", "rope_theta": 10000.0, **spec.rope}
     assert sum(rope.get("mrope_section", [TEXT["head_dim"] // 2])) == TEXT["head_dim"] // 2
-    text = dict(vocab_size=len(tokenizer), **TEXT, rope_parameters=rope, pad_token_id=token_ids["<|endoftext|>"],
-                eos_token_id=token_ids["<|im_end|>"], **spec.text)
+    text = dict(vocab_size=len(tokenizer), **TEXT, rope_parameters=rope, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **spec.text)
     if family == "llava":
         image = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -86,6 +112,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config = tf.LlavaConfig(vision_config=spec.vision, text_config=text, image_token_index=token_ids["<image>"],
                                 image_seq_length=(IMAGE_SIZE // spec.patch) ** 2, vision_feature_layer=-2,
                                 vision_feature_select_strategy="default")
+    elif family == "gemma3":
+        config, processor = gemma3(spec, text, tokenizer, token_ids)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

@@ -33,6 +33,8 @@ RUNS = {
                  {"vision": LR, "projector": 5e-3}),
     "llava": (["--train_projector", "false", "--train_vision", "last:1", "--vision_lr", "3e-3"],
               {"vision": 3e-3, "llm": LR}),
+    "gemma3": (["--train_vision", "last:1", "--vision_checkpointing", "--vision_lr", "1e-3"],
+               {"vision": 1e-3, "projector": LR, "llm": LR}),
 }
 assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS}
 

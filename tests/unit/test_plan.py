@@ -38,7 +38,7 @@ def test_model_states_follow_zero_partitioning():
     assert frozen.gradients == frozen.optimizer == 0
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava", "gemma3"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
     model = family_models(family)
     peaks = {}

@@ -1,0 +1,64 @@
+"""The tiny models' tokenizers as the released checkpoints set them up: special tokens, the named ones a processor
+reads (Gemma 3's `boi_token`, ...), end-of-turn and padding tokens, and each family's chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+
+@dataclass(frozen=True)
+class ChatSpec:
+    special: tuple[str, ...]           # the tokenizer's special tokens (the first is not an "extra" one)
+    eos: str                           # the tokenizer's eos_token
+    pad: str
+    stop: tuple[str, ...]              # what ends a generated answer (the generation config's eos ids)
+    template: str = ""                 # "" : demo.chat_template of the family's image/video text (ChatML)
+    bos: str | None = None
+    named: dict = field(default_factory=dict)  # tokenizer attributes a processor reads -> token
+
+    def ids(self, tokenizer) -> dict[str, int]:
+        return {t: tokenizer.convert_tokens_to_ids(t) for t in self.special}
+
+
+QWEN = ChatSpec(QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", stop=("<|im_end|>",))
+
+# google/gemma-3-*-it: a system turn is folded into the first user turn, the assistant's role is `model`, text is
+# trimmed, an image is written as <start_of_image> (the processor expands it), every turn ends <end_of_turn>\n.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+GEMMA3 = ChatSpec(("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"), eos="<eos>", pad="<pad>", bos="<bos>",
+                  stop=("<end_of_turn>", "<eos>"), template=GEMMA3_TEMPLATE,
+                  named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                         "image_token": "<image_soft_token>"})
+
+CHATS = {"gemma3": GEMMA3}
+
+
+def chat_of(family: str) -> ChatSpec:
+    return CHATS.get(family, QWEN)
