@@ -17,7 +17,8 @@ from .base import Adapter, ModelParts
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_types = ("gemma3",)
-    image_text = "<start_of_image>"  # the processor expands it to "\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n"
+    # the processor expands it to "\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n"
+    image_text = "<start_of_image>"
     image_fill = "<image_soft_token>"
     image_lead = "\n\n<start_of_image>"
     keep_full_precision = ("vision_tower", "multi_modal_projector", "lm_head")
@@ -45,10 +46,10 @@ class Gemma3Adapter(Adapter):
     def packing_refusal(self, config) -> str:
         text = config.get_text_config()
         windowed = sum(t == "sliding_attention" for t in (getattr(text, "layer_types", None) or ()))
-        return (f"gemma3: image tokens attend both ways (token_type_ids) and {windowed} of "
-                f"{text.num_hidden_layers} layers are sliding-window ({text.sliding_window} tokens); the packed path is "
-                "causal attention over whole samples, which would change both. Train without --packing (padded "
-                "batches keep the model's own masks)")
+        return (f"gemma3: image tokens attend both ways (token_type_ids) and {windowed} of {text.num_hidden_layers} "
+                f"layers are sliding-window ({text.sliding_window} tokens); the packed path is causal attention over "
+                "whole samples, which would change both. Train without --packing (padded batches keep the model's "
+                "own masks)")
 
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         """One pixel_values row per image (pan-and-scan off, as released; its crops would add rows)."""
