@@ -32,13 +32,13 @@ def _generate(model, processor, samples, max_new_tokens, batch_size, video_sampl
             last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
             prompt = [template_message(m) for m in sample.messages[:last]]
             texts.append(processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-            images.extend(load_images(sample))
+            images.append(load_images(sample))  # per sample: Gemma 3's processor counts each prompt's images
             videos.extend(load_videos(sample, video_sampling))
         media = {}
         if videos:  # sampled already: the processor takes the frames and their timestamps as they are
             media = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
                          do_sample_frames=False)
-        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+        inputs = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True,
                            add_special_tokens=False, **media)
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}

@@ -10,6 +10,7 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .models import Adapter, adapter_for
+from .models import model_config as load_config
 
 
 @dataclass
@@ -26,10 +27,10 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
     under ZeRO-3 the weights arrive already partitioned. With sequence parallelism the text model's attention
     is the Ulysses wrapper around `attention`. A model packing would not keep exact is refused before loading
     (ConfigError), and a model type with no adapter by name (UnsupportedModel)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import HfDeepSpeedConfig
 
-    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    model_config = load_config(config.path, config.trust_remote_code)
     adapter = adapter_for(model_config.model_type)
     refusal = adapter.packing_refusal(model_config) if packing else ""
     if refusal:

@@ -193,14 +193,14 @@ def _extra(parser) -> None:
 
 def plan(argv=None) -> Optional[dict]:
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     from .config import AUTO_BUDGET, ConfigError
     from .data.encode import encoder_for
     from .ds_config import resolve_ds_config
     from .flags import load_tool_config
     from .metrics import FlopsCounter, peak_tflops_of
-    from .models import adapter_for
+    from .models import adapter_for, model_config
 
     try:
         config, extra = load_tool_config(argv, _extra, needs_data=False)
@@ -212,7 +212,7 @@ def plan(argv=None) -> Optional[dict]:
         if config.batch.max_tokens_per_batch == AUTO_BUDGET:  # planned as --micro_batch_size; the fit reported
             config.batch.max_tokens_per_batch = 0
         began = time.perf_counter()
-        model_cfg = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        model_cfg = model_config(config.model.path, config.model.trust_remote_code)
         adapter = adapter_for(model_cfg.model_type)
         refusal = adapter.packing_refusal(model_cfg) if config.batch.packing else ""
         if refusal:

@@ -28,6 +28,28 @@ def adapter_for(model_type: str) -> Adapter:
                            f"map it to AutoModelForImageTextToText; supported families: {supported}")
 
 
+def model_config(path: str, trust_remote_code: bool = False):
+    """The checkpoint's transformers config; a type this transformers does not know is UnsupportedModel, in one
+    line (transformers says it in five)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "does not recognize this architecture" not in str(err):
+            raise
+        import json
+        from pathlib import Path
+
+        config = Path(path) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        import transformers
+
+        raise UnsupportedModel(f"{path}: model type {model_type!r} is unknown to the installed transformers "
+                               f"{transformers.__version__} (a newer one, or --trust_remote_code, may know it)"
+                               ) from err
+
+
 def adapter_by_family(family: str) -> Adapter:
     for adapter in ADAPTERS:
         if adapter.family == family:
@@ -36,4 +58,4 @@ def adapter_by_family(family: str) -> Adapter:
 
 
 __all__ = ["Adapter", "ModelParts", "UnsupportedModel", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES",
-           "GenericAdapter"]
+           "GenericAdapter", "model_config"]
