@@ -227,7 +227,8 @@ class Checker:
                           packing=True)(samples)
         model.eval()
         with torch.no_grad():
-            a, b = (LabelLoss(model).loss_of(model, m.inputs, LabelRows.from_labels(m.labels)) for m in (padded, packed))
+            a, b = (LabelLoss(model).loss_of(model, m.inputs, LabelRows.from_labels(m.labels))
+                    for m in (padded, packed))
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
             raise RuntimeError(f"packed loss {float(b):.6f} != padded {float(a):.6f}")
         return f"loss {float(a):.5f} both ways"
@@ -262,9 +263,10 @@ class Checker:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), micro.labels[:, 1:].flatten())
         loss.backward()
         graded = [n for n, p in peft_model.named_parameters() if p.grad is not None]
-        if not graded or any("lora_" not in n for n in graded) or not _finite(float(loss)):
-            raise RuntimeError(f"loss {float(loss)}, gradients on {graded[:3]}")
-        return f"{len(graded)} LoRA tensors get gradients, nothing else; loss {float(loss):.4f}"
+        value = float(loss.detach())
+        if not graded or any("lora_" not in n for n in graded) or not _finite(value):
+            raise RuntimeError(f"loss {value}, gradients on {graded[:3]}")
+        return f"{len(graded)} LoRA tensors get gradients, nothing else; loss {value:.4f}"
 
     def export_generate(self) -> str:
         import torch
@@ -306,13 +308,25 @@ def _finite(x: float) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder (config, processor, tokenizer; no weights "
-                                                       "needed)")
+    parser.add_argument("--model", default="", help="a model folder (config, processor, tokenizer; no weights "
+                                                     "needed)")
+    parser.add_argument("--all_types", action="store_true", help="instead: every image-text-to-text type of the "
+                        "installed transformers, built from its default config on the meta device (towers, packing)")
     parser.add_argument("--out", default="", help="write the checks as JSON here")
     parser.add_argument("--work", default="", help="keep the tiny model, data and logs here (default: a temporary "
                                                    "folder, removed)")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
+    if args.all_types:
+        from .check_types import markdown, survey
+
+        rows = survey()
+        print(markdown(rows))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+        return 0
+    if not args.model:
+        parser.error("--model (or --all_types)")
     from .console import quiet_console
 
     quiet_console(rank=0)

@@ -138,9 +138,9 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
              + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
              + [VIDEO_PROMPT.replace("<video>", "")])
     chat = chat_of(family)
-    extra = () if chat.template or adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's <image>
-    tokenizer = build_tokenizer(words, extra, chat.template or chat_template(adapter.image_text, adapter.video_text),
-                                chat)
+    image_text = adapter.image_text or chat.named.get("image_token", "")  # the generic adapter asks the processor
+    extra = () if image_text in chat.special else (image_text,)  # LLaVA's <image>
+    tokenizer = build_tokenizer(words, extra, chat.template or chat_template(image_text, adapter.video_text), chat)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in list(chat.special) + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)
     config = tiny.config

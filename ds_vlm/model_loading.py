@@ -32,9 +32,11 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
 
     model_config = load_config(config.path, config.trust_remote_code)
     adapter = adapter_for(model_config.model_type)
-    refusal = adapter.packing_refusal(model_config) if packing else ""
-    if refusal:
-        raise ConfigError(f"--packing: {refusal}")
+    for flag, refusal in (("--packing", adapter.packing_refusal(model_config) if packing else ""),
+                          ("--sequence_parallel", adapter.sequence_parallel_refusal(model_config)
+                           if sequence_parallel is not None else "")):
+        if refusal:
+            raise ConfigError(f"{flag}: {refusal}")
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32

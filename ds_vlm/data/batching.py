@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, count_targets, merge_parts
+from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, cat_rows, count_targets, merge_parts
 from .formats import DataError
 from .plan import BatchPlan
 from .sources import RecordIndex
@@ -144,7 +144,8 @@ class Collator:
                 if key in TOKEN_KEYS or key == "position_ids":
                     value = torch.nn.functional.pad(value, (0, length - value.shape[-1]), value=self._pad_value(key))
                 batch.setdefault(key, []).append(value)
-        inputs = {key: torch.cat(values, dim=-2 if key == "position_ids" else 0) for key, values in batch.items()}
+        inputs = {key: torch.cat(values, dim=-2 if key == "position_ids" else 0) if key in TOKEN_KEYS or
+                  key == "position_ids" else cat_rows(values) for key, values in batch.items()}
         return MicroBatch(inputs, inputs.pop("labels"), computed=length * len(samples),
                           sample_lengths=[int(s["input_ids"].shape[1]) for s in samples], **counts)
 

@@ -291,4 +291,15 @@ def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     for part in parts:
         for key, value in part.items():
             merged.setdefault(key, []).append(value)
-    return {key: torch.cat(values, dim=1 if key in TOKEN_KEYS else 0) for key, values in merged.items()}
+    return {key: torch.cat(values, dim=1) if key in TOKEN_KEYS else cat_rows(values) for key, values in merged.items()}
+
+
+def cat_rows(values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image tensors along dim 0. Tiled images (LLaVA-OneVision's anyres, Idefics3's splits: (images, tiles, C, H,
+    W)) with different tile counts are zero-padded along the tiles first, as the processors pad a batch of their own:
+    the models take the real tiles by image size (or drop all-zero tiles)."""
+    if len({v.shape[1:] for v in values}) > 1 and len({v.dim() for v in values}) == 1 and values[0].dim() >= 3 \
+            and len({v.shape[2:] for v in values}) == 1:
+        most = max(v.shape[1] for v in values)
+        values = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, most - v.shape[1])) for v in values]
+    return torch.cat(values, dim=0)

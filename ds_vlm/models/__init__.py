@@ -13,7 +13,10 @@ from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
                                  LlavaAdapter(), Gemma3Adapter())
-FAMILIES = tuple(a.family for a in ADAPTERS)
+# Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
+# in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
+GENERIC_VERIFIED = ("llava_onevision",)
+FAMILIES = tuple(a.family for a in ADAPTERS) + GENERIC_VERIFIED
 
 
 def adapter_for(model_type: str) -> Adapter:
@@ -54,8 +57,10 @@ def adapter_by_family(family: str) -> Adapter:
     for adapter in ADAPTERS:
         if adapter.family == family:
             return adapter
+    if family in GENERIC_VERIFIED:
+        return GenericAdapter(family)
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
 __all__ = ["Adapter", "ModelParts", "UnsupportedModel", "adapter_for", "adapter_by_family", "ADAPTERS", "FAMILIES",
-           "GenericAdapter", "model_config"]
+           "GenericAdapter", "model_config", "GENERIC_VERIFIED"]

@@ -70,6 +70,11 @@ class Adapter:
         packing with this reason instead of training on a silent approximation."""
         return ""
 
+    def sequence_parallel_refusal(self, config) -> str:
+        """Why --sequence_parallel would not keep this model's attention exact ('' where it does): Ulysses hands
+        each attention the whole sequence, but with the mask the model built from one rank's slice."""
+        return ""
+
     # -- vision tensors ----------------------------------------------------------------------
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The smallest image the processor and vision tower accept (keeps ZeRO ranks in step)."""

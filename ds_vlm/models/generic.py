@@ -20,7 +20,8 @@ MERGER_NAMES = ("merger", "projector")  # a projector kept inside the vision tow
 # the ones packing is allowed for. Others are refused by name until an adapter checks them.
 PLAIN_CAUSAL_TEXT = frozenset({"llama", "qwen2", "qwen3", "mistral", "granite"})
 VISION_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask", "image_grid_thw", "num_patches",
-               "image_num_patches")
+               "image_num_patches", "batch_num_images")
+ROW_PER_IMAGE = ("pixel_values", "image_sizes")  # the keys keep_images can cut by image
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,6 +88,14 @@ class GenericAdapter(Adapter):
         if stray:
             raise self._refuse(f"{', '.join(stray)} belong(s) to no tower the generic adapter knows (vision, "
                                "projector, language)")
+        # parameters of model.model itself (LLaVA-NeXT/OneVision's image_newline) join the projector: they are
+        # written between image features, like its output
+        loose = dict(inner.named_parameters(recurse=False))
+        if loose:
+            holder = nn.Module()
+            for name, param in loose.items():
+                holder.register_parameter(name, param)
+            projector = nn.ModuleList([projector, holder])
         return ModelParts(vision=vision_parts, vision_blocks=_longest_block_list(vision), projector=[projector],
                           llm=[language, head], llm_decoder=language, vision_encoder=vision)
 
@@ -116,12 +125,17 @@ class GenericAdapter(Adapter):
             return f"{self.family}: its language tower has a sliding window, which the varlen path does not apply"
         return ""
 
+    def sequence_parallel_refusal(self, config) -> str:
+        """Ulysses keeps attention exact only where the mask is plain causal: the same condition as packing."""
+        return self.packing_refusal(config)
+
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         """Only whole-row cuts it can prove: every image dropped, or one pixel row per kept image."""
         if n_images == 0:
             return {k: v for k, v in encoded.items() if k not in VISION_KEYS}
         pixels = encoded.get("pixel_values")
-        if pixels is None or pixels.shape[0] == n_images:
+        per_sample = [k for k in VISION_KEYS if k in encoded and k not in ROW_PER_IMAGE]
+        if pixels is None or (pixels.shape[0] == n_images and not per_sample):
             return dict(encoded)
         raise self._refuse("truncation through a sample's images: the generic adapter cannot cut this processor's "
                            "vision tensors by image; raise --max_length or use --truncation skip")

@@ -57,7 +57,12 @@ GEMMA3 = ChatSpec(("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"
                   named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                          "image_token": "<image_soft_token>"})
 
-CHATS = {"gemma3": GEMMA3}
+# llava-hf/llava-onevision-qwen2-*-ov-hf: Qwen's ChatML with the processor's <image> (expanded by the processor to
+# the anyres grid's tokens), its <image>/<video> named on the tokenizer
+LLAVA_ONEVISION = ChatSpec(QWEN_SPECIAL_TOKENS + ("<image>", "<video>"), eos="<|im_end|>", pad="<|endoftext|>",
+                           stop=("<|im_end|>",), named={"image_token": "<image>", "video_token": "<video>"})
+
+CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION}
 
 
 def chat_of(family: str) -> ChatSpec:

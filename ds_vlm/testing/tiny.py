@@ -73,7 +73,35 @@ SPECS = {
                             vision_use_head=False), 8,  # as released: the projector reads the last hidden state
                        text=dict(model_type="gemma3_text", sliding_window=16, query_pre_attn_scalar=16,
                                  layer_types=["sliding_attention", "full_attention"])),
+    # SigLIP tiles of 32 px (4 x 4 patches of 8); a 64 x 64 image is the base tile + the 2 x 2 grid of anyres tiles
+    "llava_onevision": TinySpec("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+                                "LlavaOnevisionProcessor",
+                                dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                                     vision_use_head=False), 8, text=dict(model_type="qwen2", bos_token_id=None)),
 }
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def llava_onevision(spec: TinySpec, text: dict, tokenizer):
+    """LLaVA-OneVision as llava-hf sets it up (anyres_max_9, the full feature of the last block, image newlines),
+    at a tile of 32 pixels."""
+    import transformers as tf
+
+    config = tf.LlavaOnevisionConfig(text_config=text, vision_config=spec.vision,
+                                     image_token_index=tokenizer.image_token_id,
+                                     video_token_index=tokenizer.video_token_id,
+                                     image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                     vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                     tie_word_embeddings=True)
+    image = tf.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True)
+    video = tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.LlavaOnevisionProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                           num_image_tokens=16,
+                                           vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
+                                           vision_aspect_ratio="anyres_max_9")
+    return config, processor
 
 
 def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
@@ -114,6 +142,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
                                 vision_feature_select_strategy="default")
     elif family == "gemma3":
         config, processor = gemma3(spec, text, tokenizer, token_ids)
+    elif family == "llava_onevision":
+        config, processor = llava_onevision(spec, text, tokenizer)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

@@ -17,7 +17,7 @@ from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
 from ds_vlm.model_loading import set_trainable
-from ds_vlm.models import ADAPTERS, adapter_for
+from ds_vlm.models import ADAPTERS, GENERIC_VERIFIED, adapter_for
 from ds_vlm.optim import param_groups
 
 STEPS, MICRO, LR = 5, 2, 2e-3
@@ -35,8 +35,9 @@ RUNS = {
               {"vision": 3e-3, "llm": LR}),
     "gemma3": (["--train_vision", "last:1", "--vision_checkpointing", "--vision_lr", "1e-3"],
                {"vision": 1e-3, "projector": LR, "llm": LR}),
+    "llava_onevision": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),  # generic adapter
 }
-assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS}
+assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS} | set(GENERIC_VERIFIED)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
