@@ -234,6 +234,9 @@ class Checker:
         return f"loss {float(a):.5f} both ways"
 
     def sequence_parallel(self) -> str:
+        refusal = self.loaded.adapter.sequence_parallel_refusal(self.loaded.model.config)
+        if refusal:
+            raise Refused(refusal)
         flags = [*self.common(), "--max_steps", "1", "--micro_batch_size", "1"]
         one = train(1, flags, self.work / "sp1")
         two = train(2, [*flags, "--sequence_parallel", "2"], self.work / "sp2")

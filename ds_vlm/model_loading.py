@@ -32,6 +32,7 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
 
     model_config = load_config(config.path, config.trust_remote_code)
     adapter = adapter_for(model_config.model_type)
+    adapter.check_layout(model_config)
     for flag, refusal in (("--packing", adapter.packing_refusal(model_config) if packing else ""),
                           ("--sequence_parallel", adapter.sequence_parallel_refusal(model_config)
                            if sequence_parallel is not None else "")):

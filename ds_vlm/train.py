@@ -133,7 +133,7 @@ class Trainer:
             model, adapter = self.loaded.model, self.loaded.adapter
             self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
             self.groups = set_trainable(model, adapter, model_config)  # the generic adapter refuses here
-        except ValueError as err:  # UnsupportedModel included: one line, naming what is missing
+        except (ValueError, OSError) as err:  # UnsupportedModel, a folder without weights: one line each
             raise ConfigError(str(err)) from err
         self.trained, self.lora = model, None
         if model_config.lora_rank:

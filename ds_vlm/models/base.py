@@ -70,6 +70,10 @@ class Adapter:
         packing with this reason instead of training on a silent approximation."""
         return ""
 
+    def check_layout(self, config) -> None:
+        """Raise UnsupportedModel, naming the missing piece, for an architecture this adapter cannot take (checked
+        before the weights load; a family's own adapter knows its layout)."""
+
     def sequence_parallel_refusal(self, config) -> str:
         """Why --sequence_parallel would not keep this model's attention exact ('' where it does): Ulysses hands
         each attention the whole sequence, but with the mask the model built from one rank's slice."""

@@ -5,6 +5,7 @@ What it cannot do correctly it refuses by name (UnsupportedModel), with the piec
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -98,6 +99,15 @@ class GenericAdapter(Adapter):
             projector = nn.ModuleList([projector, holder])
         return ModelParts(vision=vision_parts, vision_blocks=_longest_block_list(vision), projector=[projector],
                           llm=[language, head], llm_decoder=language, vision_encoder=vision)
+
+    def check_layout(self, config) -> None:
+        """Refuse (UnsupportedModel) before any weight is read: the architecture built on the meta device."""
+        from transformers import AutoModelForImageTextToText
+
+        from ..plan_trace import no_zero3_init
+
+        with torch.device("meta"), no_zero3_init():
+            self.parts(AutoModelForImageTextToText.from_config(copy.deepcopy(config)))
 
     def vision_depth_width(self, config) -> tuple[int, int]:
         vision = config.vision_config

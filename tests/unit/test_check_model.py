@@ -40,7 +40,8 @@ def test_shrink_keeps_structure_and_builds():
 
 
 def test_check_model_table_and_json(family_models, tmp_path, monkeypatch, capsys):
-    """Gemma 3: packing refused with its reason, the other checks ok; check.json as documented."""
+    """Gemma 3: packing and sequence parallelism refused with their reasons, the other checks ok; check.json as
+    documented."""
 
     def fake_train(ranks, flags, out, timeout=600):  # stands in for launch/train.py: an export and two losses
         shutil.copytree(flags[flags.index("--model") + 1], out / "hf")
@@ -52,7 +53,7 @@ def test_check_model_table_and_json(family_models, tmp_path, monkeypatch, capsys
     report = json.loads(out.read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert rc == 0 and report["model_type"] == "gemma3", capsys.readouterr().out
-    assert status == {"load": "ok", "train_zero3": "ok", "packed_vs_padded": "refused", "sequence_parallel": "ok",
+    assert status == {"load": "ok", "train_zero3": "ok", "packed_vs_padded": "refused", "sequence_parallel": "refused",
                       "lora": "ok", "export_generate": "ok", "plan": "ok"}, report
     assert all(set(c) == {"name", "status", "seconds", "detail"} for c in report["checks"])
     refused = next(c for c in report["checks"] if c["name"] == "packed_vs_padded")
