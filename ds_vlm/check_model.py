@@ -59,7 +59,10 @@ def shrink(config) -> list[str]:
 
     def limit(sub, limits, where):
         for key, most in limits.items():
-            value = getattr(sub, key, None)
+            try:
+                value = getattr(sub, key, None)
+            except Exception:  # noqa: BLE001 - a per-layer key read globally (Gemma 4's head_dim): left as it is
+                continue
             if isinstance(value, int) and not isinstance(value, bool) and value > most:
                 setattr(sub, key, most)
                 changed.append(f"{where}.{key}: {value} -> {most}")
@@ -71,8 +74,9 @@ def shrink(config) -> list[str]:
         kinds = list(dict.fromkeys(layer_types))[:text.num_hidden_layers]
         text.layer_types = (kinds * text.num_hidden_layers)[:text.num_hidden_layers]
     rope = getattr(text, "rope_parameters", None) or {}
-    if "mrope_section" in rope and sum(rope["mrope_section"]) != text.head_dim // 2:
-        rope["mrope_section"] = [4, 2, 2] if len(rope["mrope_section"]) == 3 else [text.head_dim // 2]
+    head_dim = getattr(text, "head_dim", None) if "head_dim" in text.to_dict() else None
+    if head_dim and "mrope_section" in rope and sum(rope["mrope_section"]) != head_dim // 2:
+        rope["mrope_section"] = [4, 2, 2] if len(rope["mrope_section"]) == 3 else [head_dim // 2]
     vision = getattr(config, "vision_config", None)
     if vision is not None:
         limit(vision, VISION_LIMITS, "vision")
@@ -80,7 +84,8 @@ def shrink(config) -> list[str]:
             vision.out_hidden_size = text.hidden_size
         indexes = getattr(vision, "deepstack_visual_indexes", None)
         if indexes:
-            vision.deepstack_visual_indexes = [i for i in indexes if i < vision.depth][:1] or [0]
+            depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 1)
+            vision.deepstack_visual_indexes = [i for i in indexes if i < depth][:1] or [0]
     return changed
 
 
