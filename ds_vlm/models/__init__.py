@@ -28,7 +28,8 @@ def adapter_for(model_type: str) -> Adapter:
         return GenericAdapter(model_type)
     supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
     raise UnsupportedModel(f"model type {model_type!r} is not supported: it has no adapter and transformers does not "
-                           f"map it to AutoModelForImageTextToText; supported families: {supported}")
+                           f"map it to AutoModelForImageTextToText; supported families: {supported}; through the "
+                           f"generic adapter, verified: {', '.join(GENERIC_VERIFIED)}")
 
 
 def model_config(path: str, trust_remote_code: bool = False):
