@@ -95,10 +95,10 @@ def set_trainable(model: torch.nn.Module, adapter: Adapter, config: ModelConfig)
             raise ConfigError(f"asked to train the last {blocks} vision blocks; the model has "
                               f"{len(parts.vision_blocks)}")
         chosen += list(parts.vision_blocks)[-blocks:]
-    for module in chosen:
-        for param in module.parameters():
-            if param.is_floating_point():
-                param.requires_grad_(True)
+    loose = parts.projector_parameters if config.train_projector else []
+    for param in [p for module in chosen for p in module.parameters()] + loose:
+        if param.is_floating_point():
+            param.requires_grad_(True)
     return part_parameters(model, adapter)
 
 
@@ -110,6 +110,8 @@ def part_parameters(model: torch.nn.Module, adapter: Adapter) -> dict[str, list]
         for module in modules:
             for param in module.parameters():
                 owner.setdefault(id(param), part)
+    for param in parts.projector_parameters:
+        owner.setdefault(id(param), "projector")
     groups: dict[str, list] = {"vision": [], "projector": [], "llm": []}
     for name, param in model.named_parameters():
         if id(param) not in owner:

@@ -295,11 +295,11 @@ def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 def cat_rows(values: list[torch.Tensor]) -> torch.Tensor:
-    """Per-image tensors along dim 0. Tiled images (LLaVA-OneVision's anyres, Idefics3's splits: (images, tiles, C, H,
-    W)) with different tile counts are zero-padded along the tiles first, as the processors pad a batch of their own:
-    the models take the real tiles by image size (or drop all-zero tiles)."""
-    if len({v.shape[1:] for v in values}) > 1 and len({v.dim() for v in values}) == 1 and values[0].dim() >= 3 \
-            and len({v.shape[2:] for v in values}) == 1:
-        most = max(v.shape[1] for v in values)
-        values = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, most - v.shape[1])) for v in values]
+    """Per-image tensors along dim 0. Images of different tile counts (LLaVA-OneVision's anyres: (images, tiles, C, H,
+    W)) or sizes (Pixtral: (images, C, H, W) at each image's own size) are zero-padded to the largest first, as the
+    processors pad a batch of their own: the models take the real tiles and pixels by the image sizes."""
+    if len({v.shape[1:] for v in values}) > 1 and len({v.dim() for v in values}) == 1 and values[0].dim() >= 3:
+        most = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        values = [torch.nn.functional.pad(v, [p for d in reversed(range(1, v.dim()))
+                                              for p in (0, most[d] - v.shape[d])]) for v in values]
     return torch.cat(values, dim=0)

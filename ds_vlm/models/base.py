@@ -7,7 +7,7 @@ the engine, the metrics, the demo, the tests and the benchmarks ask the family's
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,6 +29,8 @@ class ModelParts:
     llm: list[nn.Module]           # language tower and LM head
     llm_decoder: nn.Module         # the module whose layers activation checkpointing wraps
     vision_encoder: Optional[nn.Module] = None  # the module whose blocks --vision_checkpointing wraps
+    # parameters of no module of the projector that train with it (LLaVA-OneVision's model.model.image_newline)
+    projector_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
 class Adapter:

@@ -89,16 +89,11 @@ class GenericAdapter(Adapter):
         if stray:
             raise self._refuse(f"{', '.join(stray)} belong(s) to no tower the generic adapter knows (vision, "
                                "projector, language)")
-        # parameters of model.model itself (LLaVA-NeXT/OneVision's image_newline) join the projector: they are
-        # written between image features, like its output
-        loose = dict(inner.named_parameters(recurse=False))
-        if loose:
-            holder = nn.Module()
-            for name, param in loose.items():
-                holder.register_parameter(name, param)
-            projector = nn.ModuleList([projector, holder])
+        # parameters of model.model itself (LLaVA-NeXT/OneVision's image_newline) train with the projector: they
+        # are written between image features, like its output
         return ModelParts(vision=vision_parts, vision_blocks=_longest_block_list(vision), projector=[projector],
-                          llm=[language, head], llm_decoder=language, vision_encoder=vision)
+                          llm=[language, head], llm_decoder=language, vision_encoder=vision,
+                          projector_parameters=list(inner.parameters(recurse=False)))
 
     def check_layout(self, config) -> None:
         """Refuse (UnsupportedModel) before any weight is read: the architecture built on the meta device."""
@@ -118,7 +113,9 @@ class GenericAdapter(Adapter):
         ip = processor.image_processor
         size = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
         get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-        side = get("height") or get("shortest_edge") or getattr(ip, "patch_size", None) or 32
+        patch = getattr(ip, "patch_size", None)
+        patch = patch.get("height") if isinstance(patch, dict) else patch
+        side = get("height") or get("shortest_edge") or patch or 32  # the smallest image a size-keeping processor takes
         return side, side
 
     def packing_refusal(self, config) -> str:

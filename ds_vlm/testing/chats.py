@@ -62,7 +62,27 @@ GEMMA3 = ChatSpec(("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"
 LLAVA_ONEVISION = ChatSpec(QWEN_SPECIAL_TOKENS + ("<image>", "<video>"), eos="<|im_end|>", pad="<|endoftext|>",
                            stop=("<|im_end|>",), named={"image_token": "<image>", "video_token": "<video>"})
 
-CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION}
+# mistralai/Mistral-Small-3.1-*-Instruct (llava-hf layout, Mistral3): <s>, then [INST]...[/INST] per user turn,
+# the answer closed by </s>; an image written as [IMG], which the processor expands to the image's own patch grid
+# ([IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] at the end)
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '[INST]' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '[IMG]' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}{{ part['text'] }}{%- endfor -%}{%- endif -%}{{ eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+)
+MISTRAL3 = ChatSpec(("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+                     "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"), eos="</s>", pad="<pad>", bos="<s>",
+                    stop=("</s>",), template=MISTRAL3_TEMPLATE)
+
+CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3}
 
 
 def chat_of(family: str) -> ChatSpec:

@@ -79,6 +79,12 @@ SPECS = {
                                 dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
                                      vision_use_head=False), 8, text=dict(model_type="qwen2", bos_token_id=None)),
+    # Pixtral: images keep their own size (up to 64 px), patches of 8, merged 2 x 2 by the patch merger: a 64 x 64
+    # image is 4 rows of 4 [IMG] tokens, each row closed by [IMG_BREAK] (the last by [IMG_END])
+    "mistral3": TinySpec("Mistral3Config", "Mistral3ForConditionalGeneration", "PixtralProcessor",
+                         dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, head_dim=16, image_size=IMAGE_SIZE, patch_size=8), 8,
+                         text=dict(model_type="mistral", sliding_window=None)),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -101,6 +107,19 @@ def llava_onevision(spec: TinySpec, text: dict, tokenizer):
                                            num_image_tokens=16,
                                            vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
                                            vision_aspect_ratio="anyres_max_9")
+    return config, processor
+
+
+def mistral3(spec: TinySpec, text: dict, tokenizer):
+    """Mistral 3 (Pixtral vision, patch merger) as released: images at their own size up to the longest edge."""
+    import transformers as tf
+
+    config = tf.Mistral3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                               spatial_merge_size=2, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+                               vision_feature_layer=-1, multimodal_projector_bias=False, tie_word_embeddings=False)
+    image = tf.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 8, "width": 8})
+    processor = tf.PixtralProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
+                                    chat_template=tokenizer.chat_template)
     return config, processor
 
 
@@ -144,6 +163,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = gemma3(spec, text, tokenizer, token_ids)
     elif family == "llava_onevision":
         config, processor = llava_onevision(spec, text, tokenizer)
+    elif family == "mistral3":
+        config, processor = mistral3(spec, text, tokenizer)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)
