@@ -115,7 +115,9 @@ class GenericAdapter(Adapter):
         get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
         patch = getattr(ip, "patch_size", None)
         patch = patch.get("height") if isinstance(patch, dict) else patch
-        side = get("height") or get("shortest_edge") or patch or 32  # the smallest image a size-keeping processor takes
+        # a size-keeping processor (Pixtral): 4 x 4 patches, so the image has more than one token after a 2 x 2
+        # merge (Mistral 3 squeezes a one-token image's features to a vector and fails to split them)
+        side = get("height") or get("shortest_edge") or 4 * (patch or 8)
         return side, side
 
     def packing_refusal(self, config) -> str:
