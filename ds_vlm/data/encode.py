@@ -53,6 +53,11 @@ class Encoder:
         self.max_length = max_length
         self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
+        if not self.image_token:  # the generic adapter asks the processor; without one, nothing can be placed
+            from ..models import UnsupportedModel
+
+            raise UnsupportedModel(f"model type {adapter.family!r}: its processor ({type(processor).__name__}) names "
+                                   "no `image_token`, and the generic adapter knows no other way to place images")
         # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
         # <|vision_start|>): truncation keeps both whole
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
