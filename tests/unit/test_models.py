@@ -171,3 +171,23 @@ def test_unsupported_model_type_lists_the_families(tmp_path):
 
     with pytest.raises(ValueError, match="unknown family 'mllama'"):
         build_model_dir(tmp_path, family="mllama")
+
+
+def test_load_refuses_what_would_not_be_exact(family_models):
+    """Gemma 3 packed or sequence-parallel is refused at load with the reason, before any weight is read; the
+    generic path's plain causal towers (LLaVA-OneVision) are not."""
+    from ds_vlm.config import ConfigError
+    from ds_vlm.model_loading import load_model
+
+    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+    gemma = ModelConfig(path=str(family_models("gemma3")))
+    with pytest.raises(ConfigError, match="--packing: gemma3: image tokens attend both ways"):
+        load_model(gemma, ds, "sdpa", packing=True)
+    with pytest.raises(ConfigError, match="--sequence_parallel: gemma3: the model builds its sliding-window"):
+        load_model(gemma, ds, "sdpa", sequence_parallel=object())
+    onevision = adapter_for("llava_onevision")
+    config = json.loads((family_models("llava_onevision") / "config.json").read_text())
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(**config)
+    assert onevision.packing_refusal(hf) == onevision.sequence_parallel_refusal(hf) == ""
