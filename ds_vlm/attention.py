@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from . import linear_attention
 from .console import say_once
 
 VARLEN = "ds_vlm_varlen"
@@ -237,7 +238,9 @@ def route_vision_varlen(vision_config) -> bool:
 class SampleBoundaries:
     """While armed, the language model's forward gets the packed row's sample boundaries as the kwargs that
     flash-attention 2 and the varlen interface read (cu_seq_lens_q/k, max_length_q/k); the vision tower never
-    sees them. Unarmed, nothing is added.
+    sees them. Unarmed, nothing is added. The same kwargs reach the linear-attention layers of a hybrid tower
+    (Qwen3.5's Gated DeltaNet), which honour them through the patch `linear_attention.install` puts on them here
+    (FLA's varlen kernels on a GPU that has them, else one sample at a time).
 
     With `stand_in_mask` (our own implementations, whose mask functions know the armed state: the varlen
     interface, the Ulysses wrapper): transformers would otherwise look for packed samples itself, by reading
@@ -250,6 +253,7 @@ class SampleBoundaries:
     def __init__(self, language_model: torch.nn.Module, stand_in_mask: bool = False):
         self._armed: dict | None = None
         self.stand_in_mask = stand_in_mask
+        linear_attention.install(language_model)
         language_model.register_forward_pre_hook(self._inject, with_kwargs=True)
 
     def _inject(self, module, args, kwargs):

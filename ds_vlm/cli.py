@@ -10,7 +10,8 @@ commands (ds-vlm-validate, ...) stay as aliases.
 
 Exit statuses: 0 done; 2 an error the message explains (config, data, too many bad records, rendezvous, divergence);
 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; run the same command to resume); 3 the run hung
-(a rank stopped responding: the watchdog names it); 1 anything else (a traceback).
+(a rank stopped responding: the watchdog names it); 1 anything else (a traceback), and the ranks another rank's
+error stopped (they say which rank failed, in which phase and on which records).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from .config import ConfigError
 from .data.formats import DataError
@@ -25,6 +27,7 @@ from .flags import load_config
 
 
 def main(argv=None) -> int:
+    from .data.containers import DataFileError
     from .data.preflight import BadDataError, TooManyBadRecords
     from .data.specs import SpecError
     from .distributed import RendezvousError
@@ -38,9 +41,13 @@ def main(argv=None) -> int:
         print(f"ds-vlm: {err} (exit {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except (ConfigError, DataError, BadDataError, TrainingDiverged, TooManyBadRecords, RendezvousError,
-            FileNotFoundError, SpecError) as err:
+            FileNotFoundError, SpecError, DataFileError) as err:
         print(f"ds-vlm: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception:  # a traceback, then the caller's os._exit: a normal exit would wait for DataLoader workers
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
     return 0
 
 

@@ -36,8 +36,8 @@ def _key(default, help: str, key: str = "", parse=None, values: str = ""):
     return field(default=default, metadata={"help": help, "key": key, "parse": parse, "values": values})
 
 
-DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "swift", "alpaca", "prompt_completion",
-                     "cauldron"]
+DataFormat = Literal["auto", "sharegpt", "llava", "messages", "openai", "mantis", "gemini", "bedrock", "swift",
+                     "alpaca", "prompt_completion", "cauldron", "caption"]
 Truncation = Literal["error", "skip", "truncate"]
 LossKind = Literal["chunked", "liger", "full"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"]
@@ -58,6 +58,8 @@ class DataConfig:
     eval_data: str = _key("", "held-out records: eval loss (and sample answers) at --eval_steps and at the end")
     data_format: DataFormat = _key("auto", "force one record layout (records in another are named as bad)")
     image_root: str = _key("", "folder relative image paths are resolved against (default: the data file's folder)")
+    caption_prompt: str = _key("", "caption pairs ({image, caption}): the user text after the image (default none: "
+                                   "the image alone, as in LLaVA's alignment pretraining)")
     max_length: int = _key(4096, "longest sample in tokens, image tokens included")
     truncation: Truncation = _key(
         "error", "over-long samples stop the run before training, are dropped (counted), or are cut (never inside "
@@ -129,7 +131,7 @@ class ModelConfig:
     lora_targets: str = _key("default", "default (the language tower's attention and MLP projections), all-linear "
                                         "(every linear layer of a trained part but the LM head), or comma-separated "
                                         "module names / regular expressions on full names")
-    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the frozen weights in 4 bits (bitsandbytes, a GPU, not ZeRO-3)")
+    lora_bits: Literal[0, 4] = _key(0, "4: QLoRA, the LLM's frozen linear weights in 4 bits (bitsandbytes, not ZeRO-3)")
     gradient_checkpointing: bool = _key(True, "activation checkpointing (non-reentrant) on the language tower")
     vision_checkpointing: bool = _key(False, "activation checkpointing (non-reentrant) on the vision blocks")
 

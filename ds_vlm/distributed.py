@@ -290,6 +290,18 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group=None, async_op: bool = F
     return _run(dist.broadcast, tensor, group, async_op, src=src)
 
 
+def all_to_all(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """`tensor` split evenly on dim 0, chunk i sent to rank i of `group`; returns the chunks received (chunk i from
+    rank i) on `tensor`'s device. The tensor itself outside a process group."""
+    if not is_distributed():
+        return tensor
+    device = comm_device(group)
+    sent = tensor.to(device).contiguous()
+    received = torch.empty_like(sent)
+    dist.all_to_all_single(received, sent, group=group)
+    return received.to(tensor.device)
+
+
 def barrier(group=None) -> None:
     if not is_distributed():
         return

@@ -6,8 +6,9 @@ CHECKPOINT_DIR is a checkpoint (OUTPUT_DIR/checkpoints/step_N), a checkpoints/ f
 output dir (its newest complete checkpoint is used). The fp32 master weights of every ZeRO
 stage are consolidated from the rank files (frozen parameters included) and written as
 safetensors with the config, generation config and processor files saved in the checkpoint. A LoRA
-checkpoint holds only what trained: the base weights are read from the run's --model, the adapters
-merged into OUT_DIR, and peft's adapter folder written to --adapter_dir (default OUT_DIR-adapter).
+checkpoint holds only what trained: the base weights are read from the run's --model (a QLoRA run's
+through 4-bit NF4 and back, as its run saw them), the adapters merged into OUT_DIR, and peft's adapter
+folder written to --adapter_dir (default OUT_DIR-adapter).
 Checkpoint files are read with torch.load(weights_only=True) and an allow-list of the few
 DeepSpeed types they hold: nothing in them can run code.
 """
@@ -82,7 +83,7 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     processor = AutoProcessor.from_pretrained(hf_config)
     if meta.get("lora"):  # the checkpoint holds what trained; the frozen base weights are the run's --model
         lora = from_description(meta["lora"])
-        full = {**base_weights_for(meta["config"]["model"], lora, torch_dtype), **state}
+        full = {**base_weights_for(meta["config"], lora, torch_dtype), **state}
         save_lora_exports(full, lora, config, generation, processor, str(out_dir),
                           adapter_dir or str(out_dir).rstrip("/") + "-adapter")
         return checkpoint
@@ -94,14 +95,30 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     return checkpoint
 
 
-def base_weights_for(model_path: str, lora, dtype) -> dict[str, torch.Tensor]:
-    """The base model's weights under the names the LoRA-wrapped model gives them."""
-    from transformers import AutoModelForImageTextToText
+def base_weights_for(run: dict, lora, dtype) -> dict[str, torch.Tensor]:
+    """The base model's weights (the run's --model; `run`: its checkpoint's config) under the names the
+    LoRA-wrapped model gives them. A QLoRA run's (--lora_bits 4) base is loaded as the run loaded it, its
+    language tower in 4-bit NF4, then dequantized: the weights its adapters trained beside, which the run's own
+    export merges them into too."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    from .config import ModelConfig
+    from .lora import dequantized_state_dict
+    from .model_loading import quantization_config
+    from .models import adapter_for
+
+    model = ModelConfig(path=run["model"], trust_remote_code=run.get("trust_remote_code", False),
+                        lora_rank=run.get("lora_rank", 0), lora_bits=run.get("lora_bits", 0))
+    quantized = {}
+    if model.lora_bits:
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        quantized = {"quantization_config": quantization_config(model, adapter_for(config.model_type), dtype, False,
+                                                                config), "device_map": {"": "cpu"}}
+    base = AutoModelForImageTextToText.from_pretrained(model.path, dtype=dtype,
+                                                       trust_remote_code=model.trust_remote_code, **quantized)
     targets = set(lora.target_modules)
     out = {}
-    for key, value in base.state_dict().items():
+    for key, value in dequantized_state_dict(base, base.state_dict()).items():
         module, _, leaf = key.rpartition(".")
         inner = f"{module}.base_layer.{leaf}" if module in targets else key
         out[f"base_model.model.{inner}"] = value

@@ -11,6 +11,13 @@ backward, step, checkpoint, eval; step; for how long) to the rendezvous store ev
 has been in one phase for --dist_timeout_s (a collective that never completes, a data loader that never
 returns) reads the others' heartbeats, prints which rank holds it up and in which phase, and exits with
 HUNG_EXIT (3); the launcher then stops the rest and exits non-zero.
+
+An exception on one rank (a record that fails to read in training, an error in the forward): that rank says what
+failed, in which phase of which step and on which records (`Watchdog.failed`), writes it to the rendezvous store,
+and exits without waiting for its DataLoader workers (the caller ends with os._exit). The other ranks' watchdog
+threads read it within a second and exit with PEER_FAILED_EXIT (1), instead of waiting in a collective for
+--dist_timeout_s. The failing rank waits (at most FAILED_GRACE_S) until every other rank has read it: rank 0 hosts
+the store.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import torch.distributed as dist
 
 PREEMPTED_EXIT = 75
 HUNG_EXIT = 3
+PEER_FAILED_EXIT = 1
+FAILED_KEY = "ds_vlm/failed"
+FAILED_GRACE_S = 5.0
+STEP_PHASES = ("forward", "backward", "step")  # the phases that compute on the step's records
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -65,6 +76,16 @@ def ignore_stop_signals(_worker_id=None) -> None:
 LONG_PHASES = frozenset({"checkpoint", "eval", "export", "convert"})
 
 
+def describe(error: BaseException) -> str:
+    """`error` in one line: its type and message; an error a DataLoader worker raised (which the loader
+    re-raises as a RuntimeError holding the worker's traceback) as the worker's own last line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"{lines[-1][:1000]} (in a DataLoader worker)"
+    return f"{type(error).__name__}: {' '.join(text.split())[:1000]}"
+
+
 class Watchdog:
     """Publishes this rank's phase every second; if the phase lasts `timeout_s` (0.9 x --dist_timeout_s, so
     the message comes before gloo's or NCCL's own timeout), or `long_timeout_s` for a phase of LONG_PHASES,
@@ -75,6 +96,7 @@ class Watchdog:
         self.long_timeout_s = max(long_timeout_s, timeout_s)
         self._phase: tuple[str, int, float] | None = None  # (name, step, since), set by the main thread
         self._store = None
+        self._failing = False  # this rank raised: the failure it read in the store is its own
         if start:  # the heartbeat thread (the limits alone: start=False)
             threading.Thread(target=self._run, name="ds-vlm-watchdog", daemon=True).start()
 
@@ -91,14 +113,58 @@ class Watchdog:
         self.step = self.step if step is None else step
         self._phase = None if name is None else (name, self.step, time.monotonic())
 
+    def failed(self, error: BaseException, records: tuple[str, ...] = ()) -> None:
+        """This rank raised `error`: say where (phase, step, `records`: those of the step in flight) on stderr and
+        in the rendezvous store, where the other ranks' watchdogs read it and stop; return once they have read
+        it (at most FAILED_GRACE_S)."""
+        phase = self._phase
+        where = (f"in phase {phase[0]} of step {phase[1]}" if phase else
+                 f"after step {self.step}" if self.step else "before training")
+        message = f"rank {self.rank} failed {where}: {describe(error)}"
+        if records and phase and phase[0] in STEP_PHASES:  # (a data error names its record itself)
+            message += f" (records of the step on rank {self.rank}: {', '.join(records)})"
+        print(f"ds-vlm: {message}", file=sys.stderr, flush=True)
+        self._failing = True
+        if self.world < 2:
+            return
+        try:
+            store = self._client()  # the main thread's own: the watchdog thread may be using its client
+            first = json.loads(store.compare_set(FAILED_KEY, "", json.dumps({"rank": self.rank, "message": message})))
+            if first["rank"] != self.rank:  # another rank failed first (an error every rank meets): it is told
+                store.set(f"{FAILED_KEY}/seen/{self.rank}", "1")
+                return
+            deadline = time.monotonic() + FAILED_GRACE_S
+            others = [f"{FAILED_KEY}/seen/{rank}" for rank in range(self.world) if rank != self.rank]
+            while time.monotonic() < deadline and not store.check(others):
+                time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - the store is gone (rank 0 stopped): the others see that themselves
+            pass
+
+    def _stop_if_another_failed(self) -> None:
+        """Another rank wrote a failure to the store: say so and exit (this rank would wait for it in a
+        collective until --dist_timeout_s)."""
+        store = self._connect()
+        if self._failing or not store.check([FAILED_KEY]):
+            return
+        failure = json.loads(store.get(FAILED_KEY))
+        if failure["rank"] == self.rank:
+            return
+        store.set(f"{FAILED_KEY}/seen/{self.rank}", "1")
+        print(f"ds-vlm: rank {self.rank}: stopping: {failure['message']}", file=sys.stderr, flush=True)
+        os._exit(PEER_FAILED_EXIT)
+
     # -- the thread -------------------------------------------------------------------------
     def _connect(self):
+        """The thread's store client (`_client`), made once."""
+        if self._store is None:
+            self._store = self._client()
+        return self._store
+
+    def _client(self):
         """A store client of its own (to the rendezvous store rank 0 hosts), with a short timeout: if rank 0
         is the one that stopped, asking it must not hang this thread too."""
-        if self._store is None:
-            self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
-                                        is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
-        return self._store
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world, is_master=False,
+                             timeout=timedelta(seconds=5), wait_for_workers=False)
 
     def _run(self) -> None:
         while True:
@@ -108,6 +174,7 @@ class Watchdog:
                 self._connect().set(f"ds_vlm/heartbeat/{self.rank}", json.dumps(
                     {"time": time.time(), "phase": phase[0] if phase else None, "step": phase[1] if phase else None,
                      "for_s": time.monotonic() - phase[2] if phase else 0.0}))
+                self._stop_if_another_failed()
             except Exception:  # noqa: BLE001 - the store is unreachable: rank 0 stopped, seen below
                 pass
             if self.overdue(phase, time.monotonic()):

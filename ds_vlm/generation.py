@@ -4,49 +4,44 @@ from __future__ import annotations
 
 import torch
 
-from .data.encode import template_message
+from .data.encode import TOKEN_KEYS, Encoder
 from .data.images import load_images
 from .data.videos import VideoSampling, load_videos
+
+
+def prompt_batch(encoder: Encoder, samples: list, video_sampling: VideoSampling) -> dict[str, torch.Tensor]:
+    """The samples' prompts (Encoder.prompt: text spelling special tokens stays text, as in training), padded on
+    the left as the processor pads a batch; vision tensors concatenated."""
+    prompts = [encoder.prompt(s, load_images(s), load_videos(s, video_sampling)) for s in samples]
+    length = max(p["input_ids"].shape[1] for p in prompts)
+    pad_id = encoder.tokenizer.pad_token_id
+    batch: dict[str, list[torch.Tensor]] = {}
+    for prompt in prompts:
+        for key, value in prompt.items():
+            if key in TOKEN_KEYS:
+                value = torch.nn.functional.pad(value, (length - value.shape[1], 0),
+                                                value=pad_id if key == "input_ids" else 0)
+            batch.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in batch.items()}
 
 
 def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,
                      video_sampling: VideoSampling | None = None, **generate_kwargs) -> list[str]:
     """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
     sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling or VideoSampling(),
-                         generate_kwargs)
-    finally:
-        tokenizer.padding_side = side
+    from .models import adapter_for
 
-
-def _generate(model, processor, samples, max_new_tokens, batch_size, video_sampling, generate_kwargs) -> list[str]:
-    tokenizer = processor.tokenizer
+    encoder = Encoder(processor, adapter_for(model.config.model_type), max_length=0)
     answers = []
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        texts, images, videos = [], [], []
-        for sample in chunk:
-            last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
-            prompt = [template_message(m) for m in sample.messages[:last]]
-            texts.append(processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-            images.append(load_images(sample))  # per sample: Gemma 3's processor counts each prompt's images
-            videos.extend(load_videos(sample, video_sampling))
-        media = {}
-        if videos:  # sampled already: the processor takes the frames and their timestamps as they are
-            media = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
-                         do_sample_frames=False)
-        inputs = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True,
-                           add_special_tokens=False, **media)
+        inputs = prompt_batch(encoder, samples[start:start + batch_size], video_sampling or VideoSampling())
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                     **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(t.strip() for t in encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
 

@@ -3,6 +3,8 @@ trainable parts chosen, activation checkpointing on."""
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +45,10 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     if sequence_parallel is not None:
         attention = sequence_parallel.attn_implementation(attention, model_config)
-    quantization = quantization_config(config, adapter, dtype, hf_ds_config is not None)
-    # 4-bit weights are quantized as they reach the GPU: load them onto this rank's own
-    quantized = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} \
-        if quantization else {}
+    quantization = quantization_config(config, adapter, dtype, hf_ds_config is not None, model_config)
+    # 4-bit weights are quantized as they reach the device: load them onto this rank's own (a CPU without one)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    quantized = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     with adapter.loading(zero3=hf_ds_config is not None):
         model = AutoModelForImageTextToText.from_pretrained(
             config.path, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention,
@@ -57,24 +59,39 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
     return LoadedModel(model, processor, adapter, hf_ds_config)
 
 
-def quantization_config(config: ModelConfig, adapter: Adapter, dtype, zero3: bool):
-    """--lora_bits 4 (QLoRA): the language tower's frozen linear weights in 4-bit NF4 through bitsandbytes; the
-    vision tower, projector and LM head stay in `dtype`. Refused where it cannot run."""
+def quantization_config(config: ModelConfig, adapter: Adapter, dtype, zero3: bool, model_config):
+    """--lora_bits 4 (QLoRA): the language tower's frozen linear weights in 4-bit NF4 through bitsandbytes (on a
+    GPU, or on a CPU); the vision tower, projector and LM head stay in `dtype` (`full_precision_modules`, named
+    from `model_config`'s model built on the meta device). Refused where it cannot run."""
     if not config.lora_bits:
         return None
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--lora_bits 4 needs the bitsandbytes package (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        raise ConfigError("--lora_bits 4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); use --lora_bits 0 here")
     if zero3:
         raise ConfigError("--lora_bits 4 does not work with ZeRO-3 (4-bit weights cannot be partitioned); use "
                           "ds_configs/zero2.json, or --lora_bits 0")
-    from transformers import BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(copy.deepcopy(model_config),
+                                                           trust_remote_code=config.trust_remote_code)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(adapter.keep_full_precision))
+                              bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=full_precision_modules(skeleton, adapter))
+
+
+def full_precision_modules(model: torch.nn.Module, adapter: Adapter) -> list[str]:
+    """What QLoRA keeps out of 4-bit: the adapter's vision tower and projector modules and the LM head, by full
+    module name (`model.visual.blocks`, `model.multi_modal_projector`, `lm_head`). transformers' matcher
+    (`should_convert_module`) reads each as a regex matched from a name's start up to a module boundary, or as a
+    suffix, so a short name (`visual`) kept nothing inside `model.visual`; the names are escaped (a regex `.`
+    would match any character). Every other linear layer, the language tower's, is converted."""
+    parts = adapter.parts(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    keep = [*parts.vision, *parts.projector, model.get_output_embeddings()]
+    return sorted({re.escape(names[id(m)]) for m in keep})
 
 
 def set_trainable(model: torch.nn.Module, adapter: Adapter, config: ModelConfig) -> dict[str, list]:

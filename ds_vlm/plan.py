@@ -8,9 +8,10 @@ nodes), --gpu NAME (GPUS below) or --gpu_memory_gb G, --mfu (the step time's ass
 
 How (execute, don't guess):
 - Model states from DeepSpeed's partitioning over the data-parallel ranks (`model_states`): the weights in
-  the run's precision (1/N of them under ZeRO-3), gradients (bf16 ones while they are reduced; ZeRO-2/3
-  keep 1/N in fp32), the optimizer's fp32 master copy and AdamW's two moments (1/N from ZeRO-1 on; none on
-  the GPU with `offload_optimizer`), ZeRO's reduce bucket and, under ZeRO-3, the gathered live parameters
+  the run's precision (QLoRA's 4-bit ones at their stored bytes; 1/N of them under ZeRO-3), gradients (bf16
+  ones while they are reduced; ZeRO-2/3 keep 1/N in fp32), the optimizer's fp32 master copy and AdamW's two
+  moments (1/N from ZeRO-1 on; none on the GPU with `offload_optimizer`), ZeRO's reduce bucket and, under
+  ZeRO-3, the gathered live parameters
   (`stage3_max_live_parameters`, `stage3_prefetch_bucket_size`). Which parameters train (frozen vision
   tower, LoRA adapters) is read from the real model built on the meta device with the trainer's own
   `set_trainable` and `apply_lora`.
@@ -33,6 +34,7 @@ keep their names.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -134,31 +136,76 @@ def step_peak(states: ModelStates, act) -> float:
 @dataclass
 class ParamCounts:
     """What the model states need of a model: each parameter's size (ZeRO-3's partitioned ones by their full
-    size), which train, and the most one module holds itself (ZeRO-3 gathers module by module)."""
+    size, 4-bit ones by their real number of weights), which train, the most one module holds itself (ZeRO-3
+    gathers module by module), and QLoRA's 4-bit weights: how many, and the bytes they take as stored."""
 
     sizes: list[int]
     n_trained: int
     largest_trained: int
     largest_module: int
+    n_quantized: int = 0
+    quantized_bytes: int = 0
 
     @classmethod
-    def of(cls, model) -> "ParamCounts":
-        def numel(p) -> int:
-            return int(getattr(p, "ds_numel", p.numel()))
+    def of(cls, model, four_bit=()) -> "ParamCounts":
+        """`four_bit`: parameters of a model not quantized (the planner's, on the meta device) that --lora_bits 4
+        would load in 4 bits (four_bit_params), at the bytes bitsandbytes would store them in (nf4_bytes)."""
+        from .metrics import weight_count
 
         params = list(model.parameters())
-        trained = [numel(p) for p in params if p.requires_grad]
-        block = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-        return cls([numel(p) for p in params], sum(trained), max(trained, default=0), block)
+        trained = [weight_count(p) for p in params if p.requires_grad]
+        block = max((sum(weight_count(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+        planned = {id(p) for p in four_bit}
+        quantized = [p for p in params if getattr(p, "quant_state", None) is not None]
+        planned_only = [p for p in params if id(p) in planned and getattr(p, "quant_state", None) is None]
+        stored = sum(map(stored_bytes, quantized)) + sum(nf4_bytes(weight_count(p)) for p in planned_only)
+        return cls([weight_count(p) for p in params], sum(trained), max(trained, default=0), block,
+                   sum(map(weight_count, quantized + planned_only)), stored)
 
     @property
     def n_params(self) -> int:
         return sum(self.sizes)
 
     def states(self, stage: int, world: int, bytes_per_param: int, zero: dict) -> ModelStates:
-        """`model_states` of these parameters (persistence by `zero`'s own stage)."""
-        return model_states(self.n_params, self.n_trained, stage, world, bytes_per_param, zero, self.largest_module,
-                            persistent_numel(self.sizes, zero), self.largest_trained)
+        """`model_states` of these parameters (persistence by `zero`'s own stage); 4-bit weights by their stored
+        bytes (never partitioned: ZeRO-3 refuses them)."""
+        states = model_states(self.n_params - self.n_quantized, self.n_trained, stage, world, bytes_per_param, zero,
+                              self.largest_module, persistent_numel(self.sizes, zero), self.largest_trained)
+        states.weights += self.quantized_bytes
+        return states
+
+
+def stored_bytes(param) -> int:
+    """A 4-bit parameter's bytes: its packed weights (two a byte) and its quantization state's tensors (block
+    scales, and with double quantization their own scales and code tables)."""
+    import torch
+
+    total, state = param.numel() * param.element_size(), param.quant_state
+    while state is not None:
+        total += sum(v.numel() * v.element_size() for v in vars(state).values() if isinstance(v, torch.Tensor))
+        state = getattr(state, "state2", None)
+    return total
+
+
+def nf4_bytes(n: int) -> int:
+    """The bytes bitsandbytes stores n weights in as 4-bit NF4 with double quantization (QLoRA's): two weights a
+    byte, a uint8 scale per block of 64, an fp32 scale per 256 of those, the NF4 code (16 fp32), the scales'
+    code (256 fp32) and an fp32 offset (stored_bytes of a real one)."""
+    blocks = -(-n // 64)
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256 + 1)
+
+
+def four_bit_params(model, adapter) -> list:
+    """The weights --lora_bits 4 loads in 4 bits, found on a model that is not quantized: the language tower's
+    linear layers, LoRA's own adapters aside (model_loading.full_precision_modules keeps the rest)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [module.weight for root in adapter.parts(model).llm for name, module in root.named_modules()
+            if type(module) is torch.nn.Linear and module is not head and not _LORA.search(name)]
+
+
+_LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")
 
 
 def persistent_numel(sizes, zero: dict) -> int:
@@ -229,7 +276,7 @@ def plan(argv=None) -> Optional[dict]:
     dtype = torch.bfloat16 if precision == 2 else torch.float32
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
-    counts = ParamCounts.of(meta)
+    counts = ParamCounts.of(meta, four_bit_params(meta, adapter) if config.model.lora_bits else ())
     states = counts.states(stage, world, precision, zero)
     memory = extra["gpu_memory_gb"] * 1e9 if extra["gpu_memory_gb"] else GPUS[extra["gpu"]]
     peak_tflops = peak_tflops_of(extra["gpu"]) if cuda and extra["gpu"] in GPUS else None
@@ -242,7 +289,8 @@ def plan(argv=None) -> Optional[dict]:
         from .data.sources import RecordIndex
 
         checks, _ = preflight(RecordIndex(config.data.train_data, config.data.image_root, config.data.data_format,
-                                          config.data.data_cache), encoder, "cached", config.data.data_cache)
+                                          config.data.data_cache, config.data.caption_prompt), encoder, "cached",
+                              config.data.data_cache)
         if (checks.kind == OK).any():
             longest, most_image = worst_counts(checks, longest)
             source = f"{config.data.train_data}: longest sample {longest} tokens, most image tokens {most_image}"

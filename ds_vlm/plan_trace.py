@@ -126,7 +126,7 @@ def _sequence_parallel_rank(sp: int, rank: int):
     from .parallel.ulysses import SequenceParallel
 
     group = SequenceParallel.__new__(SequenceParallel)
-    group.size, group.rank, group.armed = sp, rank, False
+    group.size, group.rank, group.armed, group.group = sp, rank, False, None
     return group
 
 

@@ -1,6 +1,7 @@
 """The training run as named verbs, in the order they run:
 
-    setup_distributed -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train -> finish
+    setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
+    -> finish
 
 `train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
 then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
@@ -24,14 +25,17 @@ from .attention import VARLEN, SampleBoundaries, kernel_description, resolve_att
 from .config import ConfigError, TrainConfig
 from .console import quiet_console, say_once
 from .curves import plot_curves
-from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, preflighted
+from .data.batching import Collator, MicroBatch, SFTDataset, loader_settings, make_loader, open_records, preflighted
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
-from .data.preflight import BadRecordCount
+from .data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
+from .data.sources import RecordIndex
 from .ds_config import resolve_ds_config, settle_optimizer
 from .evaluation import Evaluator
 from .faults import Preempted, StopSignals, Watchdog
 from .forward import ForwardContext
+from .linear_attention import describe as describe_linear_attention
+from .linear_attention import has_linear_attention
 from .lora import apply_lora, describe
 from .loss import LabelLoss, check_loss_available
 from .metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
@@ -65,9 +69,12 @@ class Trainer:
     # setup_distributed
     layout: ParallelLayout
     sp: Optional["SequenceParallel"]  # noqa: F821 - parallel.ulysses, imported only when --sequence_parallel > 1
-    log: RunLog
     signals: StopSignals
     watchdog: Watchdog
+    # open_data: the data files' indexes (a missing file is said before the model loads), then the run's log
+    train_records: RecordIndex
+    eval_records: Optional[RecordIndex]
+    log: RunLog
     bad_records: BadRecordCount
     # setup_model: the DeepSpeed json, the model (with processor and family adapter), what DeepSpeed trains (the
     # model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part -> [(name, parameter)]
@@ -99,6 +106,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.progress = Progress()
+        self.in_flight: tuple[str, ...] = ()  # the records of the step in progress ("FILE record I"), for errors
 
     # -- setup ------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
@@ -116,11 +124,18 @@ class Trainer:
 
             self.sp = SequenceParallel(self.layout)
         ckpt.seed_everything(config.seed)
-        self.log = RunLog(config.checkpoint.output_dir, enabled=self.layout.rank == 0)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
                                  config.parallel.long_phase_timeout_s)
-        self.bad_records = BadRecordCount(config.data.max_bad, self.log)
+
+    def open_data(self) -> None:
+        """The data files indexed (cheap once cached; a missing or unreadable file raises here), then the output
+        folder and its metrics.jsonl: a run that cannot start on its data leaves nothing behind."""
+        data = self.config.data
+        self.train_records = open_records(data.train_data, data)
+        self.eval_records = open_records(data.eval_data, data) if data.eval_data else None
+        self.log = RunLog(self.config.checkpoint.output_dir, enabled=self.layout.rank == 0)
+        self.bad_records = BadRecordCount(data.max_bad, self.log)
 
     def setup_model(self) -> None:
         config, model_config = self.config, self.config.model
@@ -159,9 +174,10 @@ class Trainer:
 
     def setup_data(self) -> None:
         config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
-        self.train_set = preflighted(config.data.train_data, config.data, self.encoder, self.log, rank0)
-        self.eval_set = preflighted(config.data.eval_data, config.data, self.encoder, self.log, rank0) \
-            if config.data.eval_data else None
+        data = config.data
+        self.train_set = preflighted(self.train_records, data.train_data, data, self.encoder, self.log, rank0)
+        self.eval_set = preflighted(self.eval_records, data.eval_data, data, self.encoder, self.log, rank0) \
+            if self.eval_records is not None else None
         for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
                                   self.encoder):
             self.log.info(line)  # rank 0's
@@ -188,8 +204,9 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
+        linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
         self.log.info(f"optimizer {settle_optimizer(self.ds_config)}; attention "
-                      f"{kernel_description(implementation, dtype=self.model_dtype)}")
+                      f"{kernel_description(implementation, dtype=self.model_dtype)}" + linear)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.trained, model_parameters=param_groups(self.groups, config.optim), config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
@@ -197,9 +214,12 @@ class Trainer:
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
         self.engine.train()
         boundaries = None
-        if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None):
+        # linear-attention layers (Qwen3.5) need the boundaries whatever the attention: without them their conv
+        # and recurrent state run across samples (on sdpa, full attention keeps its mask from the positions)
+        if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None
+                                     or has_linear_attention(model.config)):
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
-                                          stand_in_mask=implementation != "flash_attention_2")
+                                          stand_in_mask=implementation not in ("flash_attention_2", "sdpa", "eager"))
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
                                  torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp)
         self.runner = StepRunner(self.engine, self.layout.world_size, context,
@@ -277,6 +297,7 @@ class Trainer:
         """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
         self.watchdog.phase("data", step)
         micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        self.in_flight = tuple(record for mb in micro for record in mb.records)
         for message in (m for mb in micro for m in mb.bad):
             print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
                   flush=True)
@@ -398,13 +419,32 @@ class Trainer:
         return result
 
 
+# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
+# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
+AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
+
+
 def run(config: TrainConfig) -> dict:
+    """The verbs in order. An exception on this rank is said with its phase, step and records, and told to the
+    other ranks (faults.Watchdog.failed), which then stop within seconds; the caller must end the process with
+    os._exit (launch/train.py, cli.entry): its DataLoader workers are not waited for."""
     trainer = Trainer(config)
     trainer.setup_distributed()
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.setup_engine()
-    trainer.resume()
-    trainer.record_run()
-    trainer.train()
-    return trainer.finish()
+    try:
+        trainer.open_data()
+        trainer.setup_model()
+        trainer.setup_data()
+        trainer.setup_engine()
+        trainer.resume()
+        trainer.record_run()
+        trainer.train()
+        return trainer.finish()
+    except AGREED_STOPS:
+        raise
+    except Exception as err:
+        if trainer.layout.world_size > 1 or trainer.in_flight:
+            trainer.watchdog.failed(err, trainer.in_flight)
+        raise
+    finally:
+        if getattr(trainer, "log", None) is not None:  # a run that raises leaves metrics.jsonl closed
+            trainer.log.close()

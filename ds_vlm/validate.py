@@ -1,14 +1,15 @@
 """Preflight a dataset without GPUs: every record through the real readers, images and processor.
 
     python -m ds_vlm.validate --model MODEL --train_data SPEC [trainer flags] [--world_size N]
-                              [--workers 2] [--max_bad 0] [--show 10]
+                              [--workers 2] [--max_bad 0] [--show 10] [--dump FILE.jsonl [--dump_records 20]]
 
 Takes the trainer's flags (or --config F.yaml), so it checks exactly what the run would
 see (and its results go to the data cache, where the run then finds them; --preflight
 works as in training): counts by kind (ok, missing_image, unreadable_image, placeholder_mismatch,
 no_assistant_turn, too_long, bad_record), the first offenders with file and record index,
 histograms of token length and image tokens, and the steps per epoch for the batch
-settings. Exits 1 when the bad records exceed --max_bad.
+settings. Exits 1 when the bad records exceed --max_bad. --dump writes the first records as the model
+sees them (data/dump.py), one JSON line each.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _extra(parser) -> None:
     parser.add_argument("--world_size", type=int, default=1, help="ranks the run will use (for steps per epoch)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the check")
     parser.add_argument("--show", type=int, default=10, help="offenders to print")
+    parser.add_argument("--dump", default="", help="write what the model sees of the first records to this JSONL "
+                                                   "file: rendered text, learned spans, control tokens, images, notes")
+    parser.add_argument("--dump_records", type=int, default=20, help="records --dump writes")
 
 
 def main(argv=None) -> int:
@@ -62,10 +66,16 @@ def main(argv=None) -> int:
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2
     try:
-        records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache)
+        records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache,
+                              data.caption_prompt)
     except (SpecError, OSError, ValueError) as err:  # the spec or a file as a whole, named
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2
+    if extra["dump"]:
+        from .data.dump import dump_records
+
+        written = dump_records(records, encoder, extra["dump"], extra["dump_records"])
+        print(f"{extra['dump']}: {written} record(s) as the model sees them")
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, extra["workers"], progress=True)
     elapsed = time.perf_counter() - start
     ok = checks.select(checks.kind == OK)

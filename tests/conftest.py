@@ -220,6 +220,21 @@ def loss_and_grads(model, micro):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, micro
 
 
+def load_4bit(model_dir: Path, config):
+    """The model of `model_dir` as QLoRA loads it on the CPU (`config`: a ModelConfig with --lora_bits 4): the
+    language tower's linear layers in bitsandbytes' 4-bit NF4, fp32 elsewhere."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ds_vlm.model_loading import quantization_config
+    from ds_vlm.models import adapter_for
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    quantization = quantization_config(config, adapter_for(hf_config.model_type), torch.float32, False, hf_config)
+    return AutoModelForImageTextToText.from_pretrained(model_dir, device_map={"": "cpu"}, dtype=torch.float32,
+                                                       quantization_config=quantization)
+
+
 def assert_same(a, b):
     """Two (loss, gradients) equal to fp32 rounding, each gradient relative to its own scale."""
     import torch

@@ -68,12 +68,75 @@ def _check_trained(run: dict, steps: int = 4) -> dict:
     return run["detail"]
 
 
+# what every stage needs, and what some do (a missing optional one skips its stage)
+REQUIRED = ("torch", "deepspeed", "transformers", "accelerate", "peft", "safetensors", "tokenizers", "PIL",
+            "rouge_score", "nltk", "regex", "sacrebleu", "matplotlib", "psutil", "yaml")
+OPTIONAL = ("bitsandbytes", "liger_kernel", "fla", "causal_conv1d", "flash_attn", "av", "triton")
+
+
+def imports(work: Path, dry_run: bool) -> dict:
+    """The versions found (and the GPU); every required module imports (transformers checks regex's version at
+    import: a too old one fails here, not at the first evaluation)."""
+    import importlib
+    import importlib.metadata
+
+    import torch
+
+    found, failed = {}, {}
+    for name in REQUIRED + OPTIONAL:
+        try:
+            module = importlib.import_module(name)
+            found[name] = getattr(module, "__version__", None) or _distribution_version(name)
+        except Exception as err:  # noqa: BLE001 - ImportError, or a wheel for another torch/CUDA
+            found[name] = None
+            if name in REQUIRED:
+                failed[name] = f"{type(err).__name__}: {str(err)[:300]}"
+    cuda = torch.cuda.is_available()
+    detail = {"versions": found, "python": sys.version.split()[0], "cuda": torch.version.cuda,
+              "gpu": torch.cuda.get_device_name() if cuda else None,
+              "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+              "nvcc": shutil.which("nvcc")}
+    print(json.dumps(detail, indent=1), flush=True)
+    if failed:
+        raise StageFailed(f"required modules do not import: {failed}")
+    return detail
+
+
+def _distribution_version(module: str):
+    import importlib.metadata
+
+    names = {"PIL": "pillow", "yaml": "pyyaml", "rouge_score": "rouge-score", "fla": "flash-linear-attention"}
+    for name in (names.get(module, module), module.replace("_", "-")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 def train_zero2(work: Path, dry_run: bool) -> dict:
     return _check_trained(_train(work, "zero2", "2"))
 
 
-def train_zero3(work: Path, dry_run: bool) -> dict:
-    return _check_trained(_train(work, "zero3", "3"))
+def eval_stage(work: Path, dry_run: bool) -> dict:
+    """A ZeRO-3 run with --eval_data: the eval loss, greedy answers to 2 held-out records, their scores
+    (exact match, BLEU, chrF, ROUGE-L) and the HTML report, as a user's run makes them at its end."""
+    run = _train(work, "zero3_eval", "3", "--eval_data", str(work / "data" / "test.jsonl"), "--eval_generate", "2")
+    detail = _check_trained(run)
+    events = [json.loads(line) for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e.get("event") == "eval"]
+    if not evals:
+        raise StageFailed("no eval event in metrics.jsonl:\n" + run["log"][-2000:])
+    last = evals[-1]
+    report = run["out"] / "eval" / f"step_{last['step']}.html"
+    missing = [k for k in ("eval_loss", "exact_match", "bleu", "chrf", "rouge_l") if k not in last]
+    if missing or not report.is_file():
+        raise StageFailed(f"the evaluation lacks {missing or ''} {'' if report.is_file() else f'{report} is missing'}")
+    samples = run["out"] / "samples.jsonl"
+    detail.update({k: last[k] for k in ("eval_loss", "exact_match", "bleu", "chrf", "rouge_l")},
+                  report=str(report), report_bytes=report.stat().st_size,
+                  answers=len(samples.read_text().splitlines()) if samples.exists() else 0)
+    return detail
 
 
 def save_resume(work: Path, dry_run: bool) -> dict:
@@ -96,14 +159,14 @@ def save_resume(work: Path, dry_run: bool) -> dict:
 
 
 def export(work: Path, dry_run: bool) -> dict:
-    """train_zero3's hf/ with plain from_pretrained, then a greedy answer to a held-out record."""
+    """train_zero2's hf/ with plain from_pretrained, then a greedy answer to a held-out record."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.generation import generate_answers
 
-    hf = _train(work, "zero3", "3")["out"] / "hf"
+    hf = _train(work, "zero2", "2")["out"] / "hf"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.bfloat16 if device == "cuda" else None)
     model = model.to(device).eval()
@@ -142,7 +205,82 @@ def lora(work: Path, dry_run: bool) -> dict:
 
 
 def qlora(work: Path, dry_run: bool) -> dict:
-    return _lora_run(work, "qlora", "--lora_bits", "4")
+    """The LoRA stage's run with 4-bit base weights; its merged export against the base model (qlora_export)."""
+    detail = _lora_run(work, "qlora", "--lora_bits", "4")
+    return {**detail, **qlora_export(work / "model", work / "qlora")}
+
+
+def qlora_export(base_dir: Path, run_dir: Path) -> dict:
+    """What a QLoRA run's merged export (RUN/hf, beside RUN/adapter) must hold against its base model: the frozen
+    vision tower bit-identical (it was never quantized), the projector trained (every tensor changed, floating
+    point), each LoRA target of the language tower merged into its dequantized 4-bit weight (hf - B A x alpha/r
+    equals the base rounded through NF4, not the base itself), the rest of the language tower as in the base, no
+    integer weights and no quantization config. Raises StageFailed; returns counts."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ds_vlm.models import adapter_for
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    base, merged, adapter = weights(base_dir), weights(run_dir / "hf"), weights(run_dir / "adapter")
+    lora = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = AutoConfig.from_pretrained(run_dir / "hf")
+    if hasattr(config, "quantization_config"):
+        raise StageFailed("the merged export's config still says it is quantized")
+    if base.keys() != merged.keys():
+        raise StageFailed(f"keys differ from the base model's: {sorted(base.keys() ^ merged.keys())[:5]}")
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    parts, names = adapter_for(config.model_type).parts(skeleton), {id(m): n for n, m in skeleton.named_modules()}
+
+    def under(modules) -> set:
+        roots = [names[id(m)] + "." for m in modules]
+        return {k for k in base if any(k.startswith(r) for r in roots)}
+
+    vision, projector = under(parts.vision), under(parts.projector)
+    head = skeleton.get_output_embeddings()
+    quantized = {f"{names[id(m)]}.weight" for root in parts.llm for m in root.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head}  # NF4-rounded, LoRA or not
+    targets = {f"{t}.weight" for t in lora["target_modules"]}
+    problems = [f"{k}: {merged[k].dtype}" for k in merged if not merged[k].is_floating_point()]
+    problems += [f"vision {k} differs from the base" for k in sorted(vision) if not torch.equal(merged[k], base[k])]
+    problems += [f"projector {k} did not train" for k in sorted(projector) if torch.equal(merged[k], base[k])]
+    rest = set(base) - vision - projector - targets
+    problems += [f"{k} differs from the base" for k in sorted(rest - quantized) if not torch.equal(merged[k], base[k])]
+    scale = lora["lora_alpha"] / lora["r"]
+    problems += [p for key in sorted(targets) if (p := _merge_problem(key, base[key], merged[key], adapter, scale))]
+    if not vision or not projector or not targets:
+        problems.append(f"parts found: vision {len(vision)}, projector {len(projector)}, targets {len(targets)}")
+    if problems:
+        raise StageFailed("the merged QLoRA export: " + "; ".join(problems[:8]))
+    return {"vision_identical": len(vision), "projector_trained": len(projector), "merged_targets": len(targets)}
+
+
+def _merge_problem(key: str, base, merged, adapter: dict, scale: float) -> str:
+    """Why `merged` is not `base` rounded through 4-bit NF4 (in the run's dtype, as the run loaded it) plus its
+    LoRA product B A x `scale`, or "". Exact on a CPU in fp32; allowed: a tenth of what the NF4 rounding moved,
+    or two of the export dtype's rounding steps (bf16), whichever is larger. Merging into the unrounded base
+    misses by the whole NF4 rounding."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = key.removesuffix(".weight")
+    a, b = (adapter[f"base_model.model.{module}.lora_{x}.weight"].to(device, torch.float32) for x in "AB")
+    packed, state = bnb_functional.quantize_4bit(base.to(device, merged.dtype), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4")
+    rounded = bnb_functional.dequantize_4bit(packed, state).float()
+    full = merged.to(device, torch.float32)
+    if torch.equal(full, rounded):
+        return f"{key}: its LoRA changed nothing"
+    error = float((full - b @ a * scale - rounded).abs().max())
+    moved = float((rounded - base.to(device, torch.float32)).abs().max())
+    allowed = max(0.1 * moved, 2 * torch.finfo(merged.dtype).eps * float(full.abs().max()))
+    return "" if error <= allowed else \
+        f"{key}: not the 4-bit base + LoRA (off by {error:.2e}, allowed {allowed:.2e}; NF4 rounding {moved:.2e})"
 
 
 def liger(work: Path, dry_run: bool) -> dict:
@@ -175,7 +313,7 @@ def sweep_2b(work: Path, dry_run: bool) -> dict:
 
     if dry_run:
         return sweep(preset="tiny", sizes=[64, 400], steps=1, answer_sentences=2)
-    return sweep(preset="2b", sizes=[8192, 16384, 32768, 65536], steps=3)
+    return sweep(preset="2b", sizes=[8192, 32768, 65536], steps=2)  # 65,536: the reference recipe's packed row
 
 
 def plan(work: Path, dry_run: bool) -> dict:
@@ -205,3 +343,7 @@ def plan(work: Path, dry_run: bool) -> dict:
     if off and not dry_run:
         raise StageFailed(f"planned/measured off by more than 10%: {off}")
     return {"rows": rows}
+
+
+STAGE_FUNCTIONS = {"imports": imports, "train_zero2": train_zero2, "save_resume": save_resume, "export": export,
+                   "eval": eval_stage, "qlora": qlora, "lora": lora, "liger": liger, "sweep_2b": sweep_2b, "plan": plan}

@@ -17,11 +17,13 @@ from .formats import DataError
 from .plan import BatchPlan
 from .sources import RecordIndex
 
+RECORD = "record"  # a sample's name ("FILE record I") beside its tensors, kept by the collator in MicroBatch.records
+
 
 class SFTDataset(Dataset):
     """Encoded samples for the records listed in `indices` (the ones preflight kept; a numpy array, so that
-    forked workers share it). With `skip_bad` (records preflight did not check), a bad record comes out as
-    {"bad": its message}, which the collator leaves out and counts."""
+    forked workers share it), each named under RECORD. With `skip_bad` (records preflight did not check), a bad
+    record comes out as {"bad": its message}, which the collator leaves out and counts."""
 
     def __init__(self, records: RecordIndex, encoder: Encoder, indices=None, skip_bad: bool = False, checks=None):
         self.records, self.encoder, self.skip_bad = records, encoder, skip_bad
@@ -33,19 +35,25 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         try:
-            return self.encoder.encode_record(self.records, int(self.indices[i]))[1]
+            sample, encoded = self.encoder.encode_record(self.records, int(self.indices[i]))
+            return {**encoded, RECORD: f"{sample.source} record {sample.index}"}
         except DataError as err:
             if not self.skip_bad:
                 raise
             return {"bad": str(err)}
 
 
-def preflighted(spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
-    """A data spec's usable records (`data`: the run's DataConfig), as preflight found them (or as it left them:
+def open_records(spec: str, data) -> RecordIndex:
+    """A data spec's records (`data`: the run's DataConfig), indexed: a file that is missing or unreadable as a
+    whole raises here, before anything slow."""
+    return RecordIndex(spec, data.image_root, data.data_format, data.data_cache, data.caption_prompt)
+
+
+def preflighted(records: RecordIndex, spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
+    """The usable records of `records` (the data spec `spec`), as preflight found them (or as it left them:
     --preflight off); said, and the records left out logged as an event."""
     from .preflight import preflight, summarize, usable
 
-    records = RecordIndex(spec, data.image_root, data.data_format, data.data_cache)
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, data.loader_workers,
                              progress=show_progress)
     log.info(f"preflight {spec}: {said}\n{summarize(checks)}")
@@ -74,6 +82,7 @@ class MicroBatch:
     cu_seq_lens: Optional[torch.Tensor] = None  # a packed row's sample boundaries (int32, on the host)
     max_length: int = 0                     # a packed row's longest sample
     bad: list[str] = field(default_factory=list)  # the messages of records left out for being bad
+    records: list[str] = field(default_factory=list)  # the samples' records ("FILE record I"), to name in errors
 
     def pin_memory(self) -> "MicroBatch":
         """Called by the DataLoader's pinning thread on GPUs: copies to the device then run without waiting."""
@@ -124,8 +133,10 @@ class Collator:
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> MicroBatch:
         bad = [s["bad"] for s in samples if "bad" in s]
-        samples = [s for s in samples if "bad" not in s]
-        counts = dict(bad=bad, samples=len(samples), tokens=sum(int(s["input_ids"].shape[1]) for s in samples),
+        records = [s[RECORD] for s in samples if RECORD in s]
+        samples = [{k: v for k, v in s.items() if k != RECORD} for s in samples if "bad" not in s]
+        counts = dict(bad=bad, records=records, samples=len(samples),
+                      tokens=sum(int(s["input_ids"].shape[1]) for s in samples),
                       targets=sum(count_targets(s["labels"]) for s in samples))
         micro = self._pack(samples, counts) if self.packing else self._pad(samples, counts)
         for key in PIXEL_KEYS & micro.inputs.keys():

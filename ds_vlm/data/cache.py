@@ -1,6 +1,7 @@
 """The data cache: what is worked out once per data file and reused by every rank, worker and later start.
 
-    <root>/index/<key>.jsonl        a JSON-list file's records, one per line (built once; read by offset)
+    <root>/index/<key>.jsonl        a JSON list's, compressed JSONL's or CSV/TSV file's records, one per line, or
+                                    a WebDataset shard's samples (members' offsets) (built once; read by offset)
     <root>/preflight/<key>.npz      one data file's preflight results, in columns (see preflight.py)
 
 The root is --data_cache, else $DS_VLM_CACHE, else ~/.cache/ds_vlm. A key hashes what the content
@@ -20,7 +21,8 @@ import socket
 from pathlib import Path
 from typing import Callable, Optional
 
-VERSION = 2  # bump when an entry's layout or meaning changes
+VERSION = 4  # bump when an entry's layout or meaning changes (3: text spelling control tokens is text; 4: the
+# readers of #35: new layouts, placements, weight 0, assistant-first)
 _EDGE = 1 << 20  # bytes hashed at each end of a file
 
 

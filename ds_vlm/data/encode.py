@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .control_text import ControlText
 from .formats import DataError, Sample
 from .images import load_images
 from .videos import VideoSampling, load_videos
@@ -61,21 +62,31 @@ class Encoder:
         # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
         # <|vision_start|>): truncation keeps both whole
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        self.control = ControlText(self.tokenizer)
         lead = adapter.image_lead if adapter.image_lead is not None else \
             adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
         self.image_lead = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
         # a segment with no image or video is only tokenized (several times faster than the processor's call,
         # most of which is argument checking); used only if it gives what the processor gives on a probe
         self._text_only_fast = False
+        self._text_keys: frozenset = frozenset()  # the per-token keys the processor gives for text
         # the processor marks image/video tokens in `mm_token_type_ids` (all 0 in a text-only segment)
         self._mm_token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
         probe = "<|im_start|>user\nA probe, 12 words: é ü 中文.<|im_end|>\n"
-        self._text_only_fast = _same_tensors(self._process(probe, []), self._tokenize(probe))
+        processed = self._process(probe, [])
+        self._text_keys = frozenset(processed)
+        self._text_only_fast = _same_tensors(processed, self._tokenize(probe))
 
-    def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
-        out = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False))
+    def _tokenize(self, text: str, as_text: bool = False) -> dict[str, torch.Tensor]:
+        """`text` through the tokenizer alone, with the keys the processor gives for text (token type ids of
+        text: 0). `as_text`: special tokens spelled in it are text (processors drop `split_special_tokens`)."""
+        out = dict(self.tokenizer([text], return_tensors="pt", add_special_tokens=False,
+                                  **({"split_special_tokens": True} if as_text else {})))
         if self._mm_token_types:
             out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
+        if self._text_keys:
+            out = {k: out[k] if k in out else torch.zeros_like(out["input_ids"]) for k in self._text_keys}
         return out
 
     # -- text -------------------------------------------------------------------------
@@ -94,7 +105,8 @@ class Encoder:
 
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant_target) pieces; an assistant turn with
-        'loss': false is left in the text, not a target."""
+        'loss': false is left in the text, not a target. The turns' text (tool calls and tools included) is
+        escaped (control_text.py): a special token it spells is a marker here, which `encode` tokenizes as text."""
         try:
             return self._segments(sample)
         except DataError:
@@ -104,7 +116,7 @@ class Encoder:
                             f"conversation: {type(err).__name__}: {str(err)[:200]}") from err
 
     def _segments(self, sample: Sample) -> list[tuple[str, bool]]:
-        messages, tools = sample.messages, sample.tools
+        messages, tools = self.control.escape_all(sample.messages), self.control.escape_all(sample.tools)
         if (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)) and not self.template_has_tools:
             raise DataError("bad_record", sample.source, sample.index, "tool-use turns (tool calls, tool results or "
                             "tools), but this model's chat template has no tool roles (no `tool_calls`, no `tool`)")
@@ -127,6 +139,11 @@ class Encoder:
         if cursor < len(full):
             pieces.append((full[cursor:], False))
         return pieces
+
+    def spelled_control(self, sample: Sample) -> list[str]:
+        """The control tokens the sample's text (turns, tool calls, tools) spells, sorted: encoded as text, said in
+        a note."""
+        return sorted(self.control.spelled_all([sample.messages, sample.tools]))
 
     # -- tensors ----------------------------------------------------------------------
     def encode_record(self, records, index: int) -> tuple[Sample, dict[str, torch.Tensor]]:
@@ -153,19 +170,20 @@ class Encoder:
         """Token ids, labels and vision tensors of one sample, each with a leading batch dim of 1. `videos`:
         (frames, metadata) pairs, as `media` gives them."""
         parts, images, videos = [], list(images), list(videos)
-        for text, is_target in self.segments(sample):
-            n_images = text.count(self.image_token)
-            n_videos = text.count(self.video_token) if self.video_token else 0
-            encoded = self._process(text, images[:n_images], videos[:n_videos])
-            images, videos = images[n_images:], videos[n_videos:]
-            ids = encoded["input_ids"]
-            encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
-            parts.append(encoded)
+        for segment, is_target in self.segments(sample):
+            for encoded in self._encode_rendered(segment, images, videos):
+                ids = encoded["input_ids"]
+                encoded["labels"] = ids.clone() if is_target else torch.full_like(ids, IGNORE_INDEX)
+                parts.append(encoded)
         if images or videos:
             raise DataError("placeholder_mismatch", sample.source, sample.index,
                             f"the chat template placed fewer images or videos than the record has ({len(images)} "
                             f"image(s), {len(videos)} video(s) left over)")
         out = merge_parts(parts)
+        self._check_vision_tokens(out, sample)
+        spelled = [f"text spelling the control token {token}, encoded as plain text"
+                   for token in self.spelled_control(sample)]
+        sample.notes += [note for note in spelled if note not in sample.notes]
         length = out["input_ids"].shape[1]
         if length > self.max_length:
             if self.truncation != "truncate" or sample.videos:
@@ -176,6 +194,44 @@ class Encoder:
         if not (out["labels"] != IGNORE_INDEX).any():
             raise DataError("no_assistant_turn", sample.source, sample.index, "no assistant token to learn from")
         return out
+
+    def _encode_rendered(self, rendered: str, images: list, videos: list) -> list[dict[str, torch.Tensor]]:
+        """A rendered piece of conversation (its turns' text escaped) encoded: the template's structure through
+        the processor with the images and videos it places (taken off the front of `images` and `videos`), a
+        turn's text that spells special tokens as text."""
+        parts = []
+        for text, is_text in self.control.pieces(rendered):
+            if is_text:
+                parts.append(self._process(text, [], as_text=True))
+                continue
+            n_images = text.count(self.image_token)
+            n_videos = text.count(self.video_token) if self.video_token else 0
+            parts.append(self._process(text, images[:n_images], videos[:n_videos]))
+            del images[:n_images], videos[:n_videos]
+        return parts
+
+    def prompt(self, sample: Sample, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
+        """What a model is given to answer the sample's last assistant turn (the turns before it, then the
+        generation prompt), encoded as in training: a special token its text spells is text."""
+        last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+        rendered = self.render(self.control.escape_all(sample.messages[:last]), add_generation_prompt=True,
+                               tools=self.control.escape_all(sample.tools))
+        return merge_parts(self._encode_rendered(rendered, list(images), list(videos)))
+
+    def _check_vision_tokens(self, out: dict[str, torch.Tensor], sample: Sample) -> None:
+        """The image (video) tokens in the ids must be as many as the vision tensors fill, or the model's forward
+        fails mid-step ("Image features and image tokens do not match"); here the record is named instead."""
+        expected = self.adapter.vision_token_counts(out, self.processor)
+        ids = out["input_ids"][0]
+        for what, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if what not in expected or token_id is None:
+                continue
+            found = int((ids == token_id).sum())
+            if found != expected[what]:
+                raise DataError("placeholder_mismatch", sample.source, sample.index,
+                                f"{found} {what} token(s) in the encoded ids but the {what}s' vision tensors fill "
+                                f"{expected[what]}: the chat template or the processor placed {what} tokens the "
+                                f"{what}s do not match")
 
     def _truncate(self, out: dict[str, torch.Tensor], sample: Sample) -> dict[str, torch.Tensor]:
         """Cut at max_length; a cut through an image moves before it (and its lead tokens), and
@@ -217,9 +273,10 @@ class Encoder:
         encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
         return encoded
 
-    def _process(self, text: str, images: list, videos: list = ()) -> dict[str, torch.Tensor]:
-        if not images and not videos and self._text_only_fast:
-            return self._tokenize(text)
+    def _process(self, text: str, images: list, videos: list = (), as_text: bool = False) -> dict[str, torch.Tensor]:
+        """`as_text`: special tokens spelled in `text` are text (no images or videos with it)."""
+        if as_text or (not images and not videos and self._text_only_fast):
+            return self._tokenize(text, as_text)
         kwargs = {}
         if videos:  # frames sampled already, with the metadata the processor writes timestamps from
             kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],

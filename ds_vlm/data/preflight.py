@@ -45,6 +45,7 @@ class RecordCheck:
     n_targets: int = 0
     ignored: tuple[str, ...] = ()  # keys of the record nothing read (they are reported, with a count)
     notes: tuple[str, ...] = ()    # what reading changed (Sample.notes), reported with a count
+    where: str = ""                # "FILE record I": the first records with each note are named
 
 
 class BadDataError(RuntimeError):
@@ -95,7 +96,7 @@ class _CheckDataset(Dataset):
         return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
                            n_video_tokens=int((ids == self.video_token_id).sum()) if self.video_token_id else 0,
                            n_targets=count_targets(encoded["labels"]), ignored=sample.ignored,
-                           notes=tuple(sorted(set(sample.notes))))
+                           notes=tuple(sorted(set(sample.notes))), where=f"{sample.source} record {sample.index}")
 
 
 def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -> DataLoader:
@@ -105,16 +106,27 @@ def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -
                       collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
+NAMED_PER_NOTE = 3  # records named for each note
+
+
+def add_noted(noted: dict, notes, where: str) -> None:
+    """Name `where` under each of `notes` in `noted` (note -> the first NAMED_PER_NOTE records with it)."""
+    for note in notes:
+        named = noted.setdefault(note, [])
+        if len(named) < NAMED_PER_NOTE and where not in named:
+            named.append(where)
+
+
 class Checks:
     """Preflight's results for a set of records, as columns: global index, kind code (see KINDS), token,
     image-token, video-token and target counts; the bad records' messages, the ignored keys' and the notes'
-    counts."""
+    counts, and the first records with each note (`noted`)."""
 
     COLUMNS = ("kind", "n_tokens", "n_image_tokens", "n_video_tokens", "n_targets")
 
     def __init__(self, index, kind=None, n_tokens=None, n_image_tokens=None, n_video_tokens=None, n_targets=None,
                  messages: Optional[dict] = None, ignored: Optional[Counter] = None,
-                 notes: Optional[Counter] = None):
+                 notes: Optional[Counter] = None, noted: Optional[dict] = None):
         self.index = np.asarray(index, dtype=np.int64)
         n = len(self.index)
         self.kind = np.zeros(n, np.uint8) if kind is None else np.asarray(kind, np.uint8)
@@ -123,14 +135,18 @@ class Checks:
         self.messages = dict(messages or {})  # global index -> message, bad records only
         self.ignored = Counter(ignored or {})
         self.notes = Counter(notes or {})
+        self.noted = {note: list(named) for note, named in (noted or {}).items()}
 
     @classmethod
     def of(cls, checks: list[RecordCheck]) -> "Checks":
+        noted: dict = {}
+        for c in checks:
+            add_noted(noted, c.notes, c.where)
         return cls([c.index for c in checks], [KINDS.index(c.kind) for c in checks],
                    *([getattr(c, name) for c in checks] for name in cls.COLUMNS[1:]),
                    messages={c.index: c.message for c in checks if c.kind != "ok"},
                    ignored=Counter(key for c in checks for key in c.ignored),
-                   notes=Counter(note for c in checks for note in c.notes))
+                   notes=Counter(note for c in checks for note in c.notes), noted=noted)
 
     @classmethod
     def unchecked(cls, start: int, count: int) -> "Checks":
@@ -142,8 +158,14 @@ class Checks:
         order = np.argsort(index, kind="stable")
         columns = [np.concatenate([getattr(p, name) for p in parts])[order] if parts else None
                    for name in cls.COLUMNS]
+        noted: dict = {}
+        for p in parts:
+            for note, named in p.noted.items():
+                for where in named:
+                    add_noted(noted, [note], where)
         return cls(index[order], *columns, messages={k: v for p in parts for k, v in p.messages.items()},
-                   ignored=sum((p.ignored for p in parts), Counter()), notes=sum((p.notes for p in parts), Counter()))
+                   ignored=sum((p.ignored for p in parts), Counter()), notes=sum((p.notes for p in parts), Counter()),
+                   noted=noted)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -165,12 +187,12 @@ class Checks:
         kept = set(index[np.isin(index, list(self.messages))].tolist()) if self.messages else set()
         return Checks(index, *(getattr(self, name)[mask] for name in self.COLUMNS),
                       messages={i: m for i, m in self.messages.items() if i in kept}, ignored=self.ignored,
-                      notes=self.notes)
+                      notes=self.notes, noted=self.noted)
 
     def shifted(self, offset: int) -> "Checks":
         return Checks(self.index + offset, *(getattr(self, name) for name in self.COLUMNS),
                       messages={i + offset: m for i, m in self.messages.items()}, ignored=self.ignored,
-                      notes=self.notes)
+                      notes=self.notes, noted=self.noted)
 
     def counts(self) -> Counter:
         return Counter({KINDS[code]: int(n) for code, n in enumerate(np.bincount(self.kind, minlength=len(KINDS)))
@@ -185,7 +207,7 @@ class Checks:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.temporary_name(path)
         meta = json.dumps({"messages": {str(k): v for k, v in self.messages.items()}, "ignored": self.ignored,
-                           "notes": self.notes})
+                           "notes": self.notes, "noted": self.noted})
         with open(tmp, "wb") as f:
             np.savez(f, index=self.index, meta=np.array(meta), **{name: getattr(self, name) for name in self.COLUMNS})
         os.replace(tmp, path)
@@ -196,7 +218,7 @@ class Checks:
             meta = json.loads(str(data["meta"]))
             return cls(data["index"], *(data[name] for name in cls.COLUMNS),
                        messages={int(k): v for k, v in meta["messages"].items()}, ignored=Counter(meta["ignored"]),
-                       notes=Counter(meta.get("notes", {})))
+                       notes=Counter(meta.get("notes", {})), noted=meta.get("noted", {}))
 
 
 def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, num_workers: int = 0,
@@ -221,6 +243,7 @@ def check_columns(records: RecordIndex, encoder: Encoder, indices: np.ndarray, n
             out.messages[check.index] = check.message
         out.ignored.update(check.ignored)
         out.notes.update(check.notes)
+        add_noted(out.noted, check.notes, check.where)
         bar.update()
     bar.close()
     return out
@@ -307,7 +330,10 @@ def summarize(checks, show: int = 5) -> str:
         lines.append(f"  ... and {len(bad) - show} more")
     lines += [f"ignored key `{key}` in {n} record{'s' * (n != 1)} (not read by any layout; check it is not data)"
               for key, n in sorted(checks.ignored.items())]
-    lines += [f"note: {note} in {n} record{'s' * (n != 1)}" for note, n in sorted(checks.notes.items())]
+    for note, n in sorted(checks.notes.items()):
+        named = checks.noted.get(note, [])
+        lines.append(f"note: {note} in {n} record{'s' * (n != 1)}"
+                     + (f" ({', '.join(named)}{', ...' if n > len(named) else ''})" if named else ""))
     return "\n".join(lines)
 
 

@@ -1,9 +1,10 @@
 """Data sources -> records: files and folders, random access to each record, several sources as one index.
 
-A record is one row of a JSONL/JSON/parquet file or of a `save_to_disk` folder; `RecordIndex.sample`
+A record is one row of a JSONL/JSON/parquet/CSV file or of a `save_to_disk` folder; `RecordIndex.sample`
 turns one into a Sample through the readers of `formats.py`. Nothing holds all records in memory: a JSONL
-file is read by line offsets (a numpy array), a JSON list is converted once into a JSONL file in the data
-cache (see cache.py) and read the same way, parquet and `save_to_disk` tables are memory-mapped.
+file is read by line offsets (a numpy array), a JSON list, a compressed JSONL or a CSV/TSV file is converted
+once into a JSONL file in the data cache (containers.py) and read the same way, parquet and `save_to_disk`
+tables are memory-mapped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Optional
 import numpy as np
 
 from . import cache
+from .containers import DataFileError, check_text, converted, data_suffix
 from .formats import DataError, Sample, to_sample
+from .shards import expand_pattern, sample_record
 from .specs import HUB_PREFIX, Remap, Source, parse_spec, select_rows
 
 
@@ -28,20 +31,25 @@ class RecordFile:
         self.path = str(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"data file {self.path} does not exist")
-        suffix = Path(self.path).suffix.lower()
-        self._lines = self.path  # the JSONL file read by offset (for a JSON list: its converted copy)
+        suffix = data_suffix(self.path)
+        self._lines = self.path  # the JSONL file read by offset (for a JSON list, CSV, .jsonl.gz: its converted copy)
+        self._shard = suffix == ".tar"  # a WebDataset shard: _lines is its index, a line a sample's members
         if is_saved_dataset(self.path) or suffix == ".parquet":
             self._table = _open_table(self.path)
             self._length = self._table.num_rows
         elif suffix == ".jsonl":
+            check_text(self.path)
             self._offsets = line_offsets(self.path)
             self._length = len(self._offsets)
-        elif suffix == ".json":
-            self._lines = str(_json_as_lines(self.path, cache_dir))
+        elif suffix in (".json", ".jsonl.gz", ".jsonl.zst", ".csv", ".tsv", ".tgz") or suffix.startswith(".tar"):
+            self._lines = str(converted(self.path, cache_dir))
             self._offsets = line_offsets(self._lines)
             self._length = len(self._offsets)
         else:
-            raise ValueError(f"{self.path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+            raise DataFileError(f"{self.path}: unsupported data file type {suffix!r} (use .jsonl, .json, .parquet, "
+                                ".csv, .tsv, .jsonl.gz, .jsonl.zst or WebDataset .tar shards)")
+        if not self._length:
+            raise DataFileError(f"{self.path}: no records in it")
 
     def __len__(self) -> int:
         return self._length
@@ -53,12 +61,17 @@ class RecordFile:
             f.seek(int(self._offsets[index]))
             line = f.readline()
         try:
-            return json.loads(line)
+            record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             where = ""
             if self._lines == self.path:  # JSONL: the line in the user's file (blank lines are not records)
                 where = f"line {self.line_number(index)}: "
+            if isinstance(err, UnicodeDecodeError):
+                raise DataError("bad_record", self.path, index, f"{where}not UTF-8: byte 0x{line[err.start]:02x} "
+                                f"at column {err.start + 1} (cp1252 or Latin-1 text?); re-save the file as UTF-8"
+                                ) from err
             raise DataError("bad_record", self.path, index, f"{where}not valid JSON ({err})") from err
+        return sample_record(self.path, record) if self._shard else record
 
     def line_number(self, index: int) -> int:
         """The 1-based line of record `index` in the JSONL file (counted only when asked: an error)."""
@@ -135,7 +148,10 @@ def _open_table(path: str):
 
 
 def expand_source(path: str) -> list[str]:
-    """A data path -> the files it holds: a file, a save_to_disk folder, or a folder of parquet files."""
+    """A data path -> the files it holds: a file, a save_to_disk folder, a folder of parquet files, or shards
+    named by a range (`train-{000..009}.tar`) or a glob."""
+    if not os.path.exists(path):
+        return expand_pattern(path)
     if os.path.isdir(path) and not is_saved_dataset(path):
         if os.path.isfile(os.path.join(path, "dataset_dict.json")):
             raise ValueError(f"{path} holds several splits (a DatasetDict); name one, e.g. {path}/train")
@@ -155,14 +171,17 @@ class SourceFile:
     """One data file as a source reads it: the rows its selector keeps (None: all), its image root, and a
     LLaMA-Factory entry's renaming; records are named by their row in the file."""
 
-    def __init__(self, file: RecordFile, source: Source, rows: Optional[np.ndarray] = None):
-        self.file, self.source, self.rows = file, source, rows
+    def __init__(self, file: RecordFile, source: Source, rows: Optional[np.ndarray] = None, caption_prompt: str = ""):
+        self.file, self.source, self.rows, self.caption_prompt = file, source, rows, caption_prompt
         self.path = file.path
         self.remap = Remap(**source.columns) if source.columns else None
 
     @property
     def tag(self) -> str:
-        return self.source.tag
+        """What besides the file decides its records' reading (a part of the preflight cache key)."""
+        if not self.caption_prompt:
+            return self.source.tag
+        return json.dumps([self.source.tag, self.caption_prompt])
 
     def fingerprint(self) -> str:
         return self.file.fingerprint()
@@ -201,58 +220,6 @@ def line_offsets(path: str, chunk: int = 1 << 24) -> np.ndarray:
     return starts[keep]
 
 
-def _json_as_lines(path: str, cache_dir: str = "") -> Path:
-    """A JSON list file as a JSONL file of its records, built once in the data cache (or next to nothing:
-    in a temporary folder when the cache cannot be written)."""
-    root = cache.writable(cache.cache_root(cache_dir))
-    if root is None:
-        import tempfile
-
-        root = Path(tempfile.mkdtemp(prefix="ds_vlm_index_"))
-    return cache.built_once(root / "index" / f"{cache.fingerprint(path)}.jsonl", lambda tmp: _convert(path, tmp))
-
-
-def _convert(path: str, out: str, chunk: int = 1 << 24) -> None:
-    """Stream a JSON list's elements into a JSONL file, 16 MB of text at a time (never the whole list)."""
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f, open(out, "w", encoding="utf-8") as g:  # -sig: a BOM is skipped
-        buffer, pos, eof, count = f.read(chunk).lstrip(), 0, False, 0
-        if not buffer.startswith("["):
-            raise ValueError(f"{path}: a .json data file must hold a list of records")
-        pos = 1
-        while True:
-            while pos < len(buffer) and buffer[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(buffer) and not eof:
-                buffer, pos = f.read(chunk), 0
-                eof = not buffer
-                continue
-            if pos < len(buffer) and buffer[pos] == "]":
-                return
-            try:
-                value, end = decoder.raw_decode(buffer, pos)
-                after = end
-                while after < len(buffer) and buffer[after] in " \t\r\n":
-                    after += 1
-                # an element ends at a comma or the closing bracket; anything else may be a cut (a number)
-                complete = after < len(buffer) and buffer[after] in ",]"
-                if not complete and eof:
-                    raise json.JSONDecodeError("expected ',' or ']' after a record", buffer, after)
-            except json.JSONDecodeError as err:
-                if eof:
-                    raise ValueError(f"{path}: not a valid JSON list after record {count} ({err})") from err
-                complete = False
-            if not complete:
-                more = f.read(chunk)
-                eof = not more
-                buffer, pos = buffer[pos:] + more, 0
-                continue
-            g.write(json.dumps(value, ensure_ascii=False) + "\n")
-            count, pos = count + 1, end
-            if pos > chunk:  # drop what was read
-                buffer, pos = buffer[pos:], 0
-
-
 class RecordIndex:
     """Several data sources seen as one list of records; global index -> (file, local index).
 
@@ -262,9 +229,11 @@ class RecordIndex:
     `repeats`: each source's draws per record and epoch (InternVL's repeat_time; 1 elsewhere).
     """
 
-    def __init__(self, spec, image_root: str = "", data_format: str = "auto", cache_dir: str = ""):
+    def __init__(self, spec, image_root: str = "", data_format: str = "auto", cache_dir: str = "",
+                 caption_prompt: str = ""):
         sources = parse_spec(spec) if isinstance(spec, str) else [Source(str(p)) for p in spec]
         self.image_root, self.data_format, self.cache_dir = image_root, data_format, cache_dir
+        self.caption_prompt = caption_prompt
         self.files: list[SourceFile] = []
         self.starts, self.source_ranges, self.weights, self.repeats = [], [], [], []
         total = 0
@@ -283,7 +252,7 @@ class RecordIndex:
                     rows.append(kept[(kept >= offset) & (kept < offset + len(f))] - offset)
                     offset += len(f)
             for number, f in enumerate(files):
-                self.files.append(SourceFile(f, source, rows[number] if rows is not None else None))
+                self.files.append(SourceFile(f, source, rows[number] if rows is not None else None, caption_prompt))
                 self.starts.append(total)
                 total += len(self.files[-1])
             self.source_ranges.append((first, total))
@@ -308,7 +277,8 @@ class RecordIndex:
         row = f.row(local)
         try:
             record = f[local]
-            return to_sample(record, f.path, row, f.source.image_root or self.image_root, self.data_format)
+            return to_sample(record, f.path, row, f.source.image_root or self.image_root, self.data_format,
+                             placement=f.source.placement, caption_prompt=self.caption_prompt)
         except DataError:
             raise
         except Exception as err:  # a layout reader meeting a shape it did not expect: still a named bad record

@@ -30,6 +30,8 @@ from typing import Optional
 
 import numpy as np
 
+from .containers import DataFileError, check_text
+
 _SELECT = re.compile(r"(all|(first|end|random):(\d+(?:\.\d+)?)([kKmM%]?))")
 _ITEM = re.compile(r"(?P<source>[^#]+?)(?:#(?P<selector>(?:first|end|random):[\d.]+[kKmM%]?|[^:#]+))?"
                    r"(?::(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?))?")
@@ -54,13 +56,15 @@ class Source:
     split: str = ""                 # a hub dataset's split (hf:ORG/NAME#SPLIT)
     name: str = ""                  # the entry it came from, for messages
     origin: str = ""                # the mixture file it came from
+    placement: str = ""             # how images with no placeholder are placed: "internvl" (formats.PLACED)
 
     @property
     def tag(self) -> str:
         """What, besides the file, decides its records and their reading (part of the preflight cache key)."""
-        if self.select == "all" and not self.image_root and not self.columns:
+        if self.select == "all" and not self.image_root and not self.columns and not self.placement:
             return ""
-        return json.dumps([self.select, self.image_root, self.columns], sort_keys=True)
+        return json.dumps([self.select, self.image_root, self.columns] + ([self.placement] if self.placement else []),
+                          sort_keys=True)
 
 
 def parse_spec(spec: str) -> list[Source]:
@@ -125,15 +129,21 @@ def expand_mixture(path: str, selector: Optional[str]) -> Optional[list[Source]]
         return _llava_next_yaml(path)
     if suffix != ".json" or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8-sig") as f:
+    try:
+        check_text(path)
+    except DataFileError as err:
+        raise SpecError(str(err)) from None
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # its records are checked where they are read
         head = f.read(1 << 16).lstrip()
     if not head.startswith("{"):
         return None  # a JSON list of records
     try:
         with open(path, encoding="utf-8-sig") as f:
             table = json.load(f)
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        lines = isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" and err.lineno > 1
+        raise SpecError(f"{path}: not valid {'JSON' if isinstance(err, json.JSONDecodeError) else 'UTF-8'} ({err})"
+                        + ("; it looks like JSON Lines (one record a line): name it .jsonl" if lines else "")) from err
     if not isinstance(table, dict) or not table or not all(isinstance(v, dict) for v in table.values()):
         raise SpecError(f"{path}: a JSON object that is neither a dataset_info.json nor an InternVL meta file "
                         "(expected {name: {...}, ...}); a data file holds a list of records")
@@ -158,7 +168,7 @@ def _internvl_meta(path: str, table: dict, selector: Optional[str]) -> list[Sour
             raise SpecError(f"{path}: entry {name!r}: repeat_time must be a number > 0, not {repeat!r}")
         root = entry.get("root", "")
         out.append(Source(_relative(folder, entry["annotation"]), repeat=float(repeat), name=name, origin=path,
-                          image_root=_relative(folder, root) if root else ""))
+                          image_root=_relative(folder, root) if root else "", placement="internvl"))
     return out
 
 

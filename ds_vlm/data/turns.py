@@ -5,11 +5,19 @@ answer dropped."""
 from __future__ import annotations
 
 
-def insert_placeholders(messages: list[dict], images: list, insert: bool) -> None:
-    if insert and images and not any(part["type"] == "image" for m in messages for part in m["content"]):
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is not None:
-            first_user["content"][:0] = [{"type": "image"} for _ in images]
+def insert_placeholders(messages: list[dict], images: list, newline: bool = False, only_one: bool = False) -> bool:
+    """A record with images and no image placeholder: one per image at the start of the first user turn
+    (`newline`: InternVL's `<image>\\n`, for a single image only with `only_one`). Whether it placed any."""
+    if not images or (only_one and len(images) != 1):
+        return False
+    if any(part["type"] == "image" for m in messages for part in m["content"]):
+        return False
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+        return False
+    first_user["content"][:0] = [{"type": "image"} for _ in images] + ([{"type": "text", "text": "\n"}] if newline
+                                                                        else [])
+    return True
 
 
 def video_behind_image_placeholders(messages: list[dict], images: list, videos: list) -> list[str]:

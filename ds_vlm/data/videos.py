@@ -8,6 +8,7 @@ writes the timestamps Qwen3-VL puts between frame groups.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,14 +23,28 @@ class VideoSampling:
     max_frames: int = 32
 
 
-def _indices(total: int, native_fps: float, sampling: VideoSampling) -> np.ndarray:
-    """Frame indices at sampling.fps (at least 2: a temporal patch), at most sampling.max_frames, even count."""
-    if total <= 0:
+def _indices(total: int, native_fps: float, sampling: VideoSampling, ref: VideoRef | None = None) -> np.ndarray:
+    """Frame indices at sampling.fps (at least 2: a temporal patch), at most sampling.max_frames, even count;
+    within the record's `video_start`/`video_end` (seconds) and at its own `fps`, if it gives them."""
+    first, last = 0, total - 1
+    if ref is not None and native_fps:
+        if ref.start is not None:
+            first = int(math.floor(ref.start * native_fps))
+        if ref.end is not None:
+            last = min(last, int(math.ceil(ref.end * native_fps)))
+    if total <= 0 or first > last:
         return np.array([], dtype=int)
-    wanted = int(total / max(native_fps, 1e-6) * sampling.fps) if native_fps else total
-    count = max(2, min(sampling.max_frames, wanted, total))
+    span = last - first + 1
+    fps = (ref.fps if ref is not None and ref.fps else 0) or sampling.fps
+    wanted = int(span / max(native_fps, 1e-6) * fps) if native_fps else span
+    count = max(2, min(sampling.max_frames, wanted, span))
     count -= count % 2 if count > 2 else 0
-    return np.linspace(0, total - 1, count).round().astype(int)
+    return np.linspace(first, last, count).round().astype(int)
+
+
+def _window(ref: VideoRef, total: int, fps: float) -> str:
+    return (f"video_start {ref.start} s / video_end {ref.end} s leave no frame of its {total / fps:.1f} s"
+            if ref.start is not None or ref.end is not None else "")
 
 
 def load_video(ref: VideoRef, sample: Sample, sampling: VideoSampling):
@@ -46,37 +61,43 @@ def load_video(ref: VideoRef, sample: Sample, sampling: VideoSampling):
         for frame in ref.frames:
             if not os.path.isfile(frame):
                 raise fail("missing_video", f"video frame {frame} does not exist")
-        picked = _indices(len(ref.frames), sampling.fps, sampling)
+        rate = ref.fps or sampling.fps  # a frame list is taken as `fps` (the record's, or --video_fps) a second
+        picked = _indices(len(ref.frames), rate, VideoSampling(rate, sampling.max_frames), ref)
+        if not len(picked):
+            raise fail("unreadable_video", f"video {ref.describe()}: {_window(ref, len(ref.frames), rate)}")
         frames = np.stack([np.asarray(load_image(ImageRef(path=ref.frames[i]), sample)) for i in picked])
-        return frames, VideoMetadata(total_num_frames=len(ref.frames), fps=sampling.fps, width=frames.shape[2],
-                                     height=frames.shape[1], duration=len(ref.frames) / sampling.fps,
+        return frames, VideoMetadata(total_num_frames=len(ref.frames), fps=rate, width=frames.shape[2],
+                                     height=frames.shape[1], duration=len(ref.frames) / rate,
                                      video_backend="frames", frames_indices=picked)
     if not os.path.isfile(ref.path):
         raise fail("missing_video", f"video file {ref.path} does not exist")
     try:
-        picked, frames, total, fps = _decode(ref.path, sampling)
+        picked, frames, total, fps = _decode(ref, sampling)
     except Exception as err:  # PyAV raises many types for corrupt data
         raise fail("unreadable_video", f"cannot decode video {ref.describe()}: {type(err).__name__}: "
                                        f"{str(err)[:160]}") from err
     if not frames:
-        raise fail("unreadable_video", f"video {ref.describe()} has no frames" + ("" if fps else " (no video stream)"))
+        raise fail("unreadable_video", f"video {ref.describe()}: " + (_window(ref, total, fps) if total and fps
+                                                                        else "has no frames" + ("" if fps else
+                                                                                                " (no video stream)")))
     frames = np.stack(frames)
     return frames, VideoMetadata(total_num_frames=total, fps=fps, width=frames.shape[2], height=frames.shape[1],
                                  duration=total / fps, video_backend="pyav", frames_indices=picked)
 
 
-def _decode(path: str, sampling: VideoSampling) -> tuple[np.ndarray, list, int, float]:
+def _decode(ref: VideoRef, sampling: VideoSampling) -> tuple[np.ndarray, list, int, float]:
     """(sampled indices, their RGB frames, frame count, native fps), holding only the sampled frames in memory. A
     container that does not state its frame count (WebM, some MKV) is counted by a first decoding pass."""
     import av
 
+    path = ref.path
     with av.open(path) as container:
         if not container.streams.video:
             return np.array([], dtype=int), [], 0, 0.0
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or sampling.fps
         total = stream.frames or sum(1 for _ in container.decode(stream))
-    picked = _indices(total, fps, sampling)
+    picked = _indices(total, fps, sampling, ref)
     wanted, kept, decoded = set(picked.tolist()), {}, 0
     with av.open(path) as container:
         for decoded, frame in enumerate(container.decode(container.streams.video[0]), start=1):

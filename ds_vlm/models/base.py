@@ -42,8 +42,6 @@ class Adapter:
     # processor expands it.
     image_text: str = ""
     video_text: str = ""
-    # Module names (substrings) QLoRA keeps out of 4-bit: everything but the language tower.
-    keep_full_precision: tuple[str, ...] = ("lm_head",)
     # The token an image's features fill in input_ids, where it is not the processor's `image_token` (Gemma 3's
     # template writes <start_of_image>, which the processor expands into a run of <image_soft_token>), and the
     # text the processor writes before that run (None: what `image_text` has before the image token). Truncation
@@ -81,6 +79,11 @@ class Adapter:
         each attention the whole sequence, but with the mask the model built from one rank's slice."""
         return ""
 
+    def projector_rows(self, n_patches: int, config) -> int:
+        """For the FLOP count: the rows the projector's matmuls run over for `n_patches` vision patches (one a
+        patch by default)."""
+        return n_patches
+
     # -- vision tensors ----------------------------------------------------------------------
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The smallest image the processor and vision tower accept (keeps ZeRO ranks in step)."""
@@ -95,6 +98,17 @@ class Adapter:
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
         """Vision-tower patches of each image of a batch (for the FLOP count)."""
         raise NotImplementedError
+
+    def vision_attention_pairs(self, batch: dict[str, torch.Tensor], config) -> list[int]:
+        """For the FLOP count: the query-key pairs each vision block's attention computes over a batch (the sum of
+        its attended spans' lengths squared), block by block. Each image (a video's frame pair) whole by default."""
+        pairs = sum(p * p for p in self.patches_per_image(batch, config))
+        return [pairs] * self.vision_depth_width(config)[0]
+
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """How many image (and video) tokens one encoded sample's vision tensors fill in its ids ({"image": n,
+        "video": m}); the encoder refuses a record whose ids hold another count. Empty: not checked."""
+        return {}
 
     def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
         """For --sequence_parallel: the language model's inputs that hold one entry per token, besides the

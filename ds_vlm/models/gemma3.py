@@ -21,7 +21,6 @@ class Gemma3Adapter(Adapter):
     image_text = "<start_of_image>"
     image_fill = "<image_soft_token>"
     image_lead = "\n\n<start_of_image>"
-    keep_full_precision = ("vision_tower", "multi_modal_projector", "lm_head")
 
     def parts(self, model) -> ModelParts:
         tower = model.model.vision_tower
@@ -64,6 +63,11 @@ class Gemma3Adapter(Adapter):
             return {k: v for k, v in out.items() if k != "pixel_values"}
         out["pixel_values"] = out["pixel_values"][:n_images]
         return out
+
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """`image_seq_length` soft tokens per image (one pixel row each)."""
+        pixels = encoded.get("pixel_values")
+        return {"image": 0 if pixels is None else pixels.shape[0] * processor.image_seq_length}
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
         pixels = batch.get("pixel_values")

@@ -52,7 +52,6 @@ class GenericAdapter(Adapter):
     """One image-text-to-text `model_type` without an adapter of its own."""
 
     image_text = ""  # the processor's `image_token` is what the template writes (the encoder asks the processor)
-    keep_full_precision = VISION_NAMES + PROJECTOR_NAMES + ("lm_head",)
 
     def __init__(self, model_type: str):
         self.family = model_type

@@ -11,7 +11,6 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
     image_text = "<image>"
-    keep_full_precision = ("vision_tower", "multi_modal_projector", "lm_head")
 
     def parts(self, model) -> ModelParts:
         tower = model.model.vision_tower
@@ -48,6 +47,19 @@ class LlavaAdapter(Adapter):
         if "image_sizes" in out:
             out["image_sizes"] = out["image_sizes"][:n_images]
         return out
+
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """A fixed count per image, as LlavaProcessor expands `<image>`: the patch grid (+ the CLS token the
+        "full" feature strategy keeps)."""
+        patch = getattr(processor, "patch_size", None)
+        pixels = encoded.get("pixel_values")
+        if not patch:
+            return {}
+        if pixels is None:
+            return {"image": 0}
+        per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + processor.num_additional_image_tokens
+        per_image -= processor.vision_feature_select_strategy == "default"
+        return {"image": int(pixels.shape[0]) * per_image}
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
         pixels = batch.get("pixel_values")

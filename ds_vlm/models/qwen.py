@@ -33,7 +33,6 @@ def use_patch_projection(conv: torch.nn.Module) -> bool:
 class QwenVLAdapter(Adapter):
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     video_text = "<|vision_start|><|video_pad|><|vision_end|>"
-    keep_full_precision = ("visual", "lm_head")
     padded_batch_positions = True
 
     def prepare(self, model) -> None:
@@ -43,6 +42,11 @@ class QwenVLAdapter(Adapter):
 
         use_patch_projection(model.model.visual.patch_embed.proj)
         route_vision_varlen(model.model.visual.config)
+
+    def projector_rows(self, n_patches: int, config) -> int:
+        """The mergers concatenate each merge x merge square of patches into one row (4 x the width) before their
+        matmuls: a row per image token."""
+        return n_patches // config.vision_config.spatial_merge_size ** 2
 
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         out = dict(encoded)
@@ -58,6 +62,16 @@ class QwenVLAdapter(Adapter):
         for key in ("image_grid_thw", "video_grid_thw"):
             grid = batch.get(key)
             out += [] if grid is None else [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
+        return out
+
+    def vision_token_counts(self, encoded: dict[str, torch.Tensor], processor) -> dict[str, int]:
+        """One token per merged patch: the (t, h, w) grid's patches over merge_size squared."""
+        out = {}
+        for what, sub in (("image", "image_processor"), ("video", "video_processor")):
+            grid = encoded.get(f"{what}_grid_thw")
+            merge = getattr(getattr(processor, sub, None), "merge_size", None)
+            if merge:
+                out[what] = 0 if grid is None else int(grid.prod(-1).sum()) // merge ** 2
         return out
 
     def position_ids(self, config) -> "RopeIndex":

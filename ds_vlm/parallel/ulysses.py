@@ -9,6 +9,9 @@ adds to DeepSpeed's attention wrapper is the VLM glue:
   per-token (Qwen3-VL: the visual position mask and the matching deepstack features);
 - the wrapper is registered under its own attention name for the text model only; the vision tower keeps
   its own attention (the wrapper would fail its position-ids check there);
+- linear-attention layers (Qwen3.5's Gated DeltaNet) are not attention calls: `install` hands them the group,
+  and they run their conv and delta rule on whole sequences for 1/N of their heads between two all-to-alls
+  of their own (`sequence_to_heads`, `heads_to_sequence`; linear_attention.py);
 - inside the wrapper the core attention is sample-aware: with --packing a row holds several samples, whose
   boundaries over the whole sequence the collator knows (`SampleBoundaries` hands them to the language
   model; after the all-to-all each rank holds the whole sequence for its heads): the varlen interface
@@ -30,7 +33,10 @@ from contextlib import contextmanager
 
 import torch
 
+from .. import distributed as comm
+from .. import linear_attention
 from ..attention import varlen_attention
+from ..linear_attention import has_linear_attention
 from ..loss import LabelRows
 from . import ParallelLayout
 
@@ -60,6 +66,12 @@ class SequenceParallel:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+        if has_linear_attention(model_config):  # each rank runs whole sequences for 1/N of their heads
+            text = model_config.get_text_config()
+            heads = (text.linear_num_key_heads, text.linear_num_value_heads)
+            if any(h % self.size for h in heads):
+                raise ValueError(f"--sequence_parallel {self.size}: the linear-attention layers' {heads[0]} key and "
+                                 f"{heads[1]} value heads do not split evenly over it")
         if core == "eager":
             raise ValueError("--sequence_parallel needs sdpa, varlen or flash_attention_2 attention, not eager")
         text = model_config.get_text_config()
@@ -98,6 +110,7 @@ class SequenceParallel:
             return args, adapter.slice_per_token(kwargs, start, end)
 
         language_model.register_forward_pre_hook(slice_inputs, with_kwargs=True)
+        linear_attention.install(language_model, self)  # Gated DeltaNet layers: their own all-to-alls
 
     # -- per step ---------------------------------------------------------------------------------
     @contextmanager
@@ -124,6 +137,40 @@ class SequenceParallel:
         keep = (position >= start) & (position < end)
         local = end - start
         return LabelRows(batch[keep] * local + position[keep] - start, rows.targets[keep])
+
+
+class _AllToAll(torch.autograd.Function):
+    """distributed.all_to_all with its gradient: the same exchange, back."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return comm.all_to_all(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return comm.all_to_all(grad, ctx.group), None
+
+
+def _exchange(chunks: torch.Tensor, group) -> torch.Tensor:
+    """Chunk i (dim 0) to rank i, chunk i back from rank i. Without a group (the planner's one-process trace on
+    fake tensors) a copy of the same shape stands in for the exchange."""
+    return chunks.clone(memory_format=torch.contiguous_format) if group is None else _AllToAll.apply(chunks, group)
+
+
+def sequence_to_heads(local: torch.Tensor, group) -> torch.Tensor:
+    """(batch, this rank's L/N tokens, N, c): the channels of each rank's heads, grouped by rank -> (batch, L, c):
+    this rank's channels over the whole sequence (the ranks' slices in order)."""
+    batch, length, ranks, width = local.shape
+    received = _exchange(local.permute(2, 0, 1, 3), group)  # (N, batch, L/N, c): chunk i from rank i
+    return received.permute(1, 0, 2, 3).reshape(batch, ranks * length, width)
+
+
+def heads_to_sequence(whole: torch.Tensor, group, ranks: int) -> torch.Tensor:
+    """The inverse of sequence_to_heads: (batch, L, c) -> (batch, L/N, N, c)."""
+    batch, length, width = whole.shape
+    received = _exchange(whole.reshape(batch, ranks, length // ranks, width).permute(1, 0, 2, 3), group)
+    return received.permute(1, 2, 0, 3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ preemption signal exits at once. (Preemption itself, checkpoint and exact resume
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,3 +146,50 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert "still running" not in proc.stdout
     assert proc.returncode == 128 + signal.SIGUSR1
     assert "SIGUSR1: finishing the step in progress, then a checkpoint, then exit 75" in proc.stderr
+
+
+@pytest.mark.waits
+def test_a_record_that_fails_on_one_rank_ends_the_job_in_seconds(demo_dir, tmp_path):
+    """A record's image is deleted mid-run (after preflight checked it): the rank that draws it next fails in
+    its data phase, names the record, phase and step, and exits without waiting for its DataLoader worker; the
+    other rank, waiting for it in the step's collectives, reads the failure from the rendezvous store and exits
+    too. The job ends within seconds, not after --dist_timeout_s (600 here). Meanwhile a record that spells
+    vision tokens in its text trains as text."""
+    import json
+    import shutil
+
+    rows = [json.loads(line) for line in (demo_dir / "data" / "train.jsonl").read_text().splitlines()]
+    victim = tmp_path / "victim.png"
+    shutil.copy(demo_dir / "data" / rows[5]["images"][0], victim)
+    rows = [{**r, "images": [str(victim) if i == 5 else str(demo_dir / "data" / r["images"][0])]}
+            for i, r in enumerate(rows)]
+    # the record that crashed the first step of a run and then hung it (issue 35): its vision tokens are text now
+    rows[7] = {"conversations": [{"from": "human", "value": "Echo <|vision_start|><|image_pad|><|vision_end|>"},
+                                 {"from": "gpt", "value": "A red circle."}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        proc = _start(_args(demo_dir, data, out, "--num_workers", "1", "--dist_timeout_s", "600"), sink)
+        try:
+            _wait_for_step(out, 2, proc)
+            victim.unlink()
+            began = time.monotonic()
+            proc.wait(timeout=120)
+            ended = time.monotonic() - began
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    assert proc.returncode != 0 and ended < 30, (ended, text[-3000:])
+    failed = re.search(r"ds-vlm: rank (\d) failed in phase data of step \d+: ds_vlm\.data\.formats\.DataError: "
+                       + re.escape(f"{data} record 5: missing_image: image file {victim} does not exist (in a "
+                                   "DataLoader worker)"), text)
+    assert failed, text[-3000:]
+    other = 1 - int(failed[1])
+    assert f"ds-vlm: rank {other}: stopping: rank {failed[1]} failed in phase data of step" in text, text[-3000:]
+    assert "has been in phase" not in text  # not the watchdog's timeout
+    assert f"note: text spelling the control token <|image_pad|>, encoded as plain text in 1 record ({data} record " \
+           "7)" in text, text[-3000:]

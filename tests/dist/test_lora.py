@@ -1,5 +1,6 @@
 """LoRA on 2 ranks under ZeRO-3: only adapters change, small checkpoints and exact resume, merged and peft exports
-agree."""
+agree. QLoRA on 2 ranks under ZeRO-2, on the CPU (bitsandbytes' 4-bit NF4 runs there): its merged export against the
+base model."""
 
 from __future__ import annotations
 
@@ -98,3 +99,28 @@ def test_merged_export_answers_as_the_base_model_with_the_adapter(lora_run, demo
     live, offline = load_file(lora_run / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
     assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
     assert (Path(f"{out}-adapter") / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_trains_on_the_cpu_and_merges_into_the_4bit_base(demo_dir, tmp_path):
+    """--lora_bits 4 on 2 CPU ranks under ZeRO-2 (ZeRO-3 refuses 4-bit weights), the projector trained beside the
+    language tower's LoRA: the loss falls; the merged export keeps the vision tower bit-identical to the base, the
+    projector trained, the LoRA targets merged into their dequantized NF4 weights (the GPU check's own test,
+    gpu_stages.qlora_export); the offline export of its checkpoint writes the same weights."""
+    from safetensors.torch import load_file
+
+    from ds_vlm.bench.gpu_stages import qlora_export
+    from ds_vlm.export import export
+
+    out = tmp_path / "run"
+    proc = run_train(["--model", str(demo_dir / "model"), "--train_data", str(demo_dir / "data" / "train.jsonl"),
+                      "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(out),
+                      "--max_steps", "4", "--micro_batch_size", "2", "--lr", "2e-3", "--warmup_ratio", "0",
+                      "--num_workers", "0", "--lora_rank", "8", "--lora_bits", "4", "--dist_timeout_s", "120"])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = read_metrics(out)
+    assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    assert qlora_export(demo_dir / "model", out) == {"vision_identical": 27, "projector_trained": 12,
+                                                     "merged_targets": 14}
+    export(str(out), str(tmp_path / "offline"), dtype="fp32")
+    live, offline = load_file(out / "hf" / "model.safetensors"), load_file(tmp_path / "offline" / "model.safetensors")
+    assert live.keys() == offline.keys() and [k for k in live if not torch.equal(live[k], offline[k])] == []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, write_bad_set, write_json
+from conftest import ROOT, read_metrics, run_train, train_env, write_bad_set, write_json
 
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
@@ -167,6 +167,21 @@ def test_bad_data_stops_the_run_before_training(demo_dir, tmp_path):
     assert "records: ok 9, missing_image 1" in proc.stderr
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "skipped_records", "count": 1} .items() <= next(e for e in events if "event" in e).items()
+
+
+def test_a_missing_data_file_is_said_before_the_model_loads(tmp_path):
+    """`ds-vlm train` with a data file that does not exist: the error names it before the model loads (a model
+    path that does not exist either is never reached), no output folder is left behind, no file left open."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-X", "dev", "-c", "import sys; from ds_vlm.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", "--model", str(tmp_path / "no_model"), "--train_data",
+                           str(tmp_path / "missing.jsonl"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
+                           "--output_dir", str(out)], cwd=ROOT, env=dict(train_env(), PYTHONWARNINGS="default"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"ds-vlm: error: data file {tmp_path / 'missing.jsonl'} does not exist" in proc.stderr
+    assert "no_model" not in proc.stderr.split("ds-vlm: error:")[1] and "Traceback" not in proc.stderr
+    assert "ResourceWarning" not in proc.stderr and not out.exists()
 
 
 def test_every_format_trains_end_to_end(all_formats, demo_dir, tmp_path):

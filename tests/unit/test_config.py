@@ -114,7 +114,8 @@ def test_a_checkpoint_written_with_the_flat_config_still_resumes():
     today = TrainConfig.from_keys(model="m", train_data="d.jsonl")
     assert TrainConfig.from_keys(**FLAT_CONFIG_02B8D39) == today
     added = set(today.to_keys()) - set(FLAT_CONFIG_02B8D39)  # keys added since, each at its default
-    assert added == {"verbose", "plan_at_start", "measure_memory", "plan_memory_gb"}
+    assert added == {"verbose", "plan_at_start", "measure_memory", "plan_memory_gb", "caption_prompt",
+                     "long_phase_timeout_s"}
     assert {k: today.to_keys()[k] for k in FLAT_CONFIG_02B8D39} == FLAT_CONFIG_02B8D39
     meta = {"config": FLAT_CONFIG_02B8D39, "global_batch": 8, "total_steps": 10, "world_size": 8}
     assert config_differences(meta, today.to_keys(), 8, 10) == []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ds_vlm.config import ConfigError, ModelConfig, TrainConfig
+from ds_vlm.demo import FAMILIES
 from ds_vlm.model_loading import quantization_config
 from ds_vlm.models import adapter_for
 
@@ -44,12 +45,50 @@ def test_lora_goes_where_the_parts_train(demo_dir):
         apply_lora(model, adapter, config)
 
 
-def test_qlora_is_refused_where_it_cannot_run():
+def test_qlora_is_refused_where_it_cannot_run(monkeypatch):
     config = ModelConfig(path="m", lora_rank=8, lora_bits=4)
-    with pytest.raises(ConfigError, match="--lora_bits 4 needs the bitsandbytes package|needs a CUDA GPU"):
-        quantization_config(config, adapter_for("qwen3_vl"), torch.bfloat16, zero3=False)
+    with pytest.raises(ConfigError, match="does not work with ZeRO-3"):
+        quantization_config(config, adapter_for("qwen3_vl"), torch.bfloat16, True, None)
     with pytest.raises(ConfigError, match="needs --lora_rank > 0"):
         TrainConfig.from_keys(model="m", train_data="d", lora_bits=4).validate(for_training=False)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    with pytest.raises(ConfigError, match="--lora_bits 4 needs the bitsandbytes package"):
+        quantization_config(config, adapter_for("qwen3_vl"), torch.bfloat16, False, None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantizes_the_language_tower_only(family, family_models):
+    """The names QLoRA gives transformers, through transformers' own conversion (`replace_with_bnb_linear`, whose
+    matcher takes a name from its start or as a suffix): every module of the vision tower, the projector and the
+    LM head stays as it is; every linear layer of the language tower becomes a 4-bit one."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    config = AutoConfig.from_pretrained(family_models(family))
+    adapter = adapter_for(config.model_type)
+    quantization = quantization_config(ModelConfig(path="m", lora_rank=4, lora_bits=4), adapter, torch.float32,
+                                       False, config)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    parts = adapter.parts(model)
+    head = model.get_output_embeddings()
+    before = {id(m): (name, type(m)) for name, m in model.named_modules()}
+    kept = [before[id(m)] for root in (*parts.vision, *parts.projector, head) for m in root.modules()]
+    language = [before[id(m)][0] for root in parts.llm for m in root.modules()
+                if type(m) is torch.nn.Linear and m is not head]
+    skipped = Bnb4BitHfQuantizer.get_modules_to_not_convert(model, quantization.llm_int8_skip_modules,
+                                                           model._keep_in_fp32_modules)
+    replace_with_bnb_linear(model, modules_to_not_convert=skipped, quantization_config=quantization)
+    after = dict(model.named_modules())
+    assert [name for name, kind in kept if type(after[name]) is not kind] == []
+    assert sum(kind is torch.nn.Linear for _, kind in kept) >= 3  # a vision block's, the projector's, the head
+    assert language and [name for name in language if not isinstance(after[name], Linear4bit)] == []
 
 
 class _Fake4bit(torch.nn.Parameter):

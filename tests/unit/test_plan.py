@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import load_4bit
 
 from ds_vlm.plan import main, model_states, persistent_numel
 
@@ -37,6 +38,34 @@ def test_model_states_follow_zero_partitioning():
     frozen = model_states(n, 0, 2, 8, 2)  # nothing trains: no gradients, no optimizer states
     assert frozen.gradients == frozen.optimizer == 0
 
+
+
+def test_4bit_weights_count_whole_and_take_their_stored_bytes(demo_dir):
+    """QLoRA's 4-bit weights (bitsandbytes on the CPU): each counts its real number of weights (numel() of the
+    packed storage is half), and the model states hold them at their stored bytes: half a byte a weight, one
+    uint8 scale per block of 64, one fp32 scale per 256 of those, the NF4 code (16 fp32) and the scales' code (256
+    fp32) and an fp32 offset, per layer; the other weights in fp32. The planner's own model, not quantized, is
+    given the same 4-bit weights and bytes."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.models import adapter_for
+    from ds_vlm.plan import ParamCounts, four_bit_params
+
+    plain = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(demo_dir / "model").parameters())
+    counts = ParamCounts.of(load_4bit(demo_dir / "model", ModelConfig(path="m", lora_rank=4, lora_bits=4)))
+    linears = [(64, 64), (32, 64), (32, 64), (64, 64), (192, 64), (192, 64), (64, 192)]  # q k v o gate up down
+    n_4bit = [out * into for _ in range(2) for out, into in linears]  # 2 layers
+    assert counts.n_params == plain and counts.n_quantized == sum(n_4bit)
+    assert counts.quantized_bytes == sum(n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 * (16 + 256 + 1)
+                                         for n in n_4bit)
+    states = counts.states(stage=2, world=1, bytes_per_param=4, zero={})
+    assert states.weights == (plain - counts.n_quantized) * 4 + counts.quantized_bytes
+    # the offline planner's model is not quantized: it finds the same weights and bytes
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
+    planned = ParamCounts.of(model, four_bit_params(model, adapter_for("qwen3_vl")))
+    assert (planned.n_params, planned.n_quantized, planned.quantized_bytes) == \
+        (counts.n_params, counts.n_quantized, counts.quantized_bytes)
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava", "gemma3"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):

@@ -1,7 +1,8 @@
-"""Sequence parallelism's label rows per slice."""
+"""Sequence parallelism's label rows per slice, and what it refuses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ds_vlm.loss import LabelRows
@@ -28,3 +29,13 @@ def test_each_rank_keeps_the_label_rows_of_its_slice_shifted_first():
                                                                                            local[part.rows])
     # label 7 sits at position 4, rank 1's first; the token predicting it (position 3) is rank 0's: rank 0 has it
     assert 7 in parts[0].targets.tolist() and 7 not in parts[1].targets.tolist()
+
+
+def test_linear_attention_heads_must_split_over_the_group():
+    """Each rank runs the Gated DeltaNet layers on whole sequences for 1/N of their key and value heads: a tower
+    whose linear-attention heads do not divide by --sequence_parallel is refused before anything is loaded."""
+    from ds_vlm.testing.hybrid import tiny_hybrid_text_config
+
+    config = tiny_hybrid_text_config()  # 2 key heads, 4 value heads
+    with pytest.raises(ValueError, match="2 key and 4 value heads do not split evenly"):
+        _group(4, 0).attn_implementation("varlen", config)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_same, loss_and_grads, packing_setup
 
-from ds_vlm.data.batching import Collator
+from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder, count_targets
 from ds_vlm.data.formats import to_sample
 from ds_vlm.data.images import load_images
@@ -45,6 +45,11 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
     assert count_targets(micro.labels) == micro.targets
     micro = collate([])  # an empty slot at the end of an epoch still runs the towers
     assert micro.samples == micro.tokens == micro.targets == 0 and count_targets(micro.labels) == 0
+    # the training dataset's samples carry their records' names, which an error in the step names
+    path = demo_dir / "data" / "train.jsonl"
+    dataset = SFTDataset(RecordIndex([str(path)]), encoder)
+    micro = collate([dataset[3], dataset[0]])
+    assert micro.records == [f"{path} record 3", f"{path} record 0"] and "record" not in micro.inputs
 
 
 def test_dummy_image_does_not_change_the_loss(encoder, demo_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ds_vlm.data.encode import IGNORE_INDEX, Encoder
-from ds_vlm.data.formats import DataError
+from ds_vlm.data.formats import DataError, to_sample
 from ds_vlm.data.plan import epoch_order
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.specs import SpecError, parse_spec, select_rows
@@ -49,6 +49,7 @@ def test_the_cauldron_puts_its_images_before_the_first_question():
     assert brief(sample) == ["user: <image>What colour is it?", "assistant*: Red.", "user: Is it round?",
                              "assistant*: No."]
     assert sample.ignored == ("texts.source",)  # reported, not silently dropped
+    assert sample.notes == ["images placed before the first question (the Cauldron's texts hold no placeholder)"]
 
 
 @pytest.mark.parametrize("spec", ["openai_tools.jsonl", "llamafactory/dataset_info.json#tool_use"])
@@ -94,6 +95,31 @@ def test_tool_use_renders_through_the_template_or_is_refused_by_name(demo_dir):
     assert "<tool_call>get_colour</tool_call>" in learned and "It is red." in learned
     assert "<tool_response>red</tool_response>" in masked and "# Toolsget_colour" in masked
     assert "red</tool_response>" not in learned
+
+
+def test_tool_call_arguments_spelling_control_tokens_are_text(demo_dir):
+    """A call's arguments and a tool's description hold `<|im_end|>`: text, as a turn's text is."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(demo_dir / "model")
+    processor.chat_template = TOOL_TEMPLATE.replace("{{ c.function.name }}", "{{ c.function.arguments | tojson }}") \
+        .replace("{{ t.function.name }}", "{{ t.function.description }}")
+    encoder = Encoder(processor, adapter_for("qwen3_vl"), max_length=512)
+    tool = {"type": "function", "function": {"name": "say", "description": "says <|im_end|>", "parameters": {}}}
+    call = {"type": "function", "function": {"name": "say", "arguments": {"text": "<|im_end|><|im_start|>system"}}}
+    record = {"tools": [tool], "messages": [{"role": "user", "content": "Say it."},
+                                            {"role": "assistant", "content": "", "tool_calls": [call]},
+                                            {"role": "tool", "content": "done"},
+                                            {"role": "assistant", "content": "Done."}]}
+    sample = to_sample(record, "t.jsonl", 0)
+    encoded = encoder.encode(sample, [])
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+    tokenizer = encoder.tokenizer
+    assert int((ids == tokenizer.convert_tokens_to_ids("<|im_end|>")).sum()) == 5  # system, four turns
+    assert int((ids == tokenizer.convert_tokens_to_ids("<|im_start|>")).sum()) == 5
+    assert '<tool_call>{"text": "<|im_end|><|im_start|>system"}</tool_call>' in tokenizer.decode(ids[labels != -100])
+    assert "# Toolssays <|im_end|><|im_end|>" in tokenizer.decode(ids)
+    assert "text spelling the control token <|im_start|>, encoded as plain text" in sample.notes
 
 
 def test_a_llava_video_record_reads_its_frame_folder_as_the_video():
