@@ -139,7 +139,8 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
              + [VIDEO_PROMPT.replace("<video>", "")])
     chat = chat_of(family)
     image_text = adapter.image_text or chat.named.get("image_token", "")  # the generic adapter asks the processor
-    extra = () if image_text in chat.special else (image_text,)  # LLaVA's <image>
+    # LLaVA's <image> is one more special token; Qwen's image text is three of its own, already special
+    extra = () if image_text in chat.special or image_text.startswith("<|") else (image_text,)
     tokenizer = build_tokenizer(words, extra, chat.template or chat_template(image_text, adapter.video_text), chat)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in list(chat.special) + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)
