@@ -138,9 +138,10 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
              + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
              + [VIDEO_PROMPT.replace("<video>", "")])
     chat = chat_of(family)
-    image_text = adapter.image_text or chat.named.get("image_token", "")  # the generic adapter asks the processor
+    # the generic adapter asks the processor; the tokenizer's named image token, or what the chat spec says
+    image_text = adapter.image_text or chat.image_text or chat.named.get("image_token", "")
     # LLaVA's <image> is one more special token; Qwen's image text is three of its own, already special
-    extra = () if image_text in chat.special or image_text.startswith("<|") else (image_text,)
+    extra = () if image_text.strip() in chat.special or image_text.startswith("<|") else (image_text,)
     tokenizer = build_tokenizer(words, extra, chat.template or chat_template(image_text, adapter.video_text), chat)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in list(chat.special) + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)

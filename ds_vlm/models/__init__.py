@@ -15,7 +15,7 @@ ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VL
                                  LlavaAdapter(), Gemma3Adapter())
 # Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
 # in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
-GENERIC_VERIFIED = ("llava_onevision", "mistral3")
+GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl")
 FAMILIES = tuple(a.family for a in ADAPTERS) + GENERIC_VERIFIED
 
 

@@ -151,6 +151,7 @@ class GenericAdapter(Adapter):
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
         pixels = batch.get("pixel_values")
         patch = getattr(config.vision_config, "patch_size", 0)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch  # InternVL's [height, width]
         if pixels is None or pixels.dim() < 4 or not patch:
             return []
         rows = pixels.reshape(-1, *pixels.shape[-3:])

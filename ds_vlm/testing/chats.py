@@ -22,6 +22,7 @@ class ChatSpec:
     template: str = ""                 # "" : demo.chat_template of the family's image/video text (ChatML)
     bos: str | None = None
     named: dict = field(default_factory=dict)  # tokenizer attributes a processor reads -> token
+    image_text: str = ""               # what the ChatML template writes for an image, where the adapter has none
 
     def ids(self, tokenizer) -> dict[str, int]:
         return {t: tokenizer.convert_tokens_to_ids(t) for t in self.special}
@@ -82,7 +83,14 @@ MISTRAL3 = ChatSpec(("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG
                      "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"), eos="</s>", pad="<pad>", bos="<s>",
                     stop=("</s>",), template=MISTRAL3_TEMPLATE)
 
-CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3}
+# OpenGVLab/InternVL3-*-hf: Qwen's ChatML, an image written as <IMG_CONTEXT>\n, which the processor expands to
+# <img> + <IMG_CONTEXT> per token of every tile (and the thumbnail) + </img>
+INTERNVL = ChatSpec(QWEN_SPECIAL_TOKENS + ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"), eos="<|im_end|>",
+                    pad="<|endoftext|>", stop=("<|im_end|>",), image_text="<IMG_CONTEXT>\n",
+                    named={"start_image_token": "<img>", "end_image_token": "</img>",
+                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+
+CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL}
 
 
 def chat_of(family: str) -> ChatSpec:

@@ -85,6 +85,12 @@ SPECS = {
                          dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, head_dim=16, image_size=IMAGE_SIZE, patch_size=8), 8,
                          text=dict(model_type="mistral", sliding_window=None)),
+    # tiles of 32 px (4 x 4 patches of 8) pixel-shuffled by 0.5 to 4 tokens; a 64 x 64 image is 2 x 2 tiles + the
+    # thumbnail: 20 <IMG_CONTEXT> tokens
+    "internvl": TinySpec("InternVLConfig", "InternVLForConditionalGeneration", "InternVLProcessor",
+                         dict(model_type="internvl_vision", hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32], patch_size=[8, 8]), 8,
+                         text=dict(model_type="qwen2", bos_token_id=None)),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -120,6 +126,21 @@ def mistral3(spec: TinySpec, text: dict, tokenizer):
     image = tf.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 8, "width": 8})
     processor = tf.PixtralProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
                                     chat_template=tokenizer.chat_template)
+    return config, processor
+
+
+def internvl(spec: TinySpec, text: dict, tokenizer):
+    """InternVL (HF layout) as OpenGVLab sets it up: crop to tiles (1 to 12) plus a thumbnail, pixel shuffle 0.5."""
+    import transformers as tf
+
+    config = tf.InternVLConfig(text_config=text, vision_config=spec.vision, downsample_ratio=0.5,
+                               image_token_id=tokenizer.context_image_token_id, image_seq_length=4,
+                               vision_feature_layer=-1, tie_word_embeddings=True)
+    image = tf.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                     max_patches=12, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video = tf.InternVLVideoProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                     image_seq_length=4, chat_template=tokenizer.chat_template)
     return config, processor
 
 
@@ -165,6 +186,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = llava_onevision(spec, text, tokenizer)
     elif family == "mistral3":
         config, processor = mistral3(spec, text, tokenizer)
+    elif family == "internvl":
+        config, processor = internvl(spec, text, tokenizer)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

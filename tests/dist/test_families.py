@@ -38,6 +38,7 @@ RUNS = {
     "llava_onevision": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),  # generic adapter
     "mistral3": (["--train_vision", "all", "--vision_lr", "1e-3", "--train_projector", "false"],  # generic adapter
                  {"vision": 1e-3, "llm": LR}),
+    "internvl": (["--packing", "--train_vision", "last:1"], {"vision": LR, "projector": LR, "llm": LR}),  # generic
 }
 assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS} | set(GENERIC_VERIFIED)
 
