@@ -1,7 +1,7 @@
 """Command-line front of the trainer: errors a user can fix print one clear line, not a traceback.
 
     ds-vlm train --config run.yaml [--flag value ...]      # one process, or under torchrun / deepspeed
-    ds-vlm validate | plan | export | evaluate | demo [...]  # the tools, with the flags they always had
+    ds-vlm validate | plan | export | evaluate | demo | check-model [...]  # the tools
     ds-vlm VERB --help
 
 `deepspeed --num_gpus 8 launch/train.py ...` stays the documented way to launch (the DeepSpeed launcher needs a
@@ -62,6 +62,8 @@ VERBS = {
     "evaluate": ("ds_vlm.evaluate:main", "generate on records and score the answers"),
     "plan": ("ds_vlm.plan:main", "predict each GPU's peak memory and the step time from the model's config"),
     "demo": ("ds_vlm.demo:main", "build the tiny offline demo model and data"),
+    "check-model": ("ds_vlm.check_model:main", "whether a model's architecture trains here: a tiny random copy, "
+                                               "each check timed (about a minute on a CPU)"),
 }
 
 

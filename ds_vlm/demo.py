@@ -20,6 +20,7 @@ from pathlib import Path
 from .console import quiet_console
 from .models import FAMILIES, adapter_by_family
 from .models.qwen3_vl import Qwen3VLAdapter
+from .testing.chats import QWEN3_MARKERS, QWEN_SPECIAL_TOKENS, ChatSpec, chat_of  # noqa: F401 (benchmarks)
 from .testing.tiny import IMAGE_SIZE, SPECS, tiny_model
 
 COLORS = {
@@ -32,15 +33,6 @@ SHAPES = ("circle", "square", "triangle")
 PROMPT = "<image>What is in this picture?"
 VIDEO_PROMPT = "<video>Where does it move?"
 DIRECTIONS = ("left", "right")
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-# Qwen3's text markers: added tokens that are not special (decoding keeps them), as in the released tokenizers
-QWEN3_MARKERS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 def chat_template(image_text: str, video_text: str = "", thinking: bool = False) -> str:
     """A ChatML template writing `image_text` (and `video_text`, if any) for each vision part.
@@ -108,33 +100,40 @@ def draw_shape(color: str, shape: str, rng: random.Random, size: int = IMAGE_SIZ
 
 
 def build_tokenizer(extra_text: list[str], extra_special: tuple[str, ...] = (), template: str = CHAT_TEMPLATE,
-                    tokenizer_class: str = "Qwen2Tokenizer", markers: tuple[str, ...] = ()):
-    """A byte-level BPE with the pre-tokenizer of `tokenizer_class` (Qwen2Tokenizer or Qwen3_5Tokenizer) and
-    Qwen's special tokens (+ `extra_special`; + `markers` as plain added tokens), trained on the demo's own
-    words."""
+                    chat: ChatSpec | None = None, tokenizer_class: str = "Qwen2Tokenizer",
+                    markers: tuple[str, ...] = ()):
+    """A byte-level BPE with the pre-tokenizer of `tokenizer_class` (Qwen2Tokenizer or Qwen3_5Tokenizer), trained on
+    the demo's own words, with `chat`'s special tokens (default Qwen's, + `extra_special`; + `markers` as plain
+    added tokens) and `template`."""
     import transformers
     from tokenizers import Tokenizer, models, trainers
 
     cls = getattr(transformers, tokenizer_class)
+    chat = chat or chat_of("qwen3_vl")
+    special = list(chat.special) + [t for t in extra_special if t not in chat.special]
     corpus = list(extra_text) * 20 + [
-        "user assistant system What is in this picture? The image shows",
+        "user assistant model system What is in this picture? The image shows",
         "0 1 2 3 4 5 6 7 8 9 a b c d e f g h i j k l m n o p q r s t u v w x y z . , ? !",
     ]
     probe = cls()  # only for its pre-tokenizer and decoder
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=QWEN_SPECIAL_TOKENS + list(extra_special), show_progress=False,
+        vocab_size=600, special_tokens=special, show_progress=False,
         initial_alphabet=__import__("tokenizers").pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus, trainer)
     state = json.loads(bpe.to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    named = set(chat.named.values()) | {chat.eos, chat.pad, chat.bos}
+    extra = [t for t in special[1:] if t not in named] if chat.named else special[1:]
     tokenizer = cls(
-        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, extra_special_tokens=QWEN_SPECIAL_TOKENS[1:] + list(extra_special),
+        vocab=vocab, merges=merges, eos_token=chat.eos, pad_token=chat.pad, bos_token=chat.bos, unk_token=None,
+        extra_special_tokens=dict(chat.named) if chat.named else extra,
     )
+    if chat.named:  # named tokens as attributes (a processor reads them); the others as special tokens too
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
     if markers:
         tokenizer.add_tokens(list(markers), special_tokens=False)
     tokenizer.chat_template = template
@@ -156,11 +155,16 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
     words = ([caption(c, s) for c in COLORS for s in SHAPES] + [PROMPT.replace("<image>", "")]
              + [video_caption(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
              + [VIDEO_PROMPT.replace("<video>", "")])
-    extra = () if adapter.image_text.startswith("<|") else (adapter.image_text,)  # LLaVA's "<image>"
+    chat = chat_of(family)
     spec = SPECS[family]
-    tokenizer = build_tokenizer(words, extra, chat_template(adapter.image_text, adapter.video_text, spec.thinking),
-                                spec.tokenizer, tuple(QWEN3_MARKERS) if spec.thinking else ())
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS + list(extra)}
+    # the generic adapter asks the processor; the tokenizer's named image token, or what the chat spec says
+    image_text = adapter.image_text or chat.image_text or chat.named.get("image_token", "")
+    # LLaVA's <image> is one more special token; Qwen's image text is three of its own, already special
+    extra = () if image_text.strip() in chat.special or image_text.startswith("<|") else (image_text,)
+    template = chat.template or chat_template(image_text, adapter.video_text, spec.thinking)
+    tokenizer = build_tokenizer(words, extra, template, chat, spec.tokenizer,
+                                tuple(QWEN3_MARKERS) if spec.thinking else ())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in list(chat.special) + list(extra)}
     tiny = tiny_model(family, tokenizer, ids)
     config = tiny.config
     if vocab_size:
@@ -173,8 +177,10 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "qwen3_vl", vocab_si
             config.vision_config.out_hidden_size = value
     torch.manual_seed(seed)
     model = tiny.model_class(config)
+    stop = [ids[t] for t in chat.stop]
     model.generation_config = GenerationConfig(
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False,
+        eos_token_id=stop[0] if len(stop) == 1 else stop, pad_token_id=ids[chat.pad], do_sample=False,
+        **({"bos_token_id": ids[chat.bos]} if chat.bos else {}),
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

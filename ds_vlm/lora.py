@@ -98,7 +98,15 @@ def apply_lora(model, adapter, config: ModelConfig):
     base = peft_model.get_base_model()
     for name in full:
         base.get_submodule(name).requires_grad_(True)
+    if any(n == r or n.startswith(r + ".") for n in full for r in _names(model, parts.projector)):
+        for param in parts.projector_parameters:  # they train with their projector, which trains fully
+            param.requires_grad_(True)
     return peft_model, lora_config(config, targets, full)
+
+
+def _names(model, modules) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in modules if id(m) in names]
 
 
 def is_quantized(module: torch.nn.Module) -> bool:

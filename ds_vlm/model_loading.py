@@ -12,6 +12,7 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .models import Adapter, adapter_for
+from .models import model_config as load_config
 
 
 @dataclass
@@ -22,15 +23,23 @@ class LoadedModel:
     hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
 
 
-def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_parallel=None) -> LoadedModel:
+def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_parallel=None,
+               packing: bool = False) -> LoadedModel:
     """Load model + processor with the attention implementation `attention` (attention.resolve_attention's);
     under ZeRO-3 the weights arrive already partitioned. With sequence parallelism the text model's attention
-    is the Ulysses wrapper around `attention`."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    is the Ulysses wrapper around `attention`. A model packing would not keep exact is refused before loading
+    (ConfigError), and a model type with no adapter by name (UnsupportedModel)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import HfDeepSpeedConfig
 
-    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    model_config = load_config(config.path, config.trust_remote_code)
     adapter = adapter_for(model_config.model_type)
+    adapter.check_layout(model_config)
+    for flag, refusal in (("--packing", adapter.packing_refusal(model_config) if packing else ""),
+                          ("--sequence_parallel", adapter.sequence_parallel_refusal(model_config)
+                           if sequence_parallel is not None else "")):
+        if refusal:
+            raise ConfigError(f"{flag}: {refusal}")
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
@@ -103,10 +112,10 @@ def set_trainable(model: torch.nn.Module, adapter: Adapter, config: ModelConfig)
             raise ConfigError(f"asked to train the last {blocks} vision blocks; the model has "
                               f"{len(parts.vision_blocks)}")
         chosen += list(parts.vision_blocks)[-blocks:]
-    for module in chosen:
-        for param in module.parameters():
-            if param.is_floating_point():
-                param.requires_grad_(True)
+    loose = parts.projector_parameters if config.train_projector else []
+    for param in [p for module in chosen for p in module.parameters()] + loose:
+        if param.is_floating_point():
+            param.requires_grad_(True)
     return part_parameters(model, adapter)
 
 
@@ -118,6 +127,8 @@ def part_parameters(model: torch.nn.Module, adapter: Adapter) -> dict[str, list]
         for module in modules:
             for param in module.parameters():
                 owner.setdefault(id(param), part)
+    for param in parts.projector_parameters:
+        owner.setdefault(id(param), "projector")
     groups: dict[str, list] = {"vision": [], "projector": [], "llm": []}
     for name, param in model.named_parameters():
         if id(param) not in owner:

@@ -262,14 +262,14 @@ def _extra(parser) -> None:
 
 def plan(argv=None) -> Optional[dict]:
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     from .config import AUTO_BUDGET, ConfigError
     from .data.encode import encoder_for
     from .ds_config import resolve_ds_config
     from .flags import load_tool_config
     from .metrics import FlopsCounter, peak_tflops_of
-    from .models import adapter_for
+    from .models import adapter_for, model_config
     from .parallel.expert import ep_size_of
 
     try:
@@ -281,21 +281,24 @@ def plan(argv=None) -> Optional[dict]:
         ds = resolve_ds_config(config, extra["world_size"])
         if config.batch.max_tokens_per_batch == AUTO_BUDGET:  # planned as --micro_batch_size; the fit reported
             config.batch.max_tokens_per_batch = 0
+        began = time.perf_counter()
+        model_cfg = model_config(config.model.path, config.model.trust_remote_code)
+        adapter = adapter_for(model_cfg.model_type)
+        refusal = adapter.packing_refusal(model_cfg) if config.batch.packing else ""
+        if refusal:
+            raise ConfigError(f"--packing: {refusal}")
+        meta, _ = meta_model(model_cfg, adapter, config.model)  # the generic adapter refuses here what it cannot do
+        processor = AutoProcessor.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        encoder = encoder_for(processor, adapter, config.data)
     except (ConfigError, ValueError, OSError) as err:
         print(f"ds-vlm plan: error: {err}", file=sys.stderr)
         return None
-    began = time.perf_counter()
     world, sp = extra["world_size"], config.parallel.sequence_parallel
-    model_cfg = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    adapter = adapter_for(model_cfg.model_type)
-    processor = AutoProcessor.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    encoder = encoder_for(processor, adapter, config.data)
     cuda = extra["device"] == "cuda"
     precision = 2 if cuda and config.model.precision != "fp32" else 4
     dtype = torch.bfloat16 if precision == 2 else torch.float32
     zero = ds["zero_optimization"]
     stage = zero.get("stage", 0)
-    meta, _ = meta_model(model_cfg, adapter, config.model)
     counts = ParamCounts.of(meta, four_bit_params(meta, adapter) if config.model.lora_bits else (),
                             muon=ds["optimizer"]["type"] == "Muon", ep=ep_size_of(ds))
     states = counts.states(stage, world, precision, zero)

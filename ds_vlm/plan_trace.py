@@ -51,7 +51,9 @@ def worst_sample(encoder, n_tokens: int, n_image_tokens: int) -> dict:
 
 def _merged_patch(image_processor) -> int:
     """Pixels on a side of one image token (a patch, times the merge where the processor merges)."""
-    return getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 1)
+    patch = getattr(image_processor, "patch_size", None) or 14
+    patch = patch.get("height", 14) if isinstance(patch, dict) else patch  # Pixtral's {height, width}
+    return patch * (getattr(image_processor, "merge_size", None) or 1)
 
 
 def largest_image_tokens(image_processor) -> int:
@@ -60,6 +62,8 @@ def largest_image_tokens(image_processor) -> int:
     from .data.encode import pixel_bounds
 
     area = pixel_bounds(image_processor)["longest_edge"]
+    if area and not hasattr(image_processor, "temporal_patch_size"):  # an edge, not Qwen's area (Pixtral's)
+        area = area * area
     if not area:
         crop = getattr(image_processor, "crop_size", None)
         height, width = ((crop.get("height"), crop.get("width")) if isinstance(crop, dict)

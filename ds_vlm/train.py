@@ -33,7 +33,6 @@ from .data.batching import (
     make_loader,
     open_records,
     preflighted,
-    refuse_packing,
 )
 from .data.encode import Encoder, encoder_for
 from .data.plan import BatchPlan, make_plan
@@ -154,18 +153,13 @@ class Trainer:
             check_loss_available(model_config.loss)
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
-            self.loaded = load_model(model_config, self.ds_config, attention, self.sp)
-            refuse_packing(self.loaded.adapter, config.batch.packing)  # before preflight reads the data
-            if self.sp is not None and (reason := self.loaded.adapter.sequence_parallel_refusal(
-                    self.loaded.model.config)):
-                raise ConfigError(reason)
-            fill_autoep_section(self.ds_config, self.loaded.adapter, self.loaded.model.config,
-                                config.checkpoint.export_hf)
-            self.encoder = encoder_for(self.loaded.processor, self.loaded.adapter, config.data)
-        except ValueError as err:
+            self.loaded = load_model(model_config, self.ds_config, attention, self.sp, config.batch.packing)
+            model, adapter = self.loaded.model, self.loaded.adapter
+            fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf)
+            self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
+            self.groups = set_trainable(model, adapter, model_config)  # the generic adapter refuses here
+        except (ValueError, OSError) as err:  # UnsupportedModel, a folder without weights: one line each
             raise ConfigError(str(err)) from err
-        model, adapter = self.loaded.model, self.loaded.adapter
-        self.groups = set_trainable(model, adapter, model_config)
         self.trained, self.lora = model, None
         if model_config.lora_rank:
             self.trained, self.lora = apply_lora(model, adapter, model_config)

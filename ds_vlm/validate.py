@@ -47,23 +47,24 @@ def _extra(parser) -> None:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     from .data.plan import make_plan
     from .data.specs import SpecError
-    from .models import adapter_for
+    from .models import adapter_for, model_config
     from .parallel import ParallelLayout
 
     try:
         config, extra = load_tool_config(argv, _extra)
-    except ConfigError as err:
+        start = time.perf_counter()
+        data, model = config.data, config.model
+        model_type = model_config(model.path, model.trust_remote_code).model_type
+        adapter = adapter_for(model_type)  # UnsupportedModel (a ValueError) names the model type
+        processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        encoder = encoder_for(processor, adapter, data)
+    except (ConfigError, ValueError, OSError) as err:
         print(f"ds-vlm validate: error: {err}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    data, model = config.data, config.model
-    model_type = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code).model_type
-    processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    encoder = encoder_for(processor, adapter_for(model_type), data)
     try:
         records = RecordIndex(data.train_data, data.image_root, data.data_format, data.data_cache,
                               data.caption_prompt)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, count_targets, merge_parts
+from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, cat_rows, count_targets, merge_parts
 from .formats import DataError
 from .plan import BatchPlan
 from .sources import RecordIndex
@@ -94,13 +94,13 @@ class MicroBatch:
 PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos"})
 
 
-def refuse_packing(adapter, packing: bool) -> None:
-    """--packing where the family's layers cannot keep packed samples apart: a ConfigError saying why."""
-    reason = adapter.packing_refusal() if packing else None
+def refuse_packing(adapter, packing: bool, hf_config) -> None:
+    """--packing where the model's layers cannot keep packed samples apart: a ConfigError saying why."""
+    reason = adapter.packing_refusal(hf_config) if packing else ""
     if reason:
         from ..config import ConfigError
 
-        raise ConfigError(reason)
+        raise ConfigError(f"--packing: {reason}")
 
 
 class Collator:
@@ -133,7 +133,7 @@ class Collator:
         """The run's collator (`batch`: its BatchConfig): the adapter's positions where packing or the family
         needs them, rows a multiple of the sequence-parallel size, and a dummy video riding along when some
         record of `datasets` has a video (or when nobody checked: --preflight off)."""
-        refuse_packing(adapter, batch.packing)
+        refuse_packing(adapter, batch.packing, hf_config)
         positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
         has_video = any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
             bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)
@@ -165,7 +165,8 @@ class Collator:
                 if key in TOKEN_KEYS or key == "position_ids":
                     value = torch.nn.functional.pad(value, (0, length - value.shape[-1]), value=self._pad_value(key))
                 batch.setdefault(key, []).append(value)
-        inputs = {key: torch.cat(values, dim=-2 if key == "position_ids" else 0) for key, values in batch.items()}
+        inputs = {key: torch.cat(values, dim=-2 if key == "position_ids" else 0) if key in TOKEN_KEYS or
+                  key == "position_ids" else cat_rows(values) for key, values in batch.items()}
         return MicroBatch(inputs, inputs.pop("labels"), computed=length * len(samples),
                           sample_lengths=[int(s["input_ids"].shape[1]) for s in samples], **counts)
 

@@ -54,11 +54,18 @@ class Encoder:
         self.max_length = max_length
         self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if not self.image_token:  # the generic adapter asks the processor; without one, nothing can be placed
+            from ..models import UnsupportedModel
+
+            raise UnsupportedModel(f"model type {adapter.family!r}: its processor ({type(processor).__name__}) names "
+                                   "no `image_token`, and the generic adapter knows no other way to place images")
+        # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
+        # <|vision_start|>): truncation keeps both whole
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
         self.control = ControlText(self.tokenizer)
-        # tokens the template writes before an image's own tokens (e.g. <|vision_start|>)
-        lead = adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
+        lead = adapter.image_lead if adapter.image_lead is not None else \
+            adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
         self.image_lead = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
         # a segment with no image or video is only tokenized (several times faster than the processor's call,
         # most of which is argument checking); used only if it gives what the processor gives on a probe
@@ -249,7 +256,7 @@ class Encoder:
         from PIL import Image
 
         image = Image.new("RGB", self.adapter.dummy_image_size(self.processor), (0, 0, 0))
-        encoded = self._process(self.adapter.image_text, [image])
+        encoded = self._process(self.adapter.image_text or self.image_token, [image])
         encoded["labels"] = torch.full_like(encoded["input_ids"], IGNORE_INDEX)
         return encoded
 
@@ -346,4 +353,15 @@ def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     for part in parts:
         for key, value in part.items():
             merged.setdefault(key, []).append(value)
-    return {key: torch.cat(values, dim=1 if key in TOKEN_KEYS else 0) for key, values in merged.items()}
+    return {key: torch.cat(values, dim=1) if key in TOKEN_KEYS else cat_rows(values) for key, values in merged.items()}
+
+
+def cat_rows(values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image tensors along dim 0. Images of different tile counts (LLaVA-OneVision's anyres: (images, tiles, C, H,
+    W)) or sizes (Pixtral: (images, C, H, W) at each image's own size) are zero-padded to the largest first, as the
+    processors pad a batch of their own: the models take the real tiles and pixels by the image sizes."""
+    if len({v.shape[1:] for v in values}) > 1 and len({v.dim() for v in values}) == 1 and values[0].dim() >= 3:
+        most = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        values = [torch.nn.functional.pad(v, [p for d in reversed(range(1, v.dim()))
+                                              for p in (0, most[d] - v.shape[d])]) for v in values]
+    return torch.cat(values, dim=0)

@@ -7,11 +7,16 @@ the engine, the metrics, the demo, the tests and the benchmarks ask the family's
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+
+class UnsupportedModel(ValueError):
+    """A model, or one of its features, this trainer cannot train correctly; the message names the missing piece.
+    Every verb prints it as one line."""
 
 
 @dataclass
@@ -24,6 +29,8 @@ class ModelParts:
     llm: list[nn.Module]           # language tower and LM head
     llm_decoder: nn.Module         # the module whose layers activation checkpointing wraps
     vision_encoder: Optional[nn.Module] = None  # the module whose blocks --vision_checkpointing wraps
+    # parameters of no module of the projector that train with it (LLaVA-OneVision's model.model.image_newline)
+    projector_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
 class Adapter:
@@ -36,6 +43,12 @@ class Adapter:
     # processor expands it.
     image_text: str = ""
     video_text: str = ""
+    # The token an image's features fill in input_ids, where it is not the processor's `image_token` (Gemma 3's
+    # template writes <start_of_image>, which the processor expands into a run of <image_soft_token>), and the
+    # text the processor writes before that run (None: what `image_text` has before the image token). Truncation
+    # keeps such runs whole, with their lead.
+    image_fill: str = ""
+    image_lead: Optional[str] = None
 
     # -- the model -------------------------------------------------------------------------
     def parts(self, model: nn.Module) -> ModelParts:
@@ -52,6 +65,20 @@ class Adapter:
         """(blocks, hidden width) of the vision tower, for the FLOP count."""
         vision = config.vision_config
         return vision.depth, vision.hidden_size
+
+    def packing_refusal(self, config) -> str:
+        """Why --packing would not keep this model's attention exact ('' where it does): the trainer then refuses
+        packing with this reason instead of training on a silent approximation."""
+        return ""
+
+    def check_layout(self, config) -> None:
+        """Raise UnsupportedModel, naming the missing piece, for an architecture this adapter cannot take (checked
+        before the weights load; a family's own adapter knows its layout)."""
+
+    def sequence_parallel_refusal(self, config) -> str:
+        """Why --sequence_parallel would not keep this model's attention exact ('' where it does): Ulysses hands
+        each attention the whole sequence, but with the mask the model built from one rank's slice."""
+        return ""
 
     def projector_rows(self, n_patches: int, config) -> int:
         """For the FLOP count: the rows the projector's matmuls run over for `n_patches` vision patches (one a
@@ -93,15 +120,6 @@ class Adapter:
         """For --packing: a picklable function from one encoded sample to its position ids (they restart at 0
         at each sample; the collator concatenates them). Plain 1-d positions by default."""
         return TextPositions()
-
-    def packing_refusal(self) -> Optional[str]:
-        """Why --packing cannot train this family correctly (one line), or None where it can."""
-        return None
-
-    def sequence_parallel_refusal(self, config=None) -> Optional[str]:
-        """Why --sequence_parallel cannot train this family (and this model `config`) correctly (one line), or None
-        where it can."""
-        return None
 
     def router_aux_loss_coef(self, config) -> float:
         """The weight of the MoE router's auxiliary loss in the training loss (0: none; moe.py)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Optional
 
 
 class MoeExperts:
@@ -55,11 +54,11 @@ class MoeExperts:
             return 0.0
         return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
 
-    def sequence_parallel_refusal(self, config=None) -> Optional[str]:
+    def sequence_parallel_refusal(self, config) -> str:
         """The router's aux loss under --sequence_parallel: transformers 5.24 computes it inside the forward from
         the whole sequence's attention mask and one rank's slice of the router logits (a shape error), so a config
         that asks for it is refused until the loss is computed per slice."""
-        if config is not None and self.router_aux_loss_coef(config):
+        if self.router_aux_loss_coef(config):
             return (f"--sequence_parallel with the router's auxiliary loss ({self.family}: output_router_logits and "
                     "router_aux_loss_coef in the config) is not supported yet: transformers computes it from the whole "
                     "sequence's mask and one rank's router logits; set output_router_logits to false, or train "

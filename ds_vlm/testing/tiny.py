@@ -87,7 +87,101 @@ SPECS = {
                             QWEN3_5_VISION, 8, rope=QWEN3_5_ROPE,
                             text=dict(QWEN3_5_TEXT, **MOE_TEXT, num_experts=32, shared_expert_intermediate_size=32),
                             video_processor="Qwen3VLVideoProcessor", tokenizer="Qwen3_5Tokenizer", thinking=True),
+    # SigLIP (patch 8 -> 8 x 8 patches) pooled 2 x 2 to 16 tokens; layer 0 slides over 16 tokens (shorter than a
+    # sample, so the window is exercised), layer 1 is global, as in the released 5:1 pattern
+    "gemma3": TinySpec("Gemma3Config", "Gemma3ForConditionalGeneration", "Gemma3Processor",
+                       dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8,
+                            vision_use_head=False), 8,  # as released: the projector reads the last hidden state
+                       text=dict(model_type="gemma3_text", sliding_window=16, query_pre_attn_scalar=16,
+                                 layer_types=["sliding_attention", "full_attention"])),
+    # SigLIP tiles of 32 px (4 x 4 patches of 8); a 64 x 64 image is the base tile + the 2 x 2 grid of anyres tiles
+    "llava_onevision": TinySpec("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+                                "LlavaOnevisionProcessor",
+                                dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                                     vision_use_head=False), 8, text=dict(model_type="qwen2", bos_token_id=None)),
+    # Pixtral: images keep their own size (up to 64 px), patches of 8, merged 2 x 2 by the patch merger: a 64 x 64
+    # image is 4 rows of 4 [IMG] tokens, each row closed by [IMG_BREAK] (the last by [IMG_END])
+    "mistral3": TinySpec("Mistral3Config", "Mistral3ForConditionalGeneration", "PixtralProcessor",
+                         dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, head_dim=16, image_size=IMAGE_SIZE, patch_size=8), 8,
+                         text=dict(model_type="mistral", sliding_window=None)),
+    # tiles of 32 px (4 x 4 patches of 8) pixel-shuffled by 0.5 to 4 tokens; a 64 x 64 image is 2 x 2 tiles + the
+    # thumbnail: 20 <IMG_CONTEXT> tokens
+    "internvl": TinySpec("InternVLConfig", "InternVLForConditionalGeneration", "InternVLProcessor",
+                         dict(model_type="internvl_vision", hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32], patch_size=[8, 8]), 8,
+                         text=dict(model_type="qwen2", bos_token_id=None)),
 }
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def llava_onevision(spec: TinySpec, text: dict, tokenizer):
+    """LLaVA-OneVision as llava-hf sets it up (anyres_max_9, the full feature of the last block, image newlines),
+    at a tile of 32 pixels."""
+    import transformers as tf
+
+    config = tf.LlavaOnevisionConfig(text_config=text, vision_config=spec.vision,
+                                     image_token_index=tokenizer.image_token_id,
+                                     video_token_index=tokenizer.video_token_id,
+                                     image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                     vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                     tie_word_embeddings=True)
+    image = tf.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True)
+    video = tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.LlavaOnevisionProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                           num_image_tokens=16,
+                                           vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
+                                           vision_aspect_ratio="anyres_max_9")
+    return config, processor
+
+
+def mistral3(spec: TinySpec, text: dict, tokenizer):
+    """Mistral 3 (Pixtral vision, patch merger) as released: images at their own size up to the longest edge."""
+    import transformers as tf
+
+    config = tf.Mistral3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                               spatial_merge_size=2, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+                               vision_feature_layer=-1, multimodal_projector_bias=False, tie_word_embeddings=False)
+    image = tf.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 8, "width": 8})
+    processor = tf.PixtralProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
+                                    chat_template=tokenizer.chat_template)
+    return config, processor
+
+
+def internvl(spec: TinySpec, text: dict, tokenizer):
+    """InternVL (HF layout) as OpenGVLab sets it up: crop to tiles (1 to 12) plus a thumbnail, pixel shuffle 0.5."""
+    import transformers as tf
+
+    config = tf.InternVLConfig(text_config=text, vision_config=spec.vision, downsample_ratio=0.5,
+                               image_token_id=tokenizer.context_image_token_id, image_seq_length=4,
+                               vision_feature_layer=-1, tie_word_embeddings=True)
+    image = tf.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                     max_patches=12, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video = tf.InternVLVideoProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                     image_seq_length=4, chat_template=tokenizer.chat_template)
+    return config, processor
+
+
+def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
+    every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
+    `mm_tokens_per_image` soft tokens."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
+    config = tf.Gemma3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                             mm_tokens_per_image=16, boi_token_index=ids["<start_of_image>"],
+                             eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+                             tie_word_embeddings=True)
+    image = tf.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, do_pan_and_scan=False)
+    processor = tf.Gemma3Processor(image_processor=image, tokenizer=tokenizer, image_seq_length=16,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
 
 
 def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
@@ -96,8 +190,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
 
     spec = SPECS[family]
     rope = {"rope_type": "default", "rope_theta": 10000.0, **spec.rope}
-    text = dict(TEXT, vocab_size=len(tokenizer), rope_parameters=rope, pad_token_id=token_ids["<|endoftext|>"],
-                eos_token_id=token_ids["<|im_end|>"], **spec.text)
+    text = dict(TEXT, vocab_size=len(tokenizer), rope_parameters=rope, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **spec.text)
     rotary = text["head_dim"] * rope.get("partial_rotary_factor", 1.0)
     assert sum(rope.get("mrope_section", [rotary // 2])) == rotary // 2
     if family == "llava":
@@ -109,6 +203,14 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config = tf.LlavaConfig(vision_config=spec.vision, text_config=text, image_token_index=token_ids["<image>"],
                                 image_seq_length=(IMAGE_SIZE // spec.patch) ** 2, vision_feature_layer=-2,
                                 vision_feature_select_strategy="default")
+    elif family == "gemma3":
+        config, processor = gemma3(spec, text, tokenizer, token_ids)
+    elif family == "llava_onevision":
+        config, processor = llava_onevision(spec, text, tokenizer)
+    elif family == "mistral3":
+        config, processor = mistral3(spec, text, tokenizer)
+    elif family == "internvl":
+        config, processor = internvl(spec, text, tokenizer)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

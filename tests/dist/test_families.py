@@ -18,7 +18,7 @@ from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
 from ds_vlm.model_loading import set_trainable
-from ds_vlm.models import ADAPTERS, adapter_for
+from ds_vlm.models import ADAPTERS, GENERIC_VERIFIED, adapter_for
 from ds_vlm.optim import param_groups
 
 STEPS, MICRO, LR = 5, 2, 2e-3
@@ -38,8 +38,14 @@ RUNS = {
     "qwen3_5": (["--train_vision", "all", "--vision_lr", "1e-3"], {"vision": 1e-3, "projector": LR, "llm": LR}),
     # vision frozen; the tiny config asks for the router's aux loss (logged, and in the loss)
     "qwen3_5_moe": (["--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),
+    "gemma3": (["--train_vision", "last:1", "--vision_checkpointing", "--vision_lr", "1e-3"],
+               {"vision": 1e-3, "projector": LR, "llm": LR}),
+    "llava_onevision": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),  # generic adapter
+    "mistral3": (["--train_vision", "all", "--vision_lr", "1e-3", "--train_projector", "false"],  # generic adapter
+                 {"vision": 1e-3, "llm": LR}),
+    "internvl": (["--packing", "--train_vision", "last:1"], {"vision": LR, "projector": LR, "llm": LR}),  # generic
 }
-assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS}
+assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS} | set(GENERIC_VERIFIED)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -18,10 +18,11 @@ from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
 from ds_vlm.model_loading import enable_checkpointing, set_trainable
-from ds_vlm.models import adapter_for
+from ds_vlm.models import adapter_by_family, adapter_for
+from ds_vlm.models.qwen import QwenVLAdapter
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if isinstance(adapter_by_family(f), QwenVLAdapter)])
 def test_patch_projection_equals_the_conv3d(family, family_models):
     """Qwen's patch embedding run as one linear layer over the flattened patch: the same output and the same
     gradients (input, weight, bias) as the Conv3d, in fp32; the parameters, their names and the state dict
@@ -191,14 +192,17 @@ def test_qwen3_5_parts_full_precision_names_lora_targets_and_hybrid_checkpointin
 
 
 def test_unsupported_model_type_lists_the_families(tmp_path):
-    with pytest.raises(ValueError, match="model type 'mllama' is not supported") as err:
-        adapter_for("mllama")
+    from ds_vlm.models import GenericAdapter, UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="model type 'bert' is not supported") as err:
+        adapter_for("bert")  # not an image-text-to-text type
     for family in FAMILIES:
         assert family in str(err.value)
+    assert isinstance(adapter_for("paligemma"), GenericAdapter)  # an image-text-to-text type without an adapter
     from ds_vlm.demo import build_model_dir
 
-    with pytest.raises(ValueError, match="unknown family 'gemma3'"):
-        build_model_dir(tmp_path, family="gemma3")
+    with pytest.raises(ValueError, match="unknown family 'mllama'"):
+        build_model_dir(tmp_path, family="mllama")
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
@@ -215,8 +219,8 @@ def test_sequence_parallelism_with_the_router_aux_loss_is_refused_by_name(family
     assert reason.startswith("--sequence_parallel with the router's auxiliary loss") and "set output_router_logits" \
         in reason
     text.output_router_logits = False
-    assert adapter_for(family).sequence_parallel_refusal(config) is None
-    assert adapter_for("qwen3_5").sequence_parallel_refusal(config) is None
+    assert adapter_for(family).sequence_parallel_refusal(config) == ""
+    assert adapter_for("qwen3_5").sequence_parallel_refusal(config) == ""
 
 
 def test_expert_parallelism_with_the_router_aux_loss_is_refused_by_name(family_models):
@@ -235,3 +239,23 @@ def test_expert_parallelism_with_the_router_aux_loss_is_refused_by_name(family_m
         fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config, export_hf=False)
     text.output_router_logits = False
     assert fill_autoep_section(ds, adapter_for("qwen3_vl_moe"), config, export_hf=False)["preset_model"] == "qwen3_moe"
+
+
+def test_load_refuses_what_would_not_be_exact(family_models):
+    """Gemma 3 packed or sequence-parallel is refused at load with the reason, before any weight is read; the
+    generic path's plain causal towers (LLaVA-OneVision) are not."""
+    from ds_vlm.config import ConfigError
+    from ds_vlm.model_loading import load_model
+
+    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+    gemma = ModelConfig(path=str(family_models("gemma3")))
+    with pytest.raises(ConfigError, match="--packing: gemma3: image tokens attend both ways"):
+        load_model(gemma, ds, "sdpa", packing=True)
+    with pytest.raises(ConfigError, match="--sequence_parallel: gemma3: the model builds its sliding-window"):
+        load_model(gemma, ds, "sdpa", sequence_parallel=object())
+    onevision = adapter_for("llava_onevision")
+    config = json.loads((family_models("llava_onevision") / "config.json").read_text())
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(**config)
+    assert onevision.packing_refusal(hf) == onevision.sequence_parallel_refusal(hf) == ""

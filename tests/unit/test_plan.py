@@ -96,7 +96,7 @@ def test_model_states_under_expert_parallelism():
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava", "qwen3_5",
-                                    "qwen3_5_moe"])
+                                    "qwen3_5_moe", "gemma3"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys):
     model = family_models(family)
     peaks = {}

@@ -103,7 +103,7 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     padded = Collator(pad_id, dummy, dummy_video=dummy_video)
     packed = Collator(pad_id, dummy, encoder.adapter.position_ids(model.config), dummy_video=dummy_video,
                       packing=True)
-    if encoder.adapter.packing_refusal() is None:
+    if not encoder.adapter.packing_refusal(model.config):
         reference, got = loss_and_grads(model, padded(samples)), loss_and_grads(model, packed(samples))
         assert_same(got, reference)
         assert got[2].computed == got[2].tokens  # video and image present: nothing added
