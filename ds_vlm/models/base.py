@@ -33,6 +33,15 @@ class ModelParts:
     projector_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
+def llava_layout_parts(model: nn.Module, vision_blocks: nn.ModuleList) -> ModelParts:
+    """The towers of transformers' LLaVA-style layout (model.model.vision_tower, multi_modal_projector,
+    language_model; lm_head), the vision tower's blocks whose output is used being `vision_blocks`."""
+    tower = model.model.vision_tower
+    return ModelParts(vision=[tower], vision_blocks=vision_blocks, projector=[model.model.multi_modal_projector],
+                      llm=[model.model.language_model, model.lm_head], llm_decoder=model.model.language_model,
+                      vision_encoder=tower)
+
+
 class Adapter:
     """One model family. Subclasses fill in the class attributes and the methods that differ."""
 

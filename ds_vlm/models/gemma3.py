@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts
+from .base import Adapter, ModelParts, llava_layout_parts
 
 
 class Gemma3Adapter(Adapter):
@@ -23,15 +23,7 @@ class Gemma3Adapter(Adapter):
     image_lead = "\n\n<start_of_image>"
 
     def parts(self, model) -> ModelParts:
-        tower = model.model.vision_tower
-        return ModelParts(
-            vision=[tower],
-            vision_blocks=tower.encoder.layers,  # the projector reads the last block's output
-            projector=[model.model.multi_modal_projector],
-            llm=[model.model.language_model, model.lm_head],
-            llm_decoder=model.model.language_model,
-            vision_encoder=tower,
-        )
+        return llava_layout_parts(model, model.model.vision_tower.encoder.layers)  # the projector reads the last one
 
     def vision_depth_width(self, config) -> tuple[int, int]:
         return config.vision_config.num_hidden_layers, config.vision_config.hidden_size

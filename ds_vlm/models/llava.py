@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts
+from .base import Adapter, ModelParts, llava_layout_parts
 
 
 class LlavaAdapter(Adapter):
@@ -20,14 +20,7 @@ class LlavaAdapter(Adapter):
         feature_layers = model.config.vision_feature_layer
         deepest = max(feature_layers) if isinstance(feature_layers, (list, tuple)) else feature_layers
         used = deepest % (len(layers) + 1)  # hidden_states[0] is the embedding output
-        return ModelParts(
-            vision=[tower],
-            vision_blocks=layers[:used],
-            projector=[model.model.multi_modal_projector],
-            llm=[model.model.language_model, model.lm_head],
-            llm_decoder=model.model.language_model,
-            vision_encoder=tower,
-        )
+        return llava_layout_parts(model, layers[:used])
 
     def vision_depth_width(self, config) -> tuple[int, int]:
         return config.vision_config.num_hidden_layers, config.vision_config.hidden_size
