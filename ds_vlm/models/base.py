@@ -42,6 +42,15 @@ def llava_layout_parts(model: nn.Module, vision_blocks: nn.ModuleList) -> ModelP
                       vision_encoder=tower)
 
 
+def fixed_size_patches(batch: dict[str, torch.Tensor], config) -> list[int]:
+    """Patches of each image where every image is one fixed-size pixel row (the LLaVA-style processors)."""
+    pixels = batch.get("pixel_values")
+    if pixels is None:
+        return []
+    patch = config.vision_config.patch_size
+    return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * pixels.shape[0]
+
+
 class Adapter:
     """One model family. Subclasses fill in the class attributes and the methods that differ."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts, llava_layout_parts
+from .base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
 
 
 class Gemma3Adapter(Adapter):
@@ -62,8 +62,4 @@ class Gemma3Adapter(Adapter):
         return {"image": 0 if pixels is None else pixels.shape[0] * processor.image_seq_length}
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
-        pixels = batch.get("pixel_values")
-        if pixels is None:
-            return []
-        patch = config.vision_config.patch_size
-        return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * pixels.shape[0]
+        return fixed_size_patches(batch, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts, llava_layout_parts
+from .base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
 
 
 class LlavaAdapter(Adapter):
@@ -55,8 +55,4 @@ class LlavaAdapter(Adapter):
         return {"image": int(pixels.shape[0]) * per_image}
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
-        pixels = batch.get("pixel_values")
-        if pixels is None:
-            return []
-        patch = config.vision_config.patch_size
-        return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * pixels.shape[0]
+        return fixed_size_patches(batch, config)
