@@ -64,7 +64,7 @@ class RunPlanner:
         zero = ds_config["zero_optimization"]
         self.bf16 = ds_config["bf16"]["enabled"]
         muon = ds_config["optimizer"]["type"] == "Muon"
-        self.states = ParamCounts.of(loaded.model, muon, ep_size_of(ds_config)).states(
+        self.states = ParamCounts.of(loaded.model, muon=muon, ep=ep_size_of(ds_config)).states(
             zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
         self.longest, self.most_image = worst_counts(checks, config.data.max_length)
         self.sp = config.parallel.sequence_parallel
