@@ -233,7 +233,7 @@ class Trainer:
             boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
                                           stand_in_mask=implementation not in ("flash_attention_2", "sdpa", "eager"))
         context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
-                                 torch.bfloat16 if self.bf16 else torch.float32, boundaries, self.sp,
+                                 self.model_dtype, boundaries, self.sp,
                                  adapter.router_aux_loss_coef(model.config))
         self.runner = StepRunner(self.engine, self.layout.world_size, context,
                                  FlopsCounter(model, adapter, config.model), self.watchdog.phase,
@@ -273,7 +273,8 @@ class Trainer:
                       f"{self.total_steps} steps")
 
     def loader_settings(self) -> tuple[int, int]:
-        workers, prefetch, said = loader_settings(self.config, self.encoder, self.model_dtype)
+        workers, prefetch, said = loader_settings(self.config, self.collator.dummy, self.encoder.image_token_id,
+                                                  self.model_dtype)
         if said and self.layout.rank == 0:
             self.log.info(said)
         return workers, prefetch

@@ -126,12 +126,10 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def run_stage(stage: Stage, work: Path, dry_run: bool, timeout_s: float, cmd: Optional[list[str]] = None) -> dict:
     """One stage in its own process group (killed whole at `timeout_s`, and after it ends: nothing it started
-    outlives it); its record. `cmd`: the stage's process (default: this module's --run_stage)."""
+    outlives it); its record (run_check has skipped what cannot run here). `cmd`: the stage's process (default:
+    this module's --run_stage)."""
     started = time.perf_counter()
     record = {"name": stage.name, "planned_s": stage.planned_s}
-    reason = skip_reason(stage, dry_run)
-    if reason:
-        return {**record, "status": "skipped", "seconds": 0.0, "detail": {"reason": reason}}
     result = work / f"{stage.name}.json"
     result.unlink(missing_ok=True)
     if cmd is None:

@@ -263,10 +263,11 @@ def fit_to_shm(num_workers: int, prefetch: int, micro_batch_bytes: float, shm_fr
     return workers, prefetch_fit if workers else prefetch, said
 
 
-def loader_settings(config, encoder: Encoder, pixel_dtype: torch.dtype) -> tuple[int, int, str]:
+def loader_settings(config, dummy: dict[str, torch.Tensor], image_token_id: int,
+                    pixel_dtype: torch.dtype) -> tuple[int, int, str]:
     """The run's (loader workers, micro-batches each holds ahead, what was changed): --num_workers and 2, fitted to
     /dev/shm for the largest micro-batch (its token budget, every token an image token, at the pixel bytes per
-    image token of the family's dummy image)."""
+    image token of the family's dummy image: the collator's `dummy`)."""
     import os
     import shutil
 
@@ -275,7 +276,6 @@ def loader_settings(config, encoder: Encoder, pixel_dtype: torch.dtype) -> tuple
         return workers, 2, ""
     tokens = batch.max_tokens_per_batch if batch.max_tokens_per_batch > 0 else batch.micro_batch_size * \
         config.data.max_length
-    dummy = encoder.dummy()
-    image_tokens = max(1, int((dummy["input_ids"] == encoder.image_token_id).sum()))
+    image_tokens = max(1, int((dummy["input_ids"] == image_token_id).sum()))
     per_token = dummy["pixel_values"].numel() * pixel_dtype.itemsize / image_tokens
     return fit_to_shm(workers, 2, tokens * per_token, shutil.disk_usage("/dev/shm").free)
