@@ -22,20 +22,20 @@ import os
 import sys
 import traceback
 
-from .config import ConfigError
-from .data.formats import DataError
-from .flags import load_config
+from ds_vlm.config import ConfigError
+from ds_vlm.data.formats import DataError
+from ds_vlm.flags import load_config
 
 
 def main(argv=None) -> int:
-    from .faults import PREEMPTED_EXIT, Preempted, exit_on_interrupt
+    from ds_vlm.runtime.faults import PREEMPTED_EXIT, Preempted, exit_on_interrupt
 
     exit_on_interrupt()  # first: a Ctrl-C during the rendezvous or the model's loading ends the rank too
-    from .data.containers import DataFileError
-    from .data.preflight import BadDataError, TooManyBadRecords
-    from .data.specs import SpecError
-    from .distributed import RendezvousError
-    from .train import TrainingDiverged, run
+    from ds_vlm.data.containers import DataFileError
+    from ds_vlm.data.preflight import BadDataError, TooManyBadRecords
+    from ds_vlm.data.specs import SpecError
+    from ds_vlm.runtime.distributed import RendezvousError
+    from ds_vlm.train.trainer import TrainingDiverged, run
 
     try:
         config = load_config(argv)
@@ -57,12 +57,12 @@ def main(argv=None) -> int:
 # verb -> (module:function, what it does); each function takes argv (the verb's flags) and returns the exit status
 VERBS = {
     "train": ("ds_vlm.cli:main", "train (the trainer's flags, or --config F.yaml)"),
-    "validate": ("ds_vlm.validate:main", "check a dataset with the model's processor before booking GPUs"),
-    "export": ("ds_vlm.export:main", "a checkpoint -> a Hugging Face folder"),
-    "evaluate": ("ds_vlm.evaluate:main", "generate on records and score the answers"),
-    "plan": ("ds_vlm.plan:main", "predict each GPU's peak memory and the step time from the model's config"),
+    "validate": ("ds_vlm.data.validate:main", "check a dataset with the model's processor before booking GPUs"),
+    "export": ("ds_vlm.checkpoint.export:main", "a checkpoint -> a Hugging Face folder"),
+    "evaluate": ("ds_vlm.eval.cli:main", "generate on records and score the answers"),
+    "plan": ("ds_vlm.memplan.planner:main", "predict each GPU's peak memory and the step time from the model's config"),
     "demo": ("ds_vlm.demo:main", "build the tiny offline demo model and data"),
-    "check-model": ("ds_vlm.check_model:main", "whether a model's architecture trains here: a tiny random copy, "
+    "check-model": ("ds_vlm.models.check:main", "whether a model's architecture trains here: a tiny random copy, "
                                                "each check timed (about a minute on a CPU)"),
 }
 

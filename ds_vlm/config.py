@@ -87,7 +87,7 @@ class DataConfig:
         """--num_workers, with -1 resolved from the cores this local rank has."""
         if self.num_workers >= 0:
             return self.num_workers
-        from .distributed import default_loader_workers
+        from ds_vlm.runtime.distributed import default_loader_workers
 
         return default_loader_workers()
 
@@ -205,12 +205,12 @@ class LoggingConfig:
     report_to: Literal["none", "tensorboard", "wandb"] = _key("none", "also log to this (if its package is installed)")
     peak_tflops: float = _key(0.0, "device peak TFLOP/s for MFU (0: the bf16 peak of known GPUs; none on CPU)")
     plan_at_start: bool = _key(True, "rank 0 prints the planner's predicted peak memory per rank at start (its trace "
-                                     "cached in the data cache; ds_vlm/plan.py)")
+                                     "cached in the data cache; ds_vlm/memplan/planner.py)")
     measure_memory: bool = _key(False, "on a CPU, log peak_tensor_gb: the peak of live tensor bytes per logged step, "
-                                       "from the allocator's events (slower steps; ds_vlm/memory.py). On CUDA "
+                                       "from the allocator's events (slower steps; ds_vlm/runtime/memory.py). On CUDA "
                                        "peak_tensor_gb is max_memory_allocated, always")
     verbose: bool = _key(False, "DeepSpeed's INFO lines and every rank's warnings on the console (default: each "
-                                "distinct warning once, by rank 0; known noise silenced: ds_vlm/console.py)")
+                                "distinct warning once, by rank 0; known noise silenced: ds_vlm/runtime/console.py)")
 
 
 SECTIONS = {"data": DataConfig, "batch": BatchConfig, "model": ModelConfig, "optim": OptimConfig,

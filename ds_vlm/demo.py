@@ -17,11 +17,11 @@ import json
 import random
 from pathlib import Path
 
-from .console import quiet_console
-from .models import FAMILIES, adapter_by_family
-from .models.qwen3_vl import Qwen3VLAdapter
-from .testing.chats import QWEN3_MARKERS, QWEN_SPECIAL_TOKENS, ChatSpec, chat_of  # noqa: F401 (benchmarks)
-from .testing.tiny import IMAGE_SIZE, SPECS, tiny_model
+from ds_vlm.models import FAMILIES, adapter_by_family
+from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
+from ds_vlm.runtime.console import quiet_console
+from ds_vlm.testing.chats import QWEN3_MARKERS, QWEN_SPECIAL_TOKENS, ChatSpec, chat_of  # noqa: F401 (benchmarks)
+from ds_vlm.testing.tiny import IMAGE_SIZE, SPECS, tiny_model
 
 COLORS = {
     "red": (220, 30, 30),

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config import ConfigError, TrainConfig, _fields, key_table
+from ds_vlm.config import ConfigError, TrainConfig, _fields, key_table
 
 # Old names users may have in their YAML files or scripts: key -> (key it sets, how its value maps).
 ALIASES = {

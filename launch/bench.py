@@ -6,12 +6,15 @@
                            [--loss_memory_tokens 16384]
                            [--cases ds_zero0,ds_zero2,ds_zero3,plain,hf_zero0,hf_zero2,hf_zero3] [--dry_run]
 
-The benchmark itself is ds_vlm/bench (ds_vlm/bench/main.py: the cases, the flags, the targets; `--help`).
+The benchmark itself is in benchmarks/ (benchmarks/main.py: the cases, the flags, the targets; `--help`).
 """
 
 import sys
+from pathlib import Path
 
-from ds_vlm.bench.main import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside ds_vlm/, not installed
+
+from benchmarks.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The acceptance script for a short GPU lease (ds_vlm/bench/gpu_check.py): stages in priority order (imports,
+# The acceptance script for a short GPU lease (benchmarks/gpu_check.py): stages in priority order (imports,
 # the real entry on ZeRO-2, exact resume, the HF export generating, a ZeRO-3 run with evaluation and its report,
 # QLoRA, LoRA, liger, the Qwen3-VL-2B sweep, the planner against it, ZeRO++'s quantized communication and Muon in
 # bf16), each in its own process group with its own budget, started only if it fits what is left of --budget_s;
@@ -32,4 +32,4 @@ if compgen -G ".whl_qlora/*.whl" > /dev/null && ! "$PYTHON" -c "import bitsandby
 fi
 [[ -d $SITE ]] && export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-exec "$PYTHON" -m ds_vlm.bench.gpu_check "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "$@"

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, cat_rows, count_targets, merge_parts
-from .formats import DataError
-from .plan import BatchPlan
-from .sources import RecordIndex
+from ds_vlm.data.encode import IGNORE_INDEX, TOKEN_KEYS, Encoder, cat_rows, count_targets, merge_parts
+from ds_vlm.data.formats import DataError
+from ds_vlm.data.plan import BatchPlan
+from ds_vlm.data.sources import RecordIndex
 
 RECORD = "record"  # a sample's name ("FILE record I") beside its tensors, kept by the collator in MicroBatch.records
 
@@ -52,7 +52,7 @@ def open_records(spec: str, data) -> RecordIndex:
 def preflighted(records: RecordIndex, spec: str, data, encoder: Encoder, log, show_progress: bool) -> SFTDataset:
     """The usable records of `records` (the data spec `spec`), as preflight found them (or as it left them:
     --preflight off); said, and the records left out logged as an event."""
-    from .preflight import preflight, summarize, usable
+    from ds_vlm.data.preflight import preflight, summarize, usable
 
     checks, said = preflight(records, encoder, data.preflight, data.data_cache, data.loader_workers,
                              progress=show_progress)
@@ -98,7 +98,7 @@ def refuse_packing(adapter, packing: bool, hf_config) -> None:
     """--packing where the model's layers cannot keep packed samples apart: a ConfigError saying why."""
     reason = adapter.packing_refusal(hf_config) if packing else ""
     if reason:
-        from ..config import ConfigError
+        from ds_vlm.config import ConfigError
 
         raise ConfigError(f"--packing: {reason}")
 
@@ -211,7 +211,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _worker_init(_):
-    from ..faults import ignore_stop_signals
+    from ds_vlm.runtime.faults import ignore_stop_signals
 
     torch.set_num_threads(1)
     ignore_stop_signals()

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from . import cache
+import ds_vlm.data.cache as cache
 
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
 TABLES = {".csv": ",", ".tsv": "\t"}
@@ -97,7 +97,7 @@ def converted(path: str, cache_dir: str = "") -> Path:
     elif suffix in TABLES:
         build = _table
     elif suffix.startswith(".tar") or suffix == ".tgz":  # a compressed tar: refused by name there
-        from .shards import index_tar as build
+        from ds_vlm.data.shards import index_tar as build
     else:
         raise DataFileError(f"{path}: no conversion for {suffix!r} files")
     root = cache.writable(cache.cache_root(cache_dir))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 
-from .encode import IGNORE_INDEX, Encoder
-from .formats import DataError
-from .images import load_image
-from .sources import RecordIndex
-from .videos import load_videos
+from ds_vlm.data.encode import IGNORE_INDEX, Encoder
+from ds_vlm.data.formats import DataError
+from ds_vlm.data.images import load_image
+from ds_vlm.data.sources import RecordIndex
+from ds_vlm.data.videos import load_videos
 
 
 def dump_records(records: RecordIndex, encoder: Encoder, path: str, count: int = 20) -> int:

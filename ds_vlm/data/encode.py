@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .control_text import ControlText
-from .formats import DataError, Sample
-from .images import load_images
-from .videos import VideoSampling, load_videos
+from ds_vlm.data.control_text import ControlText
+from ds_vlm.data.formats import DataError, Sample
+from ds_vlm.data.images import load_images
+from ds_vlm.data.videos import VideoSampling, load_videos
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from ds_vlm.config import DataConfig
 
 IGNORE_INDEX = -100
 
@@ -55,7 +55,7 @@ class Encoder:
         self.truncation = truncation
         self.image_token = getattr(processor, "image_token", None) or adapter.image_text
         if not self.image_token:  # the generic adapter asks the processor; without one, nothing can be placed
-            from ..models import UnsupportedModel
+            from ds_vlm.models import UnsupportedModel
 
             raise UnsupportedModel(f"model type {adapter.family!r}: its processor ({type(processor).__name__}) names "
                                    "no `image_token`, and the generic adapter knows no other way to place images")

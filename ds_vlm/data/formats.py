@@ -32,11 +32,11 @@ import json
 import os
 from typing import Any
 
-from ..config import choices
-from . import turns
-from .formats_turns import NUMBERED, TurnReader
-from .sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, ImageRef, Sample, VideoRef  # noqa: F401
-from .tool_use import record_tools
+import ds_vlm.data.turns as turns
+from ds_vlm.config import choices
+from ds_vlm.data.formats_turns import NUMBERED, TurnReader
+from ds_vlm.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, ImageRef, Sample, VideoRef  # noqa: F401
+from ds_vlm.data.tool_use import record_tools
 
 LAYOUTS = choices("data_format")  # "auto" and the layouts below
 # Keys each layout reads at the top of a record (media keys are read by every layout).

@@ -9,7 +9,7 @@ import binascii
 import os
 import re
 
-from .sample import ImageRef, VideoRef
+from ds_vlm.data.sample import ImageRef, VideoRef
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WINDOWS_SEPARATORS = "Windows separators (\\) in a relative media path read as /"

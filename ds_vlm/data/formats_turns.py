@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 
-from .formats_media import IMAGE_OPTIONS, VIDEO_OPTIONS, MediaReader
-from .sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from .tool_use import tool_calls
+from ds_vlm.data.formats_media import IMAGE_OPTIONS, VIDEO_OPTIONS, MediaReader
+from ds_vlm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from ds_vlm.data.tool_use import tool_calls
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "model": "assistant", "observation": "tool", "tool": "tool",

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .formats import DataError, ImageRef, Sample
+from ds_vlm.data.formats import DataError, ImageRef, Sample
 
 ANIMATED = "animated image: its first frame used"
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S")

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
-from ..config import AUTO_BUDGET
+from ds_vlm.config import AUTO_BUDGET
 
 if TYPE_CHECKING:
-    from ..config import BatchConfig
-    from .sources import RecordIndex
+    from ds_vlm.config import BatchConfig
+    from ds_vlm.data.sources import RecordIndex
 
 
 def epoch_order(n_samples: int, seed: int, epoch: int, source_sizes: Optional[list[int]] = None,
@@ -176,7 +176,7 @@ def make_plan(batch: BatchConfig, seed: int, dp_size: int, records: RecordIndex,
     of the usable records)."""
     if batch.max_tokens_per_batch == AUTO_BUDGET:
         raise ValueError("--max_tokens_per_batch auto: the trainer resolves it at start from the model and the "
-                         "memory (ds_vlm/plan_startup.py); batches are planned with the number")
+                         "memory (ds_vlm/memplan/startup.py); batches are planned with the number")
     common = dict(n_samples=len(kept), micro_batch_size=batch.micro_batch_size, grad_accum=batch.grad_accum,
                   dp_size=dp_size, seed=seed, source_sizes=records.source_sizes(kept.index), weights=records.weights,
                   repeats=records.repeats)

@@ -24,11 +24,11 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import PREFLIGHT
-from . import cache
-from .encode import Encoder, count_targets
-from .formats import DataError
-from .sources import RecordIndex
+import ds_vlm.data.cache as cache
+from ds_vlm.config import PREFLIGHT
+from ds_vlm.data.encode import Encoder, count_targets
+from ds_vlm.data.formats import DataError
+from ds_vlm.data.sources import RecordIndex
 
 KINDS = ("ok", *DataError.KINDS, "unchecked")  # a kind's code is its position here
 OK, UNCHECKED = 0, len(KINDS) - 1
@@ -100,7 +100,7 @@ class _CheckDataset(Dataset):
 
 
 def _loader(records: RecordIndex, encoder: Encoder, indices, num_workers: int) -> DataLoader:
-    from ..faults import ignore_stop_signals
+    from ds_vlm.runtime.faults import ignore_stop_signals
 
     return DataLoader(_CheckDataset(records, encoder, indices), batch_size=None, num_workers=num_workers,
                       collate_fn=lambda x: x, worker_init_fn=ignore_stop_signals if num_workers else None)
@@ -253,7 +253,7 @@ def preflight(records: RecordIndex, encoder: Encoder, mode: str = "cached", cach
               num_workers: int = 0, progress: bool = False) -> tuple[Checks, str]:
     """Every record's Checks (in index order, on every rank) and a line saying where they came from. The
     ranks check their shares of what the cache lacks; the node's first rank writes the new cache entries."""
-    from .. import distributed as comm
+    import ds_vlm.runtime.distributed as comm
 
     chosen = PREFLIGHT.fullmatch(mode)
     assert chosen, mode

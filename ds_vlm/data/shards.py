@@ -53,7 +53,7 @@ def _exists(path: str) -> bool:
 
 def index_tar(path: str, out: str) -> None:
     """One JSON line per sample of the shard: {"key", "members": {suffix: [offset, size]}}, in shard order."""
-    from .containers import DataFileError
+    from ds_vlm.data.containers import DataFileError
 
     if path.lower().endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")):
         raise DataFileError(f"{path}: a compressed tar cannot be read by offset; decompress it to a .tar")
@@ -75,7 +75,7 @@ def index_tar(path: str, out: str) -> None:
 
 def sample_record(path: str, entry: dict) -> dict:
     """The record of one indexed sample, its members read from the shard by offset."""
-    from .formats import detect_layout
+    from ds_vlm.data.formats import detect_layout
 
     members, key = entry["members"], entry["key"]
     record: dict = {}

@@ -17,11 +17,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import cache
-from .containers import DataFileError, check_text, converted, data_suffix
-from .formats import DataError, Sample, to_sample
-from .shards import expand_pattern, sample_record
-from .specs import HUB_PREFIX, Remap, Source, parse_spec, select_rows
+import ds_vlm.data.cache as cache
+from ds_vlm.data.containers import DataFileError, check_text, converted, data_suffix
+from ds_vlm.data.formats import DataError, Sample, to_sample
+from ds_vlm.data.shards import expand_pattern, sample_record
+from ds_vlm.data.specs import HUB_PREFIX, Remap, Source, parse_spec, select_rows
 
 
 class RecordFile:

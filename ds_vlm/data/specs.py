@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from .containers import DataFileError, check_text
+from ds_vlm.data.containers import DataFileError, check_text
 
 _SELECT = re.compile(r"(all|(first|end|random):(\d+(?:\.\d+)?)([kKmM%]?))")
 _ITEM = re.compile(r"(?P<source>[^#]+?)(?:#(?P<selector>(?:first|end|random):[\d.]+[kKmM%]?|[^:#]+))?"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import DataError, Sample, VideoRef
+from ds_vlm.data.formats import DataError, Sample, VideoRef
 
 
 @dataclass
@@ -55,8 +55,8 @@ def load_video(ref: VideoRef, sample: Sample, sampling: VideoSampling):
         return DataError(kind, sample.source, sample.index, detail)
 
     if ref.frames:
-        from .formats import ImageRef
-        from .images import load_image
+        from ds_vlm.data.formats import ImageRef
+        from ds_vlm.data.images import load_image
 
         for frame in ref.frames:
             if not os.path.isfile(frame):

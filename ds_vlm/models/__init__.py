@@ -3,14 +3,14 @@ type with no adapter of its own takes the generic one (`generic.py`), which refu
 
 from __future__ import annotations
 
-from .base import Adapter, ModelParts, UnsupportedModel
-from .gemma3 import Gemma3Adapter
-from .generic import GenericAdapter, image_text_to_text_types
-from .llava import LlavaAdapter
-from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from .qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
-from .qwen3_vl import Qwen3VLAdapter
-from .qwen3_vl_moe import Qwen3VLMoeAdapter
+from ds_vlm.models.base import Adapter, ModelParts, UnsupportedModel
+from ds_vlm.models.gemma3 import Gemma3Adapter
+from ds_vlm.models.generic import GenericAdapter, image_text_to_text_types
+from ds_vlm.models.llava import LlavaAdapter
+from ds_vlm.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from ds_vlm.models.qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
+from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
+from ds_vlm.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
                                  LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
+from ds_vlm.models.base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
 
 
 class Gemma3Adapter(Adapter):

@@ -11,7 +11,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from .base import Adapter, ModelParts, UnsupportedModel
+from ds_vlm.models.base import Adapter, ModelParts, UnsupportedModel
 
 VISION_NAMES = ("vision_tower", "visual", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector")
@@ -98,7 +98,7 @@ class GenericAdapter(Adapter):
         """Refuse (UnsupportedModel) before any weight is read: the architecture built on the meta device."""
         from transformers import AutoModelForImageTextToText
 
-        from ..plan_trace import no_zero3_init
+        from ds_vlm.memplan.trace import no_zero3_init
 
         with torch.device("meta"), no_zero3_init():
             self.parts(AutoModelForImageTextToText.from_config(copy.deepcopy(config)))

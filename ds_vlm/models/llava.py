@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
+from ds_vlm.models.base import Adapter, ModelParts, fixed_size_patches, llava_layout_parts
 
 
 class LlavaAdapter(Adapter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from ds_vlm.models.base import Adapter
 
 
 class PatchProjection(torch.nn.Conv3d):
@@ -38,7 +38,7 @@ class QwenVLAdapter(Adapter):
     def prepare(self, model) -> None:
         """The vision tower's patch embedding as a linear layer (PatchProjection); with the varlen interface, the
         vision tower's attention gets its images' boundaries (attention.route_vision_varlen)."""
-        from ..attention import route_vision_varlen
+        from ds_vlm.parallel.attention import route_vision_varlen
 
         use_patch_projection(model.model.visual.patch_embed.proj)
         route_vision_varlen(model.model.visual.config)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import ModelParts
-from .qwen import QwenVLAdapter
+from ds_vlm.models.base import ModelParts
+from ds_vlm.models.qwen import QwenVLAdapter
 
 
 class Qwen2VLAdapter(QwenVLAdapter):

@@ -6,15 +6,15 @@ GradientCheckpointingLayer, so activation checkpointing of the language model wr
 
 Packing and sequence parallelism need more than the attention layers get: a linear-attention layer carries a
 causal conv window and a recurrent state along the row, and transformers' PyTorch path cannot restart them at a
-packed sample's boundary (without boundaries sample 2 would see sample 1). ds_vlm/linear_attention.py gives those
-layers the boundaries (FLA's varlen kernels on a GPU, the layer's own math sample by sample elsewhere) and, under
---sequence_parallel, whole sequences of 1/N of their heads (two all-to-alls of their own).
+packed sample's boundary (without boundaries sample 2 would see sample 1). ds_vlm/parallel/linear_attention.py
+gives those layers the boundaries (FLA's varlen kernels on a GPU, the layer's own math sample by sample
+elsewhere) and, under --sequence_parallel, whole sequences of 1/N of their heads (two all-to-alls of their own).
 """
 
 from __future__ import annotations
 
-from .moe import MoeExperts
-from .qwen3_vl import Qwen3VLAdapter
+from ds_vlm.models.moe import MoeExperts
+from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
 
 
 class Qwen35Adapter(Qwen3VLAdapter):

@@ -3,8 +3,8 @@ vision tower is the same without the deepstack mergers (qwen3_5.py)."""
 
 from __future__ import annotations
 
-from .base import ModelParts
-from .qwen import QwenVLAdapter
+from ds_vlm.models.base import ModelParts
+from ds_vlm.models.qwen import QwenVLAdapter
 
 
 class Qwen3VLAdapter(QwenVLAdapter):

@@ -3,8 +3,8 @@ ZeRO-3 and the router's auxiliary loss)."""
 
 from __future__ import annotations
 
-from .moe import MoeExperts
-from .qwen3_vl import Qwen3VLAdapter
+from ds_vlm.models.moe import MoeExperts
+from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
 
 
 class Qwen3VLMoeAdapter(MoeExperts, Qwen3VLAdapter):

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError
+from ds_vlm.config import ConfigError
 
 LAYERS = r"model\.language_model\.layers\.\d+\.mlp"  # the text layers' MLP in the Qwen VL layouts
 

@@ -33,12 +33,12 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import distributed as comm
-from .. import linear_attention
-from ..attention import varlen_attention
-from ..linear_attention import has_linear_attention
-from ..loss import LabelRows
-from . import ParallelLayout
+import ds_vlm.parallel.linear_attention as linear_attention
+import ds_vlm.runtime.distributed as comm
+from ds_vlm.parallel import ParallelLayout
+from ds_vlm.parallel.attention import varlen_attention
+from ds_vlm.parallel.linear_attention import has_linear_attention
+from ds_vlm.train.loss import LabelRows
 
 ULYSSES = "ds_vlm_ulysses"
 

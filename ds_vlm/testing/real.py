@@ -3,7 +3,7 @@ download): what the benchmarks, the GPU check and the planner measure at scale."
 
 from __future__ import annotations
 
-from .tiny import qwen_processor, qwen_token_ids
+from ds_vlm.testing.tiny import qwen_processor, qwen_token_ids
 
 # Qwen/Qwen3-VL-2B-Instruct's config.json (text tower = Qwen3-1.7B's shape). Only the special-token ids
 # differ: they are the demo tokenizer's.

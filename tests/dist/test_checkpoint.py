@@ -17,8 +17,8 @@ import torch
 from fixtures.datasets import write_json
 from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train, train_command, train_env
 
-from ds_vlm import checkpoint as ckpt
-from ds_vlm.checkpoint import resume_point
+import ds_vlm.checkpoint.core as ckpt
+from ds_vlm.checkpoint.core import resume_point
 from ds_vlm.config import ConfigError, TrainConfig
 
 STEPS, SAVE = 6, 2
@@ -148,7 +148,7 @@ def test_offline_export_equals_the_engine_weights(reference, tmp_path):
 
     ref_out, _ = reference["zero3"]
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "ds_vlm.export", str(ref_out), str(out), "--dtype", "fp32"],
+    proc = subprocess.run([sys.executable, "-m", "ds_vlm.checkpoint.export", str(ref_out), str(out), "--dtype", "fp32"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     _ok(proc)
     engine_weights = load_file(ref_out / "hf" / "model.safetensors")  # gathered from the live ZeRO-3 engine

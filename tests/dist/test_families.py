@@ -17,9 +17,9 @@ from ds_vlm.data.images import load_images
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
-from ds_vlm.model_loading import set_trainable
 from ds_vlm.models import ADAPTERS, GENERIC_VERIFIED, adapter_for
-from ds_vlm.optim import param_groups
+from ds_vlm.models.loading import set_trainable
+from ds_vlm.train.optim import param_groups
 
 STEPS, MICRO, LR = 5, 2, 2e-3
 
@@ -111,7 +111,7 @@ def test_family_trains_on_zero3_with_mixed_batches(family_run, mixed_data):
 
 
 def test_frozen_parts_bit_identical_trained_parts_changed_export_generates(family_run, demo_dir):
-    from ds_vlm.generation import generate_answers
+    from ds_vlm.eval.generation import generate_answers
 
     family, model_dir, out = family_run
     before, _ = _load(model_dir)

@@ -132,7 +132,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     two lines."""
     code = textwrap.dedent("""
         import os, signal, time, types
-        from ds_vlm import faults
+        import ds_vlm.runtime.faults as faults
         clock = [100.0]
         faults.time = types.SimpleNamespace(monotonic=lambda: clock[0])
         stop = faults.StopSignals(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train
 
-from ds_vlm import checkpoint as ckpt
+import ds_vlm.checkpoint.core as ckpt
 
 STEPS = 6
 # LoRA targets by default: the attention and MLP projections of each layer (Qwen3.5: 3 linear-attention
@@ -87,7 +87,7 @@ def test_merged_export_answers_as_the_base_model_with_the_adapter(lora_run, demo
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ds_vlm.data.sources import RecordIndex
-    from ds_vlm.generation import generate_answers
+    from ds_vlm.eval.generation import generate_answers
 
     _, model_dir, lora_run = lora_run
     merged = AutoModelForImageTextToText.from_pretrained(lora_run / "hf", dtype=torch.float32).eval()
@@ -117,8 +117,8 @@ def test_qlora_trains_on_the_cpu_and_merges_into_the_4bit_base(demo_dir, tmp_pat
     gpu_stages.qlora_export); the offline export of its checkpoint writes the same weights."""
     from safetensors.torch import load_file
 
-    from ds_vlm.bench.gpu_stages import qlora_export
-    from ds_vlm.export import export
+    from benchmarks.gpu_stages import qlora_export
+    from ds_vlm.checkpoint.export import export
 
     out = tmp_path / "run"
     proc = run_train(["--model", str(demo_dir / "model"), "--train_data", str(demo_dir / "data" / "train.jsonl"),

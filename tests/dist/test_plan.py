@@ -1,4 +1,4 @@
-"""The planner against real 2-rank runs: one row of `python -m ds_vlm.bench.plan_runs`, and
+"""The planner against real 2-rank runs: one row of `python -m benchmarks.plan_runs`, and
 `--max_tokens_per_batch auto` choosing a budget, keeping to it, and a resume taking the checkpoint's."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ def test_the_plan_of_a_two_rank_run_is_within_ten_percent_of_its_measured_peak(d
     """ZeRO-2 over 2 ranks with checkpointing: the planned peak against the run's own peak_tensor_gb
     (--measure_memory: DeepSpeed's real buffers, the real allocator's events). Checkpointing that silently does
     nothing (the model left in eval mode) measures 20% over the plan."""
-    from ds_vlm.bench.plan_runs import TARGET, run_row
+    from benchmarks.plan_runs import TARGET, run_row
 
     row = run_row("tiny, ZeRO-2", demo_dir, tmp_path)
     assert len(row["steps"]) == 3 and all(len(s) == 2 for s in row["steps"])
@@ -21,7 +21,7 @@ def test_the_plan_of_a_two_rank_run_is_within_ten_percent_of_its_measured_peak(d
 
 
 def test_auto_budget_fits_the_memory_given_and_a_resume_keeps_it(demo_dir, tmp_path):
-    from ds_vlm.bench.plan_runs import uniform_data
+    from benchmarks.plan_runs import uniform_data
 
     data = uniform_data(demo_dir / "data", tmp_path / "uniform.jsonl", n=32)
     ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())

@@ -141,7 +141,7 @@ def test_hf_export_reloads_generates_and_keeps_frozen_weights(frozen_zero3_run, 
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ds_vlm.generation import generate_answers
+    from ds_vlm.eval.generation import generate_answers
 
     out, _ = frozen_zero3_run
     hf = out / "hf"
@@ -219,7 +219,7 @@ def test_validate_finds_and_names_every_planted_defect(demo_dir, tmp_path):
     with open(path, "a") as f:
         f.write(json.dumps({**good, "conversations": [good["conversations"][0],
                                                       {"from": "gpt", "value": "A red circle. " * 30}]}) + "\n")
-    cmd = [sys.executable, "-m", "ds_vlm.validate", "--model", str(demo_dir / "model"), "--train_data", str(path),
+    cmd = [sys.executable, "-m", "ds_vlm.data.validate", "--model", str(demo_dir / "model"), "--train_data", str(path),
            "--max_length", "64", "--workers", "1", "--micro_batch_size", "2", "--world_size", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -28,7 +28,7 @@ def summed_loss(logits, targets):
 def compare(model, sp, boundaries, ids: torch.Tensor, lengths: list[int]) -> dict:
     """One rank against the SP group on the row(s) `ids` of samples `lengths`: the loss's relative difference and
     each gradient's largest difference relative to its largest value."""
-    from ds_vlm import distributed as comm
+    import ds_vlm.runtime.distributed as comm
 
     positions = torch.cat([torch.arange(n) for n in lengths])[None].expand(ids.shape[0], -1)
     targets = row_targets(ids, lengths)
@@ -61,10 +61,10 @@ def compare(model, sp, boundaries, ids: torch.Tensor, lengths: list[int]) -> dic
 def main(out_path: str) -> None:
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
-    from ds_vlm import distributed as comm
-    from ds_vlm.attention import SampleBoundaries
+    import ds_vlm.runtime.distributed as comm
     from ds_vlm.models.base import Adapter
     from ds_vlm.parallel import ParallelLayout
+    from ds_vlm.parallel.attention import SampleBoundaries
     from ds_vlm.parallel.ulysses import SequenceParallel
     from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 

@@ -21,10 +21,10 @@ from ds_vlm.config import TrainConfig
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
 from ds_vlm.data.sources import RecordIndex
-from ds_vlm.ds_config import resolve_ds_config
-from ds_vlm.loss import LabelLoss, LabelRows
-from ds_vlm.model_loading import load_model, set_trainable
-from ds_vlm.optim import param_groups
+from ds_vlm.models.loading import load_model, set_trainable
+from ds_vlm.train.ds_config import resolve_ds_config
+from ds_vlm.train.loss import LabelLoss, LabelRows
+from ds_vlm.train.optim import param_groups
 
 RANK_RECORDS = ([0, 1], [3])  # rank 1: one text-only record (the collator appends the dummy image)
 

@@ -42,8 +42,8 @@ def _preload() -> None:
     import ds_vlm.cli  # noqa: F401
     import ds_vlm.data.batching  # noqa: F401
     import ds_vlm.data.preflight  # noqa: F401
-    import ds_vlm.distributed  # noqa: F401
-    import ds_vlm.train  # noqa: F401
+    import ds_vlm.runtime.distributed  # noqa: F401
+    import ds_vlm.train.trainer  # noqa: F401
 
     for name in ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
                  "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",

@@ -10,8 +10,8 @@ import torch
 from fixtures.encoding import packing_setup
 from fixtures.numerics import assert_same, loss_and_grads
 
-from ds_vlm.loss import LabelLoss, LabelRows
 from ds_vlm.models import adapter_for
+from ds_vlm.train.loss import LabelLoss, LabelRows
 
 
 def test_varlen_interface_on_cpu(demo_dir, packing_records, monkeypatch):
@@ -23,7 +23,7 @@ def test_varlen_interface_on_cpu(demo_dir, packing_records, monkeypatch):
     from transformers import AutoModelForImageTextToText
     from transformers.integrations import sdpa_attention
 
-    from ds_vlm.attention import VARLEN, SampleBoundaries, resolve_attention
+    from ds_vlm.parallel.attention import VARLEN, SampleBoundaries, resolve_attention
 
     sdpa_masks, varlen_calls = [], []
     original_sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -43,7 +43,7 @@ def test_varlen_interface_on_cpu(demo_dir, packing_records, monkeypatch):
     adapter.prepare(model)
     model.config.get_text_config().use_cache = False
     model.train()
-    import ds_vlm.attention as attention
+    import ds_vlm.parallel.attention as attention
 
     original_varlen = attention._per_sample_sdpa
 
@@ -81,7 +81,7 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(signature, monkeypa
     missing) and gives per-sample causal attention either way."""
     import torch.nn.attention.varlen as varlen
 
-    import ds_vlm.attention as attention
+    import ds_vlm.parallel.attention as attention
 
     def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
             enable_gqa=False):
@@ -117,7 +117,7 @@ def test_the_attention_kernel_each_machine_gets(monkeypatch):
     """auto: packed rows on the varlen interface (CPU: per-sample sdpa; CUDA: flash-attention 2 where installed,
     else PyTorch's varlen kernel, else sdpa with the mask, said once); unpacked batches on sdpa (flash-attention 2
     would unpad a padded batch with host reads in every layer)."""
-    import ds_vlm.attention as attention
+    import ds_vlm.parallel.attention as attention
 
     ampere = (8, 0)
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
@@ -145,7 +145,7 @@ def test_flash_kernels_are_never_chosen_where_they_cannot_run(monkeypatch, dtype
     """The flash/varlen kernels take fp16/bf16 on compute capability 8.0+ only: a packed fp32 run, or any packed run
     on a V100/T4, gets the per-sample sdpa path of the varlen interface (said once), and flash_attention_2 asked
     for by name is refused with the reason. Half precision on Ampere keeps the kernels."""
-    import ds_vlm.attention as attention
+    import ds_vlm.parallel.attention as attention
 
     monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
     assert attention.flash_unusable(dtype, capability).endswith(why.split(" and ")[-1])
@@ -163,7 +163,7 @@ def test_flash_kernels_are_never_chosen_where_they_cannot_run(monkeypatch, dtype
 
 def test_a_flash_attn_that_does_not_load_is_not_offered(tmp_path, monkeypatch):
     """A flash-attn wheel built for another torch is found by name but fails at import: not offered."""
-    import ds_vlm.attention as attention
+    import ds_vlm.parallel.attention as attention
 
     package = tmp_path / "flash_attn"
     package.mkdir()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from ds_vlm.bench import alternate, padding, presets, runner
-from ds_vlm.bench import report as report_mod
+from benchmarks import alternate, padding, presets, runner
+from benchmarks import report as report_mod
 
 
 def test_token_budget_batches_compute_25_percent_fewer_tokens(demo_dir, tmp_path):

@@ -8,8 +8,8 @@ import shutil
 
 import torch
 
-from ds_vlm import check_model
-from ds_vlm.check_model import shrink
+import ds_vlm.models.check as check_model
+from ds_vlm.models.check import shrink
 
 
 def _meta(config):
@@ -71,7 +71,7 @@ def test_check_model_packs_exactly_where_allowed(family_models, tmp_path, monkey
 
 
 def test_survey_of_types_names_adapters_and_refusals():
-    from ds_vlm.check_types import check_type
+    from ds_vlm.models.check_types import check_type
 
     assert check_type("gemma3")["adapter"] == "Gemma3Adapter"
     assert check_type("gemma3")["packing"].startswith("refused: gemma3: image tokens attend both ways")

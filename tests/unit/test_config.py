@@ -72,7 +72,7 @@ def test_modules_take_allowed_values_from_the_config():
     """Record layouts and losses are listed once, as the config's Literal types; the readers and the loss table
     use those (a layout or loss added to one place only would fail here)."""
     from ds_vlm.data import formats
-    from ds_vlm.loss import LOSS_FUNCTIONS
+    from ds_vlm.train.loss import LOSS_FUNCTIONS
 
     assert formats.LAYOUTS == choices("data_format") and set(formats.LAYOUT_KEYS) == set(formats.LAYOUTS) - {"auto"}
     assert set(LOSS_FUNCTIONS) == set(choices("loss"))
@@ -109,7 +109,7 @@ FLAT_CONFIG_02B8D39 = {
 def test_a_checkpoint_written_with_the_flat_config_still_resumes():
     """The flat keys an older checkpoint holds rebuild the same sectioned config, and the resume check finds
     no difference against the same run configured today."""
-    from ds_vlm.checkpoint import config_differences
+    from ds_vlm.checkpoint.core import config_differences
 
     today = TrainConfig.from_keys(model="m", train_data="d.jsonl")
     assert TrainConfig.from_keys(**FLAT_CONFIG_02B8D39) == today

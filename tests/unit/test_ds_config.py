@@ -10,7 +10,7 @@ from fixtures.datasets import write_json
 from fixtures.runs import ROOT
 
 from ds_vlm.config import ConfigError, TrainConfig
-from ds_vlm.ds_config import resolve_ds_config
+from ds_vlm.train.ds_config import resolve_ds_config
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
@@ -40,7 +40,7 @@ def test_the_optimizer_falls_back_to_torch_adamw_where_fused_adam_cannot_be_buil
     from deepspeed.accelerator import get_accelerator
 
     from ds_vlm.config import TrainConfig
-    from ds_vlm.ds_config import resolve_ds_config, settle_optimizer
+    from ds_vlm.train.ds_config import resolve_ds_config, settle_optimizer
 
     config = TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ROOT / "ds_configs" / "zero2.json"))
     accelerator = get_accelerator()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ds_vlm.faults import Watchdog, describe
+from ds_vlm.runtime.faults import Watchdog, describe
 
 
 def test_a_failure_in_the_step_names_its_records(capsys):

@@ -1,4 +1,4 @@
-"""The GPU check's orchestration (ds_vlm/bench/gpu_check.py), on stand-in stages: the priority order within a budget,
+"""The GPU check's orchestration (benchmarks/gpu_check.py), on stand-in stages: the priority order within a budget,
 the JSON after every stage, a stage's whole process group killed at its timeout, a second call resuming."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ds_vlm.bench import gpu_check
+from benchmarks import gpu_check
 
 
 def test_the_first_part_fits_one_call_and_the_order_is_the_priority():

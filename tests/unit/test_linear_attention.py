@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from ds_vlm import linear_attention
-from ds_vlm.attention import VARLEN, SampleBoundaries, register_varlen
+import ds_vlm.parallel.linear_attention as linear_attention
+from ds_vlm.parallel.attention import VARLEN, SampleBoundaries, register_varlen
 from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
 LENGTHS = (70, 45)  # A longer than the delta rule's 64-token chunk, B shorter

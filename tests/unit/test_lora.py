@@ -10,8 +10,8 @@ import torch
 
 from ds_vlm.config import ConfigError, ModelConfig, TrainConfig
 from ds_vlm.demo import FAMILIES
-from ds_vlm.model_loading import quantization_config
 from ds_vlm.models import adapter_for
+from ds_vlm.models.loading import quantization_config
 
 
 def test_lora_goes_where_the_parts_train(demo_dir):
@@ -20,8 +20,8 @@ def test_lora_goes_where_the_parts_train(demo_dir):
     adapter; the embeddings and the LM head of a LoRA'd tower stay frozen."""
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.lora import apply_lora
-    from ds_vlm.model_loading import set_trainable
+    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.lora import apply_lora
 
     adapter = adapter_for("qwen3_vl")
     for targets, train_vision, lora_in_vision, saved in (
@@ -117,11 +117,11 @@ def test_qlora_flags_and_merge_on_a_stand_in_4bit_layer(demo_dir, monkeypatch):
     full precision) and keeps no quantization entries or config."""
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.checkpoint import plain_model
+    from ds_vlm.checkpoint.core import plain_model
     from ds_vlm.config import ModelConfig
-    from ds_vlm.lora import apply_lora, dequantized_state_dict, is_quantized, merged_state_dict
-    from ds_vlm.model_loading import set_trainable
     from ds_vlm.models import adapter_for
+    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.lora import apply_lora, dequantized_state_dict, is_quantized, merged_state_dict
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model", dtype=torch.float32)
     layer = model.model.language_model.layers[0].self_attn.q_proj

@@ -15,8 +15,8 @@ from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
-from ds_vlm.loss import LabelLoss, LabelRows
 from ds_vlm.models import adapter_for
+from ds_vlm.train.loss import LabelLoss, LabelRows
 
 
 def _batch(model_dir: Path, data: Path, indices: list[int]):
@@ -34,7 +34,7 @@ def test_chunked_loss_equals_full_logits_loss(family, family_models, mixed_data,
     """Value and every parameter's gradient, fp32, several chunks; an image sample and a text-only one."""
     from transformers import AutoModelForImageTextToText
 
-    import ds_vlm.loss
+    import ds_vlm.train.loss
 
     model_dir = family_models(family)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
@@ -50,7 +50,7 @@ def test_chunked_loss_equals_full_logits_loss(family, family_models, mixed_data,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     reference = loss_and_grads(lambda: full_logits_loss_sum(model(**micro.inputs).logits, micro.labels))
-    monkeypatch.setattr(ds_vlm.loss, "CHUNK_BYTES", 4 * model.config.get_text_config().vocab_size * 3)  # 3 rows
+    monkeypatch.setattr(ds_vlm.train.loss, "CHUNK_BYTES", 4 * model.config.get_text_config().vocab_size * 3)  # 3 rows
     chunked = loss_and_grads(lambda: LabelLoss(model, "chunked").loss_of(model, micro.inputs, rows))
     # each gradient relative to its own largest entry; one that is zero in exact arithmetic (a key bias under
     # softmax) holds fp32 noise only, so no scale below 1e-3 of the model's largest gradient entry is used
@@ -66,7 +66,7 @@ def test_liger_wrapper_scales_gradients_without_a_host_sync(monkeypatch):
     """--loss liger through a stand-in for liger's forward (which computes the loss and its gradients at once,
     as the Triton kernel does): the loss and gradients equal the chunked loss's, the weight gradient is
     accumulated in fp32 (asked for), and the backward reads nothing back from the device."""
-    from ds_vlm.loss import chunked_loss_sum, liger_loss_sum
+    from ds_vlm.train.loss import chunked_loss_sum, liger_loss_sum
 
     asked = {}
 
@@ -106,7 +106,7 @@ def test_liger_with_no_label_rows_gives_zero_loss_and_zero_gradients(monkeypatch
     tokens) through --loss liger: liger 0.8.5 sizes its chunks from the row count and divides by zero before any
     kernel runs (the stand-in does what it does). ds-vlm never calls it with 0 rows: the loss is 0 and the
     gradients are zeros of the right shapes, so every ZeRO rank still reduces a head gradient."""
-    from ds_vlm.loss import liger_loss_sum
+    from ds_vlm.train.loss import liger_loss_sum
 
     def forward(hidden, weight, targets, **kwargs):
         rows, vocab = hidden.shape[0], weight.shape[0]
@@ -132,7 +132,7 @@ def test_liger_with_no_label_rows_gives_zero_loss_and_zero_gradients(monkeypatch
 def test_rows_whose_logits_fit_one_chunk_take_the_plain_path_with_the_same_loss():
     """Few label rows: the plain autograd path (no recompute in the backward), with the loss and gradients the
     chunked function gives over many chunks; more rows than one chunk holds: the chunked function."""
-    from ds_vlm import loss as loss_mod
+    import ds_vlm.train.loss as loss_mod
 
     torch.manual_seed(0)
     hidden = torch.randn(7, 16, requires_grad=True)

@@ -12,8 +12,8 @@ def test_flops_counter_follows_the_config(demo_dir):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.config import ModelConfig
-    from ds_vlm.metrics import FlopsCounter
     from ds_vlm.models import adapter_for
+    from ds_vlm.runtime.metrics import FlopsCounter
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
     counter = FlopsCounter(model, adapter_for("qwen3_vl"), ModelConfig(train_vision="all"))
@@ -52,10 +52,10 @@ def test_flops_of_qlora_count_4bit_weights_whole_and_lora_apart(demo_dir):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.config import ModelConfig
-    from ds_vlm.lora import DEFAULT_TARGETS, apply_lora, is_quantized
-    from ds_vlm.metrics import FlopsCounter
-    from ds_vlm.model_loading import set_trainable
     from ds_vlm.models import adapter_for
+    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.lora import DEFAULT_TARGETS, apply_lora, is_quantized
+    from ds_vlm.runtime.metrics import FlopsCounter
 
     adapter, rank = adapter_for("qwen3_vl"), 4
     plain = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
@@ -86,8 +86,8 @@ def test_flops_of_the_last_vision_blocks_trained(demo_dir):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.config import ModelConfig
-    from ds_vlm.metrics import FlopsCounter
     from ds_vlm.models import adapter_for
+    from ds_vlm.runtime.metrics import FlopsCounter
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
     visual = model.model.visual
@@ -122,7 +122,7 @@ def test_qwen2_5_vl_windows_count_as_windows(family_models):
 def test_each_logged_step_has_its_own_memory_peak():
     """On CPU the peak RSS (VmHWM) is reset at each logged step; a big allocation raises it, the next reset
     brings it back down."""
-    from ds_vlm.memory import peak_memory_gb, reset_peak_memory
+    from ds_vlm.runtime.memory import peak_memory_gb, reset_peak_memory
 
     reset_peak_memory()
     before, _ = peak_memory_gb()
@@ -138,7 +138,7 @@ def test_the_tensor_meter_sees_every_allocation_between_start_and_stop():
     """--measure_memory's meter: the bytes alive at the start (found by walking the interpreter's objects) plus
     the allocator's events in between; a 4 MB temporary freed before the end still makes the peak, and the
     running sum ends where a fresh walk does."""
-    from ds_vlm.memory import TensorMeter, reachable_tensor_bytes
+    from ds_vlm.runtime.memory import TensorMeter, reachable_tensor_bytes
 
     kept = torch.ones(1_000_000)  # 4 MB alive throughout
     view = kept[10:]  # a view: the same storage, counted once
@@ -163,7 +163,7 @@ def test_linear_attention_layers_count_what_the_delta_rule_computes():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
 
-    from ds_vlm.metrics import DELTA_RULE_CHUNK, token_mixing
+    from ds_vlm.runtime.metrics import DELTA_RULE_CHUNK, token_mixing
     from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
     config = tiny_hybrid_text_config(linear_value_head_dim=32)
@@ -187,9 +187,9 @@ def test_flops_counter_on_a_hybrid_tower():
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     from ds_vlm.config import ModelConfig
-    from ds_vlm.metrics import FlopsCounter
     from ds_vlm.models import adapter_for
     from ds_vlm.models.base import ModelParts
+    from ds_vlm.runtime.metrics import FlopsCounter
     from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
     class Qwen35Parts(type(adapter_for("qwen3_vl"))):  # the towers only: the family's adapter is not on this branch

@@ -17,8 +17,8 @@ from ds_vlm.data.images import load_images
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.demo import FAMILIES
-from ds_vlm.model_loading import enable_checkpointing, set_trainable
 from ds_vlm.models import adapter_by_family, adapter_for
+from ds_vlm.models.loading import enable_checkpointing, set_trainable
 from ds_vlm.models.qwen import QwenVLAdapter
 
 
@@ -167,8 +167,8 @@ def test_qwen3_5_parts_full_precision_names_lora_targets_and_hybrid_checkpointin
     activation checkpointing covers both layer kinds."""
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.lora import target_modules
-    from ds_vlm.model_loading import part_parameters
+    from ds_vlm.models.loading import part_parameters
+    from ds_vlm.models.lora import target_modules
 
     model = AutoModelForImageTextToText.from_pretrained(family_models(family), dtype=torch.float32)
     adapter = adapter_for(family)
@@ -245,7 +245,7 @@ def test_load_refuses_what_would_not_be_exact(family_models):
     """Gemma 3 packed or sequence-parallel is refused at load with the reason, before any weight is read; the
     generic path's plain causal towers (LLaVA-OneVision) are not."""
     from ds_vlm.config import ConfigError
-    from ds_vlm.model_loading import load_model
+    from ds_vlm.models.loading import load_model
 
     ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
     gemma = ModelConfig(path=str(family_models("gemma3")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_vlm.optim import lr_lambda
+from ds_vlm.train.optim import lr_lambda
 
 
 def test_warmup_then_cosine():
@@ -20,7 +20,7 @@ def test_groups_by_learning_rate_and_weight_decay():
     import torch
 
     from ds_vlm.config import OptimConfig
-    from ds_vlm.optim import param_groups
+    from ds_vlm.train.optim import param_groups
 
     def named(*shapes):
         return [(f"layers.{i}.{'norm' if len(s) == 1 else 'proj'}.weight", torch.nn.Parameter(torch.zeros(*s)))
@@ -44,7 +44,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(demo_dir):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.config import OptimConfig
-    from ds_vlm.optim import muon_flags, param_groups
+    from ds_vlm.train.optim import muon_flags, param_groups
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
     assert sum(muon_flags(model).values()) == 26  # of 63 tensors (22 of the 48 a --train_vision last:1 run trains)

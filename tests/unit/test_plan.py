@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fixtures.models import load_4bit
 
-from ds_vlm.plan import main, model_states, persistent_numel
+from ds_vlm.memplan.planner import main, model_states, persistent_numel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,8 +49,8 @@ def test_4bit_weights_count_whole_and_take_their_stored_bytes(demo_dir):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.config import ModelConfig
+    from ds_vlm.memplan.planner import ParamCounts, four_bit_params
     from ds_vlm.models import adapter_for
-    from ds_vlm.plan import ParamCounts, four_bit_params
 
     plain = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(demo_dir / "model").parameters())
     counts = ParamCounts.of(load_4bit(demo_dir / "model", ModelConfig(path="m", lora_rank=4, lora_bits=4)))
@@ -144,10 +144,10 @@ def test_a_plan_that_does_not_fit_says_what_would(family_models, tmp_path, capsy
 
 
 def test_traced_activations_match_the_profilers_measurement(demo_dir):
-    """One row of python -m ds_vlm.bench.plan_accuracy: the real forward and backward of 8 demo records with
+    """One row of python -m benchmarks.plan_accuracy: the real forward and backward of 8 demo records with
     images and checkpointing, measured by torch.profiler's memory timeline, against the planner's trace of the
     same micro-batch on fake tensors (no shared code): within 10%."""
-    from ds_vlm.bench.plan_accuracy import TARGET, compare
+    from benchmarks.plan_accuracy import TARGET, compare
 
     records = [json.loads(line) for line in (demo_dir / "data" / "train.jsonl").read_text().splitlines()[:8]]
     for record in records:
@@ -173,7 +173,7 @@ def test_sequence_parallelism_is_traced_per_rank_slice(family_models, tmp_path):
 
 
 def test_the_step_time_takes_the_gpu_checks_measured_mfu(tmp_path):
-    from ds_vlm.plan import DEFAULT_MFU, mfu_to_assume
+    from ds_vlm.memplan.planner import DEFAULT_MFU, mfu_to_assume
 
     check = tmp_path / "gpu_check.json"
     check.write_text(json.dumps({"stages": [{"name": "sweep_2b", "detail": {"rows": [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ds_vlm.config import AUTO_BUDGET, BatchConfig, ConfigError, TrainConfig, token_budget
-from ds_vlm.plan import ModelStates
-from ds_vlm.plan_startup import RunPlanner
+from ds_vlm.memplan.planner import ModelStates
+from ds_vlm.memplan.startup import RunPlanner
 
 
 def planner(peak_of_tokens, longest: int = 100) -> RunPlanner:
@@ -34,7 +34,7 @@ def test_auto_leaves_what_pytorch_cannot_have_on_a_gpu():
     """On a GPU the CUDA context and whatever else holds memory outside PyTorch (read after loading: total - free
     - reserved) and NCCL's buffers (an allowance, with more than one rank) come out of the budget, beside the 10%
     margin."""
-    from ds_vlm.plan_startup import NCCL_RESERVE, outside_torch
+    from ds_vlm.memplan.startup import NCCL_RESERVE, outside_torch
 
     gb = 1e9
     assert outside_torch(1, (80 * gb, 70 * gb, 9 * gb)) == pytest.approx(1 * gb)  # 1 GB of context
@@ -64,7 +64,7 @@ def test_the_flag_takes_auto_and_numbers():
 def test_an_unresolved_auto_budget_never_plans_batches(demo_dir, capsys):
     """The batch plan refuses `auto` (-1 would be a budget); `validate`, which has no memory to fit, counts the
     steps by --micro_batch_size and says who chooses the budget."""
-    from ds_vlm import validate
+    import ds_vlm.data.validate as validate
     from ds_vlm.data.plan import make_plan
 
     with pytest.raises(ValueError, match="the trainer resolves it at start"):

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_caption_scores_come_from_sacrebleu_and_rouge_score():
-    from ds_vlm.scores import corpus_scores, sample_scores
+    from ds_vlm.eval.scores import corpus_scores, sample_scores
 
     same = sample_scores("A red circle on a blue square.", "A red circle on a blue square.")
     assert same == {"exact_match": 1.0, "bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0),
@@ -51,7 +51,7 @@ class _Page(html.parser.HTMLParser):
 
 
 def _report(tmp_path) -> tuple[Path, list]:
-    from ds_vlm.eval_report import write_report
+    from ds_vlm.eval.report import write_report
 
     colours = [(220, 20, 20), (20, 20, 220), (20, 200, 20)]
     samples = []
@@ -106,7 +106,7 @@ def test_the_report_renders_with_its_images_in_headless_chromium(tmp_path):
 
 
 def test_curves_are_drawn_by_matplotlib_with_eval_points(tmp_path):
-    from ds_vlm.curves import plot_curves, smoothed
+    from ds_vlm.runtime.curves import plot_curves, smoothed
 
     metrics = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "loss": 5 * 0.97 ** s, "lr": 1e-4, "grad_norm": 2.0 / s, "tokens_per_s": 1000 + s,
@@ -136,7 +136,7 @@ def test_log_axes_label_major_ticks_only_and_labels_do_not_overlap(low, high):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ds_vlm.curves import readable_log_axis
+    from ds_vlm.runtime.curves import readable_log_axis
 
     fig, ax = plt.subplots(figsize=(6.5, 3.3), dpi=90)  # one panel of curves.png
     ax.plot([1, 100], [high, low])
@@ -159,7 +159,7 @@ def test_log_axes_label_major_ticks_only_and_labels_do_not_overlap(low, high):
 
 
 def test_without_a_terminal_the_bar_is_a_line_every_5_percent(capsys):
-    from ds_vlm.metrics import LineProgress
+    from ds_vlm.runtime.metrics import LineProgress
 
     bar = LineProgress(total=40, initial=0, every=2)
     for step in range(1, 41):

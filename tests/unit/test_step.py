@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures.numerics import full_logits_loss_sum
 
-from ds_vlm.loss import LabelLoss
+from ds_vlm.train.loss import LabelLoss
 
 
 class _Model(torch.nn.Module):
@@ -60,8 +60,8 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
     import torch.distributed as dist
 
     from ds_vlm.data.batching import MicroBatch
-    from ds_vlm.forward import ForwardContext
-    from ds_vlm.step import StepRunner
+    from ds_vlm.train.forward import ForwardContext
+    from ds_vlm.train.step import StepRunner
 
     calls = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
@@ -110,7 +110,7 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
 
 def test_only_the_pixels_take_the_model_dtype():
     """Qwen's second_per_grid_ts are times in seconds: bf16 would round 0.5 s steps of a long video."""
-    from ds_vlm.forward import ForwardContext
+    from ds_vlm.train.forward import ForwardContext
 
     context = ForwardContext(None, torch.device("cpu"), torch.bfloat16)
     moved = context.to_device({"pixel_values": torch.ones(2, 3), "pixel_values_videos": torch.ones(2, 3),
@@ -123,7 +123,7 @@ def test_the_watchdog_gives_long_phases_their_own_limit():
     """A checkpoint, an evaluation, an export or a conversion may legitimately last past --dist_timeout_s (rank 0
     writing a large model, generation without loader workers): those phases have --long_phase_timeout_s; the
     step's phases keep the short limit. (Clocks given, not waited for.)"""
-    from ds_vlm.faults import LONG_PHASES, Watchdog
+    from ds_vlm.runtime.faults import LONG_PHASES, Watchdog
 
     dog = Watchdog(rank=0, world=1, timeout_s=810, long_timeout_s=7200, start=False)
     assert LONG_PHASES == {"checkpoint", "eval", "export", "convert"}
@@ -152,8 +152,8 @@ def test_router_aux_loss_joins_the_loss_with_its_coefficient_and_is_logged(tmp_p
     import torch.distributed as dist
 
     from ds_vlm.data.batching import MicroBatch
-    from ds_vlm.forward import ForwardContext
-    from ds_vlm.step import StepRunner
+    from ds_vlm.train.forward import ForwardContext
+    from ds_vlm.train.step import StepRunner
 
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]])
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_vlm.loss import LabelRows
 from ds_vlm.parallel.ulysses import SequenceParallel
+from ds_vlm.train.loss import LabelRows
 
 
 def _group(size: int, rank: int) -> SequenceParallel:

@@ -48,7 +48,7 @@ def test_collator_pads_and_runs_the_vision_tower_for_text_only_batches(encoder, 
 def test_dummy_image_does_not_change_the_loss(encoder, demo_dir):
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.loss import LabelLoss, LabelRows
+    from ds_vlm.train.loss import LabelLoss, LabelRows
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model", dtype=torch.float32).eval()
     loss = LabelLoss(model)
@@ -74,7 +74,7 @@ def test_packed_equals_padded(family, family_models, packing_records):
     refusal = adapter_for(family).packing_refusal(model.config)
     if refusal:
         from ds_vlm.config import ConfigError, ModelConfig
-        from ds_vlm.model_loading import load_model
+        from ds_vlm.models.loading import load_model
 
         with pytest.raises(ConfigError, match=f"--packing: {family}: .*sliding-window"):
             load_model(ModelConfig(path=str(family_models(family))), {"zero_optimization": {}, "bf16": {}}, "sdpa",
@@ -101,7 +101,7 @@ def test_padded_batches_carry_host_positions_and_count_flops_as_packed(family, f
     rope index (on a GPU it reads token types back to the host row by row). The same samples padded and packed
     count the same model FLOPs (attention within each sample, the real tokens only)."""
     from ds_vlm.config import ModelConfig
-    from ds_vlm.metrics import FlopsCounter
+    from ds_vlm.runtime.metrics import FlopsCounter
 
     model, dataset, padded, packed = packing_setup(family_models(family), packing_records)
     adapter = adapter_for(family)

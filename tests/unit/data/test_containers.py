@@ -103,7 +103,7 @@ def test_a_bom_is_read_and_a_bad_byte_in_a_jsonl_line_names_the_line(tmp_path):
 
 
 def test_validate_refuses_an_empty_file_as_the_trainer_does(demo_dir, tmp_path, capsys):
-    from ds_vlm import validate
+    import ds_vlm.data.validate as validate
 
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")

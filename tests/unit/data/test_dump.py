@@ -16,7 +16,7 @@ def png(mode: str, size=(64, 32)) -> bytes:
 
 
 def test_validate_dump_shows_what_the_model_sees(demo_dir, tmp_path, capsys):
-    from ds_vlm import validate
+    import ds_vlm.data.validate as validate
 
     (tmp_path / "a.png").write_bytes(png("RGBA"))
     rows = [

@@ -217,7 +217,7 @@ def test_generation_prompts_equal_the_processors_and_keep_text_as_text(encoder, 
     """The evaluation's prompts (a batch, padded on the left): for ordinary records what the processor gives for
     the rendered prompts; a prompt spelling vision tokens is text, not image tokens with no pixels."""
     from ds_vlm.data.videos import VideoSampling
-    from ds_vlm.generation import prompt_batch
+    from ds_vlm.eval.generation import prompt_batch
 
     records = RecordIndex([str(demo_dir / "data" / "test.jsonl")])
     text_only = {"conversations": [{"from": "human", "value": "Say the caption, long."},

@@ -197,7 +197,7 @@ def test_the_spec_grammar_never_reads_a_weight_as_part_of_a_name(tmp_path):
 
 
 def test_validate_reads_a_llamafactory_entry(demo_dir, capsys):
-    from ds_vlm import validate
+    import ds_vlm.data.validate as validate
 
     info = LAYOUTS / "llamafactory" / "dataset_info.json"
     rc = validate.main(["--model", str(demo_dir / "model"), "--train_data", f"{info}#mllm_renamed", "--workers", "0"])

@@ -1,0 +1,465 @@
+"""The training run as named verbs, in the order they run:
+
+    setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
+    -> finish
+
+`train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
+then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
+the verbs set it up; the state the loop carries from step to step is one `Progress`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import ds_vlm.checkpoint.core as ckpt
+import ds_vlm.runtime.distributed as comm
+from ds_vlm.config import ConfigError, TrainConfig
+from ds_vlm.data.batching import (
+    Collator,
+    MicroBatch,
+    SFTDataset,
+    loader_settings,
+    make_loader,
+    open_records,
+    preflighted,
+)
+from ds_vlm.data.encode import Encoder, encoder_for
+from ds_vlm.data.plan import BatchPlan, make_plan
+from ds_vlm.data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
+from ds_vlm.data.sources import RecordIndex
+from ds_vlm.eval.during import Evaluator
+from ds_vlm.memplan.startup import plan_at_start
+from ds_vlm.models.loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
+from ds_vlm.models.lora import apply_lora, describe
+from ds_vlm.parallel import ParallelLayout
+from ds_vlm.parallel.attention import VARLEN, SampleBoundaries, kernel_description, resolve_attention
+from ds_vlm.parallel.expert import fill_autoep_section
+from ds_vlm.parallel.linear_attention import describe as describe_linear_attention
+from ds_vlm.parallel.linear_attention import has_linear_attention
+from ds_vlm.runtime.console import quiet_console, say_once
+from ds_vlm.runtime.curves import plot_curves
+from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
+from ds_vlm.runtime.metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
+from ds_vlm.train.ds_config import resolve_ds_config
+from ds_vlm.train.forward import ForwardContext
+from ds_vlm.train.loss import LabelLoss, check_loss_available
+from ds_vlm.train.optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
+from ds_vlm.train.step import PendingStep, StepRunner, Unlogged
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step."""
+
+    step: int = 0                       # optimizer steps done
+    bad_in_a_row: int = 0               # consecutive skipped (non-finite) steps
+    skipped: int = 0                    # skipped steps in all
+    clock: float = 0.0                  # when the last step (or save, or evaluation) ended
+    unlogged: Optional[Unlogged] = None
+
+
+class Trainer:
+    """A run's components, declared here and set up by the verbs, in this order."""
+
+    config: TrainConfig
+    progress: Progress
+    # setup_distributed
+    layout: ParallelLayout
+    sp: Optional["SequenceParallel"]  # noqa: F821 - parallel.ulysses, imported only when --sequence_parallel > 1
+    signals: StopSignals
+    watchdog: Watchdog
+    # open_data: the data files' indexes (a missing file is said before the model loads), then the run's log
+    train_records: RecordIndex
+    eval_records: Optional[RecordIndex]
+    log: RunLog
+    bad_records: BadRecordCount
+    # setup_model: the DeepSpeed json, the model (with processor and family adapter), what DeepSpeed trains (the
+    # model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part -> [(name, parameter)]
+    ds_config: dict
+    loaded: LoadedModel
+    encoder: Encoder
+    trained: torch.nn.Module
+    lora: Optional[object]
+    groups: dict[str, list]
+    # setup_data: what a checkpoint records to judge an exact resume is run_meta
+    train_set: SFTDataset
+    eval_set: Optional[SFTDataset]
+    plan: BatchPlan
+    total_steps: int
+    collator: Collator
+    run_meta: dict
+    # setup_engine: the checkpoint to resume from (universal: on another world size), the LR factor per step
+    resume_from: Optional[os.PathLike]
+    universal: bool
+    schedule: object
+    engine: object
+    scheduler: object
+    runner: StepRunner
+    evaluator: Optional[Evaluator]
+    checkpointer: ckpt.Checkpointer
+    reporter: Reporter
+    peak_tflops: Optional[float]
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.progress = Progress()
+        self.in_flight: tuple[str, ...] = ()  # the records of the step in progress ("FILE record I"), for errors
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup_distributed(self) -> None:
+        config = self.config
+        say_once(f"starting {os.environ.get('WORLD_SIZE', '1')} rank(s): rendezvous, loading {config.model.path}, "
+                 "preflight of the data, the engine, then the first step")  # the first line, before anything slow
+        comm.setup_threads()
+        comm.init_distributed(config.parallel.dist_timeout_s)
+        comm.release_shm_buffer()
+        self.layout = ParallelLayout(comm.world_size(), comm.rank(), config.parallel.sequence_parallel)
+        quiet_console(self.layout.rank, config.logging.verbose)
+        self.sp = None
+        if self.layout.sp_size > 1:
+            from ds_vlm.parallel.ulysses import SequenceParallel
+
+            self.sp = SequenceParallel(self.layout)
+        ckpt.seed_everything(config.seed)
+        self.signals = StopSignals(self.layout.rank)
+        self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
+                                 config.parallel.long_phase_timeout_s)
+
+    def open_data(self) -> None:
+        """The data files indexed (cheap once cached; a missing or unreadable file raises here), then the output
+        folder and its metrics.jsonl: a run that cannot start on its data leaves nothing behind."""
+        data = self.config.data
+        self.train_records = open_records(data.train_data, data)
+        self.eval_records = open_records(data.eval_data, data) if data.eval_data else None
+        self.log = RunLog(self.config.checkpoint.output_dir, enabled=self.layout.rank == 0)
+        self.bad_records = BadRecordCount(data.max_bad, self.log)
+
+    def setup_model(self) -> None:
+        config, model_config = self.config, self.config.model
+        self.ds_config = resolve_ds_config(config, self.layout.world_size)
+        try:
+            check_loss_available(model_config.loss)
+            attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
+                                          dtype=self.model_dtype)
+            self.loaded = load_model(model_config, self.ds_config, attention, self.sp, config.batch.packing)
+            model, adapter = self.loaded.model, self.loaded.adapter
+            fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf)
+            self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
+            self.groups = set_trainable(model, adapter, model_config)  # the generic adapter refuses here
+        except (ValueError, OSError) as err:  # UnsupportedModel, a folder without weights: one line each
+            raise ConfigError(str(err)) from err
+        self.trained, self.lora = model, None
+        if model_config.lora_rank:
+            self.trained, self.lora = apply_lora(model, adapter, model_config)
+            self.groups = part_parameters(model, adapter)
+        enable_checkpointing(model, adapter, model_config)
+        if self.sp is not None:
+            self.sp.install(adapter.parts(model).llm_decoder, adapter)
+        self.log.info(f"{self.layout.describe()}, backend {comm.backend()}, ZeRO stage {self.zero_stage}, precision "
+                      f"{'bf16' if self.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds_config["zero_optimization"].get("stage", 0)
+
+    @property
+    def bf16(self) -> bool:
+        return self.ds_config["bf16"]["enabled"]
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def setup_data(self) -> None:
+        config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
+        data = config.data
+        self.train_set = preflighted(self.train_records, data.train_data, data, self.encoder, self.log, rank0)
+        self.eval_set = preflighted(self.eval_records, data.eval_data, data, self.encoder, self.log, rank0) \
+            if self.eval_records is not None else None
+        for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
+                                  self.encoder):
+            self.log.info(line)  # rank 0's
+        self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
+        self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
+        self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
+                                         self.layout.sp_size, (self.train_set, self.eval_set), self.model_dtype)
+        self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
+                         "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
+                         "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
+                         "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
+                         "config": config.to_keys()}
+
+    def setup_engine(self) -> None:
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
+        self.resume_from, self.universal = ckpt.resume_point(config.checkpoint, self.run_meta)
+        if self.universal:
+            self.watchdog.phase("convert")
+            ckpt.ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
+            self.watchdog.phase(None)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
+        implementation = model.config.get_text_config()._attn_implementation
+        linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
+        optimizer, muon = settle_optimizer_for(self.ds_config, self.trained)
+        self.log.info(f"optimizer {optimizer}; attention {kernel_description(implementation, dtype=self.model_dtype)}"
+                      + linear)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
+            lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        self.groups = {}  # AutoEP replaced the experts' tensors: the ones listed here would stay alive otherwise
+        # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
+        # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation
+        self.engine.train()
+        boundaries = None
+        # linear-attention layers (Qwen3.5) need the boundaries whatever the attention: without them their conv
+        # and recurrent state run across samples (on sdpa, full attention keeps its mask from the positions)
+        if config.batch.packing and (implementation in (VARLEN, "flash_attention_2") or self.sp is not None
+                                     or has_linear_attention(model.config)):
+            boundaries = SampleBoundaries(adapter.parts(model).llm_decoder,
+                                          stand_in_mask=implementation not in ("flash_attention_2", "sdpa", "eager"))
+        context = ForwardContext(LabelLoss(model, config.model.loss), self.engine.device,
+                                 self.model_dtype, boundaries, self.sp,
+                                 adapter.router_aux_loss_coef(model.config))
+        self.runner = StepRunner(self.engine, self.layout.world_size, context,
+                                 FlopsCounter(model, adapter, config.model), self.watchdog.phase,
+                                 config.logging.measure_memory)
+        self.evaluator = None if self.eval_set is None else Evaluator(
+            self.eval_set, self.collator, self.runner, self.engine, self.loaded.processor, self.encoder.video_sampling,
+            config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,
+            self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
+        self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
+        self.checkpointer = ckpt.Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
+                                              trained_only=bool(self.lora),
+                                              long_timeout_s=config.parallel.long_phase_timeout_s)
+        self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
+                                 config.checkpoint.output_dir, config.to_keys())
+
+    def resume(self) -> None:
+        """The engine, optimizer, schedule and RNG states from the checkpoint to resume from, if any."""
+        if self.resume_from is None:
+            return
+        ckpt.load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
+        self.progress.step = ckpt.read_meta(self.resume_from)["step"]
+        self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
+                      + (" (universal format)" if self.universal else ""))
+
+    def record_run(self) -> None:
+        """run_config.json (the resolved config, DeepSpeed json and optimizer groups) and the run's summary."""
+        config = self.config
+        if self.layout.rank == 0:
+            with open(os.path.join(config.checkpoint.output_dir, "run_config.json"), "w") as f:
+                json.dump({"config": config.to_keys(), "world_size": self.layout.world_size,
+                           "ds_config": self.ds_config, "optimizer_groups": optimizer_groups(self.engine)}, f, indent=2)
+        if self.evaluator is not None:
+            self.evaluator.settings = {"world_size": self.layout.world_size, **config.to_keys()}
+        budget = config.batch.max_tokens_per_batch
+        batch = f"token budget {budget}/micro-batch" if budget else f"global batch {self.plan.global_batch}"
+        self.log.info(f"{len(self.train_set)} train samples, {batch}, {self.plan.steps_per_epoch} steps/epoch, "
+                      f"{self.total_steps} steps")
+
+    def loader_settings(self) -> tuple[int, int]:
+        workers, prefetch, said = loader_settings(self.config, self.collator.dummy, self.encoder.image_token_id,
+                                                  self.model_dtype)
+        if said and self.layout.rank == 0:
+            self.log.info(said)
+        return workers, prefetch
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> None:
+        config, progress = self.config, self.progress
+        # the loader's workers fork before the progress bar starts tqdm's monitor thread: on Python 3.11 a fork
+        # while another thread is being created can deadlock the child (seen at a02ac0c: the demo hung at step 0)
+        workers, prefetch = self.loader_settings()
+        loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
+                                  self.collator, workers, prefetch))
+        self.log.start_progress(self.total_steps, progress.step)
+        progress.clock = time.perf_counter()
+        while progress.step < self.total_steps:
+            pending = self.train_step(loader)
+            step, last = progress.step, progress.step == self.total_steps
+            stop = self.after_step(pending)
+            save_now = config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0 and not last
+            eval_now = self.evaluator is not None and config.logging.eval_steps and \
+                step % config.logging.eval_steps == 0 and not last
+            if stop or save_now or eval_now or last:
+                self.log_step()  # before a pause or a stop, so that the step's time is its own
+            if isinstance(stop, Preempted):
+                self.preempt()
+            if stop:
+                raise stop
+            if save_now:
+                self.save()
+            if eval_now:
+                self.evaluate()
+
+    def next_micro_batches(self, loader, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
+        self.watchdog.phase("data", step)
+        micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        self.in_flight = tuple(record for mb in micro for record in mb.records)
+        for message in (m for mb in micro for m in mb.bad):
+            print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
+                  flush=True)
+        return micro
+
+    def train_step(self, loader) -> PendingStep:
+        """One optimizer step; the previous step's line is written while this one runs (its numbers are in
+        flight)."""
+        progress = self.progress
+        lr = self.config.optim.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others alike
+        step = progress.step + 1
+        logged = step % self.config.logging.logging_steps == 0 or step == self.total_steps
+        micro = self.next_micro_batches(loader, step)
+        unlogged = progress.unlogged
+        pending = self.runner.start(micro, with_stats=logged, stop_requested=self.signals.requested,
+                                    bad_records=sum(len(mb.bad) for mb in micro),
+                                    fold=unlogged.pending if unlogged else None)
+        now = time.perf_counter()
+        seconds, progress.clock = now - progress.clock, now
+        self.watchdog.phase("log")
+        self.log_step()
+        progress.step = step
+        if logged:
+            progress.unlogged = Unlogged(step, pending, seconds, lr)
+        return pending
+
+    def after_step(self, pending: PendingStep) -> Optional[Exception]:
+        """What the step's outcome says about going on: None, or why to stop (a preemption every rank agreed
+        on, too many bad records, too many non-finite steps in a row)."""
+        progress = self.progress
+        progress.bad_in_a_row = 0 if pending.applied else progress.bad_in_a_row + 1
+        progress.skipped += not pending.applied
+        if pending.stop:
+            return Preempted(f"preempted after step {progress.step}")
+        if pending.bad_records:
+            self.bad_records.add(progress.step, pending.bad_records)
+            too_many = self.bad_records.over_limit()
+            if too_many:
+                return too_many
+        if progress.bad_in_a_row >= self.config.optim.max_bad_steps:
+            return TrainingDiverged(
+                f"{progress.bad_in_a_row} optimizer steps in a row (up to step {progress.step}) had a non-finite loss "
+                f"or gradient and were skipped; stopping. Last good checkpoint: "
+                f"{ckpt.find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
+        return None
+
+    def log_step(self) -> None:
+        """Write the unlogged step's line (waits for its all-reduced numbers: the one host sync of a step)."""
+        unlogged, self.progress.unlogged = self.progress.unlogged, None
+        if unlogged is None:
+            return
+        record = step_record(unlogged.step, unlogged.pending.stats(), unlogged.seconds, unlogged.lr,
+                             self.layout.world_size, self.peak_tflops, self.progress.skipped)
+        self.log.step(record)
+        self.reporter.log(unlogged.step, record)
+
+    def preempt(self) -> None:
+        """Every rank: the step is done and logged; checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
+        saved = self.save()
+        step = self.progress.step
+        self.log.event({"event": "preempted", "step": step, "checkpoint_saved": saved})
+        self.log.close()
+        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.root}/step_{step:08d} "
+                        "written; run the same command to resume" if saved else "the checkpoint FAILED"))
+
+    def save(self) -> bool:
+        self.watchdog.phase("checkpoint")
+        step = self.progress.step
+        ok, error = self.checkpointer.save(self.engine, step, self.run_meta, self.loaded.processor)
+        path = str(self.checkpointer.root / f"step_{step:08d}")
+        self.log.event({"event": "checkpoint", "step": step, "path": path} if ok else
+                       {"event": "checkpoint_failed", "step": step, "error": error})
+        self.log.info(f"saved {path}" if ok else f"checkpoint at step {step} FAILED ({error}); earlier checkpoints "
+                                                 f"are intact")
+        self.progress.clock = time.perf_counter()
+        return ok
+
+    def evaluate(self) -> dict:
+        self.watchdog.phase("eval")
+        step = self.progress.step
+        result, answers = self.evaluator(step)
+        self.log.event({"event": "eval", "step": step, **result})
+        self.reporter.log(step, result)
+        self.draw_curves()  # with this evaluation's scores: its report embeds them
+        if answers is not None:
+            self.evaluator.write(answers)
+        self.log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
+            f", exact match {result['exact_match']:.1%}, chrF {result['chrf']:.1f}, report "
+            f"{os.path.join(self.config.checkpoint.output_dir, 'eval', f'step_{step}.html')}"
+            if "exact_match" in result else ""))
+        self.progress.clock = time.perf_counter()
+        return result
+
+    def draw_curves(self) -> None:
+        if self.layout.rank == 0:
+            out_dir = self.config.checkpoint.output_dir
+            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"),
+                        title=os.path.basename(os.path.abspath(out_dir)))
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        out_dir = self.config.checkpoint.output_dir
+        result = {"steps": self.total_steps}
+        if self.evaluator is not None:
+            result.update(self.evaluate())
+        saved = self.save()
+        if self.config.checkpoint.export_hf:
+            self.watchdog.phase("export")
+            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
+                           self.config.parallel.long_phase_timeout_s)
+            self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
+        self.log.close()
+        self.reporter.close()
+        if self.evaluator is None:  # an evaluation drew them last (the events since are not plotted)
+            self.draw_curves()
+        self.watchdog.phase(None)
+        if not saved:
+            raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see "
+                               "metrics.jsonl")
+        return result
+
+
+# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
+# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
+AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
+
+
+def run(config: TrainConfig) -> dict:
+    """The verbs in order. An exception on this rank is said with its phase, step and records, and told to the
+    other ranks (faults.Watchdog.failed), which then stop within seconds; the caller must end the process with
+    os._exit (launch/train.py, cli.entry): its DataLoader workers are not waited for."""
+    trainer = Trainer(config)
+    trainer.setup_distributed()
+    try:
+        trainer.open_data()
+        trainer.setup_model()
+        trainer.setup_data()
+        trainer.setup_engine()
+        trainer.resume()
+        trainer.record_run()
+        trainer.train()
+        return trainer.finish()
+    except AGREED_STOPS:
+        raise
+    except Exception as err:
+        if trainer.layout.world_size > 1 or trainer.in_flight:
+            trainer.watchdog.failed(err, trainer.in_flight)
+        raise
+    finally:
+        if getattr(trainer, "log", None) is not None:  # a run that raises leaves metrics.jsonl closed
+            trainer.log.close()
