@@ -115,6 +115,7 @@ def kill_group(proc: subprocess.Popen) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            proc.poll()  # the stage's own process reaped once it ends: a zombie keeps its group alive to killpg
             try:
                 os.killpg(proc.pid, 0)
             except ProcessLookupError:
