@@ -259,9 +259,6 @@ class _CopyBack:
         self.original.copy_(self.moved)
         return True
 
-    def is_completed(self) -> bool:
-        return self.work is None or self.work.is_completed()
-
 
 def _run(collective, tensor: torch.Tensor, group, async_op: bool, **kwargs):
     """`collective(t, ...)` on `tensor` where `group` communicates; the result lands in `tensor`."""
