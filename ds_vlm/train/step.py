@@ -24,7 +24,7 @@ class StepStats:
     tokens: int                 # real tokens
     samples: int
     computed: int               # tokens the forwards computed over (padding and dummies included)
-    flops: float                # model FLOPs (metrics.FlopsCounter)
+    flops: float                # model FLOPs (runtime/flops.FlopsCounter)
     peak_mem_gb: list[float]    # per rank: the step's peak allocated GPU memory, or peak RSS on a CPU
     peak_reserved_gb: Optional[list[float]]  # per rank, CUDA's reserved peak (None on a CPU)
     peak_tensor_gb: Optional[list[float]]    # per rank, the step's peak of live tensor bytes (ds_vlm/runtime/memory.py;

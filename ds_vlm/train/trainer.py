@@ -19,8 +19,12 @@ from typing import Optional
 
 import torch
 
-import ds_vlm.checkpoint.core as ckpt
 import ds_vlm.runtime.distributed as comm
+from ds_vlm.checkpoint.hf import export_hf
+from ds_vlm.checkpoint.meta import RunMeta
+from ds_vlm.checkpoint.resume import ensure_universal, find_checkpoint, load, resume_point
+from ds_vlm.checkpoint.rng import seed_everything
+from ds_vlm.checkpoint.save import Checkpointer
 from ds_vlm.config import ConfigError, TrainConfig
 from ds_vlm.data.batching import (
     Collator,
@@ -47,7 +51,8 @@ from ds_vlm.parallel.linear_attention import has_linear_attention
 from ds_vlm.runtime.console import quiet_console, say_once
 from ds_vlm.runtime.curves import plot_curves
 from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
-from ds_vlm.runtime.metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
+from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
+from ds_vlm.runtime.run_log import Reporter, RunLog, StepRecord
 from ds_vlm.train.ds_config import resolve_ds_config
 from ds_vlm.train.forward import ForwardContext
 from ds_vlm.train.loss import LabelLoss, check_loss_available
@@ -99,7 +104,7 @@ class Trainer:
     plan: BatchPlan
     total_steps: int
     collator: Collator
-    run_meta: dict
+    run_meta: RunMeta
     # setup_engine: the checkpoint to resume from (universal: on another world size), the LR factor per step
     resume_from: Optional[os.PathLike]
     universal: bool
@@ -108,7 +113,7 @@ class Trainer:
     scheduler: object
     runner: StepRunner
     evaluator: Optional[Evaluator]
-    checkpointer: ckpt.Checkpointer
+    checkpointer: Checkpointer
     reporter: Reporter
     peak_tflops: Optional[float]
 
@@ -132,7 +137,7 @@ class Trainer:
             from ds_vlm.parallel.ulysses import SequenceParallel
 
             self.sp = SequenceParallel(self.layout)
-        ckpt.seed_everything(config.seed)
+        seed_everything(config.seed)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
                                  config.parallel.long_phase_timeout_s)
@@ -195,21 +200,19 @@ class Trainer:
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
                                          self.layout.sp_size, (self.train_set, self.eval_set), self.model_dtype)
-        self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
-                         "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
-                         "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
-                         "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
-                         "config": config.to_keys()}
+        self.run_meta = RunMeta(self.layout.world_size, self.layout.dp_size, self.layout.sp_size, self.zero_stage,
+                                self.plan.global_batch, describe(self.lora) if self.lora else None, self.total_steps,
+                                len(self.train_set), config.to_keys())
 
     def setup_engine(self) -> None:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
-        self.resume_from, self.universal = ckpt.resume_point(config.checkpoint, self.run_meta)
+        self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
         if self.universal:
             self.watchdog.phase("convert")
-            ckpt.ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
+            ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
             self.watchdog.phase(None)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
@@ -243,9 +246,9 @@ class Trainer:
             config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
-        self.checkpointer = ckpt.Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
-                                              trained_only=bool(self.lora),
-                                              long_timeout_s=config.parallel.long_phase_timeout_s)
+        self.checkpointer = Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
+                                         trained_only=bool(self.lora),
+                                         long_timeout_s=config.parallel.long_phase_timeout_s)
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
 
@@ -253,8 +256,7 @@ class Trainer:
         """The engine, optimizer, schedule and RNG states from the checkpoint to resume from, if any."""
         if self.resume_from is None:
             return
-        ckpt.load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
-        self.progress.step = ckpt.read_meta(self.resume_from)["step"]
+        self.progress.step = load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
         self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
                       + (" (universal format)" if self.universal else ""))
 
@@ -355,7 +357,7 @@ class Trainer:
             return TrainingDiverged(
                 f"{progress.bad_in_a_row} optimizer steps in a row (up to step {progress.step}) had a non-finite loss "
                 f"or gradient and were skipped; stopping. Last good checkpoint: "
-                f"{ckpt.find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
+                f"{find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
         return None
 
     def log_step(self) -> None:
@@ -363,10 +365,10 @@ class Trainer:
         unlogged, self.progress.unlogged = self.progress.unlogged, None
         if unlogged is None:
             return
-        record = step_record(unlogged.step, unlogged.pending.stats(), unlogged.seconds, unlogged.lr,
-                             self.layout.world_size, self.peak_tflops, self.progress.skipped)
+        record = StepRecord.of(unlogged.step, unlogged.pending.stats(), unlogged.seconds, unlogged.lr,
+                               self.layout.world_size, self.peak_tflops, self.progress.skipped)
         self.log.step(record)
-        self.reporter.log(unlogged.step, record)
+        self.reporter.log(unlogged.step, record.to_json())
 
     def preempt(self) -> None:
         """Every rank: the step is done and logged; checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
@@ -374,14 +376,14 @@ class Trainer:
         step = self.progress.step
         self.log.event({"event": "preempted", "step": step, "checkpoint_saved": saved})
         self.log.close()
-        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.root}/step_{step:08d} "
+        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.path(step)} "
                         "written; run the same command to resume" if saved else "the checkpoint FAILED"))
 
     def save(self) -> bool:
         self.watchdog.phase("checkpoint")
         step = self.progress.step
         ok, error = self.checkpointer.save(self.engine, step, self.run_meta, self.loaded.processor)
-        path = str(self.checkpointer.root / f"step_{step:08d}")
+        path = str(self.checkpointer.path(step))
         self.log.event({"event": "checkpoint", "step": step, "path": path} if ok else
                        {"event": "checkpoint_failed", "step": step, "error": error})
         self.log.info(f"saved {path}" if ok else f"checkpoint at step {step} FAILED ({error}); earlier checkpoints "
@@ -420,8 +422,8 @@ class Trainer:
         saved = self.save()
         if self.config.checkpoint.export_hf:
             self.watchdog.phase("export")
-            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
-                           self.config.parallel.long_phase_timeout_s)
+            export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
+                      self.config.parallel.long_phase_timeout_s)
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
