@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,12 +51,13 @@ from ds_vlm.runtime.console import quiet_console, say_once
 from ds_vlm.runtime.curves import plot_curves
 from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
 from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
-from ds_vlm.runtime.run_log import Reporter, RunLog, StepRecord
+from ds_vlm.runtime.run_log import Reporter, RunLog
 from ds_vlm.train.ds_config import resolve_ds_config
 from ds_vlm.train.forward import ForwardContext
 from ds_vlm.train.loss import LabelLoss, check_loss_available
 from ds_vlm.train.optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
-from ds_vlm.train.step import PendingStep, StepRunner, Unlogged
+from ds_vlm.train.step import PendingStep, StepRunner
+from ds_vlm.train.step_log import StepLog
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,8 +71,6 @@ class Progress:
     step: int = 0                       # optimizer steps done
     bad_in_a_row: int = 0               # consecutive skipped (non-finite) steps
     skipped: int = 0                    # skipped steps in all
-    clock: float = 0.0                  # when the last step (or save, or evaluation) ended
-    unlogged: Optional[Unlogged] = None
 
 
 class Trainer:
@@ -115,7 +113,7 @@ class Trainer:
     evaluator: Optional[Evaluator]
     checkpointer: Checkpointer
     reporter: Reporter
-    peak_tflops: Optional[float]
+    step_log: StepLog
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -245,12 +243,13 @@ class Trainer:
             self.eval_set, self.collator, self.runner, self.engine, self.loaded.processor, self.encoder.video_sampling,
             config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
-        self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
                                          trained_only=bool(self.lora),
                                          long_timeout_s=config.parallel.long_phase_timeout_s)
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
+        self.step_log = StepLog(self.log, self.reporter, config.logging.logging_steps, self.total_steps,
+                                self.layout.world_size, device_peak_tflops(config.logging.peak_tflops))
 
     def resume(self) -> None:
         """The engine, optimizer, schedule and RNG states from the checkpoint to resume from, if any."""
@@ -290,16 +289,20 @@ class Trainer:
         loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
                                   self.collator, workers, prefetch))
         self.log.start_progress(self.total_steps, progress.step)
-        progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         while progress.step < self.total_steps:
-            pending = self.train_step(loader)
-            step, last = progress.step, progress.step == self.total_steps
+            step = progress.step + 1
+            lr = config.optim.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others alike
+            pending = self.train_step(loader, step)
+            self.watchdog.phase("log")
+            self.step_log.next(step, pending, lr, progress.skipped)  # the step before's line, summed by this one
+            progress.step, last = step, step == self.total_steps
             stop = self.after_step(pending)
             save_now = config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0 and not last
             eval_now = self.evaluator is not None and config.logging.eval_steps and \
                 step % config.logging.eval_steps == 0 and not last
             if stop or save_now or eval_now or last:
-                self.log_step()  # before a pause or a stop, so that the step's time is its own
+                self.step_log.flush(progress.skipped)  # before a pause or a stop, so that the step's time is its own
             if isinstance(stop, Preempted):
                 self.preempt()
             if stop:
@@ -319,26 +322,11 @@ class Trainer:
                   flush=True)
         return micro
 
-    def train_step(self, loader) -> PendingStep:
-        """One optimizer step; the previous step's line is written while this one runs (its numbers are in
-        flight)."""
-        progress = self.progress
-        lr = self.config.optim.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others alike
-        step = progress.step + 1
-        logged = step % self.config.logging.logging_steps == 0 or step == self.total_steps
+    def train_step(self, loader, step: int) -> PendingStep:
+        """Optimizer step `step`; its all-reduce also sums the step log's held step's numbers (`carry`)."""
         micro = self.next_micro_batches(loader, step)
-        unlogged = progress.unlogged
-        pending = self.runner.start(micro, with_stats=logged, stop_requested=self.signals.requested,
-                                    bad_records=sum(len(mb.bad) for mb in micro),
-                                    fold=unlogged.pending if unlogged else None)
-        now = time.perf_counter()
-        seconds, progress.clock = now - progress.clock, now
-        self.watchdog.phase("log")
-        self.log_step()
-        progress.step = step
-        if logged:
-            progress.unlogged = Unlogged(step, pending, seconds, lr)
-        return pending
+        return self.runner.start(micro, with_stats=self.step_log.wants(step), stop_requested=self.signals.requested,
+                                 bad_records=sum(len(mb.bad) for mb in micro), carry=self.step_log.carry())
 
     def after_step(self, pending: PendingStep) -> Optional[Exception]:
         """What the step's outcome says about going on: None, or why to stop (a preemption every rank agreed
@@ -360,16 +348,6 @@ class Trainer:
                 f"{find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
         return None
 
-    def log_step(self) -> None:
-        """Write the unlogged step's line (waits for its all-reduced numbers: the one host sync of a step)."""
-        unlogged, self.progress.unlogged = self.progress.unlogged, None
-        if unlogged is None:
-            return
-        record = StepRecord.of(unlogged.step, unlogged.pending.stats(), unlogged.seconds, unlogged.lr,
-                               self.layout.world_size, self.peak_tflops, self.progress.skipped)
-        self.log.step(record)
-        self.reporter.log(unlogged.step, record.to_json())
-
     def preempt(self) -> None:
         """Every rank: the step is done and logged; checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
         saved = self.save()
@@ -388,7 +366,7 @@ class Trainer:
                        {"event": "checkpoint_failed", "step": step, "error": error})
         self.log.info(f"saved {path}" if ok else f"checkpoint at step {step} FAILED ({error}); earlier checkpoints "
                                                  f"are intact")
-        self.progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         return ok
 
     def evaluate(self) -> dict:
@@ -404,7 +382,7 @@ class Trainer:
             f", exact match {result['exact_match']:.1%}, chrF {result['chrf']:.1f}, report "
             f"{os.path.join(self.config.checkpoint.output_dir, 'eval', f'step_{step}.html')}"
             if "exact_match" in result else ""))
-        self.progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         return result
 
     def draw_curves(self) -> None:
