@@ -94,9 +94,11 @@ def universal_dir(checkpoint: Path) -> Path:
     return checkpoint / "universal"
 
 
-def ensure_universal(checkpoint: Path, long_timeout_s: float = 7200) -> Path:
+def ensure_universal(checkpoint: Path, long_timeout_s: float = 7200, phase=None) -> Path:
     """Rank 0 converts a ZeRO checkpoint to DeepSpeed's universal format (once); all ranks wait (through the store:
-    a large model's conversion can outlast --dist_timeout_s)."""
+    a large model's conversion can outlast --dist_timeout_s). `phase` tells the watchdog (faults.Watchdog.phase)."""
+    phase = phase or (lambda name: None)
+    phase("convert")
     target = universal_dir(checkpoint)
     if dist.get_rank() == 0 and not (target / MARKER).is_file():
         from argparse import Namespace
@@ -112,6 +114,7 @@ def ensure_universal(checkpoint: Path, long_timeout_s: float = 7200) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     store_barrier(f"rank 0 converting {checkpoint} to the universal format", long_timeout_s)
+    phase(None)
     return target
 
 

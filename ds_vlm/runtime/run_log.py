@@ -1,5 +1,6 @@
 """What a run reports: metrics.jsonl (a `StepRecord` line per logged step, and events), the progress bar (or
-lines off a terminal), and the --report_to reporters. (curves.py draws the curves from metrics.jsonl.)"""
+lines off a terminal), run_config.json, and the --report_to reporters. (curves.py draws curves.png from
+metrics.jsonl; `RunLog.draw_curves` asks it to.)"""
 
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class StepRecord:
 
 
 class RunLog:
-    """metrics.jsonl and the progress bar, written by rank 0; other ranks hold a RunLog that does nothing."""
+    """The output folder's reports (metrics.jsonl, the progress bar, run_config.json, curves.png), written by
+    rank 0; other ranks hold a RunLog that does nothing."""
 
     def __init__(self, output_dir: str, enabled: bool):
-        self.enabled = enabled
+        self.output_dir, self.enabled = output_dir, enabled
         self.file = None
         self.bar = None
         if enabled:
@@ -96,6 +98,20 @@ class RunLog:
     def info(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
+
+    def write_json(self, name: str, value: dict) -> None:
+        """A json file in the output folder (run_config.json)."""
+        if self.enabled:
+            with open(os.path.join(self.output_dir, name), "w") as f:
+                json.dump(value, f, indent=2)
+
+    def draw_curves(self) -> None:
+        """curves.png from metrics.jsonl as far as it is written."""
+        if self.enabled:
+            from ds_vlm.runtime.curves import plot_curves
+
+            plot_curves(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "curves.png"),
+                        title=os.path.basename(os.path.abspath(self.output_dir)))
 
     def close(self) -> None:
         """Idempotent: a run that raises closes its log on the way out, whether or not it was closed."""

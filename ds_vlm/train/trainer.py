@@ -3,17 +3,16 @@
     setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
     -> finish
 
-`train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
-then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
-the verbs set it up; the state the loop carries from step to step is one `Progress`.
+`train` is the loop: `train_step` (one optimizer step), the step log's line of the step before (step_log.py),
+`Progress.after` (preemption, bad records, divergence; progress.py), then `save` and `evaluate` when due.
+Everything the run is made of is declared on `Trainer`, in the order the verbs set it up; the state the loop
+carries from step to step is one `Progress`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,7 +20,7 @@ import torch
 import ds_vlm.runtime.distributed as comm
 from ds_vlm.checkpoint.hf import export_hf
 from ds_vlm.checkpoint.meta import RunMeta
-from ds_vlm.checkpoint.resume import ensure_universal, find_checkpoint, load, resume_point
+from ds_vlm.checkpoint.resume import ensure_universal, load, resume_point
 from ds_vlm.checkpoint.rng import seed_everything
 from ds_vlm.checkpoint.save import Checkpointer
 from ds_vlm.config import ConfigError, TrainConfig
@@ -36,7 +35,7 @@ from ds_vlm.data.batching import (
 )
 from ds_vlm.data.encode import Encoder, encoder_for
 from ds_vlm.data.plan import BatchPlan, make_plan
-from ds_vlm.data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
+from ds_vlm.data.preflight import BadRecordCount
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.eval.during import Evaluator
 from ds_vlm.memplan.startup import plan_at_start
@@ -48,7 +47,6 @@ from ds_vlm.parallel.expert import fill_autoep_section
 from ds_vlm.parallel.linear_attention import describe as describe_linear_attention
 from ds_vlm.parallel.linear_attention import has_linear_attention
 from ds_vlm.runtime.console import quiet_console, say_once
-from ds_vlm.runtime.curves import plot_curves
 from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
 from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
 from ds_vlm.runtime.run_log import Reporter, RunLog
@@ -56,21 +54,9 @@ from ds_vlm.train.ds_config import resolve_ds_config
 from ds_vlm.train.forward import ForwardContext
 from ds_vlm.train.loss import LabelLoss, check_loss_available
 from ds_vlm.train.optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
+from ds_vlm.train.progress import AGREED_STOPS, Progress
 from ds_vlm.train.step import PendingStep, StepRunner
 from ds_vlm.train.step_log import StepLog
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class Progress:
-    """What the loop carries from step to step."""
-
-    step: int = 0                       # optimizer steps done
-    bad_in_a_row: int = 0               # consecutive skipped (non-finite) steps
-    skipped: int = 0                    # skipped steps in all
 
 
 class Trainer:
@@ -209,9 +195,7 @@ class Trainer:
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
         self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
         if self.universal:
-            self.watchdog.phase("convert")
-            ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
-            self.watchdog.phase(None)
+            ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s, self.watchdog.phase)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
@@ -244,8 +228,7 @@ class Trainer:
             config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
         self.checkpointer = Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
-                                         trained_only=bool(self.lora),
-                                         long_timeout_s=config.parallel.long_phase_timeout_s)
+                                         bool(self.lora), config.parallel.long_phase_timeout_s)  # LoRA: what trains
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
         self.step_log = StepLog(self.log, self.reporter, config.logging.logging_steps, self.total_steps,
@@ -253,19 +236,17 @@ class Trainer:
 
     def resume(self) -> None:
         """The engine, optimizer, schedule and RNG states from the checkpoint to resume from, if any."""
-        if self.resume_from is None:
-            return
-        self.progress.step = load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
-        self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
-                      + (" (universal format)" if self.universal else ""))
+        if self.resume_from is not None:
+            self.progress.step = load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
+            self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
+                          + (" (universal format)" if self.universal else ""))
 
     def record_run(self) -> None:
         """run_config.json (the resolved config, DeepSpeed json and optimizer groups) and the run's summary."""
         config = self.config
-        if self.layout.rank == 0:
-            with open(os.path.join(config.checkpoint.output_dir, "run_config.json"), "w") as f:
-                json.dump({"config": config.to_keys(), "world_size": self.layout.world_size,
-                           "ds_config": self.ds_config, "optimizer_groups": optimizer_groups(self.engine)}, f, indent=2)
+        self.log.write_json("run_config.json", {"config": config.to_keys(), "world_size": self.layout.world_size,
+                                                "ds_config": self.ds_config,
+                                                "optimizer_groups": optimizer_groups(self.engine)})
         if self.evaluator is not None:
             self.evaluator.settings = {"world_size": self.layout.world_size, **config.to_keys()}
         budget = config.batch.max_tokens_per_batch
@@ -276,8 +257,8 @@ class Trainer:
     def loader_settings(self) -> tuple[int, int]:
         workers, prefetch, said = loader_settings(self.config, self.collator.dummy, self.encoder.image_token_id,
                                                   self.model_dtype)
-        if said and self.layout.rank == 0:
-            self.log.info(said)
+        if said:
+            self.log.info(said)  # rank 0's
         return workers, prefetch
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -297,7 +278,7 @@ class Trainer:
             self.watchdog.phase("log")
             self.step_log.next(step, pending, lr, progress.skipped)  # the step before's line, summed by this one
             progress.step, last = step, step == self.total_steps
-            stop = self.after_step(pending)
+            stop = progress.after(pending, self.bad_records, config.optim.max_bad_steps, config.checkpoint.output_dir)
             save_now = config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0 and not last
             eval_now = self.evaluator is not None and config.logging.eval_steps and \
                 step % config.logging.eval_steps == 0 and not last
@@ -312,41 +293,17 @@ class Trainer:
             if eval_now:
                 self.evaluate()
 
-    def next_micro_batches(self, loader, step: int) -> list[MicroBatch]:
-        """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
+    def train_step(self, loader, step: int) -> PendingStep:
+        """Optimizer step `step` over this rank's micro-batches (bad records left out of them are named on its
+        stderr); its all-reduce also sums the step log's held step's numbers (`carry`)."""
         self.watchdog.phase("data", step)
-        micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        micro: list[MicroBatch] = [next(loader) for _ in range(self.config.batch.grad_accum)]
         self.in_flight = tuple(record for mb in micro for record in mb.records)
         for message in (m for mb in micro for m in mb.bad):
             print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
                   flush=True)
-        return micro
-
-    def train_step(self, loader, step: int) -> PendingStep:
-        """Optimizer step `step`; its all-reduce also sums the step log's held step's numbers (`carry`)."""
-        micro = self.next_micro_batches(loader, step)
         return self.runner.start(micro, with_stats=self.step_log.wants(step), stop_requested=self.signals.requested,
                                  bad_records=sum(len(mb.bad) for mb in micro), carry=self.step_log.carry())
-
-    def after_step(self, pending: PendingStep) -> Optional[Exception]:
-        """What the step's outcome says about going on: None, or why to stop (a preemption every rank agreed
-        on, too many bad records, too many non-finite steps in a row)."""
-        progress = self.progress
-        progress.bad_in_a_row = 0 if pending.applied else progress.bad_in_a_row + 1
-        progress.skipped += not pending.applied
-        if pending.stop:
-            return Preempted(f"preempted after step {progress.step}")
-        if pending.bad_records:
-            self.bad_records.add(progress.step, pending.bad_records)
-            too_many = self.bad_records.over_limit()
-            if too_many:
-                return too_many
-        if progress.bad_in_a_row >= self.config.optim.max_bad_steps:
-            return TrainingDiverged(
-                f"{progress.bad_in_a_row} optimizer steps in a row (up to step {progress.step}) had a non-finite loss "
-                f"or gradient and were skipped; stopping. Last good checkpoint: "
-                f"{find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
-        return None
 
     def preempt(self) -> None:
         """Every rank: the step is done and logged; checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
@@ -375,7 +332,7 @@ class Trainer:
         result, answers = self.evaluator(step)
         self.log.event({"event": "eval", "step": step, **result})
         self.reporter.log(step, result)
-        self.draw_curves()  # with this evaluation's scores: its report embeds them
+        self.log.draw_curves()  # with this evaluation's scores: its report embeds them
         if answers is not None:
             self.evaluator.write(answers)
         self.log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
@@ -384,12 +341,6 @@ class Trainer:
             if "exact_match" in result else ""))
         self.step_log.restart_clock()
         return result
-
-    def draw_curves(self) -> None:
-        if self.layout.rank == 0:
-            out_dir = self.config.checkpoint.output_dir
-            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"),
-                        title=os.path.basename(os.path.abspath(out_dir)))
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -406,17 +357,12 @@ class Trainer:
         self.log.close()
         self.reporter.close()
         if self.evaluator is None:  # an evaluation drew them last (the events since are not plotted)
-            self.draw_curves()
+            self.log.draw_curves()
         self.watchdog.phase(None)
         if not saved:
             raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see "
                                "metrics.jsonl")
         return result
-
-
-# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
-# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
-AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
 
 
 def run(config: TrainConfig) -> dict:
