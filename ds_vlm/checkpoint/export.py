@@ -23,14 +23,9 @@ from unittest import mock
 
 import torch
 
-from ds_vlm.checkpoint.core import (
-    HF_CONFIG,
-    find_checkpoint,
-    plain_model,
-    read_meta,
-    save_hf,
-    save_lora_exports,
-)
+from ds_vlm.checkpoint.hf import plain_model, save_hf, save_lora_exports
+from ds_vlm.checkpoint.meta import HF_CONFIG, read_meta
+from ds_vlm.checkpoint.resume import find_checkpoint
 from ds_vlm.models.lora import from_description
 
 
@@ -54,9 +49,8 @@ def _weights_only_loading():
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of any ZeRO stage."""
-    meta = read_meta(checkpoint)
     with _weights_only_loading():
-        if meta["zero_stage"] == 0:
+        if read_meta(checkpoint).run.zero_stage == 0:
             state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
             return {k: v.float() for k, v in state.items()}
         from deepspeed.utils.zero_to_fp32 import (
@@ -73,7 +67,7 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     checkpoint = find_checkpoint(checkpoint_dir)
     if checkpoint is None:
         raise SystemExit(f"ds-vlm export: no complete checkpoint in {checkpoint_dir}")
-    meta = read_meta(checkpoint)
+    run = read_meta(checkpoint).run
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     state = {k: v.to(torch_dtype) for k, v in consolidated_state_dict(checkpoint).items()}
     hf_config = checkpoint / HF_CONFIG
@@ -81,9 +75,9 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     generation = (GenerationConfig.from_pretrained(hf_config) if (hf_config / "generation_config.json").is_file()
                   else None)
     processor = AutoProcessor.from_pretrained(hf_config)
-    if meta.get("lora"):  # the checkpoint holds what trained; the frozen base weights are the run's --model
-        lora = from_description(meta["lora"])
-        full = {**base_weights_for(meta["config"], lora, torch_dtype), **state}
+    if run.lora:  # the checkpoint holds what trained; the frozen base weights are the run's --model
+        lora = from_description(run.lora)
+        full = {**base_weights_for(run.config, lora, torch_dtype), **state}
         save_lora_exports(full, lora, config, generation, processor, str(out_dir),
                           adapter_dir or str(out_dir).rstrip("/") + "-adapter")
         return checkpoint
