@@ -16,10 +16,8 @@ DeepSpeed types they hold: nothing in them can run code.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -27,29 +25,12 @@ from ds_vlm.checkpoint.hf import plain_model, save_hf, save_lora_exports
 from ds_vlm.checkpoint.meta import HF_CONFIG, read_meta
 from ds_vlm.checkpoint.resume import find_checkpoint
 from ds_vlm.models.lora import from_description
-
-
-@contextlib.contextmanager
-def _weights_only_loading():
-    """Make DeepSpeed's checkpoint readers load with weights_only=True (they ask for False)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    with torch.serialization.safe_globals(allowed), mock.patch.object(torch, "load", safe_load):
-        yield
+from ds_vlm.patches.torch_serialization import weights_only_loading
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of any ZeRO stage."""
-    with _weights_only_loading():
+    with weights_only_loading():  # ds_vlm/patches/torch_serialization.py
         if read_meta(checkpoint).run.zero_stage == 0:
             state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
             return {k: v.float() for k, v in state.items()}

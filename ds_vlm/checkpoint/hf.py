@@ -49,19 +49,16 @@ def plain_model(config, state: dict, generation_config=None):
     from collections import Counter
 
     from transformers import AutoModelForImageTextToText
-    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from ds_vlm.patches.transformers_loading import zero3_init_set_aside
 
     dtype = Counter(v.dtype for v in state.values() if v.is_floating_point()).most_common(1)[0][0]
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):  # QLoRA's run: these weights are full precision (dequantized)
         del config.quantization_config
-    live, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
-    try:
-        with torch.device("meta"):
-            # plain sdpa: the run's own kernels (the varlen interface) are registered names that mean nothing here
-            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    with torch.device("meta"), zero3_init_set_aside():
+        # plain sdpa: the run's own kernels (the varlen interface) are registered names that mean nothing here
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
