@@ -9,7 +9,8 @@ busiest rank's largest step.
 Every record of a row's data is the same image-and-caption record, so every micro-batch is the worst one the
 planner traces. Rows: the tiny Qwen3-VL under ZeRO-0, 2 and 3, checkpointing off, packing, LoRA and SP 2, and a
 ~110M-parameter Qwen3-VL with the real 151,936-token vocabulary (ZeRO-2 and ZeRO-3, AdamW and Muon), and
-the tiny Qwen3-VL-MoE (64 experts) with and without expert parallelism. Target:
+the tiny Qwen3-VL-MoE (64 experts) with and without expert parallelism; the tiny Qwen3.5 (hybrid: three Gated
+DeltaNet layers and one full-attention layer) and a ~100M Qwen3.5 with its real 248,320-token vocabulary. Target:
 planned/measured within 10% in every row.
 """
 
@@ -31,6 +32,12 @@ STEPS = 3
 WIDE = {"vocab_size": 151936, "hidden_size": 640, "intermediate_size": 1728, "num_hidden_layers": 4,
         "num_attention_heads": 8, "num_key_value_heads": 2}
 
+# ~100M parameters: 95M in the tied 248,320 x 384 embedding (Qwen3.5's vocabulary), the tiny model's four hybrid
+# layers (linear, linear, linear, full) widened to 384
+WIDE_QWEN3_5 = {"vocab_size": 248320, "hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 96, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
+                "linear_key_head_dim": 48, "linear_value_head_dim": 48}
+
 ROWS = {  # name: (model, ZeRO json, trainer flags)
     "tiny, ZeRO-0": ("tiny", "zero0", []),
     "tiny, ZeRO-2": ("tiny", "zero2", []),
@@ -46,6 +53,8 @@ ROWS = {  # name: (model, ZeRO json, trainer flags)
     "110M, 151,936 vocab, ZeRO-3, Muon": ("wide", "zero3", ["--optimizer", "muon"]),
     "tiny MoE, ZeRO-2": ("moe", "zero2", []),
     "tiny MoE, ZeRO-2, EP 2": ("moe", "zero2", ["--expert_parallel", "2"]),
+    "tiny Qwen3.5, ZeRO-2": ("qwen3_5", "zero2", []),
+    "100M Qwen3.5, 248,320 vocab, ZeRO-3": ("wide_qwen3_5", "zero3", []),
 }
 
 
@@ -61,7 +70,7 @@ def uniform_data(demo_data: Path, out: Path, n: int = 16, words: int = 40) -> Pa
 
 # ZeRO's buckets scaled to the model (5e8 elements would be 2 GB of the tiny model's 4 GB: the row would measure
 # the bucket alone)
-BUCKET = {"tiny": 1e5, "wide": 2e7, "moe": 1e5}
+BUCKET = {"tiny": 1e5, "wide": 2e7, "moe": 1e5, "qwen3_5": 1e5, "wide_qwen3_5": 2e7}
 
 
 def ds_json(ds: str, kind: str, out: Path) -> Path:
@@ -113,7 +122,9 @@ def measured(flags: list[str], out: Path, timeout: int = 900) -> dict:
 def run_row(name: str, demo: Path, work: Path) -> dict:
     kind, ds, extra = ROWS[name]
     model = {"tiny": lambda: demo / "model", "wide": lambda: wide_model(work / "wide"),
-             "moe": lambda: moe_model(work / "moe")}[kind]()
+             "moe": lambda: family_model(work / "moe", "qwen3_vl_moe"),
+             "qwen3_5": lambda: family_model(work / "qwen3_5", "qwen3_5"),
+             "wide_qwen3_5": lambda: family_model(work / "wide_qwen3_5", "qwen3_5", WIDE_QWEN3_5)}[kind]()
     tag = "".join(c if c.isalnum() else "_" for c in name)
     data = uniform_data(demo / "data", work / f"{tag}.jsonl")
     flags = train_flags(model, data, ds_json(ds, kind, work / f"{tag}.ds.json"), extra, work / "cache")
@@ -132,11 +143,11 @@ def wide_model(out: Path) -> Path:
     return out
 
 
-def moe_model(out: Path) -> Path:
+def family_model(out: Path, family: str, text_overrides: dict | None = None) -> Path:
     if not (out / "config.json").exists():
         from ds_vlm.demo import build_model_dir
 
-        build_model_dir(out, seed=0, family="qwen3_vl_moe")
+        build_model_dir(out, seed=0, family=family, text_overrides=text_overrides)
     return out
 
 

@@ -22,7 +22,7 @@ from ds_vlm.data.sources import RecordIndex
 DS_CONFIGS = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
 # the family each ds json trains: the demo's Qwen3-VL, and the Qwen3.5 families on the stages their own ZeRO-3
 # runs (dist/test_families.py) do not reach
-FAMILY_OF = {"zero0.json": "qwen3_5_moe", "zero1.json": "qwen3_5"}
+FAMILY_OF = {"zero0.json": "qwen3_5_moe", "zero1.json": "qwen3_5", "zero2.json": "qwen3_5"}
 
 
 STEPS, MICRO = 8, 2
