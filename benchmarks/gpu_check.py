@@ -17,6 +17,8 @@ first left, in what remains. Stages (each with `planned_s`, the device seconds i
     eval          a ZeRO-3 run with --eval_data: eval loss, greedy answers, scores and the HTML report
     qlora         LoRA on 4-bit NF4 base weights: the vision tower bit-identical in the merged export
     lora          LoRA on ZeRO-2: trains, exports merged and peft folders, the merged one loads
+    qwen3_5       the tiny Qwen3.5 packed and padded on the same batches (bf16, ZeRO-2): losses within rel 2e-2,
+                  the linear-attention path it took (FLA + causal-conv1d, or per sample), tokens/s of each
     liger         --loss liger equals the chunked loss (value and gradients) at Qwen's vocabulary
     sweep_2b      the Qwen3-VL-2B architecture, packed, at growing tokens per step: tokens/s, MFU, peak
                   allocated and reserved memory, the largest size that fits (gpu_sweep.py)
@@ -65,6 +67,7 @@ STAGES = (
     Stage("eval", 120),
     Stage("qlora", 75, ("bitsandbytes", "QLoRA needs bitsandbytes")),
     Stage("lora", 50),
+    Stage("qwen3_5", 90),
     Stage("liger", 30, ("liger_kernel", "--loss liger needs liger-kernel (Triton) and a CUDA GPU")),
     Stage("sweep_2b", 180),
     Stage("plan", 45, after="sweep_2b"),
@@ -76,7 +79,9 @@ FIRST_CALL_S = 420
 CUDA_ONLY = {"liger", "deepspeed_features"}
 # stages the dry run leaves to the GPU, though a CPU could run them: the suite covers them once already
 DRY_RUN_LEAVES = {"qlora": "QLoRA trains on the CPU in tests/dist/test_lora.py (the same checks); the dry run leaves "
-                           "it to the GPU"}
+                           "it to the GPU",
+                  "qwen3_5": "packed == padded on Qwen3.5 runs on CPU ranks in tests/dist/test_batching.py; the dry "
+                             "run leaves the bf16 comparison to the GPU"}
 DRY_RUN_SLOWDOWN = 4  # a shared 2-core CPU against the GPU host: the dry run's stage timeouts
 OVERRUN = 1.5         # a stage may run this much over its plan before it is killed (never past the budget)
 

@@ -26,7 +26,8 @@ class StageFailed(RuntimeError):
     pass
 
 
-def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, resume: bool = False) -> dict:
+def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, resume: bool = False,
+           model: Path | None = None, packing: bool = True) -> dict:
     """One run of the real entry; its metrics, what it said it runs on, and its output folder. A run already
     made in this work folder (another stage's) is read, not repeated; `resume`: the folder holds a checkpoint
     to go on from."""
@@ -39,9 +40,10 @@ def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, 
         launcher = ([sys.executable, starter, "1", str(free_port())] if starter else
                     [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
                      str(free_port())])
-        cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--model", str(work / "model"),
+        flags = TRAIN_FLAGS if packing else [f for f in TRAIN_FLAGS if f != "--packing"]
+        cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--model", str(model or work / "model"),
                "--train_data", str(work / "data" / "train.jsonl"), "--deepspeed",
-               str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *TRAIN_FLAGS, *extra]
+               str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *flags, *extra]
         with open(log, "w") as f:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=stage_env(), timeout=timeout)
         if proc.returncode != 0:
@@ -50,13 +52,15 @@ def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, 
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "loss" in r and "event" not in r]
     said = re.search(r"optimizer (.+?); attention (.+)", text)
+    linear = re.search(r"linear attention: (.+)", text)
     backend = re.search(r"backend (\w+)", text)
     return {"out": out, "rows": rows, "log": text, "detail": {
         "losses": [r["loss"] for r in rows], "step_time_s": [round(r["step_time_s"], 4) for r in rows],
         "peak_mem_gb": rows[-1]["peak_mem_gb"] if rows else None,
         "peak_reserved_gb": rows[-1].get("peak_reserved_gb") if rows else None,
         "optimizer": said[1] if said else None, "attention": said[2].strip() if said else None,
-        "backend": backend[1] if backend else None}}
+        "backend": backend[1] if backend else None, "linear_attention": linear[1].strip() if linear else None,
+        "tokens_per_s": [round(r["tokens_per_s"], 1) for r in rows if r.get("tokens_per_s")]}}
 
 
 def _check_trained(run: dict, steps: int = 4) -> dict:
@@ -364,6 +368,29 @@ def deepspeed_features(work: Path, dry_run: bool) -> dict:
             "quantized_weights": quantized[1] if quantized else None, "muon": _check_trained(muon)}
 
 
+def qwen3_5(work: Path, dry_run: bool) -> dict:
+    """The tiny Qwen3.5 (3 Gated DeltaNet layers, 1 full-attention layer) trained packed and padded on the same
+    batches, ZeRO-2, 4 steps: packed must equal padded, each step's loss within rel 2e-2 in bf16 on a GPU (the
+    kernels differ: varlen against padded sdpa, FLA's chunked delta rule per row against per sample; 1e-5 in the
+    dry run's fp32), and say which path the linear-attention layers took (FLA + causal-conv1d with the samples'
+    boundaries, else transformers' torch path one sample at a time) and the tokens/s of each."""
+    from ds_vlm.demo import build_model_dir
+
+    model = work / "qwen3_5_model"
+    if not (model / "config.json").exists():
+        build_model_dir(model, family="qwen3_5")
+    runs = {name: _train(work, f"qwen3_5_{name}", "2", "--export_hf", "false", "--save_steps", "0", model=model,
+                         packing=name == "packed") for name in ("packed", "padded")}
+    packed, padded = (_check_trained(runs[n]) for n in ("packed", "padded"))
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(packed["losses"], padded["losses"]))
+    allowed = 1e-5 if dry_run else 2e-2
+    if worst > allowed:
+        raise StageFailed(f"packed {packed['losses']} != padded {padded['losses']} (rel {worst:.2e} > {allowed})")
+    return {"linear_attention": packed["linear_attention"], "max_rel_difference": worst, "allowed": allowed,
+            "packed": {k: packed[k] for k in ("losses", "tokens_per_s", "step_time_s", "peak_mem_gb")},
+            "padded": {k: padded[k] for k in ("losses", "tokens_per_s", "step_time_s", "peak_mem_gb")}}
+
+
 STAGE_FUNCTIONS = {"imports": imports, "train_zero2": train_zero2, "save_resume": save_resume, "export": export,
                    "eval": eval_stage, "qlora": qlora, "lora": lora, "liger": liger, "sweep_2b": sweep_2b, "plan": plan,
-                   "deepspeed_features": deepspeed_features}
+                   "deepspeed_features": deepspeed_features, "qwen3_5": qwen3_5}
