@@ -208,7 +208,8 @@ class _Reader(TurnReader):
                 return messages
             if any(m["role"] == "system" for m in messages):
                 raise self.bad("bad_record", "both a 'system' field and a system turn; give one")
-            messages.insert(0, {"role": "system", "content": self.parts(system, "system field"), "learn": False})
+            content = self.parts(system, "system field", placeholders=False)
+            messages.insert(0, {"role": "system", "content": content, "learn": False})
         return messages
 
     def _caption(self, record: dict, prompt: str) -> list[dict]:

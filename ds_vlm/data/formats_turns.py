@@ -188,7 +188,8 @@ class TurnReader(MediaReader):
             calls, content = tool_calls(content, True, number, self.bad), None
         else:
             calls = tool_calls(turn.get("tool_calls"), False, number, self.bad)
-        parts = self.parts(content, f"turn {number} ({role})", allow_empty=bool(calls) or role == "system")
+        parts = self.parts(content, f"turn {number} ({role})", allow_empty=bool(calls) or role == "system",
+                           placeholders=role != "system")
         loss = turn.get("loss")
         if loss is not None and not isinstance(loss, bool):
             raise self.bad("bad_record", f"turn {number}: 'loss' must be true or false, not {loss!r}")
@@ -204,11 +205,14 @@ class TurnReader(MediaReader):
         message.update({key: turn[key] for key in ("name", "tool_call_id") if role == "tool" and key in turn})
         return message
 
-    def parts(self, content, where: str, allow_empty: bool = False) -> list[dict]:
+    def parts(self, content, where: str, allow_empty: bool = False, placeholders: bool = True) -> list[dict]:
+        """`placeholders`: a string's <image>/<video> are the record's placeholders; else (a system prompt, which
+        LLaMA-Factory and the chat templates never put images in) the string is all text."""
         if isinstance(content, list):
             parts = [p for part in content for p in self._typed_part(part, where)]
         elif isinstance(content, str):
-            parts = self._text_parts(content, where)
+            parts = self._text_parts(content, where) if placeholders else ([{"type": "text", "text": content}]
+                                                                            if content else [])
         elif content is None:
             parts = []
         else:

@@ -126,6 +126,21 @@ def test_a_record_level_system_field_is_the_system_message(demo_dir, image, enco
         to_sample(both, _source(demo_dir), 1)
 
 
+def test_an_image_placeholder_spelled_in_a_system_prompt_is_text(demo_dir, image, encoder):
+    """A system prompt never holds the record's images (LLaMA-Factory expands placeholders in the turns only, and
+    the chat templates give the system no image): an `<image>` written there, as a system turn or the record's
+    `system` field, is text, and the one image is the user turn's."""
+    system = "Answer about <image> and <video> tags plainly."
+    turns = [{"from": "human", "value": "<image>What is in this picture?"}, {"from": "gpt", "value": ANSWER}]
+    for record in ({"conversations": turns, "system": system, "images": [str(image)]},
+                   {"conversations": [{"from": "system", "value": system}, *turns], "images": [str(image)]}):
+        sample = to_sample(record, _source(demo_dir), 0)
+        assert sample.messages[0]["content"] == [{"type": "text", "text": system}]
+        assert sample.messages[1]["content"][0] == {"type": "image"} and len(sample.images) == 1
+        encoded = encoder.encode(sample, load_images(sample))
+        assert system in encoder.tokenizer.decode(encoded["input_ids"][0])
+
+
 def test_audio_is_refused_even_when_its_file_is_missing(demo_dir, image):
     records = [
         {"messages": [{"role": "user", "content": "<audio>What is said?"}, {"role": "assistant", "content": "Hi."}],
