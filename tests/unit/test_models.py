@@ -246,8 +246,9 @@ def test_load_refuses_what_would_not_be_exact(family_models):
     generic path's plain causal towers (LLaVA-OneVision) are not."""
     from ds_vlm.config import ConfigError
     from ds_vlm.models.loading import load_model
+    from ds_vlm.train.ds_config import DSSettings
 
-    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+    ds = DSSettings()  # ZeRO-0, fp32
     gemma = ModelConfig(path=str(family_models("gemma3")))
     with pytest.raises(ConfigError, match="--packing: gemma3: image tokens attend both ways"):
         load_model(gemma, ds, "sdpa", packing=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from fixtures.models import load_4bit
 
-from ds_vlm.memplan.planner import main, model_states, persistent_numel
+from ds_vlm.memplan.cli import main
+from ds_vlm.memplan.planner import model_states, persistent_numel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,7 +174,7 @@ def test_sequence_parallelism_is_traced_per_rank_slice(family_models, tmp_path):
 
 
 def test_the_step_time_takes_the_gpu_checks_measured_mfu(tmp_path):
-    from ds_vlm.memplan.planner import DEFAULT_MFU, mfu_to_assume
+    from ds_vlm.memplan.cli import DEFAULT_MFU, mfu_to_assume
 
     check = tmp_path / "gpu_check.json"
     check.write_text(json.dumps({"stages": [{"name": "sweep_2b", "detail": {"rows": [
