@@ -235,7 +235,8 @@ class TurnReader(MediaReader):
         return parts
 
     def _typed_part(self, part, where: str) -> list[dict]:
-        """OpenAI-style parts, in the spellings peers use: text under "text" or "value"; an image under "image",
+        """OpenAI-style parts, in the spellings peers use: text under "text" or "value" (all of it text, an
+        `<image>` spelled in it included: this layout's images are parts of their own); an image under "image",
         "image_url" ({"url": ...} or a string), "url", "path" or "value"; a video likewise; qwen-vl-utils'
         per-part pixel bounds and video sampling honoured."""
         if not isinstance(part, dict) or "type" not in part:
@@ -246,7 +247,8 @@ class TurnReader(MediaReader):
             text = part.get("text", part.get("value"))
             if not isinstance(text, str):
                 raise self.bad("bad_record", f"{where}: a text part with no text (under 'text' or 'value')")
-            return self._text_parts(text, where)
+            # typed parts give each image a part of its own: an <image> spelled inside a text part is text
+            return [{"type": "text", "text": text}] if text else []
         if kind in ("image", "image_url", "video", "video_url"):
             media = "image" if kind.startswith("image") else "video"
             key = next((k for k in (kind, f"{media}_url", "url", "path", "value") if k in part), None)

@@ -64,7 +64,7 @@ def plan(argv=None) -> Optional[dict]:
     from ds_vlm.data.encode import encoder_for
     from ds_vlm.flags import load_tool_config
     from ds_vlm.models import adapter_for, model_config
-    from ds_vlm.runtime.metrics import FlopsCounter, peak_tflops_of
+    from ds_vlm.runtime.flops import FlopsCounter, peak_tflops_of
     from ds_vlm.train.ds_config import DSSettings, resolve_ds_config
 
     try:

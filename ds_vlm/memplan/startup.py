@@ -186,11 +186,11 @@ def plan_at_start(config, loaded, ds, world: int, checks, encoder) -> StartPlan:
 def _auto_budget(config, loaded, ds, world: int, checks, encoder) -> tuple[int, str, Optional[RunPlanner]]:
     """(--max_tokens_per_batch auto's number, the line that says it, rank 0's planner if it made one), the same on
     every rank; ConfigError where no budget fits (every rank raises it)."""
-    import ds_vlm.checkpoint.core as ckpt
+    import ds_vlm.checkpoint.resume as ckpt
     import ds_vlm.runtime.distributed as comm
 
     found = ckpt.resume_source(config.checkpoint)
-    saved = int(ckpt.read_meta(found)["config"].get("max_tokens_per_batch", 0)) if found is not None else 0
+    saved = int(ckpt.read_meta(found).run.config.get("max_tokens_per_batch", 0)) if found is not None else 0
     if saved > 0:
         return saved, f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it", None
     result, planner = (0, ""), None

@@ -91,6 +91,27 @@ def test_content_parts_in_every_peer_spelling(demo_dir, image, encoder):
                                 {"role": "assistant", "content": ANSWER}]}, _source(demo_dir), 4)
 
 
+def test_an_image_placeholder_spelled_in_a_typed_text_part_is_text(demo_dir, image, encoder):
+    """Typed parts give each image a part of its own, so an `<image>` (or `<video>`) written inside a text part
+    (a question about the LLaVA format, say) is text: one image, its text kept verbatim and encoded as text."""
+    question = "What does <image> mean in LLaVA data, and <video>?"
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                        {"type": "text", "text": question}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "A placeholder <image>."}]}]}
+    sample = to_sample(record, _source(demo_dir), 0)
+    assert sample.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": question}]
+    assert sample.messages[1]["content"] == [{"type": "text", "text": "A placeholder <image>."}]
+    assert len(sample.images) == 1
+    encoded = encoder.encode(sample, load_images(sample))
+    assert question in encoder.tokenizer.decode(encoded["input_ids"][0])
+    assert _learned(encoder, sample) == "A placeholder <image>.<|im_end|>"
+    # in a plain-string turn the layout's own placeholder is still the image's place
+    plain = to_sample({"messages": [{"role": "user", "content": "<image>Describe."},
+                                    {"role": "assistant", "content": ANSWER}], "images": [str(image)]},
+                      _source(demo_dir), 1)
+    assert plain.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe."}]
+
+
 def test_a_record_level_system_field_is_the_system_message(demo_dir, image, encoder):
     record = {"conversations": [{"from": "human", "value": "<image>What is in this picture?"},
                                 {"from": "gpt", "value": ANSWER}],
