@@ -26,7 +26,7 @@ from ds_vlm.memplan.planner import MARGIN, ParamCounts, alternatives, four_bit_p
 from ds_vlm.memplan.trace import largest_image_tokens, meta_model, trace_activations, worst_counts, worst_micro_batch
 
 GIB = 1 << 30
-# name: memory as torch reports it (the dense bf16 peak comes from metrics.PEAK_TFLOPS, the table MFU uses)
+# name: memory as torch reports it (the dense bf16 peak comes from flops.PEAK_TFLOPS, the table MFU uses)
 GPUS = {"h100-80gb": 80 * GIB, "h200": 140 * GIB, "h800": 80 * GIB, "a100-80gb": 80 * GIB, "a100-40gb": 40 * GIB,
         "a800-80gb": 80 * GIB, "l40s": 48 * GIB, "l40": 48 * GIB, "a6000": 48 * GIB, "a10g": 24 * GIB,
         "l4": 24 * GIB, "4090": 24 * GIB, "v100-32gb": 32 * GIB}

@@ -257,13 +257,12 @@ class Checker:
         from ds_vlm.data.batching import Collator, SFTDataset
         from ds_vlm.data.encode import Encoder
         from ds_vlm.data.sources import RecordIndex
-        from ds_vlm.models.loading import set_trainable
-        from ds_vlm.models.lora import apply_lora
+        from ds_vlm.models.loading import prepare_for_training
 
         model, adapter = self.loaded.model, self.loaded.adapter
         config = ModelConfig(path=str(self.tiny), lora_rank=4, train_projector=False)
-        set_trainable(model, adapter, config)
-        peft_model, _ = apply_lora(model, adapter, config)
+        # the loaded model is prepared already (load): its family changes are not made twice
+        peft_model = prepare_for_training(model, adapter, config, family_changes=False, checkpointing=False).trained
         encoder = Encoder(self.loaded.processor, adapter, 4096)
         dataset = SFTDataset(RecordIndex([str(self.records)]), encoder)
         micro = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())([dataset[0], dataset[1]])

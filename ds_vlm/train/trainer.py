@@ -195,7 +195,7 @@ class Trainer:
         self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
         if self.universal:
             ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s, self.watchdog.phase)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.ds_config = {**self.ds_config, "checkpoint": {"load_universal": True}}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
         linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""

@@ -102,7 +102,7 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
     """The plan of each family at ZeRO-0, 2 and 3. The stage changes the model states, not the micro-batch nor its
     activations: the first plan's fake-tensor trace (seconds each, ~8 s for Qwen3.5's chunked linear attention)
     is reused by the other two, which are given the same micro-batch (checked)."""
-    from ds_vlm.memplan import planner
+    from ds_vlm.memplan import cli
 
     traced = {}
 
@@ -114,8 +114,8 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
             traced[key] = planner_trace(config, model_config, adapter, micro, dtype, sp)
         return traced[key]
 
-    planner_trace = planner.trace_activations
-    monkeypatch.setattr(planner, "trace_activations", trace_once)
+    planner_trace = cli.trace_activations
+    monkeypatch.setattr(cli, "trace_activations", trace_once)
     model = family_models(family)
     peaks = {}
     for stage in (0, 2, 3):
