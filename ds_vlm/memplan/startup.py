@@ -14,11 +14,14 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ds_vlm.config import AUTO_BUDGET, ConfigError
 from ds_vlm.memplan.planner import MARGIN, ParamCounts, format_bytes, step_peak
 from ds_vlm.memplan.trace import Activations, trace_activations, worst_counts, worst_micro_batch
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings
 
 PLAN_CACHE_VERSION = 5
 MAX_COPIES = 4096  # the search's bound on samples a micro-batch holds
@@ -56,7 +59,7 @@ def outside_torch(world: int, cuda_info: Optional[tuple[float, float, float]] = 
 
 
 class RunPlanner:
-    def __init__(self, config, loaded, ds, world: int, checks, encoder):
+    def __init__(self, config, loaded, ds: DSSettings, world: int, checks, encoder):
         """`ds`: the run's DSSettings."""
         from ds_vlm.data.cache import cache_root, writable
 
@@ -158,7 +161,7 @@ class StartPlan:
     lines: list[str]
 
 
-def plan_at_start(config, loaded, ds, world: int, checks, encoder) -> StartPlan:
+def plan_at_start(config, loaded, ds: DSSettings, world: int, checks, encoder) -> StartPlan:
     """What the trainer says of the plan at start (rank 0's lines; every rank calls it) and the token budget the
     run takes (`ds`: the run's DSSettings). `--max_tokens_per_batch auto` is resolved first, the same on every
     rank: a run that resumes takes its checkpoint's number (the batches, and so the run, stay exactly the
@@ -183,7 +186,7 @@ def plan_at_start(config, loaded, ds, world: int, checks, encoder) -> StartPlan:
     return StartPlan(batch.max_tokens_per_batch, said)
 
 
-def _auto_budget(config, loaded, ds, world: int, checks, encoder) -> tuple[int, str, Optional[RunPlanner]]:
+def _auto_budget(config, loaded, ds: DSSettings, world: int, checks, encoder) -> tuple[int, str, Optional[RunPlanner]]:
     """(--max_tokens_per_batch auto's number, the line that says it, rank 0's planner if it made one), the same on
     every rank; ConfigError where no budget fits (every rank raises it)."""
     import ds_vlm.checkpoint.resume as ckpt

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -16,6 +16,9 @@ from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
 from ds_vlm.models.lora import apply_lora
 from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings
 
 
 @dataclass
@@ -26,7 +29,7 @@ class LoadedModel:
     hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
 
 
-def load_model(config: ModelConfig, ds, attention: str, sequence_parallel=None,
+def load_model(config: ModelConfig, ds: DSSettings, attention: str, sequence_parallel=None,
                packing: bool = False) -> LoadedModel:
     """Load model + processor with the attention implementation `attention` (attention.resolve_attention's), in
     the dtype of `ds` (the run's DSSettings); under ZeRO-3 the weights arrive already partitioned. With sequence

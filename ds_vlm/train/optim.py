@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ds_vlm.config import ConfigError, OptimConfig
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings, OptimizerChoice
 
 
 def param_groups(groups: dict[str, list], config: OptimConfig, muon: bool = False) -> list[dict]:
@@ -60,7 +64,7 @@ def muon_flags(model: torch.nn.Module) -> dict[str, bool]:
     return {name: p.use_muon for name, p in model.named_parameters()}
 
 
-def settle_optimizer_for(ds, model: torch.nn.Module):
+def settle_optimizer_for(ds: DSSettings, model: torch.nn.Module) -> OptimizerChoice:
     """settle_optimizer (which AdamW this machine gets, for the DSSettings `ds`), and with Muon `muon_flags` on the
     model the engine gets (its parameters' `use_muon`, which param_groups reads): an OptimizerChoice whose
     description names both."""
