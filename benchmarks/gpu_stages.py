@@ -325,7 +325,7 @@ def plan(work: Path, dry_run: bool) -> dict:
     rank, packed) against the peak each size measured: max_memory_allocated over a step on CUDA (on the dry
     run's CPU, the live-tensor meter of --measure_memory). Fails on a GPU when a size is off by more than 10%.
     Reads sweep_2b's result from the work folder when that stage ran, else runs the sweep."""
-    from ds_vlm.memplan.planner import plan as make_plan
+    from ds_vlm.memplan.cli import plan as make_plan
 
     done = work / "sweep_2b.json"
     result = json.loads(done.read_text()) if done.exists() else sweep_2b(work, dry_run)

@@ -38,7 +38,8 @@ def _single_rank_env() -> None:
 
 
 def build(preset: str, device: torch.device, attention: str):
-    """(model on the device, processor, adapter) of the preset, random weights, prepared as the trainer does."""
+    """(model on the device, processor, adapter) of the preset, random weights, as transformers builds it (the
+    sweep prepares it as the trainer does: prepare_for_training)."""
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.demo import COLORS, QWEN_SPECIAL_TOKENS, SHAPES, build_tokenizer, caption
@@ -53,7 +54,6 @@ def build(preset: str, device: torch.device, attention: str):
 
         folder = build_model_dir(Path(tempfile.mkdtemp()) / "model")
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
-        adapter.prepare(model)
         return model.to(device), AutoProcessor.from_pretrained(folder), adapter
     words = [caption(c, s) for c in COLORS for s in SHAPES] + [QUESTION]
     words += [ANSWER_SENTENCE.format(color=c, shape=s) for c in COLORS for s in SHAPES]
@@ -62,7 +62,6 @@ def build(preset: str, device: torch.device, attention: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation=attention)
-    adapter.prepare(model)
     return model, qwen3_vl_2b_processor(tokenizer), adapter
 
 
@@ -119,11 +118,11 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     from ds_vlm.data.batching import Collator, SFTDataset
     from ds_vlm.data.encode import Encoder, set_pixel_bounds
     from ds_vlm.data.sources import RecordIndex
-    from ds_vlm.models.loading import enable_checkpointing, set_trainable
+    from ds_vlm.models.loading import prepare_for_training
     from ds_vlm.parallel.attention import SampleBoundaries, kernel_description, resolve_attention
     from ds_vlm.runtime.distributed import init_distributed, setup_threads
     from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
-    from ds_vlm.train.ds_config import resolve_ds_config, settle_optimizer
+    from ds_vlm.train.ds_config import DSSettings, resolve_ds_config, settle_optimizer
     from ds_vlm.train.forward import ForwardContext
     from ds_vlm.train.loss import LabelLoss
     from ds_vlm.train.optim import param_groups
@@ -145,11 +144,10 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     config = TrainConfig.from_keys(model="(in memory)", train_data=str(tmp), deepspeed=str(_zero2_json()),
                                    precision="bf16" if cuda else "fp32", loss=loss, packing=True)
     config.validate(for_training=False)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    groups = set_trainable(model, adapter, config.model)
-    enable_checkpointing(model, adapter, config.model)
+    groups = prepare_for_training(model, adapter, config.model).groups
     ds_config = resolve_ds_config(config, 1)
-    optimizer = settle_optimizer(ds_config)
+    adam = settle_optimizer(DSSettings.of(ds_config))
+    ds_config, optimizer = adam.applied(ds_config), adam.description
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(groups, config.optim),
                                       config=ds_config)
     engine.train()  # checkpointing acts in training mode only (as the trainer does)

@@ -111,7 +111,7 @@ def main() -> int:
     from ds_vlm.data.encode import Encoder
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.loading import prepare_for_training
     from ds_vlm.runtime.distributed import setup_threads
 
     setup_threads()  # each CPU rank its share of the cores, as launch/train.py does
@@ -143,8 +143,8 @@ def main() -> int:
     model_config = AutoConfig.from_pretrained(args.model)
     adapter = adapter_for(model_config.model_type)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    set_trainable(model, adapter, ModelConfig())  # ds_vlm's defaults
+    # ds_vlm's default trainable parts; the model as transformers builds it, checkpointed by the Trainer's own flag
+    prepare_for_training(model, adapter, ModelConfig(), family_changes=False, checkpointing=False)
     processor = AutoProcessor.from_pretrained(args.model)
     encoder = Encoder(processor, adapter, args.max_length)
     dataset = SFTDataset(RecordIndex(args.train_data), encoder)

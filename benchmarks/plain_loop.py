@@ -29,7 +29,7 @@ def plain_loop(argv: list[str]) -> int:
     from ds_vlm.data.plan import BatchPlan
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.loading import prepare_for_training
     from ds_vlm.runtime.distributed import setup_threads
     from ds_vlm.train.loss import LabelLoss, LabelRows
 
@@ -48,12 +48,9 @@ def plain_loop(argv: list[str]) -> int:
     config = ModelConfig(path=args.model)
     adapter = adapter_for(AutoConfig.from_pretrained(args.model).model_type)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).to(device)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    set_trainable(model, adapter, config)
-    if args.gradient_checkpointing == "true":
-        from ds_vlm.models.loading import enable_checkpointing
-
-        enable_checkpointing(model, adapter, config)
+    # the baseline: no family changes (ds-vlm's own speed-ups), checkpointing only when asked
+    prepare_for_training(model, adapter, config, family_changes=False,
+                         checkpointing=args.gradient_checkpointing == "true")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)

@@ -66,7 +66,7 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
     from ds_vlm.data.images import load_images
     from ds_vlm.memplan.trace import trace_activations
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.loading import enable_checkpointing, set_trainable
+    from ds_vlm.models.loading import prepare_for_training
     from ds_vlm.train.forward import ForwardContext
     from ds_vlm.train.loss import LabelLoss, LabelRows
 
@@ -89,15 +89,7 @@ def compare(model_dir: str, records: list[dict], overrides: dict, packing: bool)
         register_varlen()
         attention = VARLEN
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
-    adapter.prepare(model)
-    model.config.get_text_config().use_cache = False
-    set_trainable(model, adapter, model_config)
-    trained = model
-    if model_config.lora_rank:
-        from ds_vlm.models.lora import apply_lora
-
-        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
-    enable_checkpointing(model, adapter, model_config)
+    trained = prepare_for_training(model, adapter, model_config).trained
     trained.train()
     boundaries = None
     if packing:

@@ -74,10 +74,11 @@ BUCKET = {"tiny": 1e5, "wide": 2e7, "moe": 1e5, "qwen3_5": 1e5, "wide_qwen3_5": 
 
 
 def ds_json(ds: str, kind: str, out: Path) -> Path:
+    from ds_vlm.train.ds_config import DSSettings
+
     config = json.loads((ROOT / "ds_configs" / f"{ds}.json").read_text())
-    zero = config["zero_optimization"]
-    if zero.get("stage", 0) >= 1:
-        zero.update(reduce_bucket_size=BUCKET[kind], allgather_bucket_size=BUCKET[kind])
+    if DSSettings.of(config).stage >= 1:
+        config["zero_optimization"].update(reduce_bucket_size=BUCKET[kind], allgather_bucket_size=BUCKET[kind])
     out.write_text(json.dumps(config, indent=2))
     return out
 
@@ -88,7 +89,7 @@ def train_flags(model: Path, data: Path, ds: Path, extra: list[str], cache: Path
 
 
 def planned(flags: list[str], out: Path) -> dict:
-    from ds_vlm.memplan.planner import main
+    from ds_vlm.memplan.cli import main
 
     main([*flags, "--world_size", "2", "--device", "cpu", "--gpu_memory_gb", "1000", "--out", str(out)])
     return json.loads(out.read_text())

@@ -61,7 +61,7 @@ VERBS = {
     "validate": ("ds_vlm.data.validate:main", "check a dataset with the model's processor before booking GPUs"),
     "export": ("ds_vlm.checkpoint.export:main", "a checkpoint -> a Hugging Face folder"),
     "evaluate": ("ds_vlm.eval.cli:main", "generate on records and score the answers"),
-    "plan": ("ds_vlm.memplan.planner:main", "predict each GPU's peak memory and the step time from the model's config"),
+    "plan": ("ds_vlm.memplan.cli:main", "predict each GPU's peak memory and the step time from the model's config"),
     "demo": ("ds_vlm.demo:main", "build the tiny offline demo model and data"),
     "check-model": ("ds_vlm.models.check:main", "whether a model's architecture trains here: a tiny random copy, "
                                                "each check timed (about a minute on a CPU)"),

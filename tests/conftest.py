@@ -9,7 +9,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 
-pytest_plugins = ["fixtures.runs", "fixtures.datasets", "fixtures.encoding"]
+pytest_plugins = ["fixtures.runs", "fixtures.datasets", "fixtures.encoding", "fixtures.launching"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marker

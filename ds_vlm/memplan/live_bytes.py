@@ -3,119 +3,146 @@ activations, ds_vlm/memplan/trace.py)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    unset_fake_temporarily,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 _MISSING = object()
 
 MOVED = 0  # an event's size that marks its storage as moved out (LiveBytes.moved); storages of 0 bytes are not kept
 KNOWN_NUMEL = 1 << 22  # host-side values followed through the trace up to this size (index tensors)
+INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+
+class KnownValues:
+    """The host values a trace follows (LiveBytes' docstring): fake tensor -> its real value, and the fakes that
+    stand for views of real inputs (they allocate nothing)."""
+
+    def __init__(self, fake_mode):
+        self.fake_mode = fake_mode
+        self.known = WeakIdKeyDictionary()  # fake tensor -> its real value
+        self.views = WeakIdKeyDictionary()  # fakes standing for views of real inputs
+
+    def real_of(self, value):
+        """`value`'s real value: itself unless a fake tensor; a fake's remembered one, else _MISSING."""
+        if isinstance(value, FakeTensor):
+            return self.known.get(value, _MISSING)
+        return value
+
+    @staticmethod
+    def small(tensor) -> bool:
+        limit = KNOWN_NUMEL if tensor.is_floating_point() else 64 * KNOWN_NUMEL
+        return tensor.numel() <= limit
+
+    def as_positions(self, indices) -> list:
+        """Known boolean masks among `indices` as the positions they select, one long tensor per masked
+        dimension (what `x[mask]` needs values for)."""
+        out = []
+        for index in indices:
+            real = self.real_of(index) if index is not None else _MISSING
+            if real is _MISSING or real.dtype != torch.bool:
+                out.append(index)
+                continue
+            with unset_fake_temporarily():
+                positions = real.nonzero(as_tuple=True)
+            for p in positions:
+                fake = self.fake_mode.from_tensor(p)
+                self.known[fake] = p
+                out.append(fake)
+        return out
+
+    def run(self, func, args, kwargs):
+        """`func` on fake tensors; where every input's value is known and small, on the real values too, its
+        fake outputs remembering theirs (shapes first: values only when the outputs are small, or when the shapes
+        depend on them)."""
+        flat, spec = tree_flatten((args, kwargs))
+        reals = [self.real_of(v) for v in flat]
+        if all(r is not _MISSING for r in reals) and all(self.small(v) for v in flat if isinstance(v, torch.Tensor)):
+            out = None
+            try:  # the shapes first (cheap); values too when the outputs are small
+                out = func(*args, **kwargs)
+                follow = all(self.small(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            except (DynamicOutputShapeException, DataDependentOutputException):  # nonzero, .item(): values
+                follow = True
+            if follow:
+                return self._on_values(func, reals, spec)
+            if out is not None:
+                return out
+        if func in INDEX_OPS and len(args) > 1 and isinstance(args[1], (list, tuple)):
+            args = (args[0], self.as_positions(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+    def _on_values(self, func, reals: list, spec):
+        with unset_fake_temporarily():
+            real_args, real_kwargs = tree_unflatten(reals, spec)
+            real_out = func(*real_args, **real_kwargs)
+            inputs = {r.untyped_storage().data_ptr() for r in reals if isinstance(r, torch.Tensor)}
+        out = tree_map(lambda r: self.fake_mode.from_tensor(r) if isinstance(r, torch.Tensor) else r, real_out)
+        for fake, real in zip(tree_leaves(out), tree_leaves(real_out)):
+            if isinstance(fake, torch.Tensor):
+                self.known[fake] = real
+                if real.untyped_storage().data_ptr() in inputs:  # a view: no new memory
+                    self.views[fake] = True
+        return out
+
+
+class _TraceMode(TorchDispatchMode):
+    """LiveBytes' dispatch mode: each op run through the known values, its new storages given to the tracker."""
+
+    def __init__(self, tracker: "LiveBytes"):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
+        out = self.tracker.values.run(func, args, kwargs)
+        self.tracker.created(tensors, out)
+        return out
 
 
 class LiveBytes:
-    """Every tensor storage created while active (a TorchDispatchMode above `fake_mode`), with when it was
-    created and freed: the peak of what was alive, leaving out chosen storages (the parameters' gradients,
+    """Every tensor storage created while active (`mode`, a TorchDispatchMode above `fake_mode`), with when it
+    was created and freed: the peak of what was alive, leaving out chosen storages (the parameters' gradients,
     counted with the model states).
 
     Fake tensors hold no values, so an op whose output shape depends on values (`repeat_interleave` over the
     image grid, `nonzero`) cannot run on them. Values that come from the host (the micro-batch's real tensors:
-    image grids, positions, lengths) are followed: an op whose tensor inputs all have known values and are
-    small runs on the real values too, and its fake output remembers them. The model's parameters and
-    activations are never known, so everything that costs memory runs on fake tensors."""
+    image grids, positions, lengths) are followed (`KnownValues`): an op whose tensor inputs all have known
+    values and are small runs on the real values too, and its fake output remembers them. The model's
+    parameters and activations are never known, so everything that costs memory runs on fake tensors."""
 
     def __init__(self, fake_mode):
-        import weakref
-
-        import torch
-        from torch._subclasses.fake_tensor import (
-            DataDependentOutputException,
-            DynamicOutputShapeException,
-            FakeTensor,
-            unset_fake_temporarily,
-        )
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
-        from torch.utils.weak import WeakIdKeyDictionary
-
         self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, storage key), in order
-        known = WeakIdKeyDictionary()  # fake tensor -> its real value
-        views = WeakIdKeyDictionary()   # fakes standing for views of real inputs (they allocate nothing)
-        tracker = self
-
-        index_ops = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
-
-        def as_positions(indices) -> list:
-            """Known boolean masks among `indices` as the positions they select, one long tensor per masked
-            dimension (what `x[mask]` needs values for)."""
-            out = []
-            for index in indices:
-                real = real_of(index) if index is not None else _MISSING
-                if real is _MISSING or real.dtype != torch.bool:
-                    out.append(index)
-                    continue
-                with unset_fake_temporarily():
-                    positions = real.nonzero(as_tuple=True)
-                for p in positions:
-                    fake = fake_mode.from_tensor(p)
-                    known[fake] = p
-                    out.append(fake)
-            return out
-
-        def small(tensor) -> bool:
-            limit = KNOWN_NUMEL if tensor.is_floating_point() else 64 * KNOWN_NUMEL
-            return tensor.numel() <= limit
-
-        def real_of(value):
-            if isinstance(value, FakeTensor):
-                return known.get(value, _MISSING)
-            return value
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                flat, spec = tree_flatten((args, kwargs))
-                tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-                reals = [real_of(v) for v in flat]
-                out = None
-                if all(r is not _MISSING for r in reals) and all(small(t) for t in tensors):
-                    try:  # the shapes first (cheap); values too when the outputs are small
-                        out = func(*args, **kwargs)
-                        follow = all(small(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-                    except (DynamicOutputShapeException, DataDependentOutputException):  # nonzero, .item(): values
-                        follow = True
-                    if follow:
-                        with unset_fake_temporarily():
-                            real_args, real_kwargs = tree_unflatten(reals, spec)
-                            real_out = func(*real_args, **real_kwargs)
-                            inputs = {r.untyped_storage().data_ptr() for r in reals if isinstance(r, torch.Tensor)}
-                        out = tree_map(lambda r: fake_mode.from_tensor(r) if isinstance(r, torch.Tensor) else r,
-                                       real_out)
-                        for fake, real in zip(tree_leaves(out), tree_leaves(real_out)):
-                            if isinstance(fake, torch.Tensor):
-                                known[fake] = real
-                                if real.untyped_storage().data_ptr() in inputs:  # a view: no new memory
-                                    views[fake] = True
-                if out is None:
-                    if func in index_ops and len(args) > 1 and isinstance(args[1], (list, tuple)):
-                        args = (args[0], as_positions(args[1]), *args[2:])
-                    out = func(*args, **kwargs)
-                # a view of an input allocates nothing: of a storage followed already it is one more tensor on it;
-                # of one that was there before the trace (parameters, the batch) it is not new memory at all
-                before = {t.untyped_storage()._cdata for t in tensors
-                          if t.untyped_storage()._cdata not in tracker._refs}
-                for tensor in tree_leaves(out):
-                    if (isinstance(tensor, torch.Tensor) and tensor not in views
-                            and tensor.untyped_storage()._cdata not in before):
-                        tracker._add(tensor, weakref)
-                return out
-
-        self.mode = _Mode()
+        self.values = KnownValues(fake_mode)
+        self.mode = _TraceMode(self)
         self._refs: dict[int, int] = {}    # storage key -> tensors alive on it
         self._serial: dict[int, int] = {}  # storage key -> the serial number of its current lifetime
         self.first_grad: Optional[int] = None  # the event at which the first gradient was accumulated
         self.part = "other"                     # what is running (set by the trace's module hooks)
         self.part_of: dict[int, str] = {}       # storage serial -> the part running when it was made
 
-    def _add(self, tensor, weakref) -> None:
+    def created(self, inputs: list, out) -> None:
+        """The storages under an op's outputs `out` that are new: a view of an input allocates nothing (of a
+        storage followed already it is one more tensor on it; of one that was there before the trace, parameters
+        and the batch, it is not new memory at all)."""
+        before = {t.untyped_storage()._cdata for t in inputs if t.untyped_storage()._cdata not in self._refs}
+        for tensor in tree_leaves(out):
+            if (isinstance(tensor, torch.Tensor) and tensor not in self.values.views
+                    and tensor.untyped_storage()._cdata not in before):
+                self._add(tensor)
+
+    def _add(self, tensor) -> None:
         """A storage lives while any tensor on it does (tensors keep their Python objects while alive; a
         storage's Python wrapper does not, so it cannot be followed itself)."""
         storage = tensor.untyped_storage()

@@ -1,8 +1,8 @@
 """The planner inside the trainer (after preflight): `--max_tokens_per_batch auto`, the largest token budget
 whose predicted peak fits the rank's memory with the planner's 10% margin, and the one-line plan at start.
 
-Model states come from the loaded model's own parameters and DeepSpeed's partitioning (plan.ParamCounts),
-activations from the trace of this data's worst micro-batch on fake tensors (plan_trace.py), cached in the data
+Model states come from the loaded model's own parameters and DeepSpeed's partitioning (planner.ParamCounts),
+activations from the trace of this data's worst micro-batch on fake tensors (trace.py), cached in the data
 cache keyed by the model config, the trainable flags, the batch and the worst sample's counts, so a restart
 pays nothing. The memory is `--plan_memory_gb`, else the GPU's; a CPU run without it states the peak only.
 """
@@ -13,13 +13,15 @@ import hashlib
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Optional
 
 from ds_vlm.config import AUTO_BUDGET, ConfigError
-from ds_vlm.memplan.planner import MARGIN, ParamCounts, _bytes, step_peak
+from ds_vlm.memplan.planner import MARGIN, ParamCounts, format_bytes, step_peak
 from ds_vlm.memplan.trace import Activations, trace_activations, worst_counts, worst_micro_batch
-from ds_vlm.parallel.expert import ep_size_of
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings
 
 PLAN_CACHE_VERSION = 5
 MAX_COPIES = 4096  # the search's bound on samples a micro-batch holds
@@ -57,15 +59,14 @@ def outside_torch(world: int, cuda_info: Optional[tuple[float, float, float]] = 
 
 
 class RunPlanner:
-    def __init__(self, config, loaded, ds_config: dict, world: int, checks, encoder):
+    def __init__(self, config, loaded, ds: DSSettings, world: int, checks, encoder):
+        """`ds`: the run's DSSettings."""
         from ds_vlm.data.cache import cache_root, writable
 
         self.config, self.loaded, self.encoder = config, loaded, encoder
-        zero = ds_config["zero_optimization"]
-        self.bf16 = ds_config["bf16"]["enabled"]
-        muon = ds_config["optimizer"]["type"] == "Muon"
-        self.states = ParamCounts.of(loaded.model, muon=muon, ep=ep_size_of(ds_config)).states(
-            zero.get("stage", 0), world, 2 if self.bf16 else 4, zero)
+        self.bf16 = ds.bf16
+        self.states = ParamCounts.of(loaded.model, muon=ds.muon, ep=ds.ep).states(ds.stage, world,
+                                                                                 ds.bytes_per_param, ds.zero)
         self.longest, self.most_image = worst_counts(checks, config.data.max_length)
         self.sp = config.parallel.sequence_parallel
         self.root = writable(cache_root(config.data.data_cache))
@@ -99,10 +100,12 @@ class RunPlanner:
     def peak(self, batch) -> float:
         return step_peak(self.states, self.traced(batch))
 
-    def line(self, memory: Optional[float]) -> str:
-        peak = self.peak(self.config.batch)
-        said = (f"plan: predicted peak {_bytes(peak)} a rank (model states {_bytes(self.states.total)}, activations "
-                f"{_bytes(peak - self.states.total)} for a micro-batch of the longest sample, {self.longest} tokens)")
+    def line(self, memory: Optional[float], batch=None) -> str:
+        """The plan at start of `batch`'s settings (the run's, its token budget resolved; default the config's)."""
+        peak = self.peak(batch or self.config.batch)
+        said = (f"plan: predicted peak {format_bytes(peak)} a rank (model states {format_bytes(self.states.total)}, "
+                f"activations {format_bytes(peak - self.states.total)} for a micro-batch of the longest sample, "
+                f"{self.longest} tokens)")
         if memory is None:
             return said + "; on a CPU, no GPU memory to compare (--plan_memory_gb gives one)"
         if peak + MARGIN * memory <= memory:
@@ -116,8 +119,8 @@ class RunPlanner:
         two samples, the line between them gives the count, which is traced and stepped down until it fits
         (activations grow about linearly in tokens)."""
         limit = (1 - MARGIN) * memory - outside
-        kept = "10% kept for the allocator" + (f", {_bytes(outside)} outside PyTorch: CUDA context, NCCL" if outside
-                                               else "")
+        kept = "10% kept for the allocator" + (f", {format_bytes(outside)} outside PyTorch: CUDA context, NCCL"
+                                               if outside else "")
 
         def peak_at(copies: int) -> float:
             return self.peak(replace(self.config.batch, max_tokens_per_batch=copies * self.longest))
@@ -125,8 +128,8 @@ class RunPlanner:
         one = peak_at(1)
         if one > limit:
             raise ConfigError(f"--max_tokens_per_batch auto: even one sample of {self.longest} tokens (the longest) "
-                              f"needs {_bytes(one)} a rank, over the {_bytes(limit)} usable of {_bytes(memory)} "
-                              f"({kept}): see `python -m ds_vlm.plan` for what would fit")
+                              f"needs {format_bytes(one)} a rank, over the {format_bytes(limit)} usable of "
+                              f"{format_bytes(memory)} ({kept}): see `python -m ds_vlm.plan` for what would fit")
         per_copy = max(1.0, peak_at(2) - one)
         copies = max(1, min(MAX_COPIES, 1 + math.floor((limit - one) / per_copy)))
         peak = peak_at(copies)
@@ -136,7 +139,7 @@ class RunPlanner:
             peak = peak_at(copies)
         budget = copies * self.longest
         return budget, (f"--max_tokens_per_batch auto: {budget} ({copies} x the longest sample, {self.longest} "
-                        f"tokens): predicted peak {_bytes(peak)} a rank of {_bytes(memory)} ({kept})")
+                        f"tokens): predicted peak {format_bytes(peak)} a rank of {format_bytes(memory)} ({kept})")
 
 
 @contextmanager
@@ -149,50 +152,66 @@ def _own_rng():
         yield
 
 
-def plan_at_start(config, loaded, ds_config: dict, world: int, checks, encoder) -> list[str]:
-    """What the trainer says of the plan at start (rank 0's lines; every rank calls it). `--max_tokens_per_batch
-    auto` is resolved first, the same on every rank: a run that resumes takes its checkpoint's number (the
-    batches, and so the run, stay exactly the uninterrupted one's), a new run the planner's on rank 0, shared (an
-    error there stops every rank with its message). Then the one-line plan (--plan_at_start), which never stops
-    a run: a model it cannot trace says so in the line. One planner for both, so the budget's traces serve the
-    line too."""
-    import ds_vlm.checkpoint.resume as ckpt
+@dataclass(frozen=True)
+class StartPlan:
+    """What the planner at start says: the run's --max_tokens_per_batch (auto resolved; otherwise the flag's, as
+    it was) and rank 0's lines for the log. The caller sets the budget; planning changes nothing."""
+
+    max_tokens_per_batch: int
+    lines: list[str]
+
+
+def plan_at_start(config, loaded, ds: DSSettings, world: int, checks, encoder) -> StartPlan:
+    """What the trainer says of the plan at start (rank 0's lines; every rank calls it) and the token budget the
+    run takes (`ds`: the run's DSSettings). `--max_tokens_per_batch auto` is resolved first, the same on every
+    rank: a run that resumes takes its checkpoint's number (the batches, and so the run, stay exactly the
+    uninterrupted one's), a new run the planner's on rank 0, shared (an error there stops every rank with its
+    message). Then the one-line plan (--plan_at_start) at that budget, which never stops a run: a model it
+    cannot trace says so in the line. One planner for both, so the budget's traces serve the line too."""
     import ds_vlm.runtime.distributed as comm
 
     rank0, said, planner = comm.rank() == 0, [], None
     batch = config.batch
     if batch.max_tokens_per_batch == AUTO_BUDGET:
-        found = ckpt.resume_source(config.checkpoint)
-        saved = int(ckpt.read_meta(found).run.config.get("max_tokens_per_batch", 0)) if found is not None else 0
-        if saved > 0:
-            batch.max_tokens_per_batch = saved
-            said.append(f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it")
-        else:
-            result = (0, "")
-            if rank0:
-                memory = rank_memory(config)
-                try:
-                    if memory is None:
-                        raise ConfigError("--max_tokens_per_batch auto needs the memory to fit into: a GPU, or "
-                                          "--plan_memory_gb")
-                    with _own_rng():
-                        planner = RunPlanner(config, loaded, ds_config, world, checks, encoder)
-                        outside = 0.0 if config.batch.plan_memory_gb else outside_torch(world)
-                        result = planner.auto_budget(memory, outside)
-                except ConfigError as err:
-                    result = (0, str(err))
-                except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast
-                    result = (0, f"--max_tokens_per_batch auto: the planner failed ({type(err).__name__}: {err})")
-            budget, message = comm.broadcast_object(result)
-            if not budget:
-                raise ConfigError(message)
-            batch.max_tokens_per_batch = budget
-            said.append(message)
+        budget, message, planner = _auto_budget(config, loaded, ds, world, checks, encoder)
+        batch = replace(batch, max_tokens_per_batch=budget)
+        said.append(message)
     if config.logging.plan_at_start and rank0:
         try:
             with _own_rng():
-                planner = planner or RunPlanner(config, loaded, ds_config, world, checks, encoder)
-                said.append(planner.line(rank_memory(config)))
+                planner = planner or RunPlanner(config, loaded, ds, world, checks, encoder)
+                said.append(planner.line(rank_memory(config), batch))
         except Exception as err:  # noqa: BLE001 - a forecast must never stop a run
             said.append(f"plan: could not trace this model ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
-    return said
+    return StartPlan(batch.max_tokens_per_batch, said)
+
+
+def _auto_budget(config, loaded, ds: DSSettings, world: int, checks, encoder) -> tuple[int, str, Optional[RunPlanner]]:
+    """(--max_tokens_per_batch auto's number, the line that says it, rank 0's planner if it made one), the same on
+    every rank; ConfigError where no budget fits (every rank raises it)."""
+    import ds_vlm.checkpoint.resume as ckpt
+    import ds_vlm.runtime.distributed as comm
+
+    found = ckpt.resume_source(config.checkpoint)
+    saved = int(ckpt.read_meta(found).run.config.get("max_tokens_per_batch", 0)) if found is not None else 0
+    if saved > 0:
+        return saved, f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it", None
+    result, planner = (0, ""), None
+    if comm.rank() == 0:
+        memory = rank_memory(config)
+        try:
+            if memory is None:
+                raise ConfigError("--max_tokens_per_batch auto needs the memory to fit into: a GPU, or "
+                                  "--plan_memory_gb")
+            with _own_rng():
+                planner = RunPlanner(config, loaded, ds, world, checks, encoder)
+                outside = 0.0 if config.batch.plan_memory_gb else outside_torch(world)
+                result = planner.auto_budget(memory, outside)
+        except ConfigError as err:
+            result = (0, str(err))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast
+            result = (0, f"--max_tokens_per_batch auto: the planner failed ({type(err).__name__}: {err})")
+    budget, message = comm.broadcast_object(result)
+    if not budget:
+        raise ConfigError(message)
+    return budget, message, planner

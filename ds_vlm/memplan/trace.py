@@ -109,15 +109,6 @@ def no_zero3_init():
 TRACE_SP = "ds_vlm_trace_ulysses"
 
 
-def _sequence_parallel_rank(sp: int, rank: int):
-    """Rank `rank` of an SP group of `sp` without a process group: SequenceParallel's slicing only."""
-    from ds_vlm.parallel.ulysses import SequenceParallel
-
-    group = SequenceParallel.__new__(SequenceParallel)
-    group.size, group.rank, group.armed, group.group = sp, rank, False, None
-    return group
-
-
 def _trace_sequence_parallel(group):
     """`group` (one rank of an SP group) for the trace: the trainer's own input slicing (SequenceParallel's
     hook, this rank's 1/sp of the tokens; the vision tower runs whole, as in the run), and an attention
@@ -163,27 +154,20 @@ def _trace_sequence_parallel(group):
     return group
 
 
-def meta_model(config, adapter, model_config, attention: str | dict = "sdpa", dtype=None):
+def meta_model(config, adapter, model_config, attention: str | dict = "sdpa", dtype=None, sequence_parallel=None):
     """(the model, what trains: peft's wrapper with LoRA, else the model itself) on the meta device, prepared as
-    the trainer prepares it, under the run's trainable flags; built from a copy of `config` (from_config writes
-    the attention choice into the config it is given) and never under deepspeed.zero.Init."""
+    the trainer prepares it (`prepare_for_training`, under the run's flags; `sequence_parallel`: the trace's
+    one-rank group); built from a copy of `config` (from_config writes the attention choice into the config it is
+    given) and never under deepspeed.zero.Init."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.models.loading import set_trainable
+    from ds_vlm.models.loading import prepare_for_training
 
     with torch.device("meta"), no_zero3_init():
         model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation=attention,
                                                         dtype=dtype)
-    adapter.prepare(model)
-    getattr(model.config, "text_config", model.config).use_cache = False
-    set_trainable(model, adapter, model_config)
-    trained = model
-    if model_config.lora_rank:
-        from ds_vlm.models.lora import apply_lora
-
-        trained, _ = apply_lora(model, adapter, model_config)  # peft changes `model` in place and wraps it
-    return model, trained
+    return model, prepare_for_training(model, adapter, model_config, sequence_parallel=sequence_parallel).trained
 
 
 def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) -> Activations:
@@ -193,7 +177,6 @@ def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ds_vlm.models.loading import enable_checkpointing
     from ds_vlm.train.forward import ForwardContext
     from ds_vlm.train.loss import LabelLoss, LabelRows
 
@@ -207,16 +190,16 @@ def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) 
     group = None
     if sp > 1:
         length = micro.labels.shape[1]
-        ranks = [_sequence_parallel_rank(sp, r) for r in range(sp)]
+        from ds_vlm.parallel.ulysses import SequenceParallel
+
+        ranks = [SequenceParallel(sp, r) for r in range(sp)]  # no process group: the slicing only
         group = _trace_sequence_parallel(max(ranks, key=lambda g: len(g.local_rows(rows, length))))
         rows = group.local_rows(rows, length)
         attention = {"text_config": TRACE_SP, "vision_config": attention}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # built on the meta device (peft's adapters too: its dtype moves cannot swap fake parameters), then given
     # fake storages
-    model, trained = meta_model(config, adapter, model_config, attention, dtype)
-    if group is not None:
-        group.install(adapter.parts(model).llm_decoder, adapter)
+    model, trained = meta_model(config, adapter, model_config, attention, dtype, group)
     boundaries = None
     if packed:  # after the slicing hook, as in the trainer
         from ds_vlm.parallel.attention import SampleBoundaries
@@ -224,7 +207,6 @@ def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) 
         boundaries = SampleBoundaries(adapter.parts(model).llm_decoder, stand_in_mask=True)
     with mode:
         trained.to_empty(device="cpu")
-        enable_checkpointing(model, adapter, model_config)
         trained.train()
         context = ForwardContext(LabelLoss(model, model_config.loss), torch.device("cpu"), dtype, boundaries,
                                  sequence_parallel=group)

@@ -190,14 +190,15 @@ class Checker:
     # -- the checks ------------------------------------------------------------------------------------------
     def load(self) -> str:
         from ds_vlm.config import ModelConfig
-        from ds_vlm.models.loading import load_model, set_trainable
+        from ds_vlm.models.loading import load_model, prepare_for_training
+        from ds_vlm.train.ds_config import DSSettings
 
         built = build_tiny(self.model, self.tiny, self.trust)
         self.records = write_data(self.data)
         self.ds = zero3_json(self.work)
-        loaded = load_model(ModelConfig(path=str(self.tiny), trust_remote_code=self.trust),
-                            {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}, "sdpa")
-        set_trainable(loaded.model, loaded.adapter, ModelConfig())  # the adapter's parts, or its refusal
+        loaded = load_model(ModelConfig(path=str(self.tiny), trust_remote_code=self.trust), DSSettings(), "sdpa")
+        # the adapter's parts, or its refusal; no checkpointing: the checks below compare forwards
+        prepare_for_training(loaded.model, loaded.adapter, ModelConfig(), checkpointing=False)
         self.loaded = loaded
         return f"{type(loaded.adapter).__name__} ({loaded.adapter.family}); {built}"
 
@@ -256,13 +257,12 @@ class Checker:
         from ds_vlm.data.batching import Collator, SFTDataset
         from ds_vlm.data.encode import Encoder
         from ds_vlm.data.sources import RecordIndex
-        from ds_vlm.models.loading import set_trainable
-        from ds_vlm.models.lora import apply_lora
+        from ds_vlm.models.loading import prepare_for_training
 
         model, adapter = self.loaded.model, self.loaded.adapter
         config = ModelConfig(path=str(self.tiny), lora_rank=4, train_projector=False)
-        set_trainable(model, adapter, config)
-        peft_model, _ = apply_lora(model, adapter, config)
+        # the loaded model is prepared already (load): its family changes are not made twice
+        peft_model = prepare_for_training(model, adapter, config, family_changes=False, checkpointing=False).trained
         encoder = Encoder(self.loaded.processor, adapter, 4096)
         dataset = SFTDataset(RecordIndex([str(self.records)]), encoder)
         micro = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())([dataset[0], dataset[1]])
@@ -291,7 +291,7 @@ class Checker:
         return f"reloaded from {path.name}/; answers {answers}"
 
     def plan(self) -> str:
-        from ds_vlm.memplan.planner import plan
+        from ds_vlm.memplan.cli import plan
 
         report = plan(["--model", str(self.tiny), "--deepspeed", str(self.ds), "--world_size", "2", "--device", "cpu",
                        "--micro_batch_size", "2", "--max_length", "1024", "--gpu_memory_gb", "16"])

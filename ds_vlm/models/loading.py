@@ -1,19 +1,24 @@
-"""The model of a run: loaded (partitioned under ZeRO-3, quantized for QLoRA), prepared by its adapter, its
-trainable parts chosen, activation checkpointing on."""
+"""The model of a run: loaded (partitioned under ZeRO-3, quantized for QLoRA), then `prepare_for_training`, the
+one preparation sequence (the trainer's, the planner's trace, check-model's and the benchmarks'): the adapter's
+load-time changes, no KV cache, the trainable parts, LoRA, activation checkpointing, sequence parallelism."""
 
 from __future__ import annotations
 
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from ds_vlm.config import ConfigError, ModelConfig
 from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
+from ds_vlm.models.lora import apply_lora
 from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings
 
 
 @dataclass
@@ -24,12 +29,13 @@ class LoadedModel:
     hf_ds_config: Any  # must stay alive while ZeRO-3 models are created
 
 
-def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_parallel=None,
+def load_model(config: ModelConfig, ds: DSSettings, attention: str, sequence_parallel=None,
                packing: bool = False) -> LoadedModel:
-    """Load model + processor with the attention implementation `attention` (attention.resolve_attention's);
-    under ZeRO-3 the weights arrive already partitioned. With sequence parallelism the text model's attention
-    is the Ulysses wrapper around `attention`. A model packing would not keep exact is refused before loading
-    (ConfigError), and a model type with no adapter by name (UnsupportedModel)."""
+    """Load model + processor with the attention implementation `attention` (attention.resolve_attention's), in
+    the dtype of `ds` (the run's DSSettings); under ZeRO-3 the weights arrive already partitioned. With sequence
+    parallelism the text model's attention is the Ulysses wrapper around `attention`. A model packing would not
+    keep exact is refused before loading (ConfigError), and a model type with no adapter by name
+    (UnsupportedModel). The model is as transformers loads it: `prepare_for_training` comes next."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -42,8 +48,8 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
         if refusal:
             raise ConfigError(f"{flag}: {refusal}")
     # Keeping this object referenced is what makes from_pretrained partition under ZeRO-3.
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 0) == 3 else None
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    hf_ds_config = HfDeepSpeedConfig(ds.json) if ds.stage == 3 else None
+    dtype = ds.dtype
     if sequence_parallel is not None:
         attention = sequence_parallel.attn_implementation(attention, model_config)
     quantization = quantization_config(config, adapter, dtype, hf_ds_config is not None, model_config)
@@ -54,10 +60,43 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
         model = AutoModelForImageTextToText.from_pretrained(
             config.path, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation=attention,
             **quantized)
-    adapter.prepare(model)
     processor = AutoProcessor.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
-    getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
+
+
+@dataclass
+class Prepared:
+    """What `prepare_for_training` gives: what DeepSpeed trains (peft's wrapper with LoRA, else the model itself),
+    peft's LoraConfig (None: full fine-tuning) and the parameters by part ({part: [(name, param)]})."""
+
+    trained: torch.nn.Module
+    lora: Optional[Any]
+    groups: dict[str, list]
+
+
+def prepare_for_training(model: torch.nn.Module, adapter: Adapter, config: ModelConfig, *, family_changes: bool = True,
+                         checkpointing: bool = True, sequence_parallel=None) -> Prepared:
+    """The one preparation of a model for training, in this order: the adapter's load-time changes
+    (`Adapter.prepare`), the KV cache off, the trainable parts (`set_trainable`; the generic adapter refuses
+    here), LoRA where --lora_rank asks (peft changes `model` in place and wraps it), activation checkpointing as
+    `config` says, and the sequence-parallel slicing on the language model. What differs between callers:
+    `family_changes` False leaves the model as transformers builds it (the baselines ds-vlm is compared with);
+    `checkpointing` False leaves the config's checkpointing flags unapplied (the HF Trainer baseline applies its
+    own, check-model compares forwards); `sequence_parallel` a SequenceParallel (the run's, or the trace's
+    one-rank stand-in)."""
+    if family_changes:
+        adapter.prepare(model)
+    getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
+    groups = set_trainable(model, adapter, config)
+    trained, lora = model, None
+    if config.lora_rank:
+        trained, lora = apply_lora(model, adapter, config)
+        groups = part_parameters(model, adapter)
+    if checkpointing:
+        enable_checkpointing(model, adapter, config)
+    if sequence_parallel is not None:
+        sequence_parallel.install(adapter.parts(model).llm_decoder, adapter)
+    return Prepared(trained, lora, groups)
 
 
 def quantization_config(config: ModelConfig, adapter: Adapter, dtype, zero3: bool, model_config):

@@ -51,13 +51,19 @@ class SequenceParallel:
     attention wrapper the text model is loaded with, and the slicing of the language model's inputs; active
     only while armed (ForwardContext arms it for a training or evaluation forward; generation runs whole)."""
 
-    def __init__(self, layout: ParallelLayout):
+    def __init__(self, size: int, rank: int, group=None):
+        """Rank `rank` of a group of `size` ranks communicating over the process group `group`; None: no
+        collectives, the slicing alone (the planner's one-process trace, tests). A run's is `joined`."""
+        self.size, self.rank, self.group = size, rank, group
+        self.armed = False
+
+    @classmethod
+    def joined(cls, layout: ParallelLayout) -> "SequenceParallel":
+        """This rank's group of `layout`, its process group made by DeepSpeed's parallel_state_sp."""
         import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
 
         mpu.initialize_sequence_parallel(sequence_parallel_size=layout.sp_size)
-        self.layout, self.size, self.rank = layout, layout.sp_size, layout.sp_rank
-        self.group = mpu.get_sequence_parallel_group()
-        self.armed = False
+        return cls(layout.sp_size, layout.sp_rank, mpu.get_sequence_parallel_group())
 
     # -- setup ------------------------------------------------------------------------------
     def attn_implementation(self, core: str, model_config) -> dict:

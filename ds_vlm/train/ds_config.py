@@ -1,18 +1,68 @@
-"""The DeepSpeed config of a run: the user's json (ZeRO settings) plus everything the trainer decides, and
-which AdamW the run can have on this machine."""
+"""The DeepSpeed config of a run: the user's json (ZeRO settings) plus everything the trainer decides, what the
+rest of ds-vlm reads of it (`DSSettings`, parsed once), and which AdamW the run can have on this machine."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from ds_vlm.config import ConfigError, ModelConfig, TrainConfig
-from ds_vlm.parallel.expert import expert_parallel_size
+from ds_vlm.parallel.expert import ep_size_of, expert_parallel_size
 from ds_vlm.runtime.console import say_once
 from ds_vlm.runtime.distributed import local_world_size
+
+
+@dataclass(frozen=True)
+class DSSettings:
+    """What ds-vlm reads of a DeepSpeed json, parsed once (`DSSettings.of`) and passed down: to the model's
+    loading, the planner at start and its CLI, the trainer's log and resume record, the optimizer's choice.
+    `zero` is the zero_optimization section as it is (its buckets, live parameters, persistence threshold and
+    hpZ are what the planner's model_states reads); `json` the whole dict, what HfDeepSpeedConfig and
+    deepspeed.initialize are given."""
+
+    stage: int = 0
+    bf16: bool = False
+    optimizer: str = "AdamW"  # the json's optimizer type: AdamW or Muon once resolved
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    ep: int = 1  # expert parallelism (AutoEP's autoep_size; 1: off)
+    zero: dict = field(default_factory=dict, repr=False, compare=False)
+    json: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, ds: dict) -> "DSSettings":
+        """`ds` read: a resolved json (resolve_ds_config's), or a user's where only the ZeRO section matters
+        (missing keys take DeepSpeed's defaults: stage 0, fp32, AdamW, nothing offloaded)."""
+        zero = ds.get("zero_optimization") or {}
+        return cls(stage=int(zero.get("stage", 0)), bf16=(ds.get("bf16") or {}).get("enabled") is True,
+                   optimizer=str((ds.get("optimizer") or {}).get("type", "AdamW")),
+                   offload_optimizer=_offloaded(zero, "offload_optimizer"),
+                   offload_param=_offloaded(zero, "offload_param"), ep=ep_size_of(ds), zero=zero, json=ds)
+
+    @property
+    def muon(self) -> bool:
+        return self.optimizer == "Muon"
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: bf16 where the json enables it, else fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 2 if self.bf16 else 4
+
+
+def _offloaded(zero: dict, key: str) -> bool:
+    return (zero.get(key) or {}).get("device", "none") not in (None, "none")
 
 
 def resolve_precision(model: ModelConfig) -> str:
@@ -136,35 +186,48 @@ def _muon_zero(zero: dict, path: str) -> None:
         zero["reduce_scatter"] = False
 
 
-def settle_optimizer(ds: dict) -> str:
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """Which optimizer a run gets (settle_optimizer's answer): its description for the run's log, what the json's
+    optimizer params gain for it (`params`: torch's AdamW instead of FusedAdam), and whether it is DeepSpeed's
+    Muon. Nothing is written until the caller takes `applied`."""
+
+    description: str
+    params: dict = field(default_factory=dict)
+    muon: bool = False
+
+    def applied(self, ds: dict) -> dict:
+        """`ds` with this choice's optimizer params (a new dict; `ds` is left as it was)."""
+        optimizer = ds.get("optimizer", {})
+        return {**ds, "optimizer": {**optimizer, "params": {**optimizer.get("params", {}), **self.params}}}
+
+
+def settle_optimizer(ds: DSSettings) -> OptimizerChoice:
     """Which AdamW the run gets, decided before deepspeed.initialize (which would fail there): DeepSpeed's
     FusedAdam where its op loads (prebuilt, or JIT-built with the machine's compiler: nvcc on CUDA, gcc on a
     CPU), else PyTorch's own AdamW (fused on a GPU), said once. ZeRO-Offload keeps DeepSpeed's CPU Adam (it
-    needs no nvcc). Returns a short description for the run's log."""
-    params = ds["optimizer"]["params"]
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    needs no nvcc). The json is not changed: the answer's `applied` gives the json to initialize with."""
+    params = ds.json["optimizer"]["params"]
     from ds_vlm.runtime.distributed import clear_stale_build_lock
 
-    if params.get("torch_adam") or offload:
-        if offload:
+    if params.get("torch_adam") or ds.offload_optimizer:
+        if ds.offload_optimizer:
             clear_stale_build_lock("cpu_adam")  # DeepSpeedCPUAdam is JIT-built inside deepspeed.initialize
-        return "torch AdamW" if params.get("torch_adam") else "DeepSpeed CPU Adam (ZeRO-Offload)"
+        return OptimizerChoice("torch AdamW" if params.get("torch_adam") else "DeepSpeed CPU Adam (ZeRO-Offload)")
     from deepspeed.accelerator import get_accelerator
 
     try:
         builder = get_accelerator().create_op_builder("FusedAdamBuilder")
         clear_stale_build_lock(builder.name)
         builder.load(verbose=False)
-        return "DeepSpeed FusedAdam"
+        return OptimizerChoice("DeepSpeed FusedAdam")
     except Exception as err:  # no nvcc, a CUDA toolkit that does not match torch's, no compiler, a read-only cache
-        params["torch_adam"] = True
         fused = torch.cuda.is_available()
-        if fused:
-            params["fused"] = True
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         say_once(f"DeepSpeed's FusedAdam op cannot be built here ({type(err).__name__}: {first}); using "
                   f"torch.optim.AdamW{' (fused)' if fused else ''} instead: the same update")
-        return f"torch AdamW{' (fused)' if fused else ''} (FusedAdam could not be built)"
+        return OptimizerChoice(f"torch AdamW{' (fused)' if fused else ''} (FusedAdam could not be built)",
+                               {"torch_adam": True, **({"fused": True} if fused else {})})
 
 
 def _same(a, b) -> bool:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ds_vlm.config import ConfigError, OptimConfig
+
+if TYPE_CHECKING:
+    from ds_vlm.train.ds_config import DSSettings, OptimizerChoice
 
 
 def param_groups(groups: dict[str, list], config: OptimConfig, muon: bool = False) -> list[dict]:
@@ -60,17 +64,21 @@ def muon_flags(model: torch.nn.Module) -> dict[str, bool]:
     return {name: p.use_muon for name, p in model.named_parameters()}
 
 
-def settle_optimizer_for(ds: dict, model: torch.nn.Module) -> tuple[str, bool]:
-    """settle_optimizer (which AdamW this machine gets), and with Muon `muon_flags` on the model the engine
-    gets: (the log's description, whether the run is a Muon run)."""
+def settle_optimizer_for(ds: DSSettings, model: torch.nn.Module) -> OptimizerChoice:
+    """settle_optimizer (which AdamW this machine gets, for the DSSettings `ds`), and with Muon `muon_flags` on the
+    model the engine gets (its parameters' `use_muon`, which param_groups reads): an OptimizerChoice whose
+    description names both."""
+    from dataclasses import replace
+
     from ds_vlm.train.ds_config import settle_optimizer
 
     adam = settle_optimizer(ds)
-    if ds["optimizer"]["type"] != "Muon":
-        return adam, False
+    if not ds.muon:
+        return adam
     muon_flags(model)
     tags = [p.use_muon for p in model.parameters() if p.requires_grad]
-    return f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, {adam} on the rest", True
+    return replace(adam, description=f"DeepSpeed Muon on {sum(tags)} of {len(tags)} trained tensors, "
+                                     f"{adam.description} on the rest", muon=True)
 
 
 def _on_muon(param: torch.nn.Parameter, muon: bool) -> bool:

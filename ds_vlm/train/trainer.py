@@ -39,8 +39,8 @@ from ds_vlm.data.preflight import BadRecordCount
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.eval.during import Evaluator
 from ds_vlm.memplan.startup import plan_at_start
-from ds_vlm.models.loading import LoadedModel, enable_checkpointing, load_model, part_parameters, set_trainable
-from ds_vlm.models.lora import apply_lora, describe
+from ds_vlm.models.loading import LoadedModel, load_model, prepare_for_training
+from ds_vlm.models.lora import describe
 from ds_vlm.parallel import ParallelLayout
 from ds_vlm.parallel.attention import VARLEN, SampleBoundaries, kernel_description, resolve_attention
 from ds_vlm.parallel.expert import fill_autoep_section
@@ -50,7 +50,7 @@ from ds_vlm.runtime.console import quiet_console, say_once
 from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
 from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
 from ds_vlm.runtime.run_log import Reporter, RunLog
-from ds_vlm.train.ds_config import resolve_ds_config
+from ds_vlm.train.ds_config import DSSettings, resolve_ds_config
 from ds_vlm.train.forward import ForwardContext
 from ds_vlm.train.loss import LabelLoss, check_loss_available
 from ds_vlm.train.optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
@@ -74,9 +74,11 @@ class Trainer:
     eval_records: Optional[RecordIndex]
     log: RunLog
     bad_records: BadRecordCount
-    # setup_model: the DeepSpeed json, the model (with processor and family adapter), what DeepSpeed trains (the
-    # model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part -> [(name, parameter)]
+    # setup_model: the DeepSpeed json and its DSSettings, the model (with processor and family adapter), what
+    # DeepSpeed trains (the model or its peft wrapper), the LoRA config (peft's; None: full fine-tuning), part ->
+    # [(name, parameter)]
     ds_config: dict
+    ds: DSSettings
     loaded: LoadedModel
     encoder: Encoder
     trained: torch.nn.Module
@@ -120,7 +122,7 @@ class Trainer:
         if self.layout.sp_size > 1:
             from ds_vlm.parallel.ulysses import SequenceParallel
 
-            self.sp = SequenceParallel(self.layout)
+            self.sp = SequenceParallel.joined(self.layout)
         seed_everything(config.seed)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
@@ -138,38 +140,33 @@ class Trainer:
     def setup_model(self) -> None:
         config, model_config = self.config, self.config.model
         self.ds_config = resolve_ds_config(config, self.layout.world_size)
+        self.ds = DSSettings.of(self.ds_config)
         try:
             check_loss_available(model_config.loss)
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
-            self.loaded = load_model(model_config, self.ds_config, attention, self.sp, config.batch.packing)
+            self.loaded = load_model(model_config, self.ds, attention, self.sp, config.batch.packing)
             model, adapter = self.loaded.model, self.loaded.adapter
             fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf)
             self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
-            self.groups = set_trainable(model, adapter, model_config)  # the generic adapter refuses here
+            prepared = prepare_for_training(model, adapter, model_config, sequence_parallel=self.sp)  # generic: refused
         except (ValueError, OSError) as err:  # UnsupportedModel, a folder without weights: one line each
             raise ConfigError(str(err)) from err
-        self.trained, self.lora = model, None
-        if model_config.lora_rank:
-            self.trained, self.lora = apply_lora(model, adapter, model_config)
-            self.groups = part_parameters(model, adapter)
-        enable_checkpointing(model, adapter, model_config)
-        if self.sp is not None:
-            self.sp.install(adapter.parts(model).llm_decoder, adapter)
+        self.trained, self.lora, self.groups = prepared.trained, prepared.lora, prepared.groups
         self.log.info(f"{self.layout.describe()}, backend {comm.backend()}, ZeRO stage {self.zero_stage}, precision "
                       f"{'bf16' if self.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
 
     @property
     def zero_stage(self) -> int:
-        return self.ds_config["zero_optimization"].get("stage", 0)
+        return self.ds.stage
 
     @property
     def bf16(self) -> bool:
-        return self.ds_config["bf16"]["enabled"]
+        return self.ds.bf16
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+        return self.ds.dtype
 
     def setup_data(self) -> None:
         config, batch, rank0 = self.config, self.config.batch, self.layout.rank == 0
@@ -177,8 +174,10 @@ class Trainer:
         self.train_set = preflighted(self.train_records, data.train_data, data, self.encoder, self.log, rank0)
         self.eval_set = preflighted(self.eval_records, data.eval_data, data, self.encoder, self.log, rank0) \
             if self.eval_records is not None else None
-        for line in plan_at_start(config, self.loaded, self.ds_config, self.layout.world_size, self.train_set.checks,
-                                  self.encoder):
+        start = plan_at_start(config, self.loaded, self.ds, self.layout.world_size, self.train_set.checks,
+                              self.encoder)
+        batch.max_tokens_per_batch = start.max_tokens_per_batch  # --max_tokens_per_batch auto, resolved
+        for line in start.lines:
             self.log.info(line)  # rank 0's
         self.plan = make_plan(batch, config.seed, self.layout.dp_size, self.train_set.records, self.train_set.checks)
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
@@ -196,15 +195,17 @@ class Trainer:
         self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
         if self.universal:
             ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s, self.watchdog.phase)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.ds_config = {**self.ds_config, "checkpoint": {"load_universal": True}}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
         linear = f"; {describe_linear_attention()}" if has_linear_attention(model.config) else ""
-        optimizer, muon = settle_optimizer_for(self.ds_config, self.trained)
-        self.log.info(f"optimizer {optimizer}; attention {kernel_description(implementation, dtype=self.model_dtype)}"
-                      + linear)
+        optimizer = settle_optimizer_for(self.ds, self.trained)
+        self.ds_config = optimizer.applied(self.ds_config)
+        self.log.info(f"optimizer {optimizer.description}; attention "
+                      f"{kernel_description(implementation, dtype=self.model_dtype)}" + linear)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.trained, model_parameters=param_groups(self.groups, config.optim, muon), config=self.ds_config,
+            model=self.trained, model_parameters=param_groups(self.groups, config.optim, optimizer.muon),
+            config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
         self.groups = {}  # AutoEP replaced the experts' tensors: the ones listed here would stay alive otherwise
         # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training

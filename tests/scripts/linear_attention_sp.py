@@ -70,7 +70,7 @@ def main(out_path: str) -> None:
 
     comm.init_distributed(120)
     rank = comm.rank()
-    sp = SequenceParallel(ParallelLayout(2, rank, 2))
+    sp = SequenceParallel.joined(ParallelLayout(2, rank, 2))
     generator = torch.Generator().manual_seed(1)
     cases = {"packed": (torch.randint(0, 128, (1, 100), generator=generator), [70, 30]),  # A past a 64-token chunk
              "two rows": (torch.randint(0, 128, (2, 64), generator=generator), [64])}

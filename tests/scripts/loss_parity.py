@@ -21,8 +21,8 @@ from ds_vlm.config import TrainConfig
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.encode import Encoder
 from ds_vlm.data.sources import RecordIndex
-from ds_vlm.models.loading import load_model, set_trainable
-from ds_vlm.train.ds_config import resolve_ds_config
+from ds_vlm.models.loading import load_model, prepare_for_training
+from ds_vlm.train.ds_config import DSSettings, resolve_ds_config
 from ds_vlm.train.loss import LabelLoss, LabelRows
 from ds_vlm.train.optim import param_groups
 
@@ -37,8 +37,8 @@ def batches(loaded, data: str):
 
 
 def gradients(config: TrainConfig, ds_config: dict, data: str, reference: bool):
-    loaded = load_model(config.model, json.loads(json.dumps(ds_config)), "sdpa")
-    groups = set_trainable(loaded.model, loaded.adapter, config.model)
+    loaded = load_model(config.model, DSSettings.of(json.loads(json.dumps(ds_config))), "sdpa")
+    groups = prepare_for_training(loaded.model, loaded.adapter, config.model, checkpointing=False).groups
     loss = LabelLoss(loaded.model)
     engine, *_ = deepspeed.initialize(model=loaded.model, model_parameters=param_groups(groups, config.optim),
                                       config=ds_config)

@@ -6,7 +6,8 @@ Each rank gets the launcher's environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, W
 and `--local_rank=i`. SIGTERM/SIGINT/SIGUSR1 are passed on to the ranks. When a rank fails, the others are
 stopped (SIGTERM, then SIGKILL after 10 s) and its exit status is ours. The DeepSpeed launcher imports torch and
 DeepSpeed before starting anything (~5 s a run on 2 cores); most tests launch many runs and test the trainer,
-not the launcher (which tests/dist/test_launch.py, test_faults.py and the preemption test use as users do).
+not the launcher (which tests/dist/test_launch.py, test_launch_failures.py, test_faults.py and the preemption
+test use as users do).
 Where the test session runs a zygote (tests/scripts/zygote.py; DS_VLM_TEST_ZYGOTE), the ranks are forked from it
 with their imports done; otherwise, or with DS_VLM_TEST_ZYGOTE empty, they are new processes.
 """

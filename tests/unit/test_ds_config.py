@@ -40,7 +40,7 @@ def test_the_optimizer_falls_back_to_torch_adamw_where_fused_adam_cannot_be_buil
     from deepspeed.accelerator import get_accelerator
 
     from ds_vlm.config import TrainConfig
-    from ds_vlm.train.ds_config import resolve_ds_config, settle_optimizer
+    from ds_vlm.train.ds_config import DSSettings, resolve_ds_config, settle_optimizer
 
     config = TrainConfig.from_keys(model="m", train_data="d", deepspeed=str(ROOT / "ds_configs" / "zero2.json"))
     accelerator = get_accelerator()
@@ -59,14 +59,31 @@ def test_the_optimizer_falls_back_to_torch_adamw_where_fused_adam_cannot_be_buil
 
     monkeypatch.setattr(accelerator, "create_op_builder", lambda name: Built())
     ds = resolve_ds_config(config, 1)
-    assert settle_optimizer(ds) == "DeepSpeed FusedAdam" and "torch_adam" not in ds["optimizer"]["params"]
+    chosen = settle_optimizer(DSSettings.of(ds))
+    assert chosen.description == "DeepSpeed FusedAdam" and "torch_adam" not in chosen.applied(ds)["optimizer"]["params"]
     monkeypatch.setattr(accelerator, "create_op_builder", lambda name: Broken())
     ds = resolve_ds_config(config, 1)
-    assert settle_optimizer(ds).startswith("torch AdamW") and ds["optimizer"]["params"]["torch_adam"] is True
+    chosen = settle_optimizer(DSSettings.of(ds))
+    assert chosen.description.startswith("torch AdamW") and chosen.applied(ds)["optimizer"]["params"]["torch_adam"]
+    assert "torch_adam" not in ds["optimizer"]["params"]  # a value: the json changes only where the caller takes it
     assert "FusedAdam op cannot be built here (RuntimeError: nvcc not found" in capsys.readouterr().err
     offload = resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d",
                                             deepspeed=str(ROOT / "ds_configs" / "zero3_offload.json")), 1)
-    assert settle_optimizer(offload) == "DeepSpeed CPU Adam (ZeRO-Offload)"
+    assert settle_optimizer(DSSettings.of(offload)).description == "DeepSpeed CPU Adam (ZeRO-Offload)"
+
+
+def test_ds_settings_read_the_json_once():
+    import torch
+
+    from ds_vlm.config import TrainConfig
+    from ds_vlm.train.ds_config import DSSettings, resolve_ds_config
+
+    offload = resolve_ds_config(TrainConfig.from_keys(model="m", train_data="d", optimizer="muon",
+                                                      deepspeed=str(ROOT / "ds_configs" / "zero3_offload.json")), 1)
+    ds = DSSettings.of(offload)
+    assert (ds.stage, ds.bf16, ds.muon, ds.offload_optimizer, ds.ep) == (3, False, True, True, 1)  # no GPU: fp32
+    assert ds.dtype == torch.float32 and ds.bytes_per_param == 4 and ds.zero is offload["zero_optimization"]
+    assert DSSettings.of({}) == DSSettings() and DSSettings().stage == 0 and not DSSettings().bf16
 
 
 def test_muon_by_flag_or_json(tmp_path):

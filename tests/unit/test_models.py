@@ -246,8 +246,9 @@ def test_load_refuses_what_would_not_be_exact(family_models):
     generic path's plain causal towers (LLaVA-OneVision) are not."""
     from ds_vlm.config import ConfigError
     from ds_vlm.models.loading import load_model
+    from ds_vlm.train.ds_config import DSSettings
 
-    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
+    ds = DSSettings()  # ZeRO-0, fp32
     gemma = ModelConfig(path=str(family_models("gemma3")))
     with pytest.raises(ConfigError, match="--packing: gemma3: image tokens attend both ways"):
         load_model(gemma, ds, "sdpa", packing=True)
@@ -259,3 +260,32 @@ def test_load_refuses_what_would_not_be_exact(family_models):
 
     hf = AutoConfig.for_model(**config)
     assert onevision.packing_refusal(hf) == onevision.sequence_parallel_refusal(hf) == ""
+
+
+def test_prepare_for_training_is_the_one_sequence(family_models, monkeypatch):
+    """prepare_for_training: the family's changes (left out for the baselines), no KV cache, the trainable parts,
+    LoRA where asked (peft's wrapper is what trains), checkpointing as the config says, the SP slicing."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.models.loading import prepare_for_training
+
+    path = family_models("qwen3_vl")
+    calls = []
+    monkeypatch.setattr(QwenVLAdapter, "prepare", lambda self, model: calls.append("prepare"))
+
+    class Slicing:
+        def install(self, decoder, adapter):
+            calls.append("sp")
+
+    plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    adapter = adapter_for(plain.config.model_type)
+    prepared = prepare_for_training(plain, adapter, ModelConfig(), family_changes=False, checkpointing=False)
+    assert calls == [] and prepared.trained is plain and prepared.lora is None
+    assert plain.config.get_text_config().use_cache is False and not plain.model.language_model.gradient_checkpointing
+    assert prepared.groups["llm"] and not any(p.requires_grad for _, p in prepared.groups["vision"])
+    lora = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    prepared = prepare_for_training(lora, adapter, ModelConfig(lora_rank=4), sequence_parallel=Slicing())
+    assert calls == ["prepare", "sp"] and prepared.trained is not lora and prepared.lora is not None
+    assert lora.model.language_model.gradient_checkpointing  # --gradient_checkpointing's default
+    assert all("lora_" in n for n, p in prepared.trained.named_parameters() if p.requires_grad and "lm_head" not in n
+               and "merger" not in n), [n for n, p in prepared.trained.named_parameters() if p.requires_grad][:5]

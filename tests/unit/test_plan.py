@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from fixtures.models import load_4bit
 
-from ds_vlm.memplan.planner import main, model_states, persistent_numel
+from ds_vlm.memplan.cli import main
+from ds_vlm.memplan.planner import model_states, persistent_numel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +102,7 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
     """The plan of each family at ZeRO-0, 2 and 3. The stage changes the model states, not the micro-batch nor its
     activations: the first plan's fake-tensor trace (seconds each, ~8 s for Qwen3.5's chunked linear attention)
     is reused by the other two, which are given the same micro-batch (checked)."""
-    from ds_vlm.memplan import planner
+    from ds_vlm.memplan import cli
 
     traced = {}
 
@@ -113,8 +114,8 @@ def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_pa
             traced[key] = planner_trace(config, model_config, adapter, micro, dtype, sp)
         return traced[key]
 
-    planner_trace = planner.trace_activations
-    monkeypatch.setattr(planner, "trace_activations", trace_once)
+    planner_trace = cli.trace_activations
+    monkeypatch.setattr(cli, "trace_activations", trace_once)
     model = family_models(family)
     peaks = {}
     for stage in (0, 2, 3):
@@ -190,7 +191,7 @@ def test_sequence_parallelism_is_traced_per_rank_slice(family_models, tmp_path):
 
 
 def test_the_step_time_takes_the_gpu_checks_measured_mfu(tmp_path):
-    from ds_vlm.memplan.planner import DEFAULT_MFU, mfu_to_assume
+    from ds_vlm.memplan.cli import DEFAULT_MFU, mfu_to_assume
 
     check = tmp_path / "gpu_check.json"
     check.write_text(json.dumps({"stages": [{"name": "sweep_2b", "detail": {"rows": [

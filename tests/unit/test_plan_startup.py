@@ -73,3 +73,24 @@ def test_an_unresolved_auto_budget_never_plans_batches(demo_dir, capsys):
                         "--workers", "0", "--max_tokens_per_batch", "auto", "--max_length", "512"])
     out = capsys.readouterr().out
     assert rc == 0 and "global batch" in out and "--max_tokens_per_batch auto is chosen by the trainer" in out, out
+
+
+def test_the_plan_at_start_returns_the_budget_and_leaves_the_config(monkeypatch, tmp_path):
+    """A value, not a side effect: `--max_tokens_per_batch auto` on a resumed run comes back in the StartPlan
+    (the checkpoint's number, with the line that says so); the config is left as it was, for the trainer to
+    assign."""
+    from types import SimpleNamespace
+
+    import ds_vlm.checkpoint.resume as resume
+    from ds_vlm.memplan.startup import StartPlan, plan_at_start
+
+    config = TrainConfig.from_keys(model="m", train_data="d", max_tokens_per_batch=AUTO_BUDGET, plan_at_start=False)
+    found = tmp_path / "step_00000010"
+    monkeypatch.setattr(resume, "resume_source", lambda checkpoint: found)
+    monkeypatch.setattr(resume, "read_meta", lambda path: SimpleNamespace(
+        run=SimpleNamespace(config={"max_tokens_per_batch": 4096})))
+    start = plan_at_start(config, None, None, 1, None, None)
+    assert start == StartPlan(4096, ["--max_tokens_per_batch auto: 4096, as the checkpoint step_00000010 recorded it"])
+    assert config.batch.max_tokens_per_batch == AUTO_BUDGET
+    fixed = TrainConfig.from_keys(model="m", train_data="d", max_tokens_per_batch=2048, plan_at_start=False)
+    assert plan_at_start(fixed, None, None, 1, None, None) == StartPlan(2048, [])

@@ -11,9 +11,7 @@ from ds_vlm.train.loss import LabelRows
 
 def _group(size: int, rank: int) -> SequenceParallel:
     """A SequenceParallel seen from one rank, without a process group (for what needs none)."""
-    sp = object.__new__(SequenceParallel)
-    sp.size, sp.rank = size, rank
-    return sp
+    return SequenceParallel(size, rank)
 
 
 def test_each_rank_keeps_the_label_rows_of_its_slice_shifted_first():

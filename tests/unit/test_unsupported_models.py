@@ -42,7 +42,7 @@ def _one_line(err: str, expected: str) -> None:
 @pytest.mark.parametrize("model_type", CASES)
 def test_plan_and_validate_answer_in_one_line(model_type, model_dirs, demo_dir, capsys):
     import ds_vlm.data.validate as validate
-    import ds_vlm.memplan.planner as plan
+    import ds_vlm.memplan.cli as plan
 
     model = str(model_dirs[model_type])
     rc = plan.main(["--model", model, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--device", "cpu"])

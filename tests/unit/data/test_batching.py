@@ -75,10 +75,10 @@ def test_packed_equals_padded(family, family_models, packing_records):
     if refusal:
         from ds_vlm.config import ConfigError, ModelConfig
         from ds_vlm.models.loading import load_model
+        from ds_vlm.train.ds_config import DSSettings
 
         with pytest.raises(ConfigError, match=f"--packing: {family}: .*sliding-window"):
-            load_model(ModelConfig(path=str(family_models(family))), {"zero_optimization": {}, "bf16": {}}, "sdpa",
-                       packing=True)
+            load_model(ModelConfig(path=str(family_models(family))), DSSettings(), "sdpa", packing=True)
         assert not torch.allclose(loss_and_grads(model, packed(samples))[0], loss_and_grads(model, padded(samples))[0])
         return
     reference, got = loss_and_grads(model, padded(samples)), loss_and_grads(model, packed(samples))
@@ -166,9 +166,7 @@ def test_changing_one_sample_leaves_the_others_exactly_unchanged(demo_dir, packi
 
 def _group(size: int, rank: int) -> SequenceParallel:
     """A SequenceParallel seen from one rank, without a process group (for what needs none)."""
-    sp = object.__new__(SequenceParallel)
-    sp.size, sp.rank = size, rank
-    return sp
+    return SequenceParallel(size, rank)
 
 
 def test_sequences_are_padded_to_split_evenly_or_refused(demo_dir, mixed_data):
