@@ -27,12 +27,13 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert report["complete"] and report["budget_s"] == 420
-    assert list(stages) == FIRST_PART + ["qlora", "lora", "liger", "sweep_2b", "plan", "deepspeed_features"]
+    assert list(stages) == FIRST_PART + ["qlora", "lora", "qwen3_5", "liger", "sweep_2b", "plan", "deepspeed_features"]
     assert sum(stages[n]["planned_s"] for n in FIRST_PART) <= 420
     assert all(stages[n]["status"] == "ok" for n in FIRST_PART), {n: stages[n]["detail"] for n in FIRST_PART}
     for name in ("liger", "deepspeed_features"):
         assert stages[name]["status"] == "skipped" and "CUDA only" in stages[name]["detail"]["reason"]
     assert stages["qlora"]["status"] == "skipped" and "test_lora.py" in stages["qlora"]["detail"]["reason"]
+    assert stages["qwen3_5"]["status"] == "skipped" and "test_batching.py" in stages["qwen3_5"]["detail"]["reason"]
     # the rest ran where the budget left room on this CPU, else waits for the next call: never failed
     assert all(s["status"] in ("ok", "skipped", "not_run") for s in stages.values())
     versions = stages["imports"]["detail"]["versions"]
