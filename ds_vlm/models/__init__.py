@@ -16,7 +16,7 @@ ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VL
                                  LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter())
 # Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
 # in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
-GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl")
+GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl", "smolvlm")
 FAMILIES = tuple(a.family for a in ADAPTERS) + GENERIC_VERIFIED
 
 

@@ -92,7 +92,29 @@ INTERNVL = ChatSpec(QWEN_SPECIAL_TOKENS + ("<img>", "</img>", "<IMG_CONTEXT>", "
                     named={"start_image_token": "<img>", "end_image_token": "</img>",
                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
-CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL}
+# HuggingFaceTB/SmolVLM2-*-Instruct (Idefics3 layout): <|im_start|> once, then `User:` / `Assistant:` turns each closed by
+# <end_of_utterance>\n, an image written as <image>, which the processor expands to its grid of tiles (each
+# <fake_token_around_image><row_r_col_c> + the tile's <image> tokens, a newline after each row of tiles) and the global
+# image (<fake_token_around_image><global-img> + its <image> tokens + <fake_token_around_image>); the row/column markers
+# are special tokens of their own (up to 6 x 6 tiles)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_TILES = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+SMOLVLM = ChatSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
+                    "<image>", "<global-img>", "<video>") + SMOLVLM_TILES, eos="<end_of_utterance>", pad="<|im_end|>",
+                   bos="<|im_start|>", stop=("<end_of_utterance>",), template=SMOLVLM_TEMPLATE,
+                   named={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                          "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>",
+                          "video_token": "<video>"})
+
+CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL,
+         "smolvlm": SMOLVLM}
 
 
 def chat_of(family: str) -> ChatSpec:

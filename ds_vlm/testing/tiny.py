@@ -113,6 +113,12 @@ SPECS = {
                          dict(model_type="internvl_vision", hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32], patch_size=[8, 8]), 8,
                          text=dict(model_type="qwen2", bos_token_id=None)),
+    # SmolVLM2 (Idefics3 layout): SigLIP tiles of 32 px (4 x 4 patches of 8), pixel-shuffled by 2 to 4 tokens; a
+    # 64 x 64 image is a 2 x 2 grid of tiles + the global image: 20 <image> tokens
+    "smolvlm": TinySpec("SmolVLMConfig", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+                        dict(model_type="smolvlm_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, image_size=32, patch_size=8), 8,
+                        text=dict(model_type="llama"), tokenizer="GPT2Tokenizer"),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -166,6 +172,26 @@ def internvl(spec: TinySpec, text: dict, tokenizer):
     return config, processor
 
 
+def smolvlm(spec: TinySpec, text: dict, tokenizer):
+    """SmolVLM2 as HuggingFaceTB sets it up: images resized (longest edge) to `size`, split into tiles of
+    `max_image_size` plus the global image resized to one tile, mean/std 0.5, Lanczos, tiles zero-padded per batch
+    (with a pixel mask); the connector pixel-shuffles by `scale_factor`. Released: tiles of 512 and a size of 4 tiles
+    (2048); here tiles of 32 and a size of 2 tiles (64, the demo's images), so an image is 2 x 2 tiles + the global
+    one."""
+    import transformers as tf
+
+    config = tf.SmolVLMConfig(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                              scale_factor=2, image_token_id=tokenizer.image_token_id,
+                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    image = tf.SmolVLMImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
+                                     do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
+    video = tf.SmolVLMVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.SmolVLMProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                    image_seq_len=4, chat_template=tokenizer.chat_template)
+    return config, processor
+
+
 def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
     every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
@@ -211,6 +237,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = mistral3(spec, text, tokenizer)
     elif family == "internvl":
         config, processor = internvl(spec, text, tokenizer)
+    elif family == "smolvlm":
+        config, processor = smolvlm(spec, text, tokenizer)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)
