@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: launch/train.py, ds_configs/
+from benchmarks.gpu_common import ROOT, stage_env
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,6 @@ DRY_RUN_LEAVES = {"qlora": "QLoRA trains on the CPU in tests/dist/test_lora.py (
                            "it to the GPU"}
 DRY_RUN_SLOWDOWN = 4  # a shared 2-core CPU against the GPU host: the dry run's stage timeouts
 OVERRUN = 1.5         # a stage may run this much over its plan before it is killed (never past the budget)
-TRAIN_FLAGS = ["--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "4", "--packing", "--lr", "1e-3",
-               "--warmup_ratio", "0", "--max_length", "512", "--dist_timeout_s", "120", "--num_workers", "1"]
 
 
 # --------------------------------------------------------------------------- the orchestrator
@@ -117,6 +115,7 @@ def kill_group(proc: subprocess.Popen) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            proc.poll()  # the stage's own process reaped once it ends: a zombie keeps its group alive to killpg
             try:
                 os.killpg(proc.pid, 0)
             except ProcessLookupError:
@@ -138,7 +137,7 @@ def run_stage(stage: Stage, work: Path, dry_run: bool, timeout_s: float, cmd: Op
     log = work / f"{stage.name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=stage_env(), start_new_session=True)
         try:
             code: Optional[int] = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -152,10 +151,6 @@ def run_stage(stage: Stage, work: Path, dry_run: bool, timeout_s: float, cmd: Op
         return {**record, "status": "ok", "seconds": seconds, "detail": json.loads(result.read_text())}
     error = f"over its {timeout_s:.0f} s (killed with its process group)" if code is None else f"exit {code}"
     return {**record, "status": "failed", "seconds": seconds, "detail": {"error": error, "log_tail": tail}}
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def prepare(work: Path) -> None:

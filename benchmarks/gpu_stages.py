@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.gpu_check import ROOT, TRAIN_FLAGS, _env
+from benchmarks.gpu_common import ROOT, TRAIN_FLAGS, stage_env
 from ds_vlm.runtime.distributed import free_port
 
 
@@ -43,7 +43,7 @@ def _train(work: Path, name: str, zero: str, *extra: str, timeout: float = 600, 
                "--train_data", str(work / "data" / "train.jsonl"), "--deepspeed",
                str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out), *TRAIN_FLAGS, *extra]
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=stage_env(), timeout=timeout)
         if proc.returncode != 0:
             raise StageFailed(f"{name}: the run exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
     text = log.read_text(errors="replace")

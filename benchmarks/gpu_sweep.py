@@ -122,7 +122,7 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
     from ds_vlm.models.loading import enable_checkpointing, set_trainable
     from ds_vlm.parallel.attention import SampleBoundaries, kernel_description, resolve_attention
     from ds_vlm.runtime.distributed import init_distributed, setup_threads
-    from ds_vlm.runtime.metrics import FlopsCounter, device_peak_tflops
+    from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
     from ds_vlm.train.ds_config import resolve_ds_config, settle_optimizer
     from ds_vlm.train.forward import ForwardContext
     from ds_vlm.train.loss import LabelLoss

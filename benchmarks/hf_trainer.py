@@ -151,7 +151,7 @@ def main() -> int:
     collator = Collator(encoder.tokenizer.pad_token_id, encoder.dummy())
 
     try:
-        from ds_vlm.runtime.metrics import FlopsCounter
+        from ds_vlm.runtime.flops import FlopsCounter
 
         flops_of = FlopsCounter(model, adapter, ModelConfig())
     except Exception:  # noqa: BLE001 - FLOPs are optional in the report

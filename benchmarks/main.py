@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     print(f"[bench] model: {n_params / 1e6:.2f} M parameters, {n_trainable / 1e6:.2f} M trained", flush=True)
     peak = args.peak_tflops or None
     try:
-        from ds_vlm.runtime.metrics import device_peak_tflops
+        from ds_vlm.runtime.flops import device_peak_tflops
 
         peak = device_peak_tflops(args.peak_tflops)
     except ImportError:

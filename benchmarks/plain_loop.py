@@ -58,7 +58,7 @@ def plain_loop(argv: list[str]) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     try:
-        from ds_vlm.runtime.metrics import FlopsCounter
+        from ds_vlm.runtime.flops import FlopsCounter
 
         flops_of = FlopsCounter(model, adapter, config)
     except Exception:  # noqa: BLE001 - FLOPs are optional in the report

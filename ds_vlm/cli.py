@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     from ds_vlm.data.preflight import BadDataError, TooManyBadRecords
     from ds_vlm.data.specs import SpecError
     from ds_vlm.runtime.distributed import RendezvousError
-    from ds_vlm.train.trainer import TrainingDiverged, run
+    from ds_vlm.train.progress import TrainingDiverged
+    from ds_vlm.train.trainer import run
 
     try:
         config = load_config(argv)

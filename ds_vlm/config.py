@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -298,29 +298,38 @@ class TrainConfig:
         return self
 
 
-def _fields():
-    """(key, section or '', dataclass field, its type) for every key, in table order (sections, then top level)."""
+@dataclass(frozen=True)
+class ConfigKey:
+    """One flat key (a flag, a YAML key) and the dataclass field it sets."""
+    key: str
+    section: str      # '' for a top-level field of TrainConfig
+    field: Field      # its default and metadata (help, values, parse)
+    kind: type        # its resolved type
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every key, in table order (sections, then top level)."""
     out = []
     for section, cls in SECTIONS.items():
         types = typing.get_type_hints(cls)
-        out += [(f.metadata.get("key") or f.name, section, f, types[f.name]) for f in fields(cls)]
+        out += [ConfigKey(f.metadata.get("key") or f.name, section, f, types[f.name]) for f in fields(cls)]
     types = typing.get_type_hints(TrainConfig)
-    out += [(f.name, "", f, types[f.name]) for f in fields(TrainConfig) if f.name not in SECTIONS]
+    out += [ConfigKey(f.name, "", f, types[f.name]) for f in fields(TrainConfig) if f.name not in SECTIONS]
     return out
 
 
 def key_table() -> dict[str, tuple[str, str]]:
     """key -> (section, field name); section '' for top-level fields."""
-    return {key: (section, f.name) for key, section, f, _ in _fields()}
+    return {k.key: (k.section, k.field.name) for k in config_keys()}
 
 
 def field_types() -> dict[str, type]:
     """key -> its type."""
-    return {key: kind for key, _, _, kind in _fields()}
+    return {k.key: k.kind for k in config_keys()}
 
 
 def default_of(key: str):
-    return next(f.default for k, _, f, _ in _fields() if k == key)
+    return next(k.field.default for k in config_keys() if k.key == key)
 
 
 def choice_keys() -> dict[str, tuple]:

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from ds_vlm.config import ConfigError, TrainConfig, _fields, key_table
+from ds_vlm.config import ConfigError, TrainConfig, config_keys, key_table
 
 # Old names users may have in their YAML files or scripts: key -> (key it sets, how its value maps).
 ALIASES = {
@@ -44,7 +44,7 @@ def _converter(f, kind):
 
 def _coerce(key: str, value, source: str):
     """YAML reads 2e-5 as a string and `true` as a bool; bring each value to its key's type."""
-    f, kind = next((f, kind) for k, _, f, kind in _fields() if k == key)
+    f, kind = next((k.field, k.kind) for k in config_keys() if k.key == key)
     try:
         return _converter(f, kind)(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Supervised fine-tuning of vision-language models on DeepSpeed.")
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags win")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    for key, _, f, kind in _fields():
+    for entry in config_keys():
+        key, f, kind = entry.key, entry.field, entry.kind
         help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats
         if kind is bool:
             parser.add_argument(f"--{key}", type=_str2bool, nargs="?", const=True,
@@ -129,10 +130,10 @@ def _values(f, kind) -> str:
 def flag_table() -> str:
     """The markdown table of every key (docs/training.md holds this output; a test keeps them equal)."""
     rows = ["| flag / key | section | default | values | meaning |", "|---|---|---|---|---|"]
-    for key, section, f, kind in _fields():
-        values = _values(f, kind)
-        default = f"`{f.default}`" if f.default != "" else ""
-        rows.append(f"| `{key}` | {section or 'run'} | {default} | {values} | {f.metadata.get('help', '')} |")
+    for k in config_keys():
+        default = f"`{k.field.default}`" if k.field.default != "" else ""
+        rows.append(f"| `{k.key}` | {k.section or 'run'} | {default} | {_values(k.field, k.kind)} | "
+                    f"{k.field.metadata.get('help', '')} |")
     for alias, (target, _) in ALIASES.items():
         rows.append(f"| `{alias}` | | | int | old name: N sets `{target}` to `last:N` |")
     return "\n".join(rows)

@@ -16,47 +16,22 @@ DeepSpeed types they hold: nothing in them can run code.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 
-from ds_vlm.checkpoint.core import (
-    HF_CONFIG,
-    find_checkpoint,
-    plain_model,
-    read_meta,
-    save_hf,
-    save_lora_exports,
-)
+from ds_vlm.checkpoint.hf import plain_model, save_hf, save_lora_exports
+from ds_vlm.checkpoint.meta import HF_CONFIG, read_meta
+from ds_vlm.checkpoint.resume import find_checkpoint
 from ds_vlm.models.lora import from_description
-
-
-@contextlib.contextmanager
-def _weights_only_loading():
-    """Make DeepSpeed's checkpoint readers load with weights_only=True (they ask for False)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    with torch.serialization.safe_globals(allowed), mock.patch.object(torch, "load", safe_load):
-        yield
+from ds_vlm.patches.torch_serialization import weights_only_loading
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of any ZeRO stage."""
-    meta = read_meta(checkpoint)
-    with _weights_only_loading():
-        if meta["zero_stage"] == 0:
+    with weights_only_loading():  # ds_vlm/patches/torch_serialization.py
+        if read_meta(checkpoint).run.zero_stage == 0:
             state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
             return {k: v.float() for k, v in state.items()}
         from deepspeed.utils.zero_to_fp32 import (
@@ -73,7 +48,7 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     checkpoint = find_checkpoint(checkpoint_dir)
     if checkpoint is None:
         raise SystemExit(f"ds-vlm export: no complete checkpoint in {checkpoint_dir}")
-    meta = read_meta(checkpoint)
+    run = read_meta(checkpoint).run
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     state = {k: v.to(torch_dtype) for k, v in consolidated_state_dict(checkpoint).items()}
     hf_config = checkpoint / HF_CONFIG
@@ -81,9 +56,9 @@ def export(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_siz
     generation = (GenerationConfig.from_pretrained(hf_config) if (hf_config / "generation_config.json").is_file()
                   else None)
     processor = AutoProcessor.from_pretrained(hf_config)
-    if meta.get("lora"):  # the checkpoint holds what trained; the frozen base weights are the run's --model
-        lora = from_description(meta["lora"])
-        full = {**base_weights_for(meta["config"], lora, torch_dtype), **state}
+    if run.lora:  # the checkpoint holds what trained; the frozen base weights are the run's --model
+        lora = from_description(run.lora)
+        full = {**base_weights_for(run.config, lora, torch_dtype), **state}
         save_lora_exports(full, lora, config, generation, processor, str(out_dir),
                           adapter_dir or str(out_dir).rstrip("/") + "-adapter")
         return checkpoint

@@ -162,11 +162,6 @@ def expand_source(path: str) -> list[str]:
     return [path]
 
 
-def parse_sources(spec: str) -> list[tuple[str, Optional[float]]]:
-    """'a.jsonl:0.7,b.parquet:0.3' -> [(path, weight)] (specs.parse_spec has the whole grammar)."""
-    return [(source.path, source.weight) for source in parse_spec(spec)]
-
-
 class SourceFile:
     """One data file as a source reads it: the rows its selector keeps (None: all), its image root, and a
     LLaMA-Factory entry's renaming; records are named by their row in the file."""

@@ -24,8 +24,11 @@ from ds_vlm.eval.scores import corpus_scores, sample_scores
 from ds_vlm.runtime.console import quiet_console
 
 
-def exact_match(model_dir: str, data: str, limit: int = 0, out: str = "",
-                video_sampling: VideoSampling | None = None, report: str = "") -> dict:
+def evaluate_export(model_dir: str, data: str, limit: int = 0, out: str = "",
+                    video_sampling: VideoSampling | None = None, report: str = "") -> dict:
+    """Greedy answers of the exported model in `model_dir` to the records of `data` (the first `limit`), scored
+    against each record's last assistant turn: {accuracy, correct, total (exact match), rows (one per record, its
+    answer and scores), scores (corpus_scores: exact match, BLEU, chrF, ROUGE-L)}."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--video_max_frames", type=int, default=VideoSampling.max_frames)
     args = parser.parse_args(argv)
     quiet_console(rank=0)  # a tool: its own warnings once, no bars redrawn into a log
-    result = exact_match(args.model, args.data, args.limit, args.out,
+    result = evaluate_export(args.model, args.data, args.limit, args.out,
                          VideoSampling(args.video_fps, args.video_max_frames), args.report)
     for row in [r for r in result["rows"] if not r["correct"]][:args.show]:
         print(f"  wrong: record {row['index']}: expected {row['reference']!r}, got {row['answer']!r}")

@@ -6,8 +6,6 @@ captions) need the others: exact match is 0 there whatever the model learns.
 
 from __future__ import annotations
 
-METRICS = ("exact_match", "bleu", "chrf", "rouge_l")
-
 
 def sample_scores(answer: str, reference: str) -> dict:
     """One answer's scores (sentence-level BLEU and chrF, ROUGE-L F), for sorting a report."""

@@ -164,7 +164,7 @@ class ParamCounts:
         """`four_bit`: parameters of a model not quantized (the planner's, on the meta device) that --lora_bits 4
         would load in 4 bits (four_bit_params), at the bytes bitsandbytes would store them in (nf4_bytes); `muon`:
         the run's optimizer is DeepSpeed's Muon; `ep`: its expert-parallel size."""
-        from ds_vlm.runtime.metrics import weight_count
+        from ds_vlm.runtime.flops import weight_count
 
         params = list(model.parameters())
         trained = [weight_count(p) for p in params if p.requires_grad]
@@ -269,7 +269,7 @@ def plan(argv=None) -> Optional[dict]:
     from ds_vlm.flags import load_tool_config
     from ds_vlm.models import adapter_for, model_config
     from ds_vlm.parallel.expert import ep_size_of
-    from ds_vlm.runtime.metrics import FlopsCounter, peak_tflops_of
+    from ds_vlm.runtime.flops import FlopsCounter, peak_tflops_of
     from ds_vlm.train.ds_config import resolve_ds_config
 
     try:

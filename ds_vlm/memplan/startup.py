@@ -156,14 +156,14 @@ def plan_at_start(config, loaded, ds_config: dict, world: int, checks, encoder) 
     error there stops every rank with its message). Then the one-line plan (--plan_at_start), which never stops
     a run: a model it cannot trace says so in the line. One planner for both, so the budget's traces serve the
     line too."""
-    import ds_vlm.checkpoint.core as ckpt
+    import ds_vlm.checkpoint.resume as ckpt
     import ds_vlm.runtime.distributed as comm
 
     rank0, said, planner = comm.rank() == 0, [], None
     batch = config.batch
     if batch.max_tokens_per_batch == AUTO_BUDGET:
         found = ckpt.resume_source(config.checkpoint)
-        saved = int(ckpt.read_meta(found)["config"].get("max_tokens_per_batch", 0)) if found is not None else 0
+        saved = int(ckpt.read_meta(found).run.config.get("max_tokens_per_batch", 0)) if found is not None else 0
         if saved > 0:
             batch.max_tokens_per_batch = saved
             said.append(f"--max_tokens_per_batch auto: {saved}, as the checkpoint {found.name} recorded it")

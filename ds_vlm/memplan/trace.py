@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ds_vlm.memplan.live_bytes import LiveBytes
@@ -98,24 +97,13 @@ def _fill(encoder, image, words: int, n_tokens: int, Sample) -> dict:
     return encoded
 
 
-@contextmanager
 def no_zero3_init():
     """A ZeRO-3 run's HfDeepSpeedConfig makes transformers build every model under deepspeed.zero.Init (which
-    partitions with collectives): the planner's shape-only copies must be built plainly."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    partitions with collectives): the planner's shape-only copies must be built plainly (the patch
+    `hf_deepspeed_config_set_aside`)."""
+    from ds_vlm.patches.transformers_loading import zero3_init_set_aside
 
-    with _patched(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None):
-        yield
-
-
-@contextmanager
-def _patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
+    return zero3_init_set_aside()
 
 
 TRACE_SP = "ds_vlm_trace_ulysses"
@@ -138,10 +126,10 @@ def _trace_sequence_parallel(group):
     causally, and the output goes back to this rank's tokens and all heads. Same shapes and buffers, no
     values (fake tensors); a one-process trace of one rank."""
     import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
     from ds_vlm.parallel.ulysses import SLICED
+    from ds_vlm.patches.transformers_attention import register_attention
 
     sp = group.size
 
@@ -171,22 +159,8 @@ def _trace_sequence_parallel(group):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
         return AllToAll.apply(out.transpose(1, 2), (b, n, h, d)), None
 
-    AttentionInterface.register(TRACE_SP, attention)
-    AttentionMaskInterface.register(TRACE_SP, lambda *a, **k: None if group.armed else sdpa_mask(*a, **k))
+    register_attention(TRACE_SP, attention, lambda *a, **k: None if group.armed else sdpa_mask(*a, **k))
     return group
-
-
-@contextmanager
-def _moe_on_fakes():
-    """MoE experts: torch's grouped_mm runs fp32 on a real CPU but its meta function takes bf16 only, so a fp32
-    trace takes transformers' own fallback (registered for fake tensors; the same output buffers)."""
-    import torch
-    from transformers.integrations import moe
-
-    usable = moe._can_use_grouped_mm
-    with _patched(moe, "_can_use_grouped_mm",
-                  lambda input, weight, offs: weight.dtype == torch.bfloat16 and usable(input, weight, offs)):
-        yield
 
 
 def meta_model(config, adapter, model_config, attention: str | dict = "sdpa", dtype=None):
@@ -263,12 +237,10 @@ def trace_activations(config, model_config, adapter, micro, dtype, sp: int = 1) 
         for module in [parts.llm_decoder, *getattr(parts.llm_decoder, "layers", [])]:  # layers: their recompute
             tracker.label(module, "language tower")
         tracker.label(model.get_output_embeddings(), "loss")
-        # transformers builds a full L x L causal mask when it sees fake tensors (it takes them for a compile
-        # trace); the real run's sdpa gets is_causal and no mask. Host values are known here, so the trace
-        # decides as the real run does.
-        from transformers import masking_utils
+        # transformers' checks for a compile trace answered as on real tensors (ds_vlm/patches/transformers_trace.py)
+        from ds_vlm.patches.transformers_trace import fake_tensors_run_as_real
 
-        with tracker.mode, _patched(masking_utils, "is_tracing", lambda tensor=None: False), _moe_on_fakes():
+        with tracker.mode, fake_tensors_run_as_real():
             with context.armed(micro, rows) as forward:
                 inputs = dict(forward.inputs)
                 mask = micro.inputs.get("attention_mask")

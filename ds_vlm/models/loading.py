@@ -13,6 +13,7 @@ import torch
 from ds_vlm.config import ConfigError, ModelConfig
 from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
+from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
 
 
 @dataclass
@@ -149,7 +150,7 @@ def enable_checkpointing(model: torch.nn.Module, adapter: Adapter, config: Model
     parts = adapter.parts(model)
     if config.gradient_checkpointing:
         _checkpoint_blocks(parts.llm_decoder)
-        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        embeddings_output_requires_grad(model.get_input_embeddings())  # ds_vlm/patches/torch_modules.py
     if config.vision_checkpointing:
         if parts.vision_encoder is None:
             raise ConfigError(f"--vision_checkpointing: the {adapter.family} adapter names no vision encoder")
@@ -163,6 +164,3 @@ def _checkpoint_blocks(module) -> None:
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-
-def _output_requires_grad(module, inputs, output):
-    output.requires_grad_(True)

@@ -10,7 +10,6 @@ partitioned needs `loading()`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 
 class MoeExperts:
@@ -18,32 +17,15 @@ class MoeExperts:
 
     @contextmanager
     def loading(self, zero3: bool):
-        """Under ZeRO-3, let transformers' shape-checked weight conversions see full parameter shapes.
+        """Under ZeRO-3, let transformers' shape-checked weight conversions see full parameter shapes (the patch
+        `fused_experts_transpose_full_shapes`, ds_vlm/patches/transformers_loading.py)."""
+        from ds_vlm.patches.transformers_loading import full_shapes_in_transpose
 
-        `Transpose(check_dims=True)` (the fused experts) transposes a checkpoint tensor unless its shape equals
-        the model parameter's `.shape`; a ZeRO-3 parameter's `.shape` is its empty local partition, so a
-        checkpoint already in the model's layout (any transformers 5 save, our own export included) was
-        transposed and failed with a size mismatch. Compare with `ds_shape` instead.
-        """
-        try:
-            from transformers.core_model_loading import Transpose
-        except ImportError:  # another transformers layout: nothing to fix
-            zero3 = False
         if not zero3:
             yield
             return
-        original = Transpose.convert
-
-        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-            if kwargs.get("model") is not None:
-                kwargs["model"] = _FullShapes(kwargs["model"])
-            return original(self, input_dict, source_patterns, target_patterns, **kwargs)
-
-        Transpose.convert = convert
-        try:
+        with full_shapes_in_transpose():
             yield
-        finally:
-            Transpose.convert = original
 
     def router_aux_loss_coef(self, config) -> float:
         """The weight of the router's load-balancing loss when the config asks for it (`output_router_logits`
@@ -72,13 +54,3 @@ class MoeExperts:
         of tensor a (2) must match the size of tensor b (82)")."""
         return {"output_router_logits": False}
 
-
-class _FullShapes:
-    """A model seen only through `get_parameter(name).shape`, with ZeRO-3's full shapes."""
-
-    def __init__(self, model):
-        self._model = model
-
-    def get_parameter(self, name: str):
-        param = self._model.get_parameter(name)
-        return SimpleNamespace(shape=getattr(param, "ds_shape", param.shape))

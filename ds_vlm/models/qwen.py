@@ -6,28 +6,7 @@ from __future__ import annotations
 import torch
 
 from ds_vlm.models.base import Adapter
-
-
-class PatchProjection(torch.nn.Conv3d):
-    """Qwen's patch embedding, `Conv3d(kernel_size=stride=patch)` over inputs exactly one patch in size, run as
-    what it is: one linear layer over the flattened patch, with the same weight (reshaped) and bias. The same
-    numbers, without the cuDNN convolution kernels that some versions pick badly for it (pytorch#174051: a
-    10-20x slower vision forward; transformers#45750: up to ~50,000x on Blackwell bf16). The module keeps its
-    class hierarchy, parameters and names: checkpoints, exports and loaded weights are unchanged."""
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        flat = patches.reshape(patches.shape[0], -1)
-        out = torch.nn.functional.linear(flat, self.weight.reshape(self.out_channels, -1), self.bias)
-        return out.view(patches.shape[0], self.out_channels, 1, 1, 1)
-
-
-def use_patch_projection(conv: torch.nn.Module) -> bool:
-    """Turn a stride == kernel, unpadded Conv3d into a PatchProjection in place; False if it is not one."""
-    if type(conv) is not torch.nn.Conv3d or tuple(conv.stride) != tuple(conv.kernel_size) or conv.groups != 1 \
-            or any(conv.padding) or any(d != 1 for d in conv.dilation):
-        return False
-    conv.__class__ = PatchProjection
-    return True
+from ds_vlm.patches.torch_modules import use_patch_projection
 
 
 class QwenVLAdapter(Adapter):
@@ -36,8 +15,8 @@ class QwenVLAdapter(Adapter):
     padded_batch_positions = True
 
     def prepare(self, model) -> None:
-        """The vision tower's patch embedding as a linear layer (PatchProjection); with the varlen interface, the
-        vision tower's attention gets its images' boundaries (attention.route_vision_varlen)."""
+        """The vision tower's patch embedding as a linear layer (the patch `qwen_patch_embedding_as_linear`); with
+        the varlen interface, the vision tower's attention gets its images' boundaries (route_vision_varlen)."""
         from ds_vlm.parallel.attention import route_vision_varlen
 
         use_patch_projection(model.model.visual.patch_embed.proj)

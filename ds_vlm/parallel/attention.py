@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 import ds_vlm.parallel.linear_attention as linear_attention
+from ds_vlm.patches.transformers_attention import register_attention, rewrite_forward_kwargs, route_vision_tower
 from ds_vlm.runtime.console import say_once
 
 VARLEN = "ds_vlm_varlen"
@@ -214,12 +215,9 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
 
 
 def register_varlen() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
+    """The varlen interface under its two names (the patch `attention_functions_registered`)."""
     for name in (VARLEN, VISION_VARLEN):
-        AttentionInterface.register(name, varlen_attention)
-        AttentionMaskInterface.register(name, _varlen_mask)
+        register_attention(name, varlen_attention, _varlen_mask)
 
 
 def route_vision_varlen(vision_config) -> bool:
@@ -231,7 +229,7 @@ def route_vision_varlen(vision_config) -> bool:
     if getattr(vision_config, "_attn_implementation", None) not in (VARLEN, "sdpa"):
         return False
     register_varlen()
-    vision_config._attn_implementation_internal = VISION_VARLEN
+    route_vision_tower(vision_config, VISION_VARLEN)  # the patch `vision_tower_varlen_route`
     return True
 
 
@@ -240,7 +238,8 @@ class SampleBoundaries:
     flash-attention 2 and the varlen interface read (cu_seq_lens_q/k, max_length_q/k); the vision tower never
     sees them. Unarmed, nothing is added. The same kwargs reach the linear-attention layers of a hybrid tower
     (Qwen3.5's Gated DeltaNet), which honour them through the patch `linear_attention.install` puts on them here
-    (FLA's varlen kernels on a GPU that has them, else one sample at a time).
+    (FLA's varlen kernels on a GPU that has them, else one sample at a time). The kwargs reach the language model
+    through the patch `language_model_forward_kwargs` (ds_vlm/patches/transformers_attention.py).
 
     With `stand_in_mask` (our own implementations, whose mask functions know the armed state: the varlen
     interface, the Ulysses wrapper): transformers would otherwise look for packed samples itself, by reading
@@ -248,22 +247,23 @@ class SampleBoundaries:
     that, and the mask function makes no mask while the boundaries are armed. Never for flash_attention_2,
     which would take the mask's unpadding path and ignore the boundaries."""
 
-    active: Optional["SampleBoundaries"] = None  # the armed instance, for the mask function
+    # the armed instance, for the registered mask function (transformers passes it none of the forward's kwargs)
+    active: Optional["SampleBoundaries"] = None
 
     def __init__(self, language_model: torch.nn.Module, stand_in_mask: bool = False):
         self._armed: dict | None = None
         self.stand_in_mask = stand_in_mask
         linear_attention.install(language_model)
-        language_model.register_forward_pre_hook(self._inject, with_kwargs=True)
+        rewrite_forward_kwargs(language_model, self._inject)  # the patch `language_model_forward_kwargs`
 
-    def _inject(self, module, args, kwargs):
+    def _inject(self, kwargs: dict) -> Optional[dict]:
         if self._armed is None:
             return None
         embeds = kwargs.get("inputs_embeds")
         extra = dict(self._armed)
         if self.stand_in_mask and embeds is not None and kwargs.get("attention_mask") is None:
             extra["attention_mask"] = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        return args, {**kwargs, **extra}
+        return {**kwargs, **extra}
 
     @contextmanager
     def armed(self, cu_seq_lens: torch.Tensor | None, max_length: int):

@@ -35,7 +35,8 @@ the other way round), transformers' own wrapper raises on the boundaries it cann
 sequences apart without ..."); a boundary with a cache, or with more than one row, is refused here.
 
 The patch, `SampleAwareLinearAttention`, is a subclass of each Gated DeltaNet class (its `__class__` swapped on
-the language model's linear-attention layers by `install`, which `SampleBoundaries` calls): parameter names,
+the language model's linear-attention layers by `install`, which `SampleBoundaries` calls, through the named
+patch `gated_deltanet_sample_aware` in ds_vlm/patches/): parameter names,
 the state dict and `isinstance` stay as they were, and without boundaries (generation, evaluation with padding)
 the layer is transformers' own. Written for transformers 5.24.0 (`Qwen3_5GatedDeltaNet`,
 `Qwen3_5MoeGatedDeltaNet`: their forward's math, and the module-level `causal_conv1d_fn` and
@@ -60,6 +61,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from ds_vlm.patches.transformers_linear_attention import make_sample_aware
 
 # The Gated DeltaNet classes whose forward this patch was written against (transformers 5.24.0).
 PATCHED_CLASSES = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
@@ -195,11 +198,6 @@ class SampleAwareLinearAttention(torch.nn.Module):
                           zip(*(torch.split(t, lengths, dim=1) for t in (mixed, g, beta)))], dim=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _sample_aware_class(cls: type) -> type:
-    return type(f"SampleAware{cls.__name__}", (SampleAwareLinearAttention, cls), {"__module__": __name__})
-
-
 def linear_attention_layers(language_model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language model's Gated DeltaNet layers, patched or not. Refuses a model whose config has
     linear-attention layers of a class this patch was not written for (it would run them unbounded)."""
@@ -221,8 +219,7 @@ def install(language_model: torch.nn.Module, sequence_parallel=None) -> int:
     them --sequence_parallel's SequenceParallel where there is one; returns how many layers there are."""
     layers = linear_attention_layers(language_model)
     for layer in layers:
-        if not isinstance(layer, SampleAwareLinearAttention):
-            layer.__class__ = _sample_aware_class(type(layer))
+        make_sample_aware(layer, SampleAwareLinearAttention)  # the patch `gated_deltanet_sample_aware`
         if sequence_parallel is not None:
             layer.sequence_parallel = sequence_parallel
     return len(layers)

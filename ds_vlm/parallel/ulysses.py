@@ -4,8 +4,8 @@ Ranks form groups of N consecutive ranks (DeepSpeed's `parallel_state_sp`); each
 samples, each rank holding 1/N of every sequence; data parallelism runs over the groups. What this module
 adds to DeepSpeed's attention wrapper is the VLM glue:
 - the vision tower runs on the whole sequence on every rank of a group (it is replicated, not split); a
-  forward pre-hook on the language model then gives each rank its slice of the input embeddings, of the
-  position ids (every row: transformers' text row and mrope's 3) and of what the adapter says is
+  forward pre-hook on the language model (a named patch, ds_vlm/patches/) then gives each rank its slice of the input
+  embeddings, of the position ids (every row: transformers' text row and mrope's 3) and of what the adapter says is
   per-token (Qwen3-VL: the visual position mask and the matching deepstack features);
 - the wrapper is registered under its own attention name for the text model only; the vision tower keeps
   its own attention (the wrapper would fail its position-ids check there);
@@ -28,7 +28,6 @@ global label count) makes the update the token-level mean whatever the stage.
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 
 import torch
@@ -38,12 +37,13 @@ import ds_vlm.runtime.distributed as comm
 from ds_vlm.parallel import ParallelLayout
 from ds_vlm.parallel.attention import varlen_attention
 from ds_vlm.parallel.linear_attention import has_linear_attention
+from ds_vlm.patches.deepspeed_ulysses import SLICED, ulysses_class
+from ds_vlm.patches.transformers_attention import attention_function, register_attention, rewrite_forward_kwargs
 from ds_vlm.train.loss import LabelRows
 
 ULYSSES = "ds_vlm_ulysses"
 
 
-SLICED = "ds_vlm_sequence_slice"  # the kwarg the language model passes down to its attention calls on a slice
 
 
 class SequenceParallel:
@@ -63,8 +63,7 @@ class SequenceParallel:
     def attn_implementation(self, core: str, model_config) -> dict:
         """Register the Ulysses wrapper around the sample-aware `core` attention; returns what from_pretrained
         takes: the wrapper for the text model, `core` for the vision tower."""
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import sdpa_mask
 
         if has_linear_attention(model_config):  # each rank runs whole sequences for 1/N of their heads
             text = model_config.get_text_config()
@@ -78,8 +77,8 @@ class SequenceParallel:
         # sample-aware core attention: the packed row's boundaries come from SampleBoundaries (host numbers, the
         # whole sequence's: after the all-to-all each rank holds all of it for its heads), unpacked rows attend
         # causally without a mask (padding is at the end of a row)
-        core_attention = AttentionInterface._global_mapping[core] if core == "flash_attention_2" else varlen_attention
-        wrapper = _ulysses_class()(self, core_attention, batch_size=1, attn_head_count=text.num_attention_heads,
+        core_attention = attention_function(core) if core == "flash_attention_2" else varlen_attention
+        wrapper = ulysses_class()(self, core_attention, batch_size=1, attn_head_count=text.num_attention_heads,
                                    attn_head_size=getattr(text, "head_dim", None) or
                                    text.hidden_size // text.num_attention_heads,
                                    kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
@@ -88,14 +87,14 @@ class SequenceParallel:
         def mask(*args, **kwargs):  # the wrapper ignores masks: none is built for a slice while armed
             return None if self.armed else sdpa_mask(*args, **kwargs)
 
-        AttentionInterface.register(ULYSSES, lambda *args, **kwargs: wrapper(*args, **kwargs))
-        AttentionMaskInterface.register(ULYSSES, mask)
+        # the patches `attention_functions_registered` and `ulysses_any_batch_size_slices_only`
+        register_attention(ULYSSES, lambda *args, **kwargs: wrapper(*args, **kwargs), mask)
         return {"text_config": ULYSSES, "vision_config": core}
 
     def install(self, language_model: torch.nn.Module, adapter) -> None:
         """The language model sees only this rank's slice of the sequence (while armed)."""
 
-        def slice_inputs(module, args, kwargs):
+        def slice_inputs(kwargs: dict):
             if not self.armed:
                 return None
             length = kwargs["inputs_embeds"].shape[1]
@@ -107,9 +106,9 @@ class SequenceParallel:
             # the attention learns it runs on a slice from its own call's kwargs, not from the armed state: a
             # checkpointed layer is recomputed in the backward, after the forward's arming has ended
             kwargs[SLICED] = True
-            return args, adapter.slice_per_token(kwargs, start, end)
+            return adapter.slice_per_token(kwargs, start, end)
 
-        language_model.register_forward_pre_hook(slice_inputs, with_kwargs=True)
+        rewrite_forward_kwargs(language_model, slice_inputs)  # the patch `language_model_forward_kwargs`
         linear_attention.install(language_model, self)  # Gated DeltaNet layers: their own all-to-alls
 
     # -- per step ---------------------------------------------------------------------------------
@@ -171,31 +170,6 @@ def heads_to_sequence(whole: torch.Tensor, group, ranks: int) -> torch.Tensor:
     batch, length, width = whole.shape
     received = _exchange(whole.reshape(batch, ranks, length // ranks, width).permute(1, 0, 2, 3), group)
     return received.permute(1, 2, 0, 3)
-
-
-@functools.lru_cache(maxsize=None)
-def _ulysses_class():
-    """DeepSpeed's wrapper, active only while its SequenceParallel is armed, for any batch size (a token budget
-    or the end of an epoch changes it). Built on first use: importing DeepSpeed's Ulysses module costs."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    class VLMUlysses(UlyssesSPAttentionHF):
-        def __init__(self, sp: SequenceParallel, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.sp = sp
-
-        def forward(self, module, query, key, value, attention_mask, *args, **kwargs):
-            if not kwargs.pop(SLICED, False):  # a whole sequence (generation): no all-to-all
-                return self.attn(module, query, key, value, attention_mask, *args, **kwargs)
-            if query.shape[0] != self.batch_size:
-                b = self.batch_size = query.shape[0]
-                self.required_query_shape = torch.Size([1, b, self.attn_head_count, self.attn_head_size])
-                self.required_key_value_shape = torch.Size([1, b, self.global_kv_head_count, self.attn_head_size])
-                self.required_context_shape = torch.Size([1, b, self.attn_head_size * self.attn_head_count
-                                                          // self.world_size])
-            return super().forward(module, query, key, value, None, *args, **kwargs)
-
-    return VLMUlysses
 
 
 def _full_positions(position_ids, inputs_embeds) -> torch.Tensor:

@@ -51,53 +51,6 @@ def default_loader_workers(cuda: Optional[bool] = None) -> int:
     return max(1, min(8, cores_per_local_rank() - 1)) if cuda else 1
 
 
-def trim_deepspeed_startup() -> None:
-    """Two costs of every DeepSpeed start that buy ds-vlm nothing (measured with py-spy on 2 CPU ranks; see
-    docs/design.md):
-    - ZeRO imports DeepSpeed's Muon optimizer module to ask whether the optimizer is one (an isinstance
-      check). That module decorates three functions with torch.compile at import, and the decoration alone
-      loads torch._inductor (~2 s a rank; ~4 s with two ranks on two cores). It is imported here once with
-      the decoration deferred to each function's first call (where torch.compile would compile it anyway):
-      the functions and classes are DeepSpeed's own, and nothing of Muon runs in an AdamW run. A Muon run on a
-      CPU runs them eagerly (compiling them there outlasted a 120 s --dist_timeout_s on 2 loaded cores).
-    - Each op load asks py-cpuinfo for the CPU's flags, which starts a new Python process each time (four a
-      rank); the answer is kept for the process."""
-    import functools
-    import sys
-
-    if "deepspeed.runtime.zero.muon.muon_optimizer" not in sys.modules:
-        from deepspeed.runtime import compiler
-
-        def deferred():
-            def decorate(fn):
-                compiled = None
-
-                @functools.wraps(fn)
-                def call(*args, **kwargs):
-                    nonlocal compiled
-                    if compiled is None:  # eager on a CPU: inductor's C++ build of Newton-Schulz took minutes
-                        compiled = torch.compile(fn) if torch.cuda.is_available() else fn
-                    return compiled(*args, **kwargs)
-
-                return call
-
-            return decorate
-
-        eager, compiler.compile = compiler.compile, deferred
-        try:
-            import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-        except ImportError:
-            pass
-        finally:
-            compiler.compile = eager
-    try:
-        import cpuinfo
-    except ImportError:
-        return
-    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
-        cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
-
-
 def clear_stale_build_lock(op_name: str, min_age_s: float = 60.0) -> Optional[str]:
     """A JIT build of a DeepSpeed op that was killed (a timeout, Ctrl-C, a preempted job) leaves torch's lock file
     in the op's build folder, and every later start waits on it forever, silently, before any watchdog runs.
@@ -163,6 +116,8 @@ def init_distributed(timeout_s: int) -> None:
     import re
 
     import deepspeed
+
+    from ds_vlm.patches.deepspeed_startup import trim_deepspeed_startup
 
     trim_deepspeed_startup()
     single_process_defaults()
@@ -258,9 +213,6 @@ class _CopyBack:
             self.work.wait()
         self.original.copy_(self.moved)
         return True
-
-    def is_completed(self) -> bool:
-        return self.work is None or self.work.is_completed()
 
 
 def _run(collective, tensor: torch.Tensor, group, async_op: bool, **kwargs):

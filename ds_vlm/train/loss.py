@@ -3,8 +3,9 @@
 In SFT only the answers carry labels (~10% of the tokens of an image-captioning sample), so the LM head
 runs on those rows only, in chunks: at most one chunk of `rows x vocab` logits (fp32 for the softmax)
 exists at a time, in the forward and in the backward. The head is reached through the model's own
-`lm_head` module call (`LabelLoss` makes that call compute the loss while armed; forward.py arms it), so under
-ZeRO-3 the (partitioned, possibly tied) head weight is gathered by DeepSpeed's module hooks like any other.
+`lm_head` module call (`LabelLoss` makes that call compute the loss while armed, through the named patch
+`lm_head_computes_label_loss` in ds_vlm/patches/; forward.py arms it), so under ZeRO-3 the (partitioned,
+possibly tied) head weight is gathered by DeepSpeed's module hooks like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_vlm.data.encode import target_positions
+from ds_vlm.patches.torch_lm_head import head_computes
 
 CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk: 441 rows of Qwen's 151,936-token vocabulary
 
@@ -200,12 +202,10 @@ class LabelLoss:
             raise ValueError(f"the LM head is a {type(self.head).__name__}, not a Linear layer")
         self.loss_fn = LOSS_FUNCTIONS[kind]
         self._armed: Optional[tuple[LabelRows, HeadResult]] = None
-        self._plain_forward = self.head.forward
-        self.head.forward = self._forward
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._armed is None:
-            return self._plain_forward(hidden)
+        if self._armed is None:  # a second call within one armed forward: logits
+            return type(self.head).forward(self.head, hidden)
         (label_rows, result), self._armed = self._armed, None
         rows = hidden.flatten(0, -2).index_select(0, label_rows.rows)
         result.computed = True
@@ -213,10 +213,12 @@ class LabelLoss:
 
     @contextmanager
     def armed(self, label_rows: LabelRows) -> Iterator[HeadResult]:
+        """The head's call computes the loss inside the block (the patch `lm_head_computes_label_loss`)."""
         result = HeadResult()
         self._armed = (label_rows, result)
         try:
-            yield result
+            with head_computes(self.head, self._forward):
+                yield result
         finally:
             self._armed = None
 

@@ -24,7 +24,7 @@ class StepStats:
     tokens: int                 # real tokens
     samples: int
     computed: int               # tokens the forwards computed over (padding and dummies included)
-    flops: float                # model FLOPs (metrics.FlopsCounter)
+    flops: float                # model FLOPs (runtime/flops.FlopsCounter)
     peak_mem_gb: list[float]    # per rank: the step's peak allocated GPU memory, or peak RSS on a CPU
     peak_reserved_gb: Optional[list[float]]  # per rank, CUDA's reserved peak (None on a CPU)
     peak_tensor_gb: Optional[list[float]]    # per rank, the step's peak of live tensor bytes (ds_vlm/runtime/memory.py;
@@ -41,28 +41,45 @@ _SUMMED = ("loss_sum", "aux_sum", "targets", "tokens", "samples", "computed", "f
 
 
 @dataclass
+class InFlight:
+    """A sum on its way: the tensor an all-reduce writes into, and the all-reduce's handle."""
+
+    values: torch.Tensor
+    work: Any
+
+    @classmethod
+    def all_reduce(cls, tensor: torch.Tensor) -> InFlight:
+        return cls(tensor, comm.all_reduce(tensor, async_op=True) or _Done())
+
+    def read(self) -> list[float]:
+        """Waits for the sum (the one host sync of a logged step) and reads it."""
+        self.work.wait()
+        return self.values.tolist()
+
+
+@dataclass
 class PendingStep:
     """A step, done on the host. `stop` and `bad_records` are known at once (they rode the step's label-count
-    all-reduce). Its other numbers (`totals`) ride the next step's label-count all-reduce when that step is
-    started with `fold=` this one (the trainer's loop: one collective a step, not two); `stats()` waits for
-    that sum, or, when no step followed (before a save, an eval, a stop, the last step), all-reduces them
-    itself. Every rank takes the same path: whether a step was logged, folded or read at a boundary depends
-    only on the step number and on the all-reduced stop vote."""
+    all-reduce). Its other numbers (`totals`, this rank's) are summed over the ranks later: by the next step's
+    label-count all-reduce when that step is started with `carry=` them (the trainer's step log: one
+    collective a step, not two; that step's `carried` holds their sum), or, when no step followed (before a
+    save, an eval, a stop, the last step), by `stats()` itself. Every rank takes the same path: whether a step
+    was logged, carried or read at a boundary depends only on the step number and on the all-reduced stop
+    vote."""
 
     applied: bool                   # the optimizer step was taken (False: non-finite gradients, skipped)
     stop: bool                      # some rank asked to stop (a preemption signal) before this step began
     bad_records: int                # records all ranks left out of this step for being bad (--preflight off)
     totals: Optional[torch.Tensor] = None  # the _SUMMED values, then the memory slots; None: not logged
-    work: Any = None
     grad_norm: Any = None           # a float or a device tensor (DeepSpeed's), read in stats()
     world_size: int = 1
     router_aux: bool = False        # the step added the router's auxiliary loss (aux_sum means something)
+    carried: Optional[InFlight] = None  # the sum of the `carry` this step was started with (the step before's)
 
-    def stats(self) -> StepStats:
-        if self.work is None:  # not folded into a later step's all-reduce: its own
-            self.work = comm.all_reduce(self.totals, async_op=True) or _Done()
-        self.work.wait()
-        values = self.totals.tolist()
+    def stats(self, summed: Optional[InFlight] = None) -> StepStats:
+        """The step's numbers; `summed`: its totals' sum, carried by a later step's all-reduce (None: all-reduced
+        here)."""
+        values = (summed or InFlight.all_reduce(self.totals)).read()
         summed = dict(zip(_SUMMED, values))
         memory = values[len(_SUMMED):]
         n = self.world_size
@@ -78,16 +95,6 @@ class PendingStep:
                          grad_norm=norm if norm is not None and math.isfinite(norm) else None,
                          skipped=not (self.applied and math.isfinite(loss)),
                          router_aux_loss=summed["aux_sum"] / targets if self.router_aux and targets else None)
-
-
-@dataclass
-class Unlogged:
-    """A step whose metrics line is written while the next step runs (its numbers are in flight)."""
-
-    step: int
-    pending: PendingStep
-    seconds: float
-    lr: float
 
 
 class StepRunner:
@@ -116,15 +123,15 @@ class StepRunner:
         self._plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
     def start(self, micro_batches: list[MicroBatch], with_stats: bool = True, stop_requested: bool = False,
-              bad_records: int = 0, fold: Optional[PendingStep] = None) -> PendingStep:
+              bad_records: int = 0, carry: Optional[torch.Tensor] = None) -> PendingStep:
         """One optimizer step; its numbers come later, from `PendingStep.stats()`, and only `with_stats` (a
         step that is not logged sums nothing more).
 
         The step's one all-reduce (the global label count, started before the first forward) also carries this
         rank's stop request and the bad records it left out: every rank learns, from the same sum, whether any
         rank asked to stop and how many records the step lost (read at the end of the step, when the sum is
-        long done); and `fold`'s numbers (the previous step's, logged while this one runs) when they have not
-        been summed yet."""
+        long done); and `carry`, numbers still to be summed (the previous step's totals, logged while this one
+        runs): their sum is the returned step's `carried`."""
         if with_stats:
             self.memory.start()
         all_rows = [LabelRows.from_labels(micro.labels) for micro in micro_batches]
@@ -134,12 +141,10 @@ class StepRunner:
         flops = sum(self.count_flops(micro.inputs, len(rows), micro.sample_lengths)
                     for micro, rows in zip(micro_batches, all_rows)) if with_stats else 0.0
         votes = _on_device([float(n_local), float(stop_requested), float(bad_records)], self.device)
-        folded = fold is not None and fold.totals is not None and fold.work is None
-        if folded:
-            votes = torch.cat([votes, fold.totals])
+        if carry is not None:
+            votes = torch.cat([votes, carry])
         counting = comm.all_reduce(votes, async_op=True)
-        if folded:  # a view: the sum lands in it
-            fold.totals, fold.work = votes[3:], counting or _Done()
+        carried = None if carry is None else InFlight(votes[3:], counting or _Done())  # a view: the sum lands in it
         count = votes[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -166,7 +171,7 @@ class StepRunner:
             if aux is not None:
                 aux_sum += aux.detach()
         stop, bad = read_votes()
-        pending = PendingStep(self.engine.was_step_applied() and not skip_plain, stop > 0, int(bad))
+        pending = PendingStep(self.engine.was_step_applied() and not skip_plain, stop > 0, int(bad), carried=carried)
         if not with_stats:
             return pending
         # a sequence-parallel group shares its micro-batches: each rank counts 1/N of their tokens and FLOPs

@@ -3,24 +3,26 @@
     setup_distributed -> open_data -> setup_model -> setup_data -> setup_engine -> resume -> record_run -> train
     -> finish
 
-`train` is the loop: `train_step` (one optimizer step), `after_step` (preemption, bad records, divergence),
-then `save` and `evaluate` when due. Everything the run is made of is declared on `Trainer`, in the order
-the verbs set it up; the state the loop carries from step to step is one `Progress`.
+`train` is the loop: `train_step` (one optimizer step), the step log's line of the step before (step_log.py),
+`Progress.after` (preemption, bad records, divergence; progress.py), then `save` and `evaluate` when due.
+Everything the run is made of is declared on `Trainer`, in the order the verbs set it up; the state the loop
+carries from step to step is one `Progress`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-import ds_vlm.checkpoint.core as ckpt
 import ds_vlm.runtime.distributed as comm
+from ds_vlm.checkpoint.hf import export_hf
+from ds_vlm.checkpoint.meta import RunMeta
+from ds_vlm.checkpoint.resume import ensure_universal, load, resume_point
+from ds_vlm.checkpoint.rng import seed_everything
+from ds_vlm.checkpoint.save import Checkpointer
 from ds_vlm.config import ConfigError, TrainConfig
 from ds_vlm.data.batching import (
     Collator,
@@ -33,7 +35,7 @@ from ds_vlm.data.batching import (
 )
 from ds_vlm.data.encode import Encoder, encoder_for
 from ds_vlm.data.plan import BatchPlan, make_plan
-from ds_vlm.data.preflight import BadDataError, BadRecordCount, TooManyBadRecords
+from ds_vlm.data.preflight import BadRecordCount
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.eval.during import Evaluator
 from ds_vlm.memplan.startup import plan_at_start
@@ -45,29 +47,16 @@ from ds_vlm.parallel.expert import fill_autoep_section
 from ds_vlm.parallel.linear_attention import describe as describe_linear_attention
 from ds_vlm.parallel.linear_attention import has_linear_attention
 from ds_vlm.runtime.console import quiet_console, say_once
-from ds_vlm.runtime.curves import plot_curves
 from ds_vlm.runtime.faults import Preempted, StopSignals, Watchdog
-from ds_vlm.runtime.metrics import FlopsCounter, Reporter, RunLog, device_peak_tflops, step_record
+from ds_vlm.runtime.flops import FlopsCounter, device_peak_tflops
+from ds_vlm.runtime.run_log import Reporter, RunLog
 from ds_vlm.train.ds_config import resolve_ds_config
 from ds_vlm.train.forward import ForwardContext
 from ds_vlm.train.loss import LabelLoss, check_loss_available
 from ds_vlm.train.optim import lr_lambda, optimizer_groups, param_groups, settle_optimizer_for
-from ds_vlm.train.step import PendingStep, StepRunner, Unlogged
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
-
-
-@dataclass
-class Progress:
-    """What the loop carries from step to step."""
-
-    step: int = 0                       # optimizer steps done
-    bad_in_a_row: int = 0               # consecutive skipped (non-finite) steps
-    skipped: int = 0                    # skipped steps in all
-    clock: float = 0.0                  # when the last step (or save, or evaluation) ended
-    unlogged: Optional[Unlogged] = None
+from ds_vlm.train.progress import AGREED_STOPS, Progress
+from ds_vlm.train.step import PendingStep, StepRunner
+from ds_vlm.train.step_log import StepLog
 
 
 class Trainer:
@@ -99,7 +88,7 @@ class Trainer:
     plan: BatchPlan
     total_steps: int
     collator: Collator
-    run_meta: dict
+    run_meta: RunMeta
     # setup_engine: the checkpoint to resume from (universal: on another world size), the LR factor per step
     resume_from: Optional[os.PathLike]
     universal: bool
@@ -108,9 +97,9 @@ class Trainer:
     scheduler: object
     runner: StepRunner
     evaluator: Optional[Evaluator]
-    checkpointer: ckpt.Checkpointer
+    checkpointer: Checkpointer
     reporter: Reporter
-    peak_tflops: Optional[float]
+    step_log: StepLog
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -132,7 +121,7 @@ class Trainer:
             from ds_vlm.parallel.ulysses import SequenceParallel
 
             self.sp = SequenceParallel(self.layout)
-        ckpt.seed_everything(config.seed)
+        seed_everything(config.seed)
         self.signals = StopSignals(self.layout.rank)
         self.watchdog = Watchdog(self.layout.rank, self.layout.world_size, 0.9 * config.parallel.dist_timeout_s,
                                  config.parallel.long_phase_timeout_s)
@@ -195,22 +184,18 @@ class Trainer:
         self.total_steps = batch.max_steps if batch.max_steps > 0 else self.plan.steps_in(batch.epochs)
         self.collator = Collator.for_run(self.encoder, self.loaded.adapter, self.loaded.model.config, batch,
                                          self.layout.sp_size, (self.train_set, self.eval_set), self.model_dtype)
-        self.run_meta = {"world_size": self.layout.world_size, "data_parallel_size": self.layout.dp_size,
-                         "sequence_parallel": self.layout.sp_size, "zero_stage": self.zero_stage,
-                         "global_batch": self.plan.global_batch, "lora": describe(self.lora) if self.lora else None,
-                         "total_steps": self.total_steps, "n_train_samples": len(self.train_set),
-                         "config": config.to_keys()}
+        self.run_meta = RunMeta(self.layout.world_size, self.layout.dp_size, self.layout.sp_size, self.zero_stage,
+                                self.plan.global_batch, describe(self.lora) if self.lora else None, self.total_steps,
+                                len(self.train_set), config.to_keys())
 
     def setup_engine(self) -> None:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
-        self.resume_from, self.universal = ckpt.resume_point(config.checkpoint, self.run_meta)
+        self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
         if self.universal:
-            self.watchdog.phase("convert")
-            ckpt.ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s)
-            self.watchdog.phase(None)
+            ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s, self.watchdog.phase)
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.schedule = lr_lambda(self.total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
         implementation = model.config.get_text_config()._attn_implementation
@@ -242,29 +227,26 @@ class Trainer:
             self.eval_set, self.collator, self.runner, self.engine, self.loaded.processor, self.encoder.video_sampling,
             config.checkpoint.output_dir, config.batch.micro_batch_size, config.logging.eval_generate,
             self.layout.dp_rank, self.layout.dp_size, config.seed, self.layout.rank)
-        self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
-        self.checkpointer = ckpt.Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
-                                              trained_only=bool(self.lora),
-                                              long_timeout_s=config.parallel.long_phase_timeout_s)
+        self.checkpointer = Checkpointer(config.checkpoint.output_dir, config.checkpoint.save_total_limit,
+                                         bool(self.lora), config.parallel.long_phase_timeout_s)  # LoRA: what trains
         self.reporter = Reporter(config.logging.report_to if self.layout.rank == 0 else "none",
                                  config.checkpoint.output_dir, config.to_keys())
+        self.step_log = StepLog(self.log, self.reporter, config.logging.logging_steps, self.total_steps,
+                                self.layout.world_size, device_peak_tflops(config.logging.peak_tflops))
 
     def resume(self) -> None:
         """The engine, optimizer, schedule and RNG states from the checkpoint to resume from, if any."""
-        if self.resume_from is None:
-            return
-        ckpt.load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
-        self.progress.step = ckpt.read_meta(self.resume_from)["step"]
-        self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
-                      + (" (universal format)" if self.universal else ""))
+        if self.resume_from is not None:
+            self.progress.step = load(self.engine, self.resume_from, self.universal, trained_only=bool(self.lora))
+            self.log.info(f"resumed from {self.resume_from} at step {self.progress.step}"
+                          + (" (universal format)" if self.universal else ""))
 
     def record_run(self) -> None:
         """run_config.json (the resolved config, DeepSpeed json and optimizer groups) and the run's summary."""
         config = self.config
-        if self.layout.rank == 0:
-            with open(os.path.join(config.checkpoint.output_dir, "run_config.json"), "w") as f:
-                json.dump({"config": config.to_keys(), "world_size": self.layout.world_size,
-                           "ds_config": self.ds_config, "optimizer_groups": optimizer_groups(self.engine)}, f, indent=2)
+        self.log.write_json("run_config.json", {"config": config.to_keys(), "world_size": self.layout.world_size,
+                                                "ds_config": self.ds_config,
+                                                "optimizer_groups": optimizer_groups(self.engine)})
         if self.evaluator is not None:
             self.evaluator.settings = {"world_size": self.layout.world_size, **config.to_keys()}
         budget = config.batch.max_tokens_per_batch
@@ -275,8 +257,8 @@ class Trainer:
     def loader_settings(self) -> tuple[int, int]:
         workers, prefetch, said = loader_settings(self.config, self.collator.dummy, self.encoder.image_token_id,
                                                   self.model_dtype)
-        if said and self.layout.rank == 0:
-            self.log.info(said)
+        if said:
+            self.log.info(said)  # rank 0's
         return workers, prefetch
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -288,16 +270,20 @@ class Trainer:
         loader = iter(make_loader(self.train_set, self.plan, self.layout.dp_rank, progress.step, self.total_steps,
                                   self.collator, workers, prefetch))
         self.log.start_progress(self.total_steps, progress.step)
-        progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         while progress.step < self.total_steps:
-            pending = self.train_step(loader)
-            step, last = progress.step, progress.step == self.total_steps
-            stop = self.after_step(pending)
+            step = progress.step + 1
+            lr = config.optim.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others alike
+            pending = self.train_step(loader, step)
+            self.watchdog.phase("log")
+            self.step_log.next(step, pending, lr, progress.skipped)  # the step before's line, summed by this one
+            progress.step, last = step, step == self.total_steps
+            stop = progress.after(pending, self.bad_records, config.optim.max_bad_steps, config.checkpoint.output_dir)
             save_now = config.checkpoint.save_steps and step % config.checkpoint.save_steps == 0 and not last
             eval_now = self.evaluator is not None and config.logging.eval_steps and \
                 step % config.logging.eval_steps == 0 and not last
             if stop or save_now or eval_now or last:
-                self.log_step()  # before a pause or a stop, so that the step's time is its own
+                self.step_log.flush(progress.skipped)  # before a pause or a stop, so that the step's time is its own
             if isinstance(stop, Preempted):
                 self.preempt()
             if stop:
@@ -307,66 +293,17 @@ class Trainer:
             if eval_now:
                 self.evaluate()
 
-    def next_micro_batches(self, loader, step: int) -> list[MicroBatch]:
-        """This rank's micro-batches of `step`; bad records left out of them are named on its stderr."""
+    def train_step(self, loader, step: int) -> PendingStep:
+        """Optimizer step `step` over this rank's micro-batches (bad records left out of them are named on its
+        stderr); its all-reduce also sums the step log's held step's numbers (`carry`)."""
         self.watchdog.phase("data", step)
-        micro = [next(loader) for _ in range(self.config.batch.grad_accum)]
+        micro: list[MicroBatch] = [next(loader) for _ in range(self.config.batch.grad_accum)]
         self.in_flight = tuple(record for mb in micro for record in mb.records)
         for message in (m for mb in micro for m in mb.bad):
             print(f"ds-vlm rank {self.layout.rank}: step {step}: left out a bad record: {message}", file=sys.stderr,
                   flush=True)
-        return micro
-
-    def train_step(self, loader) -> PendingStep:
-        """One optimizer step; the previous step's line is written while this one runs (its numbers are in
-        flight)."""
-        progress = self.progress
-        lr = self.config.optim.lr * self.schedule(self.scheduler.last_epoch)  # the language tower's; others alike
-        step = progress.step + 1
-        logged = step % self.config.logging.logging_steps == 0 or step == self.total_steps
-        micro = self.next_micro_batches(loader, step)
-        unlogged = progress.unlogged
-        pending = self.runner.start(micro, with_stats=logged, stop_requested=self.signals.requested,
-                                    bad_records=sum(len(mb.bad) for mb in micro),
-                                    fold=unlogged.pending if unlogged else None)
-        now = time.perf_counter()
-        seconds, progress.clock = now - progress.clock, now
-        self.watchdog.phase("log")
-        self.log_step()
-        progress.step = step
-        if logged:
-            progress.unlogged = Unlogged(step, pending, seconds, lr)
-        return pending
-
-    def after_step(self, pending: PendingStep) -> Optional[Exception]:
-        """What the step's outcome says about going on: None, or why to stop (a preemption every rank agreed
-        on, too many bad records, too many non-finite steps in a row)."""
-        progress = self.progress
-        progress.bad_in_a_row = 0 if pending.applied else progress.bad_in_a_row + 1
-        progress.skipped += not pending.applied
-        if pending.stop:
-            return Preempted(f"preempted after step {progress.step}")
-        if pending.bad_records:
-            self.bad_records.add(progress.step, pending.bad_records)
-            too_many = self.bad_records.over_limit()
-            if too_many:
-                return too_many
-        if progress.bad_in_a_row >= self.config.optim.max_bad_steps:
-            return TrainingDiverged(
-                f"{progress.bad_in_a_row} optimizer steps in a row (up to step {progress.step}) had a non-finite loss "
-                f"or gradient and were skipped; stopping. Last good checkpoint: "
-                f"{ckpt.find_checkpoint(self.config.checkpoint.output_dir) or 'none'}. Lower --lr or check the data.")
-        return None
-
-    def log_step(self) -> None:
-        """Write the unlogged step's line (waits for its all-reduced numbers: the one host sync of a step)."""
-        unlogged, self.progress.unlogged = self.progress.unlogged, None
-        if unlogged is None:
-            return
-        record = step_record(unlogged.step, unlogged.pending.stats(), unlogged.seconds, unlogged.lr,
-                             self.layout.world_size, self.peak_tflops, self.progress.skipped)
-        self.log.step(record)
-        self.reporter.log(unlogged.step, record)
+        return self.runner.start(micro, with_stats=self.step_log.wants(step), stop_requested=self.signals.requested,
+                                 bad_records=sum(len(mb.bad) for mb in micro), carry=self.step_log.carry())
 
     def preempt(self) -> None:
         """Every rank: the step is done and logged; checkpoint it, say so, and stop (exit PREEMPTED_EXIT)."""
@@ -374,19 +311,19 @@ class Trainer:
         step = self.progress.step
         self.log.event({"event": "preempted", "step": step, "checkpoint_saved": saved})
         self.log.close()
-        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.root}/step_{step:08d} "
+        raise Preempted(f"preempted after step {step}: " + (f"checkpoint {self.checkpointer.path(step)} "
                         "written; run the same command to resume" if saved else "the checkpoint FAILED"))
 
     def save(self) -> bool:
         self.watchdog.phase("checkpoint")
         step = self.progress.step
         ok, error = self.checkpointer.save(self.engine, step, self.run_meta, self.loaded.processor)
-        path = str(self.checkpointer.root / f"step_{step:08d}")
+        path = str(self.checkpointer.path(step))
         self.log.event({"event": "checkpoint", "step": step, "path": path} if ok else
                        {"event": "checkpoint_failed", "step": step, "error": error})
         self.log.info(f"saved {path}" if ok else f"checkpoint at step {step} FAILED ({error}); earlier checkpoints "
                                                  f"are intact")
-        self.progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         return ok
 
     def evaluate(self) -> dict:
@@ -395,21 +332,15 @@ class Trainer:
         result, answers = self.evaluator(step)
         self.log.event({"event": "eval", "step": step, **result})
         self.reporter.log(step, result)
-        self.draw_curves()  # with this evaluation's scores: its report embeds them
+        self.log.draw_curves()  # with this evaluation's scores: its report embeds them
         if answers is not None:
             self.evaluator.write(answers)
         self.log.info(f"step {step}: eval loss {result['eval_loss']:.4f}" + (
             f", exact match {result['exact_match']:.1%}, chrF {result['chrf']:.1f}, report "
             f"{os.path.join(self.config.checkpoint.output_dir, 'eval', f'step_{step}.html')}"
             if "exact_match" in result else ""))
-        self.progress.clock = time.perf_counter()
+        self.step_log.restart_clock()
         return result
-
-    def draw_curves(self) -> None:
-        if self.layout.rank == 0:
-            out_dir = self.config.checkpoint.output_dir
-            plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"),
-                        title=os.path.basename(os.path.abspath(out_dir)))
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -420,23 +351,18 @@ class Trainer:
         saved = self.save()
         if self.config.checkpoint.export_hf:
             self.watchdog.phase("export")
-            ckpt.export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
-                           self.config.parallel.long_phase_timeout_s)
+            export_hf(self.engine, self.loaded.processor, os.path.join(out_dir, "hf"), self.lora,
+                      self.config.parallel.long_phase_timeout_s)
             self.log.info(f"exported {os.path.join(out_dir, 'hf')}")
         self.log.close()
         self.reporter.close()
         if self.evaluator is None:  # an evaluation drew them last (the events since are not plotted)
-            self.draw_curves()
+            self.log.draw_curves()
         self.watchdog.phase(None)
         if not saved:
             raise RuntimeError(f"the final checkpoint (step {self.total_steps}) could not be written; see "
                                "metrics.jsonl")
         return result
-
-
-# Stops every rank reaches together (their decision rides a collective or data every rank holds): no rank needs
-# telling. Any other exception may be this rank's alone, and the others would wait for it in a collective.
-AGREED_STOPS = (Preempted, TrainingDiverged, TooManyBadRecords, BadDataError)
 
 
 def run(config: TrainConfig) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from fixtures.runs import ROOT, read_metrics, run_train
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3_5_moe"])
 def test_two_ranks_zero3_packed_equals_padded(family, demo_dir, family_models, tmp_path):
     """2 ranks, ZeRO-3 (fp32 on the CPU), micro-batch 4, answers of 1 to 3 sentences, every third record
     text-only: the same step losses over 3 steps with --packing as without (rel 1e-6), and no padding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -17,8 +18,8 @@ import torch
 from fixtures.datasets import write_json
 from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train, train_command, train_env
 
-import ds_vlm.checkpoint.core as ckpt
-from ds_vlm.checkpoint.core import resume_point
+from ds_vlm.checkpoint.meta import MARKER, read_meta
+from ds_vlm.checkpoint.resume import find_checkpoint, resume_point
 from ds_vlm.config import ConfigError, TrainConfig
 
 STEPS, SAVE = 6, 2
@@ -69,11 +70,11 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(stage, reference
     out = tmp_path / "run"
     launch_and_kill_after(_args(demo_dir, out, ds, *PACKING[stage], "--export_hf", "false"), step=3)
     killed_at = max(_losses(out))
-    resumed_from = ckpt.find_checkpoint(str(out))
-    assert resumed_from is not None and ckpt.read_meta(resumed_from)["step"] in (2, 4)
+    resumed_from = find_checkpoint(str(out))
+    assert resumed_from is not None and read_meta(resumed_from).step in (2, 4)
     proc = run_train(_args(demo_dir, out, ds, *PACKING[stage], "--export_hf", "false"))
     _ok(proc)
-    start = ckpt.read_meta(resumed_from)["step"]
+    start = read_meta(resumed_from).step
     assert f"resumed from {resumed_from} at step {start}" in proc.stderr
     assert "48 records, 48 from the cache" in proc.stderr  # the restart did not encode the data again
     expected, got = _losses(ref_out), _losses(out)
@@ -102,7 +103,7 @@ def test_preemption_checkpoints_the_finished_step_and_resumes_exactly(reference,
     stop = preempted["step"]
     assert preempted["checkpoint_saved"] and 1 <= stop < STEPS, text[-3000:]
     assert max(_losses(out)) == stop  # no finished step's work is lost: the checkpoint holds the last one
-    assert ckpt.find_checkpoint(str(out)).name == f"step_{stop:08d}"
+    assert find_checkpoint(str(out)).name == f"step_{stop:08d}"
     assert f"ds-vlm: preempted after step {stop}: checkpoint" in text and "resume (exit 75)" in text
     proc = run_train(args)
     _ok(proc)
@@ -166,15 +167,15 @@ def test_partial_checkpoints_are_never_resumed(reference, tmp_path):
     ref_out, _ = reference["zero2"]
     root = tmp_path / "out" / "checkpoints"
     shutil.copytree(ref_out / "checkpoints", root)
-    latest = ckpt.find_checkpoint(str(tmp_path / "out"))
+    latest = find_checkpoint(str(tmp_path / "out"))
     assert latest.name == "step_00000006"
     # a save killed half-way: folder without its marker, latest not yet swapped
     shutil.copytree(root / "step_00000006", root / "step_00000008.partial")
-    (root / "step_00000008.partial" / ckpt.MARKER).unlink()
-    assert ckpt.find_checkpoint(str(tmp_path / "out")) == latest
+    (root / "step_00000008.partial" / MARKER).unlink()
+    assert find_checkpoint(str(tmp_path / "out")) == latest
     # a pointer to an incomplete folder falls back to the newest complete one
     (root / "latest").write_text("step_00000008")
-    assert ckpt.find_checkpoint(str(tmp_path / "out")) == latest
+    assert find_checkpoint(str(tmp_path / "out")) == latest
 
 
 def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_dir, tmp_path):
@@ -186,20 +187,20 @@ def test_failed_save_is_reported_and_keeps_earlier_checkpoints(reference, demo_d
                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode != 0
     assert "checkpoint at step 6 FAILED" in proc.stderr and "could not be written" in proc.stderr
-    assert ckpt.find_checkpoint(str(out)).name == "step_00000004"
+    assert find_checkpoint(str(out)).name == "step_00000004"
     assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
     assert not list((out / "checkpoints").glob("*.partial"))
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "checkpoint_failed" and e["step"] == 6 for e in events)
     _ok(run_train(_args(demo_dir, out, ds, *PACKING["zero2"], "--export_hf", "false")))  # still resumes from 4
-    assert ckpt.find_checkpoint(str(out)).name == "step_00000006"
+    assert find_checkpoint(str(out)).name == "step_00000006"
 
 
 def test_resume_with_a_changed_config_is_refused_with_the_difference(reference):
     ref_out, ds = reference["zero2"]
-    meta = ckpt.read_meta(ckpt.find_checkpoint(str(ref_out)))
-    config = TrainConfig.from_keys(**{**meta["config"], "lr": 5e-4, "micro_batch_size": 4})
-    run_meta = {**meta, "config": config.to_keys(), "global_batch": 8}
+    saved = read_meta(find_checkpoint(str(ref_out))).run
+    config = TrainConfig.from_keys(**{**saved.config, "lr": 5e-4, "micro_batch_size": 4})
+    run_meta = dataclasses.replace(saved, config=config.to_keys(), global_batch=8)
     with pytest.raises(ConfigError) as err:
         resume_point(config.checkpoint, run_meta)
     assert "lr: checkpoint 0.001, now 0.0005" in str(err.value)

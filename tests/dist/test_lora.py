@@ -13,7 +13,8 @@ import pytest
 import torch
 from fixtures.runs import ROOT, launch_and_kill_after, read_metrics, run_train
 
-import ds_vlm.checkpoint.core as ckpt
+from ds_vlm.checkpoint.meta import HF_CONFIG, read_meta
+from ds_vlm.checkpoint.resume import find_checkpoint
 
 STEPS = 6
 # LoRA targets by default: the attention and MLP projections of each layer (Qwen3.5: 3 linear-attention
@@ -62,18 +63,18 @@ def test_checkpoints_hold_what_trains_and_resume_exactly(lora_run, mixed_data, t
     from transformers import AutoConfig
 
     family, model_dir, lora_run = lora_run
-    checkpoint = ckpt.find_checkpoint(str(lora_run))
+    checkpoint = find_checkpoint(str(lora_run))
     size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
     n_params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
     # Qwen3.5's tiny model is mostly the projections LoRA targets (5 per linear-attention layer): a fifth there
     assert size < (0.2 if family == "qwen3_5" else 0.1) * 12 * n_params, (size, n_params)
-    assert AutoConfig.from_pretrained(checkpoint / ckpt.HF_CONFIG).model_type == family
+    assert AutoConfig.from_pretrained(checkpoint / HF_CONFIG).model_type == family
     out = tmp_path / "run"
     launch_and_kill_after(_args(model_dir, mixed_data, out), step=3)
-    resumed = ckpt.find_checkpoint(str(out))
+    resumed = find_checkpoint(str(out))
     proc = run_train(_args(model_dir, mixed_data, out))
     assert proc.returncode == 0, proc.stderr[-5000:]
-    start = ckpt.read_meta(resumed)["step"]
+    start = read_meta(resumed).step
     assert f"resumed from {resumed} at step {start}" in proc.stderr
     expected = {r["step"]: r["loss"] for r in read_metrics(lora_run)}
     got = {r["step"]: r["loss"] for r in read_metrics(out)}

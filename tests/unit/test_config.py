@@ -108,8 +108,12 @@ FLAT_CONFIG_02B8D39 = {
 
 def test_a_checkpoint_written_with_the_flat_config_still_resumes():
     """The flat keys an older checkpoint holds rebuild the same sectioned config, and the resume check finds
-    no difference against the same run configured today."""
-    from ds_vlm.checkpoint.core import config_differences
+    no difference against the same run configured today; its marker, which lacks the keys added since (the
+    data-parallel and sequence-parallel sizes, the LoRA description), reads with what they meant then."""
+    import dataclasses
+
+    from ds_vlm.checkpoint.meta import CheckpointMeta
+    from ds_vlm.checkpoint.resume import config_differences
 
     today = TrainConfig.from_keys(model="m", train_data="d.jsonl")
     assert TrainConfig.from_keys(**FLAT_CONFIG_02B8D39) == today
@@ -117,8 +121,16 @@ def test_a_checkpoint_written_with_the_flat_config_still_resumes():
     assert added == {"verbose", "plan_at_start", "measure_memory", "plan_memory_gb", "caption_prompt", "optimizer",
                      "muon_lr", "muon_momentum", "expert_parallel", "long_phase_timeout_s"}
     assert {k: today.to_keys()[k] for k in FLAT_CONFIG_02B8D39} == FLAT_CONFIG_02B8D39
-    meta = {"config": FLAT_CONFIG_02B8D39, "global_batch": 8, "total_steps": 10, "world_size": 8}
-    assert config_differences(meta, today.to_keys(), 8, 10) == []
-    changed = {**FLAT_CONFIG_02B8D39, "lr": 1e-4}
-    assert config_differences({**meta, "config": changed}, today.to_keys(), 8, 10) == [
-        "lr: checkpoint 0.0001, now 2e-05"]
+    # the marker of a checkpoint written by 7eb6a58 (the first with checkpoints), with that config
+    marker = {"world_size": 8, "zero_stage": 2, "global_batch": 8, "total_steps": 10, "n_train_samples": 80,
+              "config": FLAT_CONFIG_02B8D39, "step": 4, "time": 1764400000.0}
+    saved = CheckpointMeta.from_json(marker)
+    assert saved.step == 4 and saved.to_json() == {**marker, "data_parallel_size": 8, "sequence_parallel": 1,
+                                                   "lora": None}
+    assert list(saved.to_json()) == ["world_size", "data_parallel_size", "sequence_parallel", "zero_stage",
+                                     "global_batch", "lora", "total_steps", "n_train_samples", "config", "step",
+                                     "time"]  # the marker's keys as checkpoints write them
+    now = dataclasses.replace(saved.run, config=today.to_keys())
+    assert config_differences(saved.run, now) == []
+    changed = dataclasses.replace(saved.run, config={**FLAT_CONFIG_02B8D39, "lr": 1e-4})
+    assert config_differences(changed, now) == ["lr: checkpoint 0.0001, now 2e-05"]

@@ -82,7 +82,7 @@ def test_deepspeed_startup_is_trimmed_without_changing_what_runs():
 import sys
 from unittest import mock
 import cpuinfo
-from ds_vlm.runtime.distributed import trim_deepspeed_startup
+from ds_vlm.patches.deepspeed_startup import trim_deepspeed_startup
 trim_deepspeed_startup()
 from deepspeed.runtime.zero import utils
 from deepspeed.runtime.zero.muon import original_muon

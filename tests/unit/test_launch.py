@@ -16,6 +16,8 @@ from fixtures.encoding import check
 from fixtures.runs import ROOT, launch_env
 
 RECIPE = ROOT / "launch" / "run_qwen3_vl_2b.sh"
+QWEN3_5 = ROOT / "launch" / "run_qwen3_5.sh"  # the same recipe on Qwen3.5: its own model, yaml and ZeRO-3
+DEFAULT_MODEL = {RECIPE: "Qwen/Qwen3-VL-2B-Instruct", QWEN3_5: "Qwen/Qwen3.5-9B"}
 
 
 MULTINODE = ROOT / "launch" / "run_multinode.sh"
@@ -45,6 +47,10 @@ RECIPE_CASES = {
                      {"hostfile": "launch/hostfile.example", "no_ssh": False, "num_gpus": -1}),
     "no_ssh node": ([], {"NODE_RANK": "1", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "INCLUDE": "node0@node1"}, 2,
                     {"no_ssh": True, "node_rank": 1, "master_addr": "10.0.0.1", "include": "node0@node1"}),
+    "qwen3_5 default": ([], {}, 3, {"num_gpus": 8, "master_port": 29500, "no_ssh": False}),
+    "qwen3_5 zero2 word, SP=2": (["zero2"], {"SP": "2"}, 2, {"num_gpus": 8}),
+    "qwen3_5 env overrides": (["--epochs", "1"], {"NUM_GPUS": "4", "MODEL": "/models/qwen3.5-2b", "OUT": "runs/x"}, 3,
+                              {"num_gpus": 4}),
 }
 
 
@@ -56,7 +62,8 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     from ds_vlm.flags import load_config
 
     args, env, stage, expected = RECIPE_CASES[case]
-    commands = _dry_run(RECIPE, *args, TMPDIR=tmp_path, **env)  # TMPDIR: where a --no_ssh hostfile is written
+    script = QWEN3_5 if case.startswith("qwen3_5") else RECIPE
+    commands = _dry_run(script, *args, TMPDIR=tmp_path, **env)  # TMPDIR: where a --no_ssh hostfile is written
     prepare = [c for c in commands if "launch/prepare_pokemon.py" in c]
     assert prepare and (ROOT / "launch" / "prepare_pokemon.py").is_file()  # data/pokemon is not in the repo
     launcher_args, flags = _split_launch([c for c in commands if "launch/train.py" in c][-1])
@@ -74,7 +81,9 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     keys = config.to_keys()
     assert (ROOT / keys["deepspeed"]).is_file() and (ROOT / flags[flags.index("--config") + 1]).is_file()
     assert json.loads((ROOT / keys["deepspeed"]).read_text())["zero_optimization"]["stage"] == stage
-    assert keys["model"] == env.get("MODEL", "Qwen/Qwen3-VL-2B-Instruct")
+    assert keys["model"] == env.get("MODEL", DEFAULT_MODEL[script])
+    assert flags[flags.index("--config") + 1] == ("launch/configs/qwen3_5_pokemon.yaml" if script == QWEN3_5 else
+                                                  "launch/configs/qwen3_vl_2b_pokemon.yaml")
     # the seed recipe's settings
     assert keys["lr"] == 2e-5 and keys["grad_clip"] == 1.0 and keys["warmup_ratio"] > 0 and keys["min_lr_ratio"] == 0.1
     assert keys["weight_decay"] == 0.1 and (keys["adam_beta1"], keys["adam_beta2"]) == (0.9, 0.95)
@@ -82,7 +91,7 @@ def test_recipe_command_lines_parse_and_name_existing_files(case, tmp_path, monk
     assert keys["gradient_checkpointing"] and keys["train_vision"] == "all" and keys["train_llm"]
     assert keys["train_data"].endswith("train.jsonl") and keys["eval_data"].endswith("test.jsonl")
     assert keys["sequence_parallel"] == int(env.get("SP", 1))
-    if case == "env overrides":
+    if case.endswith("env overrides"):
         assert keys["epochs"] == 1 and keys["output_dir"] == "runs/x"
 
 

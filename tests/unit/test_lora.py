@@ -117,7 +117,7 @@ def test_qlora_flags_and_merge_on_a_stand_in_4bit_layer(demo_dir, monkeypatch):
     full precision) and keeps no quantization entries or config."""
     from transformers import AutoModelForImageTextToText
 
-    from ds_vlm.checkpoint.core import plain_model
+    from ds_vlm.checkpoint.hf import plain_model
     from ds_vlm.config import ModelConfig
     from ds_vlm.models import adapter_for
     from ds_vlm.models.loading import set_trainable

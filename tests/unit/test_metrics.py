@@ -13,7 +13,7 @@ def test_flops_counter_follows_the_config(demo_dir):
 
     from ds_vlm.config import ModelConfig
     from ds_vlm.models import adapter_for
-    from ds_vlm.runtime.metrics import FlopsCounter
+    from ds_vlm.runtime.flops import FlopsCounter
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
     counter = FlopsCounter(model, adapter_for("qwen3_vl"), ModelConfig(train_vision="all"))
@@ -55,7 +55,7 @@ def test_flops_of_qlora_count_4bit_weights_whole_and_lora_apart(demo_dir):
     from ds_vlm.models import adapter_for
     from ds_vlm.models.loading import set_trainable
     from ds_vlm.models.lora import DEFAULT_TARGETS, apply_lora, is_quantized
-    from ds_vlm.runtime.metrics import FlopsCounter
+    from ds_vlm.runtime.flops import FlopsCounter
 
     adapter, rank = adapter_for("qwen3_vl"), 4
     plain = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
@@ -87,7 +87,7 @@ def test_flops_of_the_last_vision_blocks_trained(demo_dir):
 
     from ds_vlm.config import ModelConfig
     from ds_vlm.models import adapter_for
-    from ds_vlm.runtime.metrics import FlopsCounter
+    from ds_vlm.runtime.flops import FlopsCounter
 
     model = AutoModelForImageTextToText.from_pretrained(demo_dir / "model")
     visual = model.model.visual
@@ -163,7 +163,7 @@ def test_linear_attention_layers_count_what_the_delta_rule_computes():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
 
-    from ds_vlm.runtime.metrics import DELTA_RULE_CHUNK, token_mixing
+    from ds_vlm.runtime.flops import DELTA_RULE_CHUNK, token_mixing
     from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
     config = tiny_hybrid_text_config(linear_value_head_dim=32)
@@ -189,7 +189,7 @@ def test_flops_counter_on_a_hybrid_tower():
     from ds_vlm.config import ModelConfig
     from ds_vlm.models import adapter_for
     from ds_vlm.models.base import ModelParts
-    from ds_vlm.runtime.metrics import FlopsCounter
+    from ds_vlm.runtime.flops import FlopsCounter
     from ds_vlm.testing.hybrid import tiny_hybrid_text_config
 
     class Qwen35Parts(type(adapter_for("qwen3_vl"))):  # the towers only: the family's adapter is not on this branch

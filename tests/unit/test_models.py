@@ -30,7 +30,7 @@ def test_patch_projection_equals_the_conv3d(family, family_models):
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.qwen import PatchProjection
+    from ds_vlm.patches.torch_modules import PatchProjection
 
     model = AutoModelForImageTextToText.from_pretrained(family_models(family), dtype=torch.float32)
     embed = model.model.visual.patch_embed

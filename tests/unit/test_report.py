@@ -159,7 +159,7 @@ def test_log_axes_label_major_ticks_only_and_labels_do_not_overlap(low, high):
 
 
 def test_without_a_terminal_the_bar_is_a_line_every_5_percent(capsys):
-    from ds_vlm.runtime.metrics import LineProgress
+    from ds_vlm.runtime.run_log import LineProgress
 
     bar = LineProgress(total=40, initial=0, every=2)
     for step in range(1, 41):

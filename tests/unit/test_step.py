@@ -92,12 +92,12 @@ def test_a_step_never_reads_a_value_back_from_the_device(monkeypatch, tmp_path):
         original_all_reduce = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduces.append(t.numel())
                             or original_all_reduce(t, *a, **k))
-        following = runner.start([micro] * 2, fold=pending)
+        following = runner.start([micro] * 2, carry=pending.totals)
         assert reduces == [3 + len(pending.totals)], reduces
         calls.clear()
-        stats = pending.stats()
+        stats = pending.stats(following.carried)
         assert [c[0] for c in calls] == ["tolist", "__float__"], calls  # the step's sums, the grad norm
-        assert reduces == [3 + 10] and following.work is None  # folded: no collective of its own (7 sums, 3 memory)
+        assert reduces == [3 + 10]  # carried: no collective of its own (7 sums, 3 memory)
         last = following.stats()  # no step follows (the last one, or before a save): its own all-reduce
         assert reduces == [3 + 10, 10] and last.targets == 2 * 5
     finally:

@@ -101,7 +101,7 @@ def test_padded_batches_carry_host_positions_and_count_flops_as_packed(family, f
     rope index (on a GPU it reads token types back to the host row by row). The same samples padded and packed
     count the same model FLOPs (attention within each sample, the real tokens only)."""
     from ds_vlm.config import ModelConfig
-    from ds_vlm.runtime.metrics import FlopsCounter
+    from ds_vlm.runtime.flops import FlopsCounter
 
     model, dataset, padded, packed = packing_setup(family_models(family), packing_records)
     adapter = adapter_for(family)

@@ -124,7 +124,7 @@ def test_off_leaves_bad_records_out_of_batches_and_counts_them(demo_dir, data):
 
 def test_more_bad_records_than_max_bad_stop_the_run(tmp_path):
     from ds_vlm.data.preflight import BadRecordCount
-    from ds_vlm.runtime.metrics import RunLog
+    from ds_vlm.runtime.run_log import RunLog
 
     log = RunLog(str(tmp_path), enabled=True)
     count = BadRecordCount(2, log)

@@ -31,11 +31,12 @@ def test_weighted_sources_sample_by_weight(tmp_path):
     assert counts[True] == 25 and counts[False] == 75  # 20 records upsampled to 75 draws
     assert set(i for i in order if i >= 80) == set(range(80, 100))
     spec = f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.parquet:0.3"
-    from ds_vlm.data.sources import parse_sources
+    from ds_vlm.data.specs import parse_spec
 
-    assert parse_sources(spec) == [(f"{tmp_path}/a.jsonl", 0.7), (f"{tmp_path}/b.parquet", 0.3)]
+    assert [(s.path, s.weight) for s in parse_spec(spec)] == [(f"{tmp_path}/a.jsonl", 0.7),
+                                                               (f"{tmp_path}/b.parquet", 0.3)]
     with pytest.raises(ValueError, match="every source or to none"):
-        parse_sources(f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.jsonl")
+        parse_spec(f"{tmp_path}/a.jsonl:0.7,{tmp_path}/b.jsonl")
 
 
 def test_a_json_list_is_indexed_once_and_reads_like_jsonl(demo_dir, data, tmp_path):

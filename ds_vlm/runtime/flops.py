@@ -1,122 +1,15 @@
-"""What a run reports: metrics.jsonl (a line per logged step, and events), the progress bar, FLOPs and MFU,
-reporters and the curves."""
+"""Model FLOPs of a training step (`FlopsCounter`: from the model as it trains and the batch shapes), the weights
+a parameter holds, and GPUs' peak TFLOP/s: what MFU is measured against."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import sys
-import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ds_vlm.config import ModelConfig
 
-
-class RunLog:
-    """metrics.jsonl and the progress bar, written by rank 0; other ranks hold a RunLog that does nothing."""
-
-    def __init__(self, output_dir: str, enabled: bool):
-        self.enabled = enabled
-        self.file = None
-        self.bar = None
-        if enabled:
-            os.makedirs(output_dir, exist_ok=True)
-            self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
-
-    def start_progress(self, total_steps: int, start_step: int) -> None:
-        """A tqdm bar on a terminal; elsewhere (CI, nohup, SLURM logs) a line every 5% of the run instead of a
-        bar redrawn into the file."""
-        if not self.enabled:
-            return
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
-        else:
-            self.bar = LineProgress(total_steps, start_step, every=max(1, total_steps // 20))
-
-    def step(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        self.file.write(json.dumps(record) + "\n")
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        self.bar.update(record["step"] - self.bar.n)
-
-    def event(self, record: dict) -> None:
-        """A non-step line (eval, save, skipped records) in the same file."""
-        if self.enabled:
-            self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    def info(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
-
-    def close(self) -> None:
-        """Idempotent: a run that raises closes its log on the way out, whether or not it was closed."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        self.bar = self.file = None
-
-
-class LineProgress:
-    """The progress bar's interface (update, set_postfix, write, close) as one line every `every` steps, and at
-    the last one: `train: step 40/200 (20%), loss=0.1234, lr=1.20e-05, tok_s=3400, 0:01:23 elapsed, eta
-    0:05:32`."""
-
-    def __init__(self, total: int, initial: int, every: int):
-        self.total, self.n, self.every, self.start, self.first = total, initial, every, time.perf_counter(), initial
-        self.postfix: dict = {}
-
-    def update(self, steps: int) -> None:
-        self.n += steps
-        if steps and (self.n % self.every == 0 or self.n == self.total):
-            elapsed = time.perf_counter() - self.start
-            done = max(1, self.n - self.first)
-            eta = elapsed / done * (self.total - self.n)
-            fields = "".join(f", {k}={v}" for k, v in self.postfix.items())
-            print(f"train: step {self.n}/{self.total} ({self.n / max(1, self.total):.0%}){fields}, "
-                  f"{_clock(elapsed)} elapsed, eta {_clock(eta)}", file=sys.stderr, flush=True)
-
-    def set_postfix(self, refresh: bool = False, **fields) -> None:
-        self.postfix = fields
-
-    @staticmethod
-    def write(text: str, file=None) -> None:
-        print(text, file=file or sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def step_record(step: int, stats, seconds: float, lr: float, world_size: int, peak_tflops: float | None,
-                skipped_steps: int) -> dict:
-    """A step's metrics.jsonl line from its StepStats and how long it took."""
-    tflops = stats.flops / seconds / world_size / 1e12
-    aux = {} if stats.router_aux_loss is None else {"router_aux_loss": stats.router_aux_loss}
-    return {"step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-            "tokens_per_s": stats.tokens / seconds, "samples_per_s": stats.samples / seconds, "step_time_s": seconds,
-            "tokens": stats.tokens, "targets": stats.targets,
-            "padding_efficiency": stats.tokens / max(1, stats.computed),
-            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
-            "peak_mem_gb": stats.peak_mem_gb, "peak_reserved_gb": stats.peak_reserved_gb,
-            "peak_tensor_gb": stats.peak_tensor_gb, "skipped": stats.skipped,
-            "skipped_steps": skipped_steps, **aux}
-
-
-# --------------------------------------------------------------------------- FLOPs and MFU
 
 # Dense bf16 peak TFLOP/s per GPU, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -280,41 +173,3 @@ def _multiplier(trains: bool, has_lora: bool, trained_before: bool) -> tuple[int
     gradient passes (to a part trained before it, or to its own LoRA), x1 forward only."""
     passes = trained_before or has_lora
     return (3 if trains else 2 if passes else 1), trained_before or trains or has_lora
-
-
-# --------------------------------------------------------------------------- reporters
-
-
-class Reporter:
-    """--report_to tensorboard|wandb on rank 0, each only if its package is installed."""
-
-    def __init__(self, kind: str, output_dir: str, run_config: dict):
-        self.kind, self.writer = kind, None
-        if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise RuntimeError("--report_to tensorboard needs the tensorboard package: "
-                                   "pip install tensorboard") from err
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        elif kind == "wandb":
-            try:
-                import wandb
-            except ImportError as err:
-                raise RuntimeError("--report_to wandb needs the wandb package: pip install wandb") from err
-            self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "ds-vlm"), config=run_config,
-                                     dir=output_dir)
-
-    def log(self, step: int, values: dict) -> None:
-        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.kind == "tensorboard":
-            for key, value in numbers.items():
-                self.writer.add_scalar(key, value, step)
-        elif self.kind == "wandb":
-            self.writer.log(numbers, step=step)
-
-    def close(self) -> None:
-        if self.kind == "tensorboard":
-            self.writer.close()
-        elif self.kind == "wandb":
-            self.writer.finish()
