@@ -170,13 +170,14 @@ def meta_model(config, adapter, model_config, attention: str | dict = "sdpa", dt
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from ds_vlm.models.base import set_use_cache
     from ds_vlm.models.loading import set_trainable
 
     with torch.device("meta"), no_zero3_init():
         model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation=attention,
                                                         dtype=dtype)
     adapter.prepare(model)
-    getattr(model.config, "text_config", model.config).use_cache = False
+    set_use_cache(model.config, False)
     set_trainable(model, adapter, model_config)
     trained = model
     if model_config.lora_rank:

@@ -11,12 +11,14 @@ from ds_vlm.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from ds_vlm.models.qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
 from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
 from ds_vlm.models.qwen3_vl_moe import Qwen3VLMoeAdapter
+from ds_vlm.models.smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
-                                 LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter())
+                                 LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter(),
+                                 SmolVLMAdapter())
 # Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
 # in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
-GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl", "smolvlm")
+GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl")
 FAMILIES = tuple(a.family for a in ADAPTERS) + GENERIC_VERIFIED
 
 

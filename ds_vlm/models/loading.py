@@ -14,6 +14,7 @@ from ds_vlm.config import ConfigError, ModelConfig
 from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
 from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
+from ds_vlm.models.base import set_use_cache
 
 
 @dataclass
@@ -56,7 +57,7 @@ def load_model(config: ModelConfig, ds_config: dict, attention: str, sequence_pa
             **quantized)
     adapter.prepare(model)
     processor = AutoProcessor.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
-    getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
+    set_use_cache(model.config, False)  # no KV cache while training
     return LoadedModel(model, processor, adapter, hf_ds_config)
 
 
