@@ -113,8 +113,33 @@ SMOLVLM = ChatSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utte
                           "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>",
                           "video_token": "<video>"})
 
+# zai-org/GLM-4.6V(-Flash): [gMASK]<sop> once, then <|system|> / <|user|> / <|assistant|> turns each opened by its
+# role token and "\n", an image written as <|begin_of_image|><|image|><|end_of_image|> (the processor expands
+# <|image|> to one per merged patch), an answer after an empty <think></think> block (thinking off). The released
+# template writes no end of turn (generation stops at <|user|>, <|observation|> or <|endoftext|>); this one closes
+# each answer with <|endoftext|>, as LLaMA-Factory's glm4v template does, so that the answer's end is learned.
+GLM46V_TEMPLATE = (
+    "[gMASK]<sop>{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<think></think>\n' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<|begin_of_video|><|video|><|end_of_video|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<|endoftext|>' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n<think></think>\n' }}{%- endif -%}"
+)
+GLM46V = ChatSpec(("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                   "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                   "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>"),
+                  eos="<|endoftext|>", pad="<|endoftext|>", stop=("<|endoftext|>", "<|user|>", "<|observation|>"),
+                  template=GLM46V_TEMPLATE, named={"image_token": "<|image|>", "video_token": "<|video|>"})
+
 CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL,
-         "smolvlm": SMOLVLM}
+         "smolvlm": SMOLVLM, "glm46v": GLM46V}
 
 
 def chat_of(family: str) -> ChatSpec:

@@ -119,6 +119,14 @@ SPECS = {
                         dict(model_type="smolvlm_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, image_size=32, patch_size=8), 8,
                         text=dict(model_type="llama"), tokenizer="GPT2Tokenizer"),
+    # GLM-4.6V: patches of 8 (a 64 x 64 image: 8 x 8 patches, a 2 x 2 conv to 16 tokens); GLM-4 text with its 3-d rope
+    # on half of each head (as released: partial_rotary_factor 0.5, mrope_section over the rotated half)
+    "glm46v": TinySpec("Glm46VConfig", "Glm46VForConditionalGeneration", "Glm46VProcessor",
+                       dict(model_type="glm4v_vision", depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                            image_size=IMAGE_SIZE), 8,
+                       rope={"mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+                       text=dict(model_type="glm4v_text", attention_bias=True), tokenizer="Qwen2Tokenizer"),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -192,6 +200,25 @@ def smolvlm(spec: TinySpec, text: dict, tokenizer):
     return config, processor
 
 
+def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """GLM-4.6V's config and processor as zai-org sets them (CLIP mean/std, smart resize to multiples of
+    patch x merge between the pixel bounds, mm_token_type_ids), at patch 8 and the demo's image area."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "head_dim"}
+    text["head_dim"] = TEXT["head_dim"]
+    config = tf.Glm46VConfig(text_config=text, vision_config=spec.vision, image_token_id=ids["<|image|>"],
+                             video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                             image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                             video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
+    bounds = {"shortest_edge": spec.pixels[0], "longest_edge": spec.pixels[1]}
+    image = tf.Glm46VImageProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
+    video = tf.Glm46VVideoProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
+    processor = tf.Glm46VProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
+
+
 def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
     every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
@@ -239,6 +266,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = internvl(spec, text, tokenizer)
     elif family == "smolvlm":
         config, processor = smolvlm(spec, text, tokenizer)
+    elif family == "glm46v":
+        config, processor = glm46v(spec, text, tokenizer, token_ids)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

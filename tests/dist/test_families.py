@@ -46,6 +46,8 @@ RUNS = {
     "internvl": (["--packing", "--train_vision", "last:1"], {"vision": LR, "projector": LR, "llm": LR}),  # generic
     "smolvlm": (["--packing", "--train_vision", "last:1", "--vision_lr", "1e-3"],
                 {"vision": 1e-3, "projector": LR, "llm": LR}),
+    # host-side 3-d rope per sample (GLM's own index function) under packing; the vision tower frozen
+    "glm46v": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),
 }
 assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS} | set(GENERIC_VERIFIED)
 
