@@ -138,8 +138,32 @@ GLM46V = ChatSpec(("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<e
                   eos="<|endoftext|>", pad="<|endoftext|>", stop=("<|endoftext|>", "<|user|>", "<|observation|>"),
                   template=GLM46V_TEMPLATE, named={"image_token": "<|image|>", "video_token": "<|video|>"})
 
+# google/gemma-4-*-it: <bos>, then turns <|turn>role\n ... <turn|>\n (system, user, model), an image written as
+# <|image|>, which the processor expands to <|image> + a soft <|image|> per pooled patch + <image|>; thinking off:
+# the generation prompt is <|turn>model\n. The audio and video tokens are named on the tokenizer as released (the
+# processor reads boa/eoa even without audio).
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<|turn>' + role + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|image|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<turn|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\n' }}{%- endif -%}"
+)
+GEMMA4 = ChatSpec(("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
+                   "<audio|>", "<|audio|>", "<|video|>", "<|think|>", "<|channel>", "<channel|>"),
+                  eos="<eos>", pad="<pad>", bos="<bos>", stop=("<turn|>", "<eos>"), template=GEMMA4_TEMPLATE,
+                  named={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                         "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
+
 CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL,
-         "smolvlm": SMOLVLM, "glm46v": GLM46V}
+         "smolvlm": SMOLVLM, "glm46v": GLM46V, "gemma4": GEMMA4}
 
 
 def chat_of(family: str) -> ChatSpec:

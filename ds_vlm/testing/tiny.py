@@ -127,6 +127,16 @@ SPECS = {
                             image_size=IMAGE_SIZE), 8,
                        rope={"mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
                        text=dict(model_type="glm4v_text", attention_bias=True), tokenizer="Qwen2Tokenizer"),
+    # Gemma 4: patches of 16 pooled 2 x 2; the processor's smallest budget (70 soft tokens) resizes a 64 x 64 image to
+    # 128 x 128: 8 x 8 pooled patches, 64 soft tokens; layer 0 slides over 16 tokens, layer 1 is global (as released,
+    # the last is); image tokens attend both ways (use_bidirectional_attention="vision"); no audio tower
+    "gemma4": TinySpec("Gemma4Config", "Gemma4ForConditionalGeneration", "Gemma4Processor",
+                       dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=16, patch_size=16, pooling_kernel_size=2,
+                            position_embedding_size=256), 16,
+                       text=dict(model_type="gemma4_text", sliding_window=16, global_head_dim=16,
+                                 layer_types=["sliding_attention", "full_attention"],
+                                 use_bidirectional_attention="vision", hidden_size_per_layer_input=8)),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -219,6 +229,28 @@ def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
     return config, processor
 
 
+def gemma4(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """Gemma 4's config (its own ropes per layer type, per-layer inputs, no audio tower) and processor as
+    google/gemma-4-*-it set them (aspect-preserving resize to the soft-token budget, mean 0 / std 1), at the smallest
+    budget the processor takes."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
+    text = dict(text, bos_token_id=tokenizer.bos_token_id, vocab_size_per_layer_input=text["vocab_size"])
+    config = tf.Gemma4Config(text_config=text, vision_config=spec.vision, audio_config=None,
+                             boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+                             image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                             boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
+                             audio_token_id=ids["<|audio|>"], tie_word_embeddings=True)
+    budget = dict(patch_size=spec.patch, pooling_kernel_size=spec.vision["pooling_kernel_size"], max_soft_tokens=70)
+    image = tf.Gemma4ImageProcessor(**budget)
+    video = tf.Gemma4VideoProcessor(**budget)
+    processor = tf.Gemma4Processor(feature_extractor=tf.Gemma4AudioFeatureExtractor(), image_processor=image,
+                                   tokenizer=tokenizer, video_processor=video, image_seq_length=70,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
+
+
 def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
     every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
@@ -266,6 +298,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = internvl(spec, text, tokenizer)
     elif family == "smolvlm":
         config, processor = smolvlm(spec, text, tokenizer)
+    elif family == "gemma4":
+        config, processor = gemma4(spec, text, tokenizer, token_ids)
     elif family == "glm46v":
         config, processor = glm46v(spec, text, tokenizer, token_ids)
     else:
