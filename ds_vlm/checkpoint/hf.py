@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ds_vlm.runtime.distributed import store_barrier
 from ds_vlm.models.base import cache_configs, set_use_cache
+from ds_vlm.runtime.distributed import store_barrier
 
 
 def gathered_state_dict(engine) -> dict | None:

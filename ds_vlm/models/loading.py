@@ -13,8 +13,8 @@ import torch
 from ds_vlm.config import ConfigError, ModelConfig
 from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
-from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
 from ds_vlm.models.base import set_use_cache
+from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""SmolVLM2 (transformers' `smolvlm`, the Idefics3 layout): model.model.vision_model (SigLIP), connector (pixel shuffle +
-linear), text_model (Llama), lm_head; the generic adapter's parts, with what the generic adapter cannot do by itself.
+"""SmolVLM2 (transformers' `smolvlm`, the Idefics3 layout): model.model.vision_model (SigLIP), connector (pixel
+shuffle + linear), text_model (Llama), lm_head; the generic adapter's parts, with what the generic adapter cannot do
+by itself.
 
 An image is a grid of tiles plus the global image, each tile a run of <image> tokens after <fake_token_around_image>
 <row_r_col_c>, "\\n" after each row of tiles, and the global image after <fake_token_around_image><global-img>,

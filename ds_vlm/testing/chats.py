@@ -92,8 +92,8 @@ INTERNVL = ChatSpec(QWEN_SPECIAL_TOKENS + ("<img>", "</img>", "<IMG_CONTEXT>", "
                     named={"start_image_token": "<img>", "end_image_token": "</img>",
                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
-# HuggingFaceTB/SmolVLM2-*-Instruct (Idefics3 layout): <|im_start|> once, then `User:` / `Assistant:` turns each closed by
-# <end_of_utterance>\n, an image written as <image>, which the processor expands to its grid of tiles (each
+# HuggingFaceTB/SmolVLM2-*-Instruct (Idefics3 layout): <|im_start|> once, then `User:` / `Assistant:` turns each
+# closed by <end_of_utterance>\n, an image written as <image>, which the processor expands to its grid of tiles (each
 # <fake_token_around_image><row_r_col_c> + the tile's <image> tokens, a newline after each row of tiles) and the global
 # image (<fake_token_around_image><global-img> + its <image> tokens + <fake_token_around_image>); the row/column markers
 # are special tokens of their own (up to 6 x 6 tiles)
