@@ -74,7 +74,10 @@ def shrink(config) -> list[str]:
         kinds = list(dict.fromkeys(layer_types))[:text.num_hidden_layers]
         text.layer_types = (kinds * text.num_hidden_layers)[:text.num_hidden_layers]
     rope = getattr(text, "rope_parameters", None) or {}
-    head_dim = getattr(text, "head_dim", None) if "head_dim" in text.to_dict() else None
+    try:
+        head_dim = getattr(text, "head_dim", None) if "head_dim" in text.to_dict() else None
+    except Exception:  # noqa: BLE001 - a per-layer key read globally (Gemma 4's head_dim): no mrope to fit
+        head_dim = None
     if head_dim and "mrope_section" in rope:
         # the sections split the rotated half of a head: head_dim x partial_rotary_factor / 2 (GLM-4.6V: 0.5)
         half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2

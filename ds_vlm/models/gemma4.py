@@ -33,7 +33,9 @@ class Gemma4Adapter(Adapter):
         inner = model.model
         if getattr(inner, "audio_tower", None) is not None:
             raise UnsupportedModel(self._audio_refusal())
-        tower = inner.vision_tower
+        tower = getattr(inner, "vision_tower", None)
+        if tower is None:
+            raise UnsupportedModel("gemma4: this checkpoint has no vision tower (vision_config is null)")
         return ModelParts(vision=[tower], vision_blocks=tower.encoder.layers, projector=[inner.embed_vision],
                           llm=[inner.language_model, model.lm_head], llm_decoder=inner.language_model,
                           vision_encoder=tower)
@@ -47,7 +49,7 @@ class Gemma4Adapter(Adapter):
         if getattr(config, "audio_config", None) is not None:
             raise UnsupportedModel(self._audio_refusal())
         if getattr(config, "vision_config", None) is None:
-            raise UnsupportedModel("gemma4: this checkpoint has no vision tower")
+            raise UnsupportedModel("gemma4: this checkpoint has no vision tower (vision_config is null)")
 
     def vision_depth_width(self, config) -> tuple[int, int]:
         return config.vision_config.num_hidden_layers, config.vision_config.hidden_size
