@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ds_vlm.models.base import cache_configs, set_use_cache
 from ds_vlm.runtime.distributed import store_barrier
 
 
@@ -27,15 +28,16 @@ def save_hf(model, state: dict, processor, out_dir: str, max_shard_size: str = "
     """Write safetensors + config + processor into out_dir, via a staging folder renamed at the end."""
     staging = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
-    text_config = getattr(model.config, "text_config", model.config)
-    use_cache = getattr(text_config, "use_cache", True)
-    text_config.use_cache = True  # training turns the KV cache off; generation wants it
+    configs = cache_configs(model.config)
+    use_cache = [getattr(c, "use_cache", True) for c in configs]
+    set_use_cache(model.config, True)  # training turns the KV cache off; generation wants it
     try:
         # Module names are the canonical keys; reverting load-time renames mangled them under ZeRO-3.
         model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False,
                               max_shard_size=max_shard_size)
     finally:
-        text_config.use_cache = use_cache
+        for c, value in zip(configs, use_cache):
+            c.use_cache = value
     processor.save_pretrained(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(staging, out_dir)

@@ -238,17 +238,21 @@ class Encoder:
         the images after the cut leave the vision tensors too."""
         is_image = (out["input_ids"][0] == self.image_token_id).tolist()
         cut = self.max_length
-        if is_image[cut - 1] and is_image[cut]:
+        spans = self.adapter.image_spans(out["input_ids"][0], self.tokenizer)
+        if spans is not None:  # images of several runs (tiles): a cut inside one moves before the whole image
+            cut = next((start for start, end in spans if start < cut < end), cut)
+        elif is_image[cut - 1] and is_image[cut]:
             while cut > 0 and is_image[cut - 1]:
                 cut -= 1
             cut = max(0, cut - self.image_lead)
-        kept_images = sum(1 for i in range(cut) if is_image[i] and (i == 0 or not is_image[i - 1]))
+        kept_runs = sum(1 for i in range(cut) if is_image[i] and (i == 0 or not is_image[i - 1]))
+        kept_images = kept_runs if spans is None else sum(1 for _, end in spans if end <= cut)
         if not (out["labels"][0, :cut] != IGNORE_INDEX).any():
             raise DataError("too_long", sample.source, sample.index,
                             f"{len(is_image)} tokens > --max_length {self.max_length}, and truncating would leave "
                             "no answer token")
-        return self.adapter.keep_images({k: v[:, :cut] if k in TOKEN_KEYS else v for k, v in out.items()},
-                                        kept_images)
+        return self.adapter.truncate_vision({k: v[:, :cut] if k in TOKEN_KEYS else v for k, v in out.items()},
+                                            kept_images, kept_runs)
 
     def dummy(self) -> dict[str, torch.Tensor]:
         """One tiny image and its tokens, all labels ignored: run through the vision tower when a

@@ -42,6 +42,18 @@ def llava_layout_parts(model: nn.Module, vision_blocks: nn.ModuleList) -> ModelP
                       vision_encoder=tower)
 
 
+def cache_configs(config) -> list:
+    """The configs whose `use_cache` the forward reads: the text config's, and the top-level one's where it has its
+    own (SmolVLM's forward takes the top-level flag: a KV cache built there disables packing's block-diagonal mask)."""
+    text = getattr(config, "text_config", config)
+    return [text] + ([config] if config is not text and hasattr(config, "use_cache") else [])
+
+
+def set_use_cache(config, value: bool) -> None:
+    for c in cache_configs(config):
+        c.use_cache = value
+
+
 def fixed_size_patches(batch: dict[str, torch.Tensor], config) -> list[int]:
     """Patches of each image where every image is one fixed-size pixel row (the LLaVA-style processors)."""
     pixels = batch.get("pixel_values")
@@ -113,6 +125,17 @@ class Adapter:
     def keep_images(self, encoded: dict[str, torch.Tensor], n_images: int) -> dict[str, torch.Tensor]:
         """The encoded sample with the vision tensors of its first `n_images` images only (truncation)."""
         raise NotImplementedError
+
+    def image_spans(self, ids: torch.Tensor, tokenizer) -> Optional[list[tuple[int, int]]]:
+        """[start, end) of each whole image's tokens in a sample's ids, where an image is more than one run of its
+        fill token with its lead (SmolVLM's tiles, each a run, with markers between); None: each run with its lead
+        is one image (the encoder finds them)."""
+        return None
+
+    def truncate_vision(self, encoded: dict[str, torch.Tensor], n_images: int, n_runs: int) -> dict[str, torch.Tensor]:
+        """The cut sample's vision tensors for its first `n_images` whole images, which hold `n_runs` runs of the
+        fill token (keep_images by default, one run an image)."""
+        return self.keep_images(encoded, n_images)
 
     def patches_per_image(self, batch: dict[str, torch.Tensor], config) -> list[int]:
         """Vision-tower patches of each image of a batch (for the FLOP count)."""

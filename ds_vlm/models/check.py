@@ -74,9 +74,17 @@ def shrink(config) -> list[str]:
         kinds = list(dict.fromkeys(layer_types))[:text.num_hidden_layers]
         text.layer_types = (kinds * text.num_hidden_layers)[:text.num_hidden_layers]
     rope = getattr(text, "rope_parameters", None) or {}
-    head_dim = getattr(text, "head_dim", None) if "head_dim" in text.to_dict() else None
-    if head_dim and "mrope_section" in rope and sum(rope["mrope_section"]) != head_dim // 2:
-        rope["mrope_section"] = [4, 2, 2] if len(rope["mrope_section"]) == 3 else [head_dim // 2]
+    try:
+        head_dim = getattr(text, "head_dim", None) if "head_dim" in text.to_dict() else None
+    except Exception:  # noqa: BLE001 - a per-layer key read globally (Gemma 4's head_dim): no mrope to fit
+        head_dim = None
+    if head_dim and "mrope_section" in rope:
+        # the sections split the rotated half of a head: head_dim x partial_rotary_factor / 2 (GLM-4.6V: 0.5)
+        half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+        if sum(rope["mrope_section"]) != half:
+            first = half // 2
+            rope["mrope_section"] = ([first, (half - first) // 2, half - first - (half - first) // 2]
+                                     if len(rope["mrope_section"]) == 3 else [half])
     vision = getattr(config, "vision_config", None)
     if vision is not None:
         limit(vision, VISION_LIMITS, "vision")

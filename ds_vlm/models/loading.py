@@ -14,6 +14,7 @@ import torch
 from ds_vlm.config import ConfigError, ModelConfig
 from ds_vlm.models import Adapter, adapter_for
 from ds_vlm.models import model_config as load_config
+from ds_vlm.models.base import set_use_cache
 from ds_vlm.models.lora import apply_lora
 from ds_vlm.patches.torch_modules import embeddings_output_requires_grad
 
@@ -86,7 +87,7 @@ def prepare_for_training(model: torch.nn.Module, adapter: Adapter, config: Model
     one-rank stand-in)."""
     if family_changes:
         adapter.prepare(model)
-    getattr(model.config, "text_config", model.config).use_cache = False  # no KV cache while training
+    set_use_cache(model.config, False)  # no KV cache while training (the top-level flag too: SmolVLM reads it)
     groups = set_trainable(model, adapter, config)
     trained, lora = model, None
     if config.lora_rank:

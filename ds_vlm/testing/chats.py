@@ -92,7 +92,78 @@ INTERNVL = ChatSpec(QWEN_SPECIAL_TOKENS + ("<img>", "</img>", "<IMG_CONTEXT>", "
                     named={"start_image_token": "<img>", "end_image_token": "</img>",
                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
-CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL}
+# HuggingFaceTB/SmolVLM2-*-Instruct (Idefics3 layout): <|im_start|> once, then `User:` / `Assistant:` turns each
+# closed by <end_of_utterance>\n, an image written as <image>, which the processor expands to its grid of tiles (each
+# <fake_token_around_image><row_r_col_c> + the tile's <image> tokens, a newline after each row of tiles) and the global
+# image (<fake_token_around_image><global-img> + its <image> tokens + <fake_token_around_image>); the row/column markers
+# are special tokens of their own (up to 6 x 6 tiles)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_TILES = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+SMOLVLM = ChatSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
+                    "<image>", "<global-img>", "<video>") + SMOLVLM_TILES, eos="<end_of_utterance>", pad="<|im_end|>",
+                   bos="<|im_start|>", stop=("<end_of_utterance>",), template=SMOLVLM_TEMPLATE,
+                   named={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                          "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>",
+                          "video_token": "<video>"})
+
+# zai-org/GLM-4.6V(-Flash): [gMASK]<sop> once, then <|system|> / <|user|> / <|assistant|> turns each opened by its
+# role token and "\n", an image written as <|begin_of_image|><|image|><|end_of_image|> (the processor expands
+# <|image|> to one per merged patch), an answer after an empty <think></think> block (thinking off). The released
+# template writes no end of turn (generation stops at <|user|>, <|observation|> or <|endoftext|>); this one closes
+# each answer with <|endoftext|>, as LLaMA-Factory's glm4v template does, so that the answer's end is learned.
+GLM46V_TEMPLATE = (
+    "[gMASK]<sop>{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<think></think>\n' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<|begin_of_video|><|video|><|end_of_video|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<|endoftext|>' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n<think></think>\n' }}{%- endif -%}"
+)
+GLM46V = ChatSpec(("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                   "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                   "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>"),
+                  eos="<|endoftext|>", pad="<|endoftext|>", stop=("<|endoftext|>", "<|user|>", "<|observation|>"),
+                  template=GLM46V_TEMPLATE, named={"image_token": "<|image|>", "video_token": "<|video|>"})
+
+# google/gemma-4-*-it: <bos>, then turns <|turn>role\n ... <turn|>\n (system, user, model), an image written as
+# <|image|>, which the processor expands to <|image> + a soft <|image|> per pooled patch + <image|>; thinking off:
+# the generation prompt is <|turn>model\n. The audio and video tokens are named on the tokenizer as released (the
+# processor reads boa/eoa even without audio).
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<|turn>' + role + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|image|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<turn|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\n' }}{%- endif -%}"
+)
+GEMMA4 = ChatSpec(("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
+                   "<audio|>", "<|audio|>", "<|video|>", "<|think|>", "<|channel>", "<channel|>"),
+                  eos="<eos>", pad="<pad>", bos="<bos>", stop=("<turn|>", "<eos>"), template=GEMMA4_TEMPLATE,
+                  named={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                         "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
+
+CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL,
+         "smolvlm": SMOLVLM, "glm46v": GLM46V, "gemma4": GEMMA4}
 
 
 def chat_of(family: str) -> ChatSpec:

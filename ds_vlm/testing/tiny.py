@@ -113,6 +113,30 @@ SPECS = {
                          dict(model_type="internvl_vision", hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32], patch_size=[8, 8]), 8,
                          text=dict(model_type="qwen2", bos_token_id=None)),
+    # SmolVLM2 (Idefics3 layout): SigLIP tiles of 32 px (4 x 4 patches of 8), pixel-shuffled by 2 to 4 tokens; a
+    # 64 x 64 image is a 2 x 2 grid of tiles + the global image: 20 <image> tokens
+    "smolvlm": TinySpec("SmolVLMConfig", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+                        dict(model_type="smolvlm_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, image_size=32, patch_size=8), 8,
+                        text=dict(model_type="llama"), tokenizer="GPT2Tokenizer"),
+    # GLM-4.6V: patches of 8 (a 64 x 64 image: 8 x 8 patches, a 2 x 2 conv to 16 tokens); GLM-4 text with its 3-d rope
+    # on half of each head (as released: partial_rotary_factor 0.5, mrope_section over the rotated half)
+    "glm46v": TinySpec("Glm46VConfig", "Glm46VForConditionalGeneration", "Glm46VProcessor",
+                       dict(model_type="glm4v_vision", depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                            image_size=IMAGE_SIZE), 8,
+                       rope={"mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+                       text=dict(model_type="glm4v_text", attention_bias=True), tokenizer="Qwen2Tokenizer"),
+    # Gemma 4: patches of 16 pooled 2 x 2; the processor's smallest budget (70 soft tokens) resizes a 64 x 64 image to
+    # 128 x 128: 8 x 8 pooled patches, 64 soft tokens; layer 0 slides over 16 tokens, layer 1 is global (as released,
+    # the last is); image tokens attend both ways (use_bidirectional_attention="vision"); no audio tower
+    "gemma4": TinySpec("Gemma4Config", "Gemma4ForConditionalGeneration", "Gemma4Processor",
+                       dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=16, patch_size=16, pooling_kernel_size=2,
+                            position_embedding_size=256), 16,
+                       text=dict(model_type="gemma4_text", sliding_window=16, global_head_dim=16,
+                                 layer_types=["sliding_attention", "full_attention"],
+                                 use_bidirectional_attention="vision", hidden_size_per_layer_input=8)),
 }
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -166,6 +190,67 @@ def internvl(spec: TinySpec, text: dict, tokenizer):
     return config, processor
 
 
+def smolvlm(spec: TinySpec, text: dict, tokenizer):
+    """SmolVLM2 as HuggingFaceTB sets it up: images resized (longest edge) to `size`, split into tiles of
+    `max_image_size` plus the global image resized to one tile, mean/std 0.5, Lanczos, tiles zero-padded per batch
+    (with a pixel mask); the connector pixel-shuffles by `scale_factor`. Released: tiles of 512 and a size of 4 tiles
+    (2048); here tiles of 32 and a size of 2 tiles (64, the demo's images), so an image is 2 x 2 tiles + the global
+    one."""
+    import transformers as tf
+
+    config = tf.SmolVLMConfig(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                              scale_factor=2, image_token_id=tokenizer.image_token_id,
+                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    image = tf.SmolVLMImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
+                                     do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
+    video = tf.SmolVLMVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = tf.SmolVLMProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                    image_seq_len=4, chat_template=tokenizer.chat_template)
+    return config, processor
+
+
+def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """GLM-4.6V's config and processor as zai-org sets them (CLIP mean/std, smart resize to multiples of
+    patch x merge between the pixel bounds, mm_token_type_ids), at patch 8 and the demo's image area."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "head_dim"}
+    text["head_dim"] = TEXT["head_dim"]
+    config = tf.Glm46VConfig(text_config=text, vision_config=spec.vision, image_token_id=ids["<|image|>"],
+                             video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                             image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                             video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
+    bounds = {"shortest_edge": spec.pixels[0], "longest_edge": spec.pixels[1]}
+    image = tf.Glm46VImageProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
+    video = tf.Glm46VVideoProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
+    processor = tf.Glm46VProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
+
+
+def gemma4(spec: TinySpec, text: dict, tokenizer, ids: dict):
+    """Gemma 4's config (its own ropes per layer type, per-layer inputs, no audio tower) and processor as
+    google/gemma-4-*-it set them (aspect-preserving resize to the soft-token budget, mean 0 / std 1), at the smallest
+    budget the processor takes."""
+    import transformers as tf
+
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
+    text = dict(text, bos_token_id=tokenizer.bos_token_id, vocab_size_per_layer_input=text["vocab_size"])
+    config = tf.Gemma4Config(text_config=text, vision_config=spec.vision, audio_config=None,
+                             boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+                             image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                             boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
+                             audio_token_id=ids["<|audio|>"], tie_word_embeddings=True)
+    budget = dict(patch_size=spec.patch, pooling_kernel_size=spec.vision["pooling_kernel_size"], max_soft_tokens=70)
+    image = tf.Gemma4ImageProcessor(**budget)
+    video = tf.Gemma4VideoProcessor(**budget)
+    processor = tf.Gemma4Processor(feature_extractor=tf.Gemma4AudioFeatureExtractor(), image_processor=image,
+                                   tokenizer=tokenizer, video_processor=video, image_seq_length=70,
+                                   chat_template=tokenizer.chat_template)
+    return config, processor
+
+
 def gemma3(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """Gemma 3's config (its own two ropes: local and global) and processor, as google/gemma-3-*-it set them:
     every image resized to the tower's size, mean/std 0.5, no pan-and-scan, <start_of_image> expanded to
@@ -211,6 +296,12 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = mistral3(spec, text, tokenizer)
     elif family == "internvl":
         config, processor = internvl(spec, text, tokenizer)
+    elif family == "smolvlm":
+        config, processor = smolvlm(spec, text, tokenizer)
+    elif family == "gemma4":
+        config, processor = gemma4(spec, text, tokenizer, token_ids)
+    elif family == "glm46v":
+        config, processor = glm46v(spec, text, tokenizer, token_ids)
     else:
         processor = qwen_processor(getattr(tf, spec.processor), getattr(tf, spec.video_processor), tokenizer,
                                    spec.patch, 2, *spec.pixels)

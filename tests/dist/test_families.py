@@ -44,6 +44,12 @@ RUNS = {
     "mistral3": (["--train_vision", "all", "--vision_lr", "1e-3", "--train_projector", "false"],  # generic adapter
                  {"vision": 1e-3, "llm": LR}),
     "internvl": (["--packing", "--train_vision", "last:1"], {"vision": LR, "projector": LR, "llm": LR}),  # generic
+    "smolvlm": (["--packing", "--train_vision", "last:1", "--vision_lr", "1e-3"],
+                {"vision": 1e-3, "projector": LR, "llm": LR}),
+    # host-side 3-d rope per sample (GLM's own index function) under packing; the vision tower frozen
+    "glm46v": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),
+    # padded (packing refused: bidirectional image spans, sliding window); the last vision block trained
+    "gemma4": (["--train_vision", "last:1", "--vision_lr", "1e-3"], {"vision": 1e-3, "projector": LR, "llm": LR}),
 }
 assert set(RUNS) == set(FAMILIES) == {a.family for a in ADAPTERS} | set(GENERIC_VERIFIED)
 

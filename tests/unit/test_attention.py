@@ -11,6 +11,7 @@ from fixtures.encoding import packing_setup
 from fixtures.numerics import assert_same, loss_and_grads
 
 from ds_vlm.models import adapter_for
+from ds_vlm.models.base import set_use_cache
 from ds_vlm.train.loss import LabelLoss, LabelRows
 
 
@@ -41,7 +42,7 @@ def test_varlen_interface_on_cpu(demo_dir, packing_records, monkeypatch):
                                                         attn_implementation=VARLEN)
     adapter = adapter_for("qwen3_vl")
     adapter.prepare(model)
-    model.config.get_text_config().use_cache = False
+    set_use_cache(model.config, False)
     model.train()
     import ds_vlm.parallel.attention as attention
 

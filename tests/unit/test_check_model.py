@@ -37,6 +37,13 @@ def test_shrink_keeps_structure_and_builds():
     assert gemma.text_config.layer_types == ["sliding_attention", "full_attention"]  # both kinds kept
     _meta(gemma)
     assert shrink(gemma) == []  # never grows, and a tiny config stays as it is
+    from transformers import Glm46VConfig  # its 3-d rope turns half of each head: the sections fit that half
+
+    glm = Glm46VConfig(text_config={"rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12],
+                                                         "partial_rotary_factor": 0.5}, "head_dim": 128})
+    shrink(glm)
+    assert sum(glm.text_config.rope_parameters["mrope_section"]) == glm.text_config.head_dim // 4
+    _meta(glm)
 
 
 def test_check_model_table_and_json(family_models, tmp_path, monkeypatch, capsys):

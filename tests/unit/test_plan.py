@@ -97,7 +97,7 @@ def test_model_states_under_expert_parallelism():
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl", "llava", "qwen3_5",
-                                    "qwen3_5_moe", "gemma3"])
+                                    "qwen3_5_moe", "gemma3", "gemma4", "smolvlm", "glm46v"])
 def test_plan_runs_from_the_config_for_every_stage(family, family_models, tmp_path, capsys, monkeypatch):
     """The plan of each family at ZeRO-0, 2 and 3. The stage changes the model states, not the micro-batch nor its
     activations: the first plan's fake-tensor trace (seconds each, ~8 s for Qwen3.5's chunked linear attention)

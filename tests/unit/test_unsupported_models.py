@@ -66,3 +66,17 @@ def test_train_answers_in_one_line(model_dirs, demo_dir, tmp_path):
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     _one_line(proc.stderr, CASES["blip-2"])
+
+
+def test_gemma4_with_an_audio_tower_is_refused_by_name_before_loading():
+    """The audio tower is left out (no parameter group holds it): a Gemma 4 config with one is refused in one line."""
+    import transformers
+
+    from ds_vlm.models import UnsupportedModel, adapter_for
+
+    config = transformers.Gemma4Config(vision_config={}, audio_config={})  # E2B/E4B: audio beside vision
+    with pytest.raises(UnsupportedModel, match="gemma4: this checkpoint has an audio tower"):
+        adapter_for("gemma4").check_layout(config)
+    with pytest.raises(UnsupportedModel, match="gemma4: this checkpoint has no vision tower"):
+        adapter_for("gemma4").check_layout(transformers.Gemma4Config(audio_config=None))
+    adapter_for("gemma4").check_layout(transformers.Gemma4Config(vision_config={}, audio_config=None))

@@ -91,9 +91,11 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     gradients on the vision tower."""
     from transformers import AutoModelForImageTextToText
 
+    from ds_vlm.models.base import set_use_cache
+
     model_dir = family_models(family)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.get_text_config().use_cache = False
+    set_use_cache(model.config, False)
     model.train()
     encoder = video_encoder(model_dir, family)
     dataset = SFTDataset(RecordIndex([str(mixed)]), encoder)
