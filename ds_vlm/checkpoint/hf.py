@@ -81,9 +81,17 @@ def save_lora_exports(state: dict, lora, config, generation_config, processor, o
 def export_hf(engine, processor, out_dir: str, lora=None, long_timeout_s: float = 7200) -> None:
     """All ranks: consolidated weights of the live engine -> out_dir on rank 0 (with LoRA: merged, and peft's
     adapter folder beside it, `adapter/`); the others wait for rank 0's writing through the store."""
+    from ds_vlm.parallel.expert import autoep_layers, hf_state_of_autoep
+
     state = gathered_state_dict(engine)
+    expert_parallel = bool(autoep_layers(engine.module))
+    if expert_parallel:  # AutoEP's layers back in the transformers layout, the experts gathered from each EP group
+        state = hf_state_of_autoep(engine.module, state)
     if dist.get_rank() == 0:
-        if lora is None:
+        if expert_parallel:
+            model = engine.module
+            save_hf(plain_model(model.config, state, model.generation_config), state, processor, out_dir)
+        elif lora is None:
             save_hf(engine.module, state, processor, out_dir)
         else:
             from ds_vlm.models.lora import dequantized_state_dict
