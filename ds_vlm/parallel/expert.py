@@ -9,14 +9,30 @@ AutoEP preset whose MoE block layout the family's text layers share) and the mod
 
     qwen3_vl_moe   preset qwen3_moe (AutoEP has no Qwen3-VL-MoE preset; the text blocks have the same fused
                    gate_up_proj / down_proj experts and top-k router), the layers under model.language_model
-    qwen3_5_moe    preset qwen3_5_moe (written for the qwen3_5_moe_text backbone), the same pattern
+    qwen3_5_moe    preset qwen3_moe as well: AutoEP's own qwen3_5_moe preset refuses the VLM's model_type
+                   (`qwen3_5_moe`; it validates the top-level config and asks for the `qwen3_5_moe_text`
+                   backbone's), and qwen3_moe's is the same layout field by field (fused experts, top-k softmax
+                   router with normalized top-k, a shared expert behind a sigmoid gate); the same pattern
 
-Found on 2 CPU ranks (gloo, torch 2.14.1, deepspeed 0.19.8): AutoEP runs there with `use_grouped_mm` off
-(set here where CUDA is missing); losses equal EP 1 to fp32 rounding. Not yet here: the router's load-balancing
-loss (AutoEP's qwen3_moe adapter retargets transformers' router-logits recorder for Qwen3-MoE classes only, so
-`output_router_logits` finds no logits: the trainer does not ask for them), an HF export of the sharded
-experts (refused with EP > 1: `--export_hf false`) and resuming at another EP size (refused by the resume's
-exactness keys; the same size resumes with the uninterrupted losses).
+Found on 2 CPU ranks (gloo, torch 2.14.1, deepspeed 0.19.8, transformers 5.24.0; tests/dist/test_expert.py): AutoEP
+runs there with `use_grouped_mm` off (set here where CUDA is missing); for both families the losses and the
+router's load-balancing loss equal EP 1's to fp32 rounding (1e-5 abs over 4 steps).
+
+- The router's aux loss: AutoEP replaces the whole MoE block, so transformers' recorder (which names its own
+  router class) finds no logits, and AutoEP's retargeting covers Qwen3-MoE/Qwen2-MoE class names only. The patch
+  `autoep_router_logits_recorder` (ds_vlm/patches/deepspeed_autoep.py) points it at AutoEP's `router.gate` (the
+  raw logits, as the transformers router's output 0): `record_router_logits`, after deepspeed.initialize.
+- The HF export (`hf_state_of_autoep`, ZeRO 0-2 without LoRA): each layer's local experts all-gathered over its
+  EP group and written back as `experts.gate_up_proj` [E, 2 x ffn, hidden] / `experts.down_proj`, the router as
+  `gate.weight`, the shared expert under transformers' names; it reloads with from_pretrained. Refused under
+  ZeRO-3 (AutoEP partitions the experts again over the expert-data-parallel ranks; not gathered here) and with
+  LoRA (the merge does not know AutoEP's layers): `--export_hf false` there.
+- Resuming at another EP size goes through DeepSpeed's universal format, which reshards AutoEP's experts
+  (checkpoint/resume.py). A checkpoint of AutoEP's layout resumed at EP 1 runs AutoEP at size 1
+  (`keep_autoep_layout`: every rank holds all the experts under AutoEP's names). Refused: a checkpoint saved
+  without EP (transformers' fused layout) resumed at EP > 1, since the universal format keeps parameter names and
+  does not convert `experts.gate_up_proj` into AutoEP's `experts.w1/w2/w3` (start from its HF export instead), and
+  ZeRO-0 at another size (no universal format there).
 """
 
 from __future__ import annotations
