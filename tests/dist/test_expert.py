@@ -3,7 +3,7 @@ tiny model trained with its experts split over the 2 ranks gives the losses and 
 that keeps them whole (EP 1), images included; its HF export holds the experts gathered whole in the transformers
 layout (the EP 1 run's tensors, and from_pretrained reads it). Qwen3-VL-MoE's step-2 checkpoint of EP 2 resumes
 at EP 1 (the universal format; AutoEP kept at size 1) with the uninterrupted losses, and that run's step-3
-checkpoint resumes at EP 2 likewise."""
+checkpoint resumes at EP 2 likewise (and at EP 1, as EP 2's at EP 2, without conversion)."""
 
 from __future__ import annotations
 
@@ -98,8 +98,14 @@ def test_expert_parallel_resumes_across_sizes(ep_runs, tmp_path):
     assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(uninterrupted[s], abs=1e-5) for s in got), got
     section = json.loads((to_one / "run_config.json").read_text())["ds_config"]["expert_parallel"]
     assert section["autoep_size"] == 1
-    to_two = tmp_path / "to_two"  # that run's step 3 (EP 1, AutoEP's layout) at EP 2
-    _resume_from(to_one, 3, to_two)
-    _ok(_run(model, to_two, 2, data, "--export_hf", "false"))
-    got = _steps(to_two)
-    assert sorted(got) == [4] and got[4] == pytest.approx(uninterrupted[4], abs=1e-5), got
+    for ep, source, step in ((2, to_one, 3),  # that run's step 3 (EP 1, AutoEP's layout) at EP 2
+                             (1, to_one, 3),  # ... and at EP 1: no conversion, AutoEP's layout kept
+                             (2, runs[2], 2)):  # EP 2's step 2 at EP 2: no conversion
+        out = tmp_path / f"ep{ep}_from_{source.name}"
+        _resume_from(source, step, out)
+        _ok(_run(model, out, ep, data, "--export_hf", "false"))
+        got = _steps(out)
+        assert sorted(got) == list(range(step + 1, 5)), got
+        assert all(got[s] == pytest.approx(uninterrupted[s], abs=1e-5) for s in got), (ep, source, got)
+        assert (out / "checkpoints" / f"step_{step:08d}" / "universal").is_dir() == (ep != (1 if source == to_one
+                                                                                          else 2))
