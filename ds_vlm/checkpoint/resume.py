@@ -52,9 +52,12 @@ def expert_parallel_change(checkpoint: Path, saved: RunMeta, run: RunMeta) -> bo
     before, now = saved.config.get("expert_parallel", 1), run.config["expert_parallel"]
     if now > 1 and not holds_autoep_layers(checkpoint):
         raise ConfigError(f"cannot resume {checkpoint} at --expert_parallel {now}: it was saved without expert "
-                          "parallelism, its experts in transformers' fused layout (experts.gate_up_proj), which "
-                          "DeepSpeed's universal checkpoint does not convert into AutoEP's (experts.w1/w2/w3, "
-                          "router.gate); resume it at --expert_parallel 1, or start the EP run from its HF export")
+                          "parallelism. Its experts are in transformers' fused layout (experts.gate_up_proj), "
+                          "which DeepSpeed's universal checkpoint keeps by name (AutoEP's are experts.w1/w2/w3, "
+                          "router.gate), and AutoEP's engine puts the experts in optimizer groups of their own that "
+                          "DeepSpeed's universal loader pairs with the checkpoint's groups by position (they would "
+                          "get no optimizer state; the LR schedule's state has the old group count). Resume it at "
+                          "--expert_parallel 1, or start the EP run from its HF export")
     if before != now and saved.zero_stage == 0:
         raise ConfigError(f"cannot resume {checkpoint} at --expert_parallel {now} (saved at {before}): another EP "
                           "size needs DeepSpeed's universal format, which ZeRO stage 0 does not write; resume at "

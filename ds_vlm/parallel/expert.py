@@ -30,9 +30,13 @@ router's load-balancing loss equal EP 1's to fp32 rounding (1e-5 abs over 4 step
 - Resuming at another EP size goes through DeepSpeed's universal format, which reshards AutoEP's experts
   (checkpoint/resume.py). A checkpoint of AutoEP's layout resumed at EP 1 runs AutoEP at size 1
   (`keep_autoep_layout`: every rank holds all the experts under AutoEP's names). Refused: a checkpoint saved
-  without EP (transformers' fused layout) resumed at EP > 1, since the universal format keeps parameter names and
-  does not convert `experts.gate_up_proj` into AutoEP's `experts.w1/w2/w3` (start from its HF export instead), and
-  ZeRO-0 at another size (no universal format there).
+  without EP (transformers' fused layout) resumed at EP > 1. The universal format keeps parameter names (its
+  zero/ folders could be renamed: experts.gate_up_proj split into AutoEP's experts.w1/w3, down_proj -> w2), but
+  AutoEP's engine puts the experts in optimizer groups of their own, and DeepSpeed 0.19.8's universal loader
+  pairs the live groups with the checkpoint's by position (base_optimizer.load_hp_checkpoint_state_from_
+  checkpoint_dir zips them): the experts' groups would silently get no optimizer state, and the LR schedule's
+  state (the old group count) fails at the first step (tried). Start such an EP run from the HF export instead.
+  Also refused: ZeRO-0 at another size (no universal format there).
 """
 
 from __future__ import annotations
