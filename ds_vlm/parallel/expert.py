@@ -22,11 +22,12 @@ router's load-balancing loss equal EP 1's to fp32 rounding (1e-5 abs over 4 step
   router class) finds no logits, and AutoEP's retargeting covers Qwen3-MoE/Qwen2-MoE class names only. The patch
   `autoep_router_logits_recorder` (ds_vlm/patches/deepspeed_autoep.py) points it at AutoEP's `router.gate` (the
   raw logits, as the transformers router's output 0): `record_router_logits`, after deepspeed.initialize.
-- The HF export (`hf_state_of_autoep`, ZeRO 0-2 without LoRA): each layer's local experts all-gathered over its
-  EP group and written back as `experts.gate_up_proj` [E, 2 x ffn, hidden] / `experts.down_proj`, the router as
-  `gate.weight`, the shared expert under transformers' names; it reloads with from_pretrained. Refused under
-  ZeRO-3 (AutoEP partitions the experts again over the expert-data-parallel ranks; not gathered here) and with
-  LoRA (the merge does not know AutoEP's layers): `--export_hf false` there.
+- The HF export (`hf_state_of_autoep`): each layer's local experts all-gathered over its EP group and written
+  back as `experts.gate_up_proj` [E, 2 x ffn, hidden] / `experts.down_proj`, the router as `gate.weight`, the
+  shared expert under transformers' names; it reloads with from_pretrained. Under ZeRO-3 DeepSpeed's
+  consolidation refuses AutoEP (the experts are partitioned over their expert-data-parallel group), so
+  checkpoint/hf.py gathers parameter by parameter, each over its own group. Refused with LoRA (the merge does
+  not know AutoEP's layers): `--export_hf false` there.
 - Resuming at another EP size goes through DeepSpeed's universal format, which reshards AutoEP's experts
   (checkpoint/resume.py). A checkpoint of AutoEP's layout resumed at EP 1 runs AutoEP at size 1
   (`keep_autoep_layout`: every rank holds all the experts under AutoEP's names). Refused: a checkpoint saved
@@ -81,16 +82,14 @@ def ep_size_of(ds: dict) -> int:
 
 def fill_autoep_section(ds: dict, adapter, model_config, export_hf: bool, lora: bool = False) -> Optional[dict]:
     """The model's part of the `expert_parallel` section (preset, layer pattern, top-k), where EP is on; the
-    json's own values win. Refuses families without MoE blocks, and an HF export where the experts cannot be
-    gathered yet (ZeRO-3 partitions them further; LoRA's merge does not know AutoEP's layers)."""
+    json's own values win. Refuses families without MoE blocks, and an HF export with LoRA (its merge does not
+    know AutoEP's layers)."""
     section = ds.get("expert_parallel")
     if not section or not section.get("enabled"):
         return None
-    if export_hf and (lora or ds.get("zero_optimization", {}).get("stage", 0) == 3):
-        raise ConfigError("--expert_parallel: the HF export gathers the experts of ZeRO stages 0-2 without LoRA "
-                          "(under ZeRO-3 AutoEP partitions them again over the expert-data-parallel ranks; LoRA's "
-                          "merge does not know AutoEP's layers): pass --export_hf false (checkpoints are saved as "
-                          "usual)")
+    if export_hf and lora:
+        raise ConfigError("--expert_parallel with LoRA: the HF export's merge does not know AutoEP's layers: pass "
+                          "--export_hf false (checkpoints are saved as usual)")
     preset = getattr(adapter, "autoep_preset", None)
     if preset is None:
         raise ConfigError(f"--expert_parallel: {adapter.family} has no MoE blocks (expert parallelism is for "
@@ -126,11 +125,14 @@ def hf_state_of_autoep(model, state: Optional[dict]) -> Optional[dict]:
     their transformers names (`shared_expert.*`, `shared_expert_gate.weight`)."""
     import torch.distributed as dist
 
+    import deepspeed
+
     for name, layer in autoep_layers(model):
         experts = layer.experts
         whole = []
         for w in (experts.w1, experts.w3, experts.w2):
-            local = w.detach().contiguous()
+            with deepspeed.zero.GatheredParameters([w], enabled=hasattr(w, "ds_id")):  # ZeRO-3: whole locally
+                local = w.detach().clone().contiguous()
             if layer.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
                 dist.all_gather(parts, local, group=layer.ep_group)  # rank r of the group holds experts r*E/N..

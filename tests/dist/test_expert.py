@@ -1,7 +1,7 @@
 """Expert parallelism (DeepSpeed AutoEP) on 2 CPU ranks, for both MoE families (qwen3_vl_moe, qwen3_5_moe): the
 tiny model trained with its experts split over the 2 ranks gives the losses and the router's aux loss of the run
 that keeps them whole (EP 1), images included; its HF export holds the experts gathered whole in the transformers
-layout (the EP 1 run's tensors, and from_pretrained reads it). Qwen3-VL-MoE's step-2 checkpoint of EP 2 resumes
+layout (the EP 1 run's tensors, and from_pretrained reads it), under ZeRO-2 and (qwen3_5_moe) ZeRO-3. Qwen3-VL-MoE's step-2 checkpoint of EP 2 resumes
 at EP 1 (the universal format; AutoEP kept at size 1) with the uninterrupted losses, and that run's step-3
 checkpoint resumes at EP 2 likewise (and at EP 1, as EP 2's at EP 2, without conversion)."""
 
@@ -16,9 +16,9 @@ from fixtures.runs import ROOT, read_metrics, run_train
 FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
 
 
-def _run(model, out, ep: int, data, *extra):
+def _run(model, out, ep: int, data, *extra, zero: int = 2):
     return run_train(["--model", str(model), "--train_data", str(data),
-                      "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(out),
+                      "--deepspeed", str(ROOT / "ds_configs" / f"zero{zero}.json"), "--output_dir", str(out),
                       "--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "1", "--lr", "1e-3",
                       "--warmup_ratio", "0", "--num_workers", "0", "--dist_timeout_s", "120",
                       "--expert_parallel", str(ep), *extra])
@@ -51,7 +51,8 @@ def _resume_from(source, step: int, out):
 
 @pytest.fixture(scope="module")
 def ep_runs(family_models, tmp_path_factory):
-    """family -> {ep: output dir} of the runs at EP 1 and EP 2 (the router's aux loss on, HF export on)."""
+    """family -> {ep: output dir} of the runs at EP 1 and EP 2 under ZeRO-2 (the router's aux loss on, HF export
+    on); qwen3_5_moe's "zero3": EP 2 under ZeRO-3."""
     runs = {}
     for family in FAMILIES:
         model = family_models(family)
@@ -61,6 +62,9 @@ def ep_runs(family_models, tmp_path_factory):
         for ep in (1, 2):
             _ok(_run(model, root / f"ep{ep}", ep, data))
             runs[family][ep] = root / f"ep{ep}"
+    zero3 = tmp_path_factory.mktemp("ep_zero3") / "ep2"
+    _ok(_run(runs["qwen3_5_moe"]["model"], zero3, 2, runs["qwen3_5_moe"]["data"], zero=3))
+    runs["qwen3_5_moe"]["zero3"] = zero3
     return runs
 
 
@@ -86,6 +90,13 @@ def test_expert_parallel_2_equals_1_with_aux_loss_and_export(ep_runs, family):
         assert torch.allclose(gathered[key], value, atol=1e-4), key
     reloaded = AutoModelForImageTextToText.from_pretrained(runs[2] / "hf")
     assert torch.equal(reloaded.state_dict()[experts[0]], gathered[experts[0]])
+    if "zero3" in runs:  # ZeRO-3 partitions the experts again over their expert-data-parallel group
+        three = _steps(runs["zero3"])
+        assert sorted(three) == [1, 2, 3, 4] and all(three[s] == pytest.approx(one[s], abs=1e-5) for s in one)
+        zero3 = _tensors(runs["zero3"] / "hf")
+        assert sorted(zero3) == sorted(whole)
+        for key, value in whole.items():
+            assert torch.allclose(zero3[key], value, atol=1e-4), key
 
 
 def test_expert_parallel_resumes_across_sizes(ep_runs, tmp_path):
