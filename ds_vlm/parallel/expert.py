@@ -123,9 +123,8 @@ def hf_state_of_autoep(model, state: Optional[dict]) -> Optional[dict]:
     (down) gathered whole from the EP group into `experts.gate_up_proj` [E, 2 x ffn, hidden] and
     `experts.down_proj` [E, hidden, ffn], the router as `gate.weight`, the shared expert and its gate under
     their transformers names (`shared_expert.*`, `shared_expert_gate.weight`)."""
-    import torch.distributed as dist
-
     import deepspeed
+    import torch.distributed as dist
 
     for name, layer in autoep_layers(model):
         experts = layer.experts

@@ -1,9 +1,10 @@
 """Expert parallelism (DeepSpeed AutoEP) on 2 CPU ranks, for both MoE families (qwen3_vl_moe, qwen3_5_moe): the
 tiny model trained with its experts split over the 2 ranks gives the losses and the router's aux loss of the run
 that keeps them whole (EP 1), images included; its HF export holds the experts gathered whole in the transformers
-layout (the EP 1 run's tensors, and from_pretrained reads it), under ZeRO-2 and (qwen3_5_moe) ZeRO-3. Qwen3-VL-MoE's step-2 checkpoint of EP 2 resumes
-at EP 1 (the universal format; AutoEP kept at size 1) with the uninterrupted losses, and that run's step-3
-checkpoint resumes at EP 2 likewise (and at EP 1, as EP 2's at EP 2, without conversion)."""
+layout (the EP 1 run's tensors, and from_pretrained reads it), under ZeRO-2 and (qwen3_5_moe) ZeRO-3.
+Qwen3-VL-MoE's step-2 checkpoint of EP 2 resumes at EP 1 (the universal format; AutoEP kept at size 1) with the
+uninterrupted losses, and that run's step-3 checkpoint resumes at EP 2 likewise (and at EP 1, as EP 2's at EP 2,
+without conversion)."""
 
 from __future__ import annotations
 
