@@ -17,6 +17,9 @@ AutoEP preset whose MoE block layout the family's text layers share) and the mod
 Found on 2 CPU ranks (gloo, torch 2.14.1, deepspeed 0.19.8, transformers 5.24.0; tests/dist/test_expert.py): AutoEP
 runs there with `use_grouped_mm` off (set here where CUDA is missing); for both families the losses and the
 router's load-balancing loss equal EP 1's to fp32 rounding (1e-5 abs over 4 steps).
+On 4 CPU ranks (qwen3_5_moe, ZeRO-2, by hand, not in the suite): EP 2 (two EP groups) and EP 4 equal EP 1
+within 1e-6 (loss and aux loss, 4 steps), their HF exports within 3e-6, and EP 4's step-2 checkpoint resumes
+at EP 2 with the uninterrupted losses.
 
 - The router's aux loss: AutoEP replaces the whole MoE block, so transformers' recorder (which names its own
   router class) finds no logits, and AutoEP's retargeting covers Qwen3-MoE/Qwen2-MoE class names only. The patch
