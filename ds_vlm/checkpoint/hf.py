@@ -16,7 +16,25 @@ from ds_vlm.runtime.distributed import store_barrier
 
 
 def gathered_state_dict(engine) -> dict | None:
-    """The full model state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
+    """The full model state dict on rank 0 (None elsewhere); collective under ZeRO-3. With AutoEP under ZeRO-3
+    (DeepSpeed's consolidation refuses it: the experts are partitioned over their expert-data-parallel group),
+    each parameter is gathered over its own partition group in turn; rank 0 keeps its EP rank's experts, which
+    parallel/expert.py's hf_state_of_autoep completes."""
+    from ds_vlm.parallel.expert import autoep_layers
+
+    if engine.zero_optimization_partition_weights() and autoep_layers(engine.module):
+        import deepspeed
+
+        state, seen = ({} if dist.get_rank() == 0 else None), {}
+        for name, param in engine.module.named_parameters(remove_duplicate=False):  # tied: both names, one tensor
+            if id(param) not in seen:
+                with deepspeed.zero.GatheredParameters([param]):
+                    seen[id(param)] = param.detach().clone().cpu() if state is not None else None
+            if state is not None:
+                state[name] = seen[id(param)]
+        if state is not None:  # the persistent buffers
+            state.update({k: v.detach().cpu() for k, v in engine.module.state_dict().items() if k not in state})
+        return state
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     if dist.get_rank() != 0:
@@ -83,9 +101,17 @@ def save_lora_exports(state: dict, lora, config, generation_config, processor, o
 def export_hf(engine, processor, out_dir: str, lora=None, long_timeout_s: float = 7200) -> None:
     """All ranks: consolidated weights of the live engine -> out_dir on rank 0 (with LoRA: merged, and peft's
     adapter folder beside it, `adapter/`); the others wait for rank 0's writing through the store."""
+    from ds_vlm.parallel.expert import autoep_layers, hf_state_of_autoep
+
     state = gathered_state_dict(engine)
+    expert_parallel = bool(autoep_layers(engine.module))
+    if expert_parallel:  # AutoEP's layers back in the transformers layout, the experts gathered from each EP group
+        state = hf_state_of_autoep(engine.module, state)
     if dist.get_rank() == 0:
-        if lora is None:
+        if expert_parallel:
+            model = engine.module
+            save_hf(plain_model(model.config, state, model.generation_config), state, processor, out_dir)
+        elif lora is None:
             save_hf(engine.module, state, processor, out_dir)
         else:
             from ds_vlm.models.lora import dequantized_state_dict

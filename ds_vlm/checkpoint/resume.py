@@ -34,11 +34,35 @@ def find_checkpoint(path: str) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-# Settings whose change makes a resumed run differ from the uninterrupted one.
-# expert_parallel: an AutoEP checkpoint holds each rank's experts under AutoEP's names (across EP sizes the
-# engine's load fails; not converted yet)
+# Settings whose change makes a resumed run differ from the uninterrupted one. (expert_parallel is not one: EP 2
+# gives the losses of EP 1, and another EP size resumes through the universal format, resume_point)
 EXACTNESS_KEYS = ("model", "train_data", "image_root", "seed", "max_length", "lr", "muon_lr", "warmup_ratio",
-                  "min_lr_ratio", "max_tokens_per_batch", "packing", "expert_parallel")
+                  "min_lr_ratio", "max_tokens_per_batch", "packing")
+
+
+def holds_autoep_layers(checkpoint: Path) -> bool:
+    """The checkpoint was saved by a run whose MoE blocks were AutoEP's (DeepSpeed writes each expert's weights
+    to its own layer_L_expert_E file then): it resumes only into AutoEP's layout (parallel/expert.py)."""
+    return any(checkpoint.glob("layer_*_expert_*_model_states.pt"))
+
+
+def expert_parallel_change(checkpoint: Path, saved: RunMeta, run: RunMeta) -> bool:
+    """Whether resuming `checkpoint` changes the EP size (it then goes through the universal format, which
+    reshards AutoEP's experts); refuses what cannot be converted."""
+    before, now = saved.config.get("expert_parallel", 1), run.config["expert_parallel"]
+    if now > 1 and not holds_autoep_layers(checkpoint):
+        raise ConfigError(f"cannot resume {checkpoint} at --expert_parallel {now}: it was saved without expert "
+                          "parallelism. Its experts are in transformers' fused layout (experts.gate_up_proj), "
+                          "which DeepSpeed's universal checkpoint keeps by name (AutoEP's are experts.w1/w2/w3, "
+                          "router.gate), and AutoEP's engine puts the experts in optimizer groups of their own that "
+                          "DeepSpeed's universal loader pairs with the checkpoint's groups by position (they would "
+                          "get no optimizer state; the LR schedule's state has the old group count). Resume it at "
+                          "--expert_parallel 1, or start the EP run from its HF export")
+    if before != now and saved.zero_stage == 0:
+        raise ConfigError(f"cannot resume {checkpoint} at --expert_parallel {now} (saved at {before}): another EP "
+                          "size needs DeepSpeed's universal format, which ZeRO stage 0 does not write; resume at "
+                          f"--expert_parallel {before}")
+    return before != now
 
 
 def config_differences(saved: RunMeta, now: RunMeta) -> list[str]:
@@ -87,7 +111,8 @@ def resume_point(config: CheckpointConfig, run: RunMeta) -> ResumePoint:
     if diffs and not config.resume_ignore_config:
         raise ConfigError(f"cannot resume exactly from {found}; the run differs in:\n  " + "\n  ".join(diffs)
                           + "\npass --resume_ignore_config to resume anyway, or --resume none to start fresh")
-    return ResumePoint(found, saved.world_size != run.world_size and saved.zero_stage >= 1)
+    other_ep = expert_parallel_change(found, saved, run)
+    return ResumePoint(found, (saved.world_size != run.world_size and saved.zero_stage >= 1) or other_ep)
 
 
 def universal_dir(checkpoint: Path) -> Path:

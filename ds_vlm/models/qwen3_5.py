@@ -25,3 +25,7 @@ class Qwen35Adapter(Qwen3VLAdapter):
 class Qwen35MoeAdapter(MoeExperts, Qwen35Adapter):
     family = "qwen3_5_moe"
     model_types = ("qwen3_5_moe",)
+    # AutoEP's own qwen3_5_moe preset refuses the VLM's model_type (it asks for the qwen3_5_moe_text backbone's
+    # config, and AutoEP reads the top-level one); qwen3_moe's preset is the same layout field by field (fused
+    # gate_up_proj / down_proj, top-k softmax router, sigmoid-gated shared expert)
+    autoep_preset = "qwen3_moe"

@@ -4,6 +4,7 @@ Each change is a named `Patch` (what it changes, why, the library versions it wa
 installed and removed), declared in the module of its library or concern:
 
     environment.py                 the environment variables and logger levels set at `import ds_vlm`
+    deepspeed_autoep.py            the router logits of AutoEP's MoE layers recorded for transformers' aux loss
     deepspeed_startup.py           DeepSpeed's Muon import without torch.compile; py-cpuinfo asked once
     deepspeed_ulysses.py           DeepSpeed's Ulysses wrapper for any batch size, on a slice only
     torch_lm_head.py               the LM head's call computes the label-row loss during a training forward

@@ -20,7 +20,7 @@ import torch
 import ds_vlm.runtime.distributed as comm
 from ds_vlm.checkpoint.hf import export_hf
 from ds_vlm.checkpoint.meta import RunMeta
-from ds_vlm.checkpoint.resume import ensure_universal, load, resume_point
+from ds_vlm.checkpoint.resume import ensure_universal, holds_autoep_layers, load, resume_point
 from ds_vlm.checkpoint.rng import seed_everything
 from ds_vlm.checkpoint.save import Checkpointer
 from ds_vlm.config import ConfigError, TrainConfig
@@ -43,7 +43,7 @@ from ds_vlm.models.loading import LoadedModel, load_model, prepare_for_training
 from ds_vlm.models.lora import describe
 from ds_vlm.parallel import ParallelLayout
 from ds_vlm.parallel.attention import VARLEN, SampleBoundaries, kernel_description, resolve_attention
-from ds_vlm.parallel.expert import fill_autoep_section
+from ds_vlm.parallel.expert import ep_size_of, fill_autoep_section, keep_autoep_layout, record_router_logits
 from ds_vlm.parallel.linear_attention import describe as describe_linear_attention
 from ds_vlm.parallel.linear_attention import has_linear_attention
 from ds_vlm.runtime.console import quiet_console, say_once
@@ -141,13 +141,15 @@ class Trainer:
         config, model_config = self.config, self.config.model
         self.ds_config = resolve_ds_config(config, self.layout.world_size)
         self.ds = DSSettings.of(self.ds_config)
+        config.parallel.expert_parallel = ep_size_of(self.ds_config)  # the json's section too: the meta's EP size
         try:
             check_loss_available(model_config.loss)
             attention = resolve_attention(model_config.attn_implementation, config.batch.packing,
                                           dtype=self.model_dtype)
             self.loaded = load_model(model_config, self.ds, attention, self.sp, config.batch.packing)
             model, adapter = self.loaded.model, self.loaded.adapter
-            fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf)
+            fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf,
+                                bool(model_config.lora_rank))
             self.encoder = encoder_for(self.loaded.processor, adapter, config.data)
             prepared = prepare_for_training(model, adapter, model_config, sequence_parallel=self.sp)  # generic: refused
         except (ValueError, OSError) as err:  # UnsupportedModel, a folder without weights: one line each
@@ -193,6 +195,10 @@ class Trainer:
 
         config, model, adapter = self.config, self.loaded.model, self.loaded.adapter
         self.resume_from, self.universal = resume_point(config.checkpoint, self.run_meta)
+        if self.resume_from is not None and holds_autoep_layers(self.resume_from) and ep_size_of(self.ds_config) == 1:
+            keep_autoep_layout(self.ds_config)  # EP 1 resuming AutoEP's layout: AutoEP at size 1
+            fill_autoep_section(self.ds_config, adapter, model.config, config.checkpoint.export_hf,
+                                bool(config.model.lora_rank))
         if self.universal:
             ensure_universal(self.resume_from, config.parallel.long_phase_timeout_s, self.watchdog.phase)
             self.ds_config = {**self.ds_config, "checkpoint": {"load_universal": True}}
@@ -207,6 +213,7 @@ class Trainer:
             model=self.trained, model_parameters=param_groups(self.groups, config.optim, optimizer.muon),
             config=self.ds_config,
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, self.schedule))
+        record_router_logits(self.engine.module, adapter, self.ds_config)
         self.groups = {}  # AutoEP replaced the experts' tensors: the ones listed here would stay alive otherwise
         # from_pretrained returns the model in eval mode, and transformers checkpoints a layer only in training
         # mode: without this, --gradient_checkpointing (and dropout) did nothing until the first evaluation

@@ -134,3 +134,25 @@ def test_a_checkpoint_written_with_the_flat_config_still_resumes():
     assert config_differences(saved.run, now) == []
     changed = dataclasses.replace(saved.run, config={**FLAT_CONFIG_02B8D39, "lr": 1e-4})
     assert config_differences(changed, now) == ["lr: checkpoint 0.0001, now 2e-05"]
+
+
+def test_resuming_at_another_expert_parallel_size(tmp_path):
+    """Another EP size resumes through the universal format where the checkpoint holds AutoEP's layout (its
+    layer_L_expert_E files); a checkpoint of transformers' fused layout at EP > 1, or one of ZeRO stage 0 at
+    another size, is refused with the way out (tests/dist/test_expert.py resumes 2 -> 1 -> 2 for real)."""
+    from ds_vlm.checkpoint.meta import RunMeta
+    from ds_vlm.checkpoint.resume import expert_parallel_change, holds_autoep_layers
+
+    def meta(ep, stage=2):
+        return RunMeta(2, 2, 1, stage, 2, None, 4, 8, {"expert_parallel": ep})
+
+    plain, autoep = tmp_path / "plain", tmp_path / "autoep"
+    plain.mkdir(), autoep.mkdir()
+    (autoep / "layer_0_expert_0_mp_rank_00_model_states.pt").touch()
+    assert not holds_autoep_layers(plain) and holds_autoep_layers(autoep)
+    assert expert_parallel_change(autoep, meta(2), meta(1)) and expert_parallel_change(autoep, meta(1), meta(2))
+    assert not expert_parallel_change(autoep, meta(2), meta(2)) and not expert_parallel_change(plain, meta(1), meta(1))
+    with pytest.raises(ConfigError, match="saved without expert parallelism"):
+        expert_parallel_change(plain, meta(1), meta(2))
+    with pytest.raises(ConfigError, match="ZeRO stage 0"):
+        expert_parallel_change(autoep, meta(2, stage=0), meta(1, stage=0))

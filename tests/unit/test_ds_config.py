@@ -145,7 +145,8 @@ def test_zero_plus_plus_values_that_cannot_work(tmp_path):
 
 def test_expert_parallel_section(tmp_path):
     """--expert_parallel N writes AutoEP's section; a json's own section is read (its size must agree); the
-    adapter adds the preset (qwen3_vl_moe: AutoEP's qwen3_moe layout) and the text config's top-k."""
+    adapter adds the preset (qwen3_vl_moe and qwen3_5_moe: AutoEP's qwen3_moe layout) and the text config's
+    top-k."""
     from types import SimpleNamespace
 
     from ds_vlm.models import adapter_for
@@ -173,7 +174,13 @@ def test_expert_parallel_section(tmp_path):
         resolve(in_json, expert_parallel=2)
     with pytest.raises(ConfigError, match="world size 4 is not a multiple"):
         resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=3)
+    # the HF export gathers the experts (ZeRO-2 and ZeRO-3: tests/dist/test_expert.py); with LoRA it is refused
+    for stage in (2, 3):
+        assert fill_autoep_section(resolve(ROOT / "ds_configs" / f"zero{stage}.json", expert_parallel=2),
+                                   adapter_for("qwen3_vl_moe"), config, export_hf=True)["autoep_size"] == 2
     with pytest.raises(ConfigError, match="--export_hf false"):
-        fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2),
-                            adapter_for("qwen3_vl_moe"), config, export_hf=True)
+        fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2), adapter_for("qwen3_vl_moe"),
+                            config, export_hf=True, lora=True)
+    assert fill_autoep_section(resolve(ROOT / "ds_configs" / "zero2.json", expert_parallel=2),
+                               adapter_for("qwen3_5_moe"), config, export_hf=False)["preset_model"] == "qwen3_moe"
     assert "expert_parallel" not in resolve(ROOT / "ds_configs" / "zero2.json")
