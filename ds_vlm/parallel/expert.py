@@ -127,7 +127,8 @@ def hf_state_of_autoep(model, state: Optional[dict]) -> Optional[dict]:
     `experts.down_proj` [E, hidden, ffn], the router as `gate.weight`, the shared expert and its gate under
     their transformers names (`shared_expert.*`, `shared_expert_gate.weight`)."""
     import deepspeed
-    import torch.distributed as dist
+
+    from ds_vlm.runtime import distributed as comm
 
     for name, layer in autoep_layers(model):
         experts = layer.experts
@@ -135,10 +136,8 @@ def hf_state_of_autoep(model, state: Optional[dict]) -> Optional[dict]:
         for w in (experts.w1, experts.w3, experts.w2):
             with deepspeed.zero.GatheredParameters([w], enabled=hasattr(w, "ds_id")):  # ZeRO-3: whole locally
                 local = w.detach().clone().contiguous()
-            if layer.ep_size > 1:
-                parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
-                dist.all_gather(parts, local, group=layer.ep_group)  # rank r of the group holds experts r*E/N..
-                local = torch.cat(parts)
+            if layer.ep_size > 1:  # rank r of the group holds experts r*E/N..
+                local = torch.cat(comm.all_gather(local, group=layer.ep_group))
             whole.append(local.cpu())
         if state is None:
             continue

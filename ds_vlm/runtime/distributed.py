@@ -255,6 +255,18 @@ def all_to_all(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return received.to(tensor.device)
 
 
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape everywhere), in `group`'s rank order, on `tensor`'s device; [tensor]
+    outside a process group."""
+    if not is_distributed():
+        return [tensor]
+    device = comm_device(group)
+    sent = tensor.to(device).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sent, group=group)
+    return [p.to(tensor.device) for p in parts]
+
+
 def barrier(group=None) -> None:
     if not is_distributed():
         return
