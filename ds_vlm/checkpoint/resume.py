@@ -134,7 +134,7 @@ def ensure_universal(checkpoint: Path, long_timeout_s: float = 7200, phase=None)
         shutil.rmtree(staging, ignore_errors=True)
         ds_to_universal(Namespace(input_folder=str(checkpoint), output_folder=str(staging), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False))
+                                  inject_missing_state=True))  # ZeRO-1/2 files lack the version key (in memory only)
         shutil.copy(checkpoint / MARKER, staging / MARKER)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

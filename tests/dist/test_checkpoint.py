@@ -123,13 +123,14 @@ def _output_dir_holding(ref_out: Path, step: int, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("ranks", [1, 4])
-def test_resume_on_another_world_size(ranks, reference, demo_dir, tmp_path):
+@pytest.mark.parametrize("stage, ranks", [("zero3", 1), ("zero3", 4), ("zero2", 1)])
+def test_resume_on_another_world_size(stage, ranks, reference, demo_dir, tmp_path):
     """A 2-rank ZeRO-3 checkpoint (micro-batch 2) resumes on 1 rank (accumulation 2) and on 4 ranks
-    (micro-batch 1) through the universal format: the same global batches, the same losses."""
-    ref_out, ds = reference["zero3"]
+    (micro-batch 1) through the universal format: the same global batches, the same losses; a ZeRO-2 one
+    (packed) on 1 rank."""
+    ref_out, ds = reference[stage]
     out = _output_dir_holding(ref_out, 2, tmp_path / f"{ranks}_ranks")
-    args = _args(demo_dir, out, ds, "--export_hf", "false")
+    args = _args(demo_dir, out, ds, *PACKING[stage], "--export_hf", "false")
     if ranks == 1:
         args += ["--grad_accum", "2"]
     else:
