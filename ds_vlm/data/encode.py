@@ -132,6 +132,7 @@ class Encoder:
                                 "the chat template does not render this conversation as a growing prefix, so the "
                                 "assistant turns cannot be located; use a template without history rewriting")
             target = upto[len(prefix):].rstrip()
+            full, target = self._with_stop(full, len(prefix) + len(target), target, sample)
             if len(prefix) > cursor:
                 pieces.append((full[cursor:len(prefix)], False))
             pieces.append((target, True))
@@ -139,6 +140,21 @@ class Encoder:
         if cursor < len(full):
             pieces.append((full[cursor:], False))
         return pieces
+
+    def _with_stop(self, full: str, end: int, target: str, sample: Sample) -> tuple[str, str]:
+        """The adapter's `answer_stops`: an answer the template ends with none of them takes the stop written next
+        (learned), or, where nothing follows, the first stop appended to the text."""
+        stops = self.adapter.answer_stops
+        if not stops or target.endswith(stops):
+            return full, target
+        after = full[end:]
+        following = next((s for s in stops if after.startswith(s)), None)
+        if following:
+            return full, target + following
+        if after.strip():
+            raise DataError("bad_record", sample.source, sample.index, f"an answer is followed by {after[:30]!r}, "
+                            f"none of the {self.adapter.family} stops {list(stops)}: its end cannot be learned")
+        return full[:end] + stops[0] + after, target + stops[0]
 
     def spelled_control(self, sample: Sample) -> list[str]:
         """The control tokens the sample's text (turns, tool calls, tools) spells, sorted: encoded as text, said in

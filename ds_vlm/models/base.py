@@ -73,6 +73,11 @@ class Adapter:
     # processor expands it.
     image_text: str = ""
     video_text: str = ""
+    # Where the family's chat template writes nothing after an answer (GLM: generation stops at the next role token
+    # or <|endoftext|>), the texts generation stops at: a learned answer then ends with the stop the template writes
+    # next (the next turn's role token), or, at the conversation's end, with the first one appended (LLaMA-Factory's
+    # glm4v template does the same), so the model learns to stop. Empty: the template's own end of turn is learned.
+    answer_stops: tuple[str, ...] = ()
     # The token an image's features fill in input_ids, where it is not the processor's `image_token` (Gemma 3's
     # template writes <start_of_image>, which the processor expands into a run of <image_soft_token>), and the
     # text the processor writes before that run (None: what `image_text` has before the image token). Truncation

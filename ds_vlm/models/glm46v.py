@@ -24,6 +24,8 @@ class Glm46VAdapter(QwenVLAdapter):
     model_types = ("glm46v",)
     image_text = "<|begin_of_image|><|image|><|end_of_image|>"
     video_text = ""  # not wired (see above)
+    # the released template ends an answer with nothing: generation stops at these (its generation config's eos)
+    answer_stops = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
     def parts(self, model) -> ModelParts:
         visual = model.model.visual

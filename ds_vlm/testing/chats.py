@@ -115,9 +115,9 @@ SMOLVLM = ChatSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utte
 
 # zai-org/GLM-4.6V(-Flash): [gMASK]<sop> once, then <|system|> / <|user|> / <|assistant|> turns each opened by its
 # role token and "\n", an image written as <|begin_of_image|><|image|><|end_of_image|> (the processor expands
-# <|image|> to one per merged patch), an answer after an empty <think></think> block (thinking off). The released
-# template writes no end of turn (generation stops at <|user|>, <|observation|> or <|endoftext|>); this one closes
-# each answer with <|endoftext|>, as LLaMA-Factory's glm4v template does, so that the answer's end is learned.
+# <|image|> to one per merged patch), an answer after an empty <think></think> block (thinking off), and no end of
+# turn, as released (generation stops at <|user|>, <|observation|> or <|endoftext|>): the adapter's answer_stops
+# make the encoder learn the stop (the next <|user|>, or <|endoftext|> appended at the end).
 GLM46V_TEMPLATE = (
     "[gMASK]<sop>{%- for message in messages -%}"
     "{{ '<|' + message['role'] + '|>\n' }}"
@@ -128,7 +128,6 @@ GLM46V_TEMPLATE = (
     "{%- elif part['type'] == 'video' -%}{{ '<|begin_of_video|><|video|><|end_of_video|>' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ '<|endoftext|>' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n<think></think>\n' }}{%- endif -%}"
 )

@@ -302,3 +302,26 @@ def test_generation_prompts_equal_the_processors_and_keep_text_as_text(encoder, 
                                            {"from": "gpt", "value": "no"}]}, "t.jsonl", 1)
     ids = prompt_batch(encoder, [spelled], VideoSampling())["input_ids"][0]
     assert _control_counts(tok, ids) == {"<|im_start|>": 2, "<|im_end|>": 1}
+
+
+def test_glm_answers_learn_their_stop_though_the_template_writes_none(family_models, demo_dir):
+    """GLM-4.6V's template writes nothing after an answer (generation stops at the next <|user|>, <|observation|> or
+    <|endoftext|>): a learned answer takes the <|user|> the template writes next, and the last one an <|endoftext|>
+    appended, so the model learns to stop; the rendered text is otherwise the template's."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(family_models("glm46v"))
+    encoder = Encoder(processor, adapter_for("glm46v"), 1024)
+    image = str(demo_dir / "data" / "images" / "train_00000.png")
+    sample = to_sample({"conversations": [{"from": "human", "value": "<image>What?"},
+                                          {"from": "gpt", "value": "A red circle."},
+                                          {"from": "human", "value": "And the shape?"},
+                                          {"from": "gpt", "value": "A circle."}], "images": [image]}, "glm.jsonl", 0)
+    rendered = encoder.render(sample.messages)
+    assert not rendered.endswith("<|endoftext|>") and "circle.<|user|>" in rendered  # as released: no end of turn
+    out = encoder.encode(sample, load_images(sample))
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    learned = [processor.tokenizer.decode(ids[a:b]) for a, b in _spans(labels)]
+    assert learned == ["A red circle.<|user|>", "A circle.<|endoftext|>"], learned
+    text = processor.tokenizer.decode(ids)
+    assert text.endswith("A circle.<|endoftext|>") and text.count("<|endoftext|>") == 1
