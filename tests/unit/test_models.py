@@ -35,6 +35,7 @@ def test_patch_projection_equals_the_conv3d(family, family_models):
     model = AutoModelForImageTextToText.from_pretrained(family_models(family), dtype=torch.float32)
     embed = model.model.visual.patch_embed
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
     patches = torch.randn(12, embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2,
                           requires_grad=True)
 
@@ -50,10 +51,11 @@ def test_patch_projection_equals_the_conv3d(family, family_models):
     adapter_for(model.config.model_type).prepare(model)
     assert type(embed.proj) is PatchProjection and isinstance(embed.proj, torch.nn.Conv3d)
     linear = run()
-    torch.testing.assert_close(linear[0], conv[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(linear[1], conv[1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(linear[2], conv[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the same sums in another order: fp32 rounding over a dot product of up to 1,176 terms reached 1.4e-6 (on
+    # unseeded inputs, once in a loaded suite); a wrong weight layout is off by the values themselves
+    for a, b in zip([linear[0], linear[1], *linear[2]], [conv[0], conv[1], *conv[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert float((a - b).abs().max()) < 1e-3 * float(b.abs().max())
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
