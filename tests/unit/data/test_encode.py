@@ -24,6 +24,16 @@ def _spans(labels: torch.Tensor) -> list[tuple[int, int]]:
     return spans
 
 
+def _two_images_two_turns(demo_dir):
+    """A two-turn record with an image in each question (the truncation tests cut inside the second)."""
+    image = str(demo_dir / "data" / "images" / "train_00000.png")
+    return to_sample({"conversations": [{"from": "human", "value": "<image>What?"},
+                                        {"from": "gpt", "value": "A red circle."},
+                                        {"from": "human", "value": "And this <image>?"},
+                                        {"from": "gpt", "value": "A red circle too."}],
+                      "images": [image, image]}, "t.jsonl", 8)
+
+
 def test_label_mask_two_turns(encoder, demo_dir):
     record = {"conversations": [
         {"from": "system", "value": "Answer briefly."},
@@ -101,11 +111,7 @@ def test_truncation_never_cuts_an_image_and_keeps_an_answer(family, family_model
     with pytest.raises(DataError, match="no answer token"):
         Encoder(processor, adapter, cut_inside, "truncate").encode(sample, load_images(sample))
     # the answer of a two-turn record survives a cut inside the second image
-    two_turn = to_sample({"conversations": [{"from": "human", "value": "<image>What?"},
-                                            {"from": "gpt", "value": "A red circle."},
-                                            {"from": "human", "value": "And this <image>?"},
-                                            {"from": "gpt", "value": "A red circle too."}],
-                          "images": [image, image]}, "t.jsonl", 8)
+    two_turn = _two_images_two_turns(demo_dir)
     whole = Encoder(processor, adapter, 1024).encode(two_turn, load_images(two_turn))
     wids = whole["input_ids"][0]
     starts = [i for i in range(1, len(wids)) if wids[i] == image_id and wids[i - 1] != image_id]
@@ -130,12 +136,7 @@ def test_smolvlm_truncation_drops_whole_images_with_all_their_tiles(family_model
 
     processor = AutoProcessor.from_pretrained(family_models("smolvlm"))
     adapter, tokenizer = adapter_for("smolvlm"), processor.tokenizer
-    image = str(demo_dir / "data" / "images" / "train_00000.png")
-    record = to_sample({"conversations": [{"from": "human", "value": "<image>What?"},
-                                          {"from": "gpt", "value": "A red circle."},
-                                          {"from": "human", "value": "And this <image>?"},
-                                          {"from": "gpt", "value": "A red circle too."}],
-                        "images": [image, image]}, "t.jsonl", 8)
+    record = _two_images_two_turns(demo_dir)
     whole = Encoder(processor, adapter, 1024).encode(record, load_images(record))
     ids = whole["input_ids"][0]
     spans = adapter.image_spans(ids, tokenizer)
@@ -166,12 +167,7 @@ def test_gemma4_truncation_drops_whole_images_with_their_patch_rows(family_model
 
     processor = AutoProcessor.from_pretrained(family_models("gemma4"))
     adapter, tokenizer = adapter_for("gemma4"), processor.tokenizer
-    image = str(demo_dir / "data" / "images" / "train_00000.png")
-    record = to_sample({"conversations": [{"from": "human", "value": "<image>What?"},
-                                          {"from": "gpt", "value": "A red circle."},
-                                          {"from": "human", "value": "And this <image>?"},
-                                          {"from": "gpt", "value": "A red circle too."}],
-                        "images": [image, image]}, "t.jsonl", 8)
+    record = _two_images_two_turns(demo_dir)
     whole = Encoder(processor, adapter, 1024).encode(record, load_images(record))
     ids = whole["input_ids"][0]
     soft, boi = tokenizer.convert_tokens_to_ids("<|image|>"), tokenizer.convert_tokens_to_ids("<|image>")
