@@ -135,7 +135,8 @@ def test_llava_onevision_videos_are_pooled_frames_of_one_count_and_train_packed_
                                                                                        demo_dir, tmp_path):
     """LLaVA-OneVision: every video is sampled to exactly --video_max_frames frames (the 2 s clip at 2 fps would be 4
     frames; a 3-frame list is spread to 6 too), so that videos of different lengths batch as one tensor; its <video>
-    tokens are frames x the 2 x 2-pooled patch grid + the newline, counted here from the model config. [video,
+    tokens are frames x the 2 x 2-pooled patch grid + the newline, counted here from the model config, whatever the
+    video's aspect ratio (a frame is resized to the tower's tile; an image's count follows its aspect ratio). [video,
     short video, image, text] padded == packed (fp32 loss and every gradient), and the trainer's loss equals the
     full-logits loss; FLOPs count every frame. Frames not at the tower's size are refused by name (the processor
     would place a token count they do not fill), and so is --video_max_pixels."""
@@ -161,7 +162,7 @@ def test_llava_onevision_videos_are_pooled_frames_of_one_count_and_train_packed_
         for i, frame in enumerate(container.decode(video=0)):
             if i < 3:
                 frames.append(str(tmp_path / f"frame_{i}.png"))
-                frame.to_image().save(frames[-1])
+                frame.to_image().crop((0, 0, 64, 40)).save(frames[-1])  # wider than high: still a 32 x 32 frame
     image = absolute_rows(demo_dir / "data" / "train.jsonl", demo_dir / "data")[0]
     text = {"conversations": [{"from": "human", "value": "Say a caption."}, image["conversations"][1]]}
     data = write_jsonl(tmp_path / "mixed.jsonl", [video, {**video, "videos": [frames]}, image, text])
