@@ -9,6 +9,7 @@ No token id is hard-coded.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +48,8 @@ class Encoder:
                  video_sampling: VideoSampling | None = None):
         self.processor = processor
         self.video_sampling = video_sampling or VideoSampling()
+        if adapter.video_frames_fixed:
+            self.video_sampling = dataclasses.replace(self.video_sampling, exact=True)
         # the token a video's frames expand to; None: this family has no video path
         self.video_token = (getattr(processor, "video_token", None) or "<|video_pad|>") if adapter.video_text else None
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -312,12 +315,16 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 
 def set_video_pixel_bounds(processor, max_pixels: int) -> None:
-    """Apply --video_max_pixels to the video processor's frames."""
+    """Apply --video_max_pixels to the video processor's frames, or refuse if it resizes every frame to one size."""
     video_processor = getattr(processor, "video_processor", None)
     if not max_pixels or video_processor is None:
         return
     size = video_processor.size
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("height") and get("width"):  # LLaVA-OneVision: frames at the vision tower's size, which its pooling assumes
+        raise ValueError(f"--video_max_pixels: {type(video_processor).__name__} resizes every frame to "
+                         f"{get('height')} x {get('width')}; it has no pixel bounds to set")
+    shortest = get("shortest_edge")
     video_processor.size = {"shortest_edge": min(shortest or max_pixels, max_pixels), "longest_edge": max_pixels}
 
 

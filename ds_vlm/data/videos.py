@@ -3,11 +3,14 @@
 A video is a file or its frames as image files (Qwen's list-of-frames form, taken as --video_fps frames a
 second). Frames are sampled at --video_fps, at most --video_max_frames of them, spread evenly over the
 video when it is longer; the metadata (fps, sampled frame indices) goes with them to the processor, which
-writes the timestamps Qwen3-VL puts between frame groups.
+writes the timestamps Qwen3-VL puts between frame groups. A family whose model takes a batch's videos as one tensor
+(LLaVA-OneVision: (videos, frames, 3, H, W)) samples every video to exactly --video_max_frames frames instead
+(`VideoSampling.exact`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -21,11 +24,15 @@ from ds_vlm.data.formats import DataError, Sample, VideoRef
 class VideoSampling:
     fps: float = 2.0
     max_frames: int = 32
+    # every video exactly max_frames frames, spread evenly over it (fps not used; a video with fewer frames repeats
+    # some): for a model whose videos in a batch must have one frame count
+    exact: bool = False
 
 
 def _indices(total: int, native_fps: float, sampling: VideoSampling, ref: VideoRef | None = None) -> np.ndarray:
-    """Frame indices at sampling.fps (at least 2: a temporal patch), at most sampling.max_frames, even count;
-    within the record's `video_start`/`video_end` (seconds) and at its own `fps`, if it gives them."""
+    """Frame indices at sampling.fps (at least 2: a temporal patch), at most sampling.max_frames, even count (with
+    `exact`: max_frames of them, evenly spread); within the record's `video_start`/`video_end` (seconds) and at its
+    own `fps`, if it gives them."""
     first, last = 0, total - 1
     if ref is not None and native_fps:
         if ref.start is not None:
@@ -34,6 +41,8 @@ def _indices(total: int, native_fps: float, sampling: VideoSampling, ref: VideoR
             last = min(last, int(math.ceil(ref.end * native_fps)))
     if total <= 0 or first > last:
         return np.array([], dtype=int)
+    if sampling.exact:
+        return np.linspace(first, last, sampling.max_frames).round().astype(int)
     span = last - first + 1
     fps = (ref.fps if ref is not None and ref.fps else 0) or sampling.fps
     wanted = int(span / max(native_fps, 1e-6) * fps) if native_fps else span
@@ -62,7 +71,7 @@ def load_video(ref: VideoRef, sample: Sample, sampling: VideoSampling):
             if not os.path.isfile(frame):
                 raise fail("missing_video", f"video frame {frame} does not exist")
         rate = ref.fps or sampling.fps  # a frame list is taken as `fps` (the record's, or --video_fps) a second
-        picked = _indices(len(ref.frames), rate, VideoSampling(rate, sampling.max_frames), ref)
+        picked = _indices(len(ref.frames), rate, dataclasses.replace(sampling, fps=rate), ref)
         if not len(picked):
             raise fail("unreadable_video", f"video {ref.describe()}: {_window(ref, len(ref.frames), rate)}")
         frames = np.stack([np.asarray(load_image(ImageRef(path=ref.frames[i]), sample)) for i in picked])
@@ -103,7 +112,9 @@ def _decode(ref: VideoRef, sampling: VideoSampling) -> tuple[np.ndarray, list, i
         for decoded, frame in enumerate(container.decode(container.streams.video[0]), start=1):
             if decoded - 1 in wanted:
                 kept[decoded - 1] = frame.to_ndarray(format="rgb24")
-    picked = np.array([i for i in picked if i in kept], dtype=int)  # a stated count can exceed the frames there
+    if sampling.exact and kept:  # a stated count can exceed the frames there: the last one stands in for the rest
+        picked = np.minimum(picked, max(kept))
+    picked = np.array([i for i in picked if i in kept], dtype=int)  # (or they are left out)
     return picked, [kept[i] for i in picked], decoded, fps
 
 

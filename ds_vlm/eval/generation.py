@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from ds_vlm.data.encode import TOKEN_KEYS, Encoder
-from ds_vlm.data.images import load_images
-from ds_vlm.data.videos import VideoSampling, load_videos
+from ds_vlm.data.videos import VideoSampling
 from ds_vlm.models import adapter_for
 
 
-def prompt_batch(encoder: Encoder, samples: list, video_sampling: VideoSampling) -> dict[str, torch.Tensor]:
-    """The samples' prompts (Encoder.prompt: text spelling special tokens stays text, as in training), padded on
-    the left as the processor pads a batch; vision tensors concatenated."""
-    prompts = [encoder.prompt(s, load_images(s), load_videos(s, video_sampling)) for s in samples]
+def prompt_batch(encoder: Encoder, samples: list) -> dict[str, torch.Tensor]:
+    """The samples' prompts (Encoder.prompt: text spelling special tokens stays text, as in training; media as
+    Encoder.media gives them, videos sampled as the encoder samples them), padded on the left as the processor pads
+    a batch; vision tensors concatenated."""
+    prompts = [encoder.prompt(s, *encoder.media(s)) for s in samples]
     length = max(p["input_ids"].shape[1] for p in prompts)
     pad_id = encoder.tokenizer.pad_token_id
     batch: dict[str, list[torch.Tensor]] = {}
@@ -31,10 +31,10 @@ def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, 
     """Greedy answers to each sample's messages up to (not including) its last assistant turn; videos are
     sampled as in training (`video_sampling`: the run's --video_fps / --video_max_frames)."""
 
-    encoder = Encoder(processor, adapter_for(model.config.model_type), max_length=0)
+    encoder = Encoder(processor, adapter_for(model.config.model_type), max_length=0, video_sampling=video_sampling)
     answers = []
     for start in range(0, len(samples), batch_size):
-        inputs = prompt_batch(encoder, samples[start:start + batch_size], video_sampling or VideoSampling())
+        inputs = prompt_batch(encoder, samples[start:start + batch_size])
         device = next(model.parameters()).device
         inputs = {k: v.to(device, model.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         family = adapter_for(model.config.model_type).generation_kwargs()

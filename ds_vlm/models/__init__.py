@@ -9,6 +9,7 @@ from ds_vlm.models.gemma4 import Gemma4Adapter
 from ds_vlm.models.generic import GenericAdapter, image_text_to_text_types
 from ds_vlm.models.glm46v import Glm46VAdapter
 from ds_vlm.models.llava import LlavaAdapter
+from ds_vlm.models.llava_onevision import LlavaOnevisionAdapter
 from ds_vlm.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from ds_vlm.models.qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
 from ds_vlm.models.qwen3_vl import Qwen3VLAdapter
@@ -17,10 +18,10 @@ from ds_vlm.models.smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
                                  LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter(),
-                                 SmolVLMAdapter(), Glm46VAdapter(), Gemma4Adapter())
+                                 SmolVLMAdapter(), Glm46VAdapter(), Gemma4Adapter(), LlavaOnevisionAdapter())
 # Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
 # in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
-GENERIC_VERIFIED = ("llava_onevision", "mistral3", "internvl")
+GENERIC_VERIFIED = ("mistral3", "internvl")
 FAMILIES = tuple(a.family for a in ADAPTERS) + GENERIC_VERIFIED
 
 

@@ -73,6 +73,9 @@ class Adapter:
     # processor expands it.
     image_text: str = ""
     video_text: str = ""
+    # Whether every video must have the same number of frames (the model takes a batch's videos as one (videos,
+    # frames, ...) tensor, LLaVA-OneVision): each is then sampled to exactly --video_max_frames frames.
+    video_frames_fixed: bool = False
     # Where the family's chat template writes nothing after an answer (GLM: generation stops at the next role token
     # or <|endoftext|>), the texts generation stops at: a learned answer then ends with the stop the template writes
     # next (the next turn's role token), or, at the conversation's end, with the first one appended (LLaMA-Factory's

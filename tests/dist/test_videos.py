@@ -13,8 +13,13 @@ from fixtures.runs import ROOT, read_metrics, run_train
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.videos import VideoSampling
 
+# Qwen3-VL (the demo's model, padded rows) and LLaVA-OneVision (every video --video_max_frames frames, pooled; packed)
+RUNS = {"qwen3_vl": [], "llava_onevision": ["--packing"]}
 
-def test_two_ranks_zero3_mixed_video_trains_counts_as_preflight_and_resumes_exactly(demo_dir, clips, tmp_path):
+
+@pytest.mark.parametrize("family", RUNS)
+def test_two_ranks_zero3_mixed_video_trains_counts_as_preflight_and_resumes_exactly(family, family_models, demo_dir,
+                                                                                    clips, tmp_path):
     """2 ranks, ZeRO-3 (every parameter partitioned), micro-batch 1, accumulation 2, on 8 video, image and text
     records (a micro-batch without video gets the dummy video, so no rank skips the video path): one epoch of 2
     steps trains;
@@ -30,15 +35,17 @@ def test_two_ranks_zero3_mixed_video_trains_counts_as_preflight_and_resumes_exac
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds = write_json(tmp_path / "zero3_all.json", ds)
     out = tmp_path / "run"
-    args = ["--model", str(demo_dir / "model"), "--train_data", str(data), "--deepspeed", str(ds), "--max_steps", "2",
+    model = family_models(family)
+    args = ["--model", str(model), "--train_data", str(data), "--deepspeed", str(ds), "--max_steps", "2",
             "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-3", "--save_steps", "1", "--num_workers", "0",
-            "--train_vision", "last:1", "--export_hf", "false", "--dist_timeout_s", "120", "--video_max_frames", "4"]
+            "--train_vision", "last:1", "--export_hf", "false", "--dist_timeout_s", "120", "--video_max_frames", "4",
+            *RUNS[family]]
     proc = run_train(args + ["--output_dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
 
-    checks = check(RecordIndex([str(data)]), video_encoder(demo_dir / "model", "qwen3_vl", VideoSampling(2.0, 4)))
+    checks = check(RecordIndex([str(data)]), video_encoder(model, family, VideoSampling(2.0, 4)))
     assert all(c.kind == "ok" for c in checks) and sum(c.n_video_tokens > 0 for c in checks) == 4
     assert sum(m["tokens"] for m in metrics) == sum(c.n_tokens for c in checks)
     assert sum(m["targets"] for m in metrics) == sum(c.n_targets for c in checks)

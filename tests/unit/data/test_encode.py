@@ -276,14 +276,13 @@ def test_ordinary_records_keep_their_ids_in_every_family(family, family_models, 
 def test_generation_prompts_equal_the_processors_and_keep_text_as_text(encoder, demo_dir):
     """The evaluation's prompts (a batch, padded on the left): for ordinary records what the processor gives for
     the rendered prompts; a prompt spelling vision tokens is text, not image tokens with no pixels."""
-    from ds_vlm.data.videos import VideoSampling
     from ds_vlm.eval.generation import prompt_batch
 
     records = RecordIndex([str(demo_dir / "data" / "test.jsonl")])
     text_only = {"conversations": [{"from": "human", "value": "Say the caption, long."},
                                    {"from": "gpt", "value": "A red circle."}]}
     samples = [records.sample(0), to_sample(text_only, "t.jsonl", 0)]
-    got = prompt_batch(encoder, samples, VideoSampling())
+    got = prompt_batch(encoder, samples)
     tok = encoder.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -296,7 +295,7 @@ def test_generation_prompts_equal_the_processors_and_keep_text_as_text(encoder, 
     assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got if not torch.equal(got[k], expected[k])]
     spelled = to_sample({"conversations": [{"from": "human", "value": INJECTION},
                                            {"from": "gpt", "value": "no"}]}, "t.jsonl", 1)
-    ids = prompt_batch(encoder, [spelled], VideoSampling())["input_ids"][0]
+    ids = prompt_batch(encoder, [spelled])["input_ids"][0]
     assert _control_counts(tok, ids) == {"<|im_start|>": 2, "<|im_end|>": 1}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 from fixtures.datasets import absolute_rows, write_jsonl
 from fixtures.encoding import check, video_encoder
-from fixtures.numerics import assert_same, loss_and_grads
+from fixtures.numerics import assert_same, full_logits_loss_sum, loss_and_grads
 
 from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.videos import VideoSampling
 
-VIDEO_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+VIDEO_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "llava_onevision"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,79 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
         torch.testing.assert_close(loss, without_video[0], rtol=1e-5, atol=0)
         assert len(calls) == 2 and any(p.grad is not None for p in vision.parameters())  # image, then video
     hook.remove()
+
+
+def test_llava_onevision_videos_are_pooled_frames_of_one_count_and_train_packed_as_padded(family_models, clips,
+                                                                                       demo_dir, tmp_path):
+    """LLaVA-OneVision: every video is sampled to exactly --video_max_frames frames (the 2 s clip at 2 fps would be 4
+    frames; a 3-frame list is spread to 6 too), so that videos of different lengths batch as one tensor; its <video>
+    tokens are frames x the 2 x 2-pooled patch grid + the newline, counted here from the model config, whatever the
+    video's aspect ratio (a frame is resized to the tower's tile; an image's count follows its aspect ratio). [video,
+    short video, image, text] padded == packed (fp32 loss and every gradient), and the trainer's loss equals the
+    full-logits loss; FLOPs count every frame. Frames not at the tower's size are refused by name (the processor
+    would place a token count they do not fill), and so is --video_max_pixels."""
+    import av
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ds_vlm.config import ModelConfig
+    from ds_vlm.data.encode import set_video_pixel_bounds
+    from ds_vlm.data.formats import DataError
+    from ds_vlm.models.base import set_use_cache
+    from ds_vlm.runtime.flops import FlopsCounter
+
+    model_dir = family_models("llava_onevision")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    set_use_cache(model.config, False)
+    model.train()
+    vision = model.config.vision_config
+    pooled = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # a 32-pixel frame: 4 x 4 patches -> 2 x 2
+
+    video = absolute_rows(clips / "video_train.jsonl", clips)[0]
+    frames = []
+    with av.open(video["videos"][0]) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i < 3:
+                frames.append(str(tmp_path / f"frame_{i}.png"))
+                frame.to_image().crop((0, 0, 64, 40)).save(frames[-1])  # wider than high: still a 32 x 32 frame
+    image = absolute_rows(demo_dir / "data" / "train.jsonl", demo_dir / "data")[0]
+    text = {"conversations": [{"from": "human", "value": "Say a caption."}, image["conversations"][1]]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [video, {**video, "videos": [frames]}, image, text])
+    encoder = video_encoder(model_dir, "llava_onevision", VideoSampling(2.0, 6))
+    dataset = SFTDataset(RecordIndex([str(data)]), encoder)
+    samples = [dataset[i] for i in range(4)]
+    video_id = encoder.tokenizer.convert_tokens_to_ids("<video>")
+    for sample in samples[:2]:
+        assert sample["pixel_values_videos"].shape == (1, 6, 3, vision.image_size, vision.image_size)
+        assert int((sample["input_ids"] == video_id).sum()) == 6 * pooled + 1
+    assert "pixel_values_videos" not in samples[2] and "pixel_values" in samples[2]
+
+    pad_id = encoder.tokenizer.pad_token_id
+    padded = Collator(pad_id, encoder.dummy(), dummy_video=encoder.dummy_video())
+    packed = Collator(pad_id, encoder.dummy(), encoder.adapter.position_ids(model.config),
+                      dummy_video=encoder.dummy_video(), packing=True)
+    reference, got = loss_and_grads(model, padded(samples)), loss_and_grads(model, packed(samples))
+    assert_same(got, reference)
+    micro = reference[2]
+    assert micro.inputs["pixel_values_videos"].shape[:2] == (2, 6) and micro.computed > micro.tokens  # padding
+    with torch.no_grad():
+        full = full_logits_loss_sum(model(**micro.inputs).logits, micro.labels)
+    torch.testing.assert_close(reference[0], full, rtol=1e-5, atol=0)
+    # FLOPs: the image's tiles (its base tile and anyres grid), then the 12 frames, each a tile's patches
+    per_tile, tiles = (vision.image_size // vision.patch_size) ** 2, micro.inputs["pixel_values"].shape[1]
+    assert encoder.adapter.patches_per_image(micro.inputs, model.config) == [per_tile] * (tiles + 2 * 6)
+    counter = FlopsCounter(model, encoder.adapter, ModelConfig())
+    assert counter(micro.inputs, micro.targets, micro.sample_lengths) == counter(
+        got[2].inputs, got[2].targets, got[2].sample_lengths)
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.video_processor.size = {"height": 48, "width": 48}  # 6 x 6 patches a frame: not the tower's 4 x 4
+    sample = RecordIndex([str(data)]).sample(0)
+    wrong = video_encoder(model_dir, "llava_onevision", VideoSampling(2.0, 4))
+    wrong.processor = processor
+    with pytest.raises(DataError, match=f"{4 * pooled + 1} video token.* fill {4 * 9 + 1}"):
+        wrong.encode(sample, *wrong.media(sample))
+    with pytest.raises(ValueError, match="--video_max_pixels: LlavaOnevisionVideoProcessor resizes every frame to 32"):
+        set_video_pixel_bounds(AutoProcessor.from_pretrained(model_dir), 64 * 64)
 
 
 def test_bad_videos_are_named_and_llava_refuses_video(demo_dir, clips, family_models, tmp_path):
