@@ -1,9 +1,10 @@
 """Every family on 2 ranks under ZeRO-3: trains on mixed batches, frozen parts stay, the export reloads and generates,
-every group holds its learning rate."""
+every group holds its learning rate, and a run resumed from the step-4 checkpoint ends where the uninterrupted one did."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,11 +72,25 @@ def family_run(family_model, mixed_data, zero3_all_partitioned, tmp_path_factory
     family = json.loads((family_model / "config.json").read_text())["model_type"]
     out = tmp_path_factory.mktemp(f"run_{family}") / "run"
     args = ["--model", str(family_model), "--train_data", str(mixed_data), "--deepspeed", str(zero3_all_partitioned),
-            "--output_dir", str(out), "--max_steps", str(STEPS), "--micro_batch_size", str(MICRO), "--lr", str(LR),
-            "--warmup_ratio", "0", "--num_workers", "0", "--dist_timeout_s", "120", *RUNS[family][0]]
-    proc = run_train(args)
+            "--max_steps", str(STEPS), "--micro_batch_size", str(MICRO), "--lr", str(LR), "--warmup_ratio", "0",
+            "--save_steps", str(STEPS - 1), "--num_workers", "0", "--dist_timeout_s", "120", *RUNS[family][0]]
+    proc = run_train([*args, "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return family, family_model, out
+    return family, family_model, out, args
+
+
+@pytest.fixture(scope="module")
+def family_resumed(family_run):
+    """The run again from its step-4 checkpoint, as after a crash during the last step: it trains step 5 and
+    exports."""
+    _, _, out, args = family_run
+    resumed = out.parent / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("hf", f"step_{STEPS:08d}"))
+    (resumed / "metrics.jsonl").write_text("")
+    proc = run_train([*args, "--output_dir", str(resumed)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert f"at step {STEPS - 1}" in proc.stderr, proc.stderr[-3000:]
+    return resumed
 
 
 def _load(path: Path):
@@ -103,7 +118,7 @@ def _mixed_steps(data: Path) -> int:
 def test_family_trains_on_zero3_with_mixed_batches(family_run, mixed_data):
     from transformers import AutoConfig
 
-    family, _, out = family_run
+    family, _, out, _ = family_run
     assert _mixed_steps(mixed_data) > 0
     losses = [r["loss"] for r in read_metrics(out)]
     drop = 0.05 if "--train_llm" in RUNS[family][0] else 0.3  # a frozen LLM learns only through the image
@@ -119,7 +134,7 @@ def test_family_trains_on_zero3_with_mixed_batches(family_run, mixed_data):
 def test_frozen_parts_bit_identical_trained_parts_changed_export_generates(family_run, demo_dir):
     from ds_vlm.eval.generation import generate_answers
 
-    family, model_dir, out = family_run
+    family, model_dir, out, _ = family_run
     before, _ = _load(model_dir)
     config = _run_config(out)
     set_trainable(before, adapter_for(family), config.model)
@@ -149,7 +164,7 @@ def test_frozen_parts_bit_identical_trained_parts_changed_export_generates(famil
 
 
 def test_each_optimizer_group_holds_its_configured_learning_rate(family_run):
-    family, model_dir, out = family_run
+    family, model_dir, out, _ = family_run
     recorded = json.loads((out / "run_config.json").read_text())
     config = _run_config(out)
     model, _ = _load(model_dir)
@@ -163,3 +178,16 @@ def test_each_optimizer_group_holds_its_configured_learning_rate(family_run):
         for part in parts_of[group["name"]]:  # parts with equal lr share a group
             assert group["lr"] == group["initial_lr"] == lrs[part], group  # warmup 0: step 1 at the peak lr
         assert group["weight_decay"] == (0.0 if group["name"].endswith("_no_decay") else config.optim.weight_decay)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_did(family_run, family_resumed):
+    """Exact resume: step 5's loss and every exported tensor (the weights after the resumed optimizer's step, so its
+    moments and the learning rate too) equal the uninterrupted run's."""
+    family, _, out, _ = family_run
+    [again] = read_metrics(family_resumed)
+    assert again["step"] == STEPS
+    assert again["loss"] == pytest.approx(read_metrics(out)[-1]["loss"], rel=1e-6), family
+    uninterrupted, resumed = (dict(_load(path)[0].named_parameters()) for path in (out / "hf", family_resumed / "hf"))
+    assert uninterrupted.keys() == resumed.keys()
+    differ = [n for n, p in uninterrupted.items() if not torch.allclose(p, resumed[n], rtol=1e-6, atol=1e-7)]
+    assert not differ, (family, differ[:5])
