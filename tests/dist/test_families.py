@@ -1,5 +1,6 @@
 """Every family on 2 ranks under ZeRO-3: trains on mixed batches, frozen parts stay, the export reloads and generates,
-every group holds its learning rate, and a run resumed from the step-4 checkpoint ends where the uninterrupted one did."""
+every group holds its learning rate, and a run resumed from the step-4 checkpoint ends where the uninterrupted one
+did."""
 
 from __future__ import annotations
 
