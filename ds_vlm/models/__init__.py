@@ -18,7 +18,8 @@ from ds_vlm.models.smolvlm import SmolVLMAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (Qwen3VLAdapter(), Qwen3VLMoeAdapter(), Qwen25VLAdapter(), Qwen2VLAdapter(),
                                  LlavaAdapter(), Qwen35Adapter(), Qwen35MoeAdapter(), Gemma3Adapter(),
-                                 SmolVLMAdapter(), Glm46VAdapter(), Gemma4Adapter(), LlavaOnevisionAdapter())
+                                 SmolVLMAdapter(), SmolVLMAdapter("idefics3"), Glm46VAdapter(), Gemma4Adapter(),
+                                 LlavaOnevisionAdapter())
 # Image-text-to-text types trained through the generic adapter and verified by the family suite (a tiny offline model
 # in ds_vlm/testing/tiny.py, the same tests as the families with adapters of their own).
 GENERIC_VERIFIED = ("mistral3", "internvl")

@@ -1,6 +1,6 @@
-"""SmolVLM2 (transformers' `smolvlm`, the Idefics3 layout): model.model.vision_model (SigLIP), connector (pixel
-shuffle + linear), text_model (Llama), lm_head; the generic adapter's parts, with what the generic adapter cannot do
-by itself.
+"""SmolVLM2 (transformers' `smolvlm`, the Idefics3 layout; `idefics3` itself takes this adapter too):
+model.model.vision_model (SigLIP), connector (pixel shuffle + linear), text_model (Llama), lm_head; the generic
+adapter's parts, with what the generic adapter cannot do by itself.
 
 An image is a grid of tiles plus the global image, each tile a run of <image> tokens after <fake_token_around_image>
 <row_r_col_c>, "\\n" after each row of tiles, and the global image after <fake_token_around_image><global-img>,
@@ -26,8 +26,11 @@ AROUND = "<fake_token_around_image>"
 
 
 class SmolVLMAdapter(GenericAdapter):
-    def __init__(self):
-        super().__init__("smolvlm")
+    """SmolVLM2 (`smolvlm`), and Idefics3 (`idefics3`), whose layout, processor and tokens SmolVLM took over (its
+    text tower is Llama 3, its released template reads only typed parts: encode.typed_text_turns)."""
+
+    def __init__(self, model_type: str = "smolvlm"):
+        super().__init__(model_type)
 
     def image_spans(self, ids: torch.Tensor, tokenizer) -> Optional[list[tuple[int, int]]]:
         """[start, end) of each whole image in `ids`: from its first <fake_token_around_image> to the one closing

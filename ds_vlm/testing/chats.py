@@ -113,6 +113,23 @@ SMOLVLM = ChatSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utte
                           "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>",
                           "video_token": "<video>"})
 
+# HuggingFaceM4/Idefics3-8B-Llama3: SmolVLM's layout before SmolVLM (Llama 3's <|begin_of_text|> once, `User:` /
+# `Assistant:` turns closed by <end_of_utterance>\n, the same image tokens); its template reads every turn as typed
+# parts (`content[0]['type']`), so a turn given as a plain string renders with its text dropped
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS3 = ChatSpec(("<|end_of_text|>", "<|begin_of_text|>", "<end_of_utterance>", "<fake_token_around_image>",
+                     "<image>", "<global-img>") + SMOLVLM_TILES, eos="<end_of_utterance>", pad="<|end_of_text|>",
+                    bos="<|begin_of_text|>", stop=("<end_of_utterance>", "<|end_of_text|>"),
+                    template=IDEFICS3_TEMPLATE,
+                    named={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                           "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"})
+
 # zai-org/GLM-4.6V(-Flash): [gMASK]<sop> once, then <|system|> / <|user|> / <|assistant|> turns each opened by its
 # role token and "\n", an image written as <|begin_of_image|><|image|><|end_of_image|> (the processor expands
 # <|image|> to one per merged patch), an answer after an empty <think></think> block (thinking off), and no end of
@@ -162,7 +179,7 @@ GEMMA4 = ChatSpec(("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", 
                          "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
 
 CHATS = {"gemma3": GEMMA3, "llava_onevision": LLAVA_ONEVISION, "mistral3": MISTRAL3, "internvl": INTERNVL,
-         "smolvlm": SMOLVLM, "glm46v": GLM46V, "gemma4": GEMMA4}
+         "smolvlm": SMOLVLM, "idefics3": IDEFICS3, "glm46v": GLM46V, "gemma4": GEMMA4}
 
 
 def chat_of(family: str) -> ChatSpec:

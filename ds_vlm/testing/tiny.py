@@ -119,6 +119,11 @@ SPECS = {
                         dict(model_type="smolvlm_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, image_size=32, patch_size=8), 8,
                         text=dict(model_type="llama"), tokenizer="GPT2Tokenizer"),
+    # Idefics3: SmolVLM's geometry here (tiles of 32 px, patches of 8, pixel-shuffled by 2): 20 <image> tokens an image
+    "idefics3": TinySpec("Idefics3Config", "Idefics3ForConditionalGeneration", "Idefics3Processor",
+                         dict(model_type="idefics3_vision", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8), 8,
+                         text=dict(model_type="llama"), tokenizer="GPT2Tokenizer"),
     # GLM-4.6V: patches of 8 (a 64 x 64 image: 8 x 8 patches, a 2 x 2 conv to 16 tokens); GLM-4 text with its 3-d rope
     # on half of each head (as released: partial_rotary_factor 0.5, mrope_section over the rotated half)
     "glm46v": TinySpec("Glm46VConfig", "Glm46VForConditionalGeneration", "Glm46VProcessor",
@@ -210,6 +215,21 @@ def smolvlm(spec: TinySpec, text: dict, tokenizer):
     return config, processor
 
 
+def idefics3(spec: TinySpec, text: dict, tokenizer):
+    """Idefics3 as HuggingFaceM4 sets it up (tiles of 364 and a size of 4 tiles as released, mean/std 0.5, Lanczos,
+    image splitting), at SmolVLM's tiny geometry; no video processor (Idefics3 has none)."""
+    import transformers as tf
+
+    config = tf.Idefics3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
+                               scale_factor=2, image_token_id=tokenizer.image_token_id,
+                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    image = tf.Idefics3ImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
+                                      do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
+    processor = tf.Idefics3Processor(image_processor=image, tokenizer=tokenizer, image_seq_len=4,
+                                     chat_template=tokenizer.chat_template)
+    return config, processor
+
+
 def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """GLM-4.6V's config and processor as zai-org sets them (CLIP mean/std, smart resize to multiples of
     patch x merge between the pixel bounds, mm_token_type_ids), at patch 8 and the demo's image area."""
@@ -298,6 +318,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = internvl(spec, text, tokenizer)
     elif family == "smolvlm":
         config, processor = smolvlm(spec, text, tokenizer)
+    elif family == "idefics3":
+        config, processor = idefics3(spec, text, tokenizer)
     elif family == "gemma4":
         config, processor = gemma4(spec, text, tokenizer, token_ids)
     elif family == "glm46v":

@@ -48,6 +48,8 @@ RUNS = {
     "internvl": (["--packing", "--train_vision", "last:1"], {"vision": LR, "projector": LR, "llm": LR}),  # generic
     "smolvlm": (["--packing", "--train_vision", "last:1", "--vision_lr", "1e-3"],
                 {"vision": 1e-3, "projector": LR, "llm": LR}),
+    # SmolVLM's adapter, Idefics3's own template (typed parts only); the vision tower frozen
+    "idefics3": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),
     # host-side 3-d rope per sample (GLM's own index function) under packing; the vision tower frozen
     "glm46v": (["--packing", "--projector_lr", "4e-3"], {"projector": 4e-3, "llm": LR}),
     # padded (packing refused: bidirectional image spans, sliding window); the last vision block trained

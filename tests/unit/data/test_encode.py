@@ -126,7 +126,8 @@ def test_truncation_never_cuts_an_image_and_keeps_an_answer(family, family_model
         Encoder(processor, adapter, 20, "error").encode(to_sample(record2, "t.jsonl", 9), load_images(sample))
 
 
-def test_smolvlm_truncation_drops_whole_images_with_all_their_tiles(family_models, demo_dir):
+@pytest.mark.parametrize("family", ["smolvlm", "idefics3"])  # Idefics3: SmolVLM's layout, its own template
+def test_smolvlm_truncation_drops_whole_images_with_all_their_tiles(family, family_models, demo_dir):
     """SmolVLM's image is a grid of tiles and the global image, each its own run of <image> tokens with markers
     between: a cut inside any tile of an image (or its global image) moves before the image's first marker, and the
     pixels keep exactly the tiles of the images before it."""
@@ -134,8 +135,8 @@ def test_smolvlm_truncation_drops_whole_images_with_all_their_tiles(family_model
 
     from ds_vlm.models.smolvlm import real_tiles
 
-    processor = AutoProcessor.from_pretrained(family_models("smolvlm"))
-    adapter, tokenizer = adapter_for("smolvlm"), processor.tokenizer
+    processor = AutoProcessor.from_pretrained(family_models(family))
+    adapter, tokenizer = adapter_for(family), processor.tokenizer
     record = _two_images_two_turns(demo_dir)
     whole = Encoder(processor, adapter, 1024).encode(record, load_images(record))
     ids = whole["input_ids"][0]
@@ -158,6 +159,32 @@ def test_smolvlm_truncation_drops_whole_images_with_all_their_tiles(family_model
     assert tokenizer.decode(learned) == " A red circle.<end_of_utterance>"  # after the prompt's "Assistant:"
     cut = Encoder(processor, adapter, spans[1][1], "truncate").encode(record, load_images(record))
     assert real_tiles(cut)[0].shape[0] == 2 * tiles  # a cut just after an image keeps it
+
+
+def test_a_template_reading_only_typed_parts_gets_them(family_models, encoder):
+    """Idefics3's template as released reads `content[0]['type']` and loops over parts: a turn given as a plain
+    string renders with its text dropped, no error (a text-only answer would train as an empty turn). The encoder
+    probes the template and gives it typed parts; a template that drops the text either way is refused by name."""
+    from transformers import AutoProcessor
+
+    from ds_vlm.models import UnsupportedModel
+
+    processor = AutoProcessor.from_pretrained(family_models("idefics3"))
+    plain = processor.apply_chat_template([{"role": "user", "content": "Say the caption."}], tokenize=False)
+    assert plain == "<|begin_of_text|>User: <end_of_utterance>\n"  # the trap
+    idefics3 = Encoder(processor, adapter_for("idefics3"), 1024)
+    assert idefics3.typed_text and not encoder.typed_text  # Qwen's template takes strings: they stay strings
+    sample = to_sample({"conversations": [{"from": "human", "value": "Say the caption."},
+                                          {"from": "gpt", "value": "A red circle."}]}, "t.jsonl", 3)
+    encoded = idefics3.encode(sample, [])
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(encoded["input_ids"][0]) == ("<|begin_of_text|>User: Say the caption.<end_of_utterance>\n"
+                                                        "Assistant: A red circle.<end_of_utterance>\n")
+    learned = encoded["input_ids"][0][encoded["labels"][0] != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == " A red circle.<end_of_utterance>"
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}:{% endfor %}"
+    with pytest.raises(UnsupportedModel, match="drops a turn's text"):
+        Encoder(processor, adapter_for("idefics3"), 1024)
 
 
 def test_gemma4_truncation_drops_whole_images_with_their_patch_rows(family_models, demo_dir):
