@@ -16,9 +16,12 @@ from fixtures.runs import _ZYGOTE, ROOT, free_port, start_zygote, train_env
 
 SCRIPT = """
 import json, os, resource, signal, sys, time
-print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "rank": os.environ["RANK"],
-                  "marker": os.environ.get("ZYGOTE_TEST"), "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
-                  "path0": sys.path[0], "pid": os.getpid()}), flush=True)
+# one write per line: the zygote's ranks share its unbuffered stdout, where print() writes the text and the newline
+# apart, so two ranks' lines could interleave as two objects on one line, then two newlines
+sys.stdout.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "rank": os.environ["RANK"],
+                             "marker": os.environ.get("ZYGOTE_TEST"), "path0": sys.path[0], "pid": os.getpid(),
+                             "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0]}) + "\\n")
+sys.stdout.flush()
 print("to stderr", file=sys.stderr, flush=True)
 if sys.argv[-1] == "sleep":
     time.sleep(60)
