@@ -6,8 +6,10 @@ image geometry, token ids and vocabulary kept), saves it beside M's own processo
 shape-captioning records (every other one text-only), then runs each check on its own, timed:
 
     load              the tiny instance built, saved and loaded back through the model's adapter
-    train_zero3       2 ranks, ZeRO-3 (every parameter partitioned), 2 steps of mixed image/text batches, the last
-                      vision block trained and the others frozen
+    train_zero3       2 ranks, ZeRO-3 (every parameter partitioned), 3 steps of mixed image/text batches, the last
+                      vision block trained and the others frozen, a checkpoint after step 2
+    resume            the run again from its step-2 checkpoint: step 3's loss and every exported tensor equal the
+                      uninterrupted run's (the optimizer's moments and the learning rate came back too)
     packed_vs_padded  the loss of 3 samples packed in one row equals their loss padded (or packing refused, why)
     sequence_parallel the first step's loss with --sequence_parallel 2 on 2 ranks equals 1 rank's
     lora              LoRA on the language tower: only adapter weights get gradients, the loss is finite
@@ -144,9 +146,10 @@ def zero3_json(out: Path) -> Path:
     return path
 
 
-def train(ranks: int, flags: list[str], out: Path, timeout: int = 600) -> list[float]:
+def train(ranks: int, flags: list[str], out: Path, timeout: int = 600, resume: str = "none") -> list[float]:
     """launch/train.py on `ranks` CPU ranks (DeepSpeed's launcher); the losses per step. Exit status 2 (an error
-    the trainer explains) is Refused with its line; anything else fails with the log's tail."""
+    the trainer explains) is Refused with its line; anything else fails with the log's tail. `resume`: the trainer's
+    --resume (none: a fresh run, whatever `out` holds)."""
     from ds_vlm.runtime.distributed import free_port
     from ds_vlm.runtime.launcher import launcher, remove_shm_buffers
 
@@ -154,7 +157,7 @@ def train(ranks: int, flags: list[str], out: Path, timeout: int = 600) -> list[f
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = out.parent / f"{out.name}.log"
     command = [*launcher(ranks, port), str(ROOT / "launch" / "train.py"), *flags, "--output_dir", str(out),
-               "--num_workers", "0", "--plan_at_start", "false", "--resume", "none", "--dist_timeout_s", "120"]
+               "--num_workers", "0", "--plan_at_start", "false", "--resume", resume, "--dist_timeout_s", "120"]
     try:
         with open(log, "w") as f:
             code = subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
@@ -214,12 +217,37 @@ class Checker:
         return ["--model", str(self.tiny), "--train_data", str(self.records), "--deepspeed", str(self.ds),
                 "--lr", "1e-3", "--warmup_ratio", "0", "--max_length", "4096"]
 
+    def zero3_flags(self) -> list[str]:
+        return [*self.common(), "--max_steps", "3", "--save_steps", "2", "--micro_batch_size", "2",
+                "--train_vision", "last:1"]
+
     def train_zero3(self) -> str:
-        losses = train(2, [*self.common(), "--max_steps", "2", "--micro_batch_size", "2", "--train_vision", "last:1"],
-                       self.work / "zero3")
-        if len(losses) != 2 or not all(map(_finite, losses)):
+        losses = train(2, self.zero3_flags(), self.work / "zero3")
+        if len(losses) != 3 or not all(map(_finite, losses)):
             raise RuntimeError(f"losses {losses}")
+        self.zero3_losses = losses
         return f"losses {', '.join(f'{x:.4f}' for x in losses)}"
+
+    def resume(self) -> str:
+        """train_zero3's run copied without its last checkpoint and export, as after a crash in step 3, and run
+        again: it resumes at step 2 and must end where the uninterrupted run did."""
+        import torch
+        from safetensors.torch import load_file
+
+        done, again = self.work / "zero3", self.work / "resumed"
+        shutil.rmtree(again, ignore_errors=True)
+        shutil.copytree(done, again, ignore=shutil.ignore_patterns("hf", "step_00000003"))
+        (again / "metrics.jsonl").write_text("")
+        losses = train(2, self.zero3_flags(), again, resume="auto")
+        if len(losses) != 1 or abs(losses[0] - self.zero3_losses[2]) > 1e-6 * max(1.0, abs(losses[0])):
+            raise RuntimeError(f"resumed at step 2: losses {losses}, uninterrupted step 3 {self.zero3_losses[2]:.6f}")
+        tensors = [{k: v for f in sorted((run / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+                   for run in (done, again)]
+        differ = sorted(k for k in tensors[0] if k not in tensors[1]
+                        or not torch.allclose(tensors[0][k].float(), tensors[1][k].float(), rtol=1e-6, atol=1e-7))
+        if differ or tensors[0].keys() != tensors[1].keys():
+            raise RuntimeError(f"the resumed export differs from the uninterrupted one in {differ[:3] or 'its names'}")
+        return f"step 3's loss {losses[0]:.6f} and all {len(tensors[0])} exported tensors as uninterrupted"
 
     def packed_vs_padded(self) -> str:
         import torch
@@ -310,6 +338,7 @@ class Checker:
     def all(self) -> list[Check]:
         self.run("load", self.load)
         self.run("train_zero3", self.train_zero3, ("load",))
+        self.run("resume", self.resume, ("train_zero3",))
         self.run("packed_vs_padded", self.packed_vs_padded, ("load",))
         self.run("sequence_parallel", self.sequence_parallel, ("load",))
         self.run("lora", self.lora, ("load",))

@@ -46,22 +46,48 @@ def test_shrink_keeps_structure_and_builds():
     _meta(glm)
 
 
+def _fake_train(ranks, flags, out, timeout=600, resume="none", nudge=0.0):
+    """Stands in for launch/train.py: the model as its export, 3 losses (a fresh run) or step 3's (a resumed one);
+    `nudge` moves one exported weight (a resume that is not exact)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(flags[flags.index("--model") + 1], out / "hf", dirs_exist_ok=True)
+    if nudge:
+        path = out / "hf" / "model.safetensors"
+        tensors = load_file(path)
+        name = next(k for k, v in tensors.items() if v.is_floating_point())
+        tensors[name] = tensors[name] + nudge
+        save_file(tensors, path)
+    return [1.2] if resume == "auto" else [2.0, 1.5, 1.2]
+
+
+def test_check_model_resume_fails_where_the_resumed_run_ends_elsewhere(family_models, tmp_path, monkeypatch):
+    """The resume check compares step 3's loss and every exported tensor with the uninterrupted run's."""
+    import functools
+
+    checker = check_model.Checker(str(family_models("llava")), tmp_path)
+    checker.run("load", checker.load)
+    for nudge, status in ((0.0, "ok"), (1e-4, "failed")):
+        monkeypatch.setattr(check_model, "train", _fake_train)
+        checker.run("train_zero3", checker.train_zero3, ("load",))
+        monkeypatch.setattr(check_model, "train", functools.partial(_fake_train, nudge=nudge))
+        checker.run("resume", checker.resume, ("train_zero3",))
+        assert checker.checks[-1].status == status, checker.checks[-1]
+    assert "differs from the uninterrupted one" in checker.checks[-1].detail
+
+
 def test_check_model_table_and_json(family_models, tmp_path, monkeypatch, capsys):
     """Gemma 3: packing and sequence parallelism refused with their reasons, the other checks ok; check.json as
     documented."""
 
-    def fake_train(ranks, flags, out, timeout=600):  # stands in for launch/train.py: an export and two losses
-        shutil.copytree(flags[flags.index("--model") + 1], out / "hf")
-        return [2.0, 1.5]
-
-    monkeypatch.setattr(check_model, "train", fake_train)
+    monkeypatch.setattr(check_model, "train", _fake_train)
     out = tmp_path / "check.json"
     rc = check_model.main(["--model", str(family_models("gemma3")), "--out", str(out), "--work", str(tmp_path / "w")])
     report = json.loads(out.read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert rc == 0 and report["model_type"] == "gemma3", capsys.readouterr().out
-    assert status == {"load": "ok", "train_zero3": "ok", "packed_vs_padded": "refused", "sequence_parallel": "refused",
-                      "lora": "ok", "export_generate": "ok", "plan": "ok"}, report
+    assert status == {"load": "ok", "train_zero3": "ok", "resume": "ok", "packed_vs_padded": "refused",
+                      "sequence_parallel": "refused", "lora": "ok", "export_generate": "ok", "plan": "ok"}, report
     assert all(set(c) == {"name", "status", "seconds", "detail"} for c in report["checks"])
     refused = next(c for c in report["checks"] if c["name"] == "packed_vs_padded")
     assert "sliding-window" in refused["detail"] and "token_type_ids" in refused["detail"]
