@@ -110,11 +110,12 @@ class Collator:
     the adapter's per-sample position ids (needed for packing; for a padded batch they save the model from
     computing them on the device: Qwen's rope index reads token types back to the host per row). A micro-batch
     with no image gets the dummy image (padded: appended to the first sample; packed: as its own sample), all
-    of its labels ignored."""
+    of its labels ignored. `model_inputs`: the adapter's last change to the collated tensors (Adapter.model_inputs),
+    made after the positions."""
 
     def __init__(self, pad_token_id: int, dummy: dict[str, torch.Tensor], positions=None, multiple_of: int = 1,
                  dummy_video: Optional[dict[str, torch.Tensor]] = None, packing: bool = False,
-                 pixel_dtype: torch.dtype = torch.float32):
+                 pixel_dtype: torch.dtype = torch.float32, model_inputs=None):
         if packing and positions is None:
             raise ValueError("packing needs the adapter's position ids")
         self.pad_token_id = pad_token_id
@@ -126,6 +127,7 @@ class Collator:
         # the pixels in the model's dtype already in the worker: what the forward would cast them to anyway, at half
         # the bytes in /dev/shm (workers x prefetch x micro-batches of fp32 pixels ran to ~45 GB a rank)
         self.pixel_dtype = pixel_dtype
+        self.model_inputs = model_inputs
 
     @classmethod
     def for_run(cls, encoder: Encoder, adapter, hf_config, batch, sp_size: int, datasets=(),
@@ -139,7 +141,7 @@ class Collator:
             bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)
         return cls(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp_size),
                    packing=batch.packing, dummy_video=encoder.dummy_video() if has_video else None,
-                   pixel_dtype=pixel_dtype)
+                   pixel_dtype=pixel_dtype, model_inputs=adapter.model_inputs)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> MicroBatch:
         bad = [s["bad"] for s in samples if "bad" in s]
@@ -151,6 +153,8 @@ class Collator:
         micro = self._pack(samples, counts) if self.packing else self._pad(samples, counts)
         for key in PIXEL_KEYS & micro.inputs.keys():
             micro.inputs[key] = micro.inputs[key].to(self.pixel_dtype)
+        if self.model_inputs is not None:
+            micro.inputs = self.model_inputs(micro.inputs)
         return micro
 
     def _pad(self, samples: list[dict[str, torch.Tensor]], counts: dict) -> MicroBatch:

@@ -53,7 +53,8 @@ def tag_suffix(tag: str) -> str:
 
 def encoding_key(encoder, data_format: str, image_root: str) -> str:
     """What decides a record's encoding: tokenizer (vocabulary, added tokens, normalization), chat template,
-    image and video processor settings (pixel bounds included), model family, --max_length, --truncation,
+    image and video processor settings (pixel bounds included), model family and what its adapter writes for an image
+    and a video (a family without a video path refuses video records), --max_length, --truncation,
     video sampling, record layout and image root."""
     digest = hashlib.sha256(f"v{VERSION}".encode())
     tokenizer = encoder.tokenizer
@@ -66,9 +67,9 @@ def encoding_key(encoder, data_format: str, image_root: str) -> str:
         part = getattr(encoder.processor, name, None)
         if part is not None:
             digest.update(json.dumps(part.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(json.dumps([type(encoder.adapter).__name__, encoder.adapter.image_text, encoder.max_length,
-                              encoder.truncation, encoder.video_sampling.fps, encoder.video_sampling.max_frames,
-                              data_format, image_root]).encode())
+    digest.update(json.dumps([type(encoder.adapter).__name__, encoder.adapter.image_text, encoder.adapter.video_text,
+                              encoder.max_length, encoder.truncation, encoder.video_sampling.fps,
+                              encoder.video_sampling.max_frames, data_format, image_root]).encode())
     return digest.hexdigest()[:32]
 
 

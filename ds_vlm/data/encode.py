@@ -50,7 +50,7 @@ class Encoder:
         self.video_sampling = video_sampling or VideoSampling()
         if adapter.video_frames_fixed:
             self.video_sampling = dataclasses.replace(self.video_sampling, exact=True)
-        # the token a video's frames expand to; None: this family has no video path
+        # the token the template writes for a video, which the processor expands; None: this family has no video path
         self.video_token = (getattr(processor, "video_token", None) or "<|video_pad|>") if adapter.video_text else None
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = adapter
@@ -65,7 +65,9 @@ class Encoder:
         # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
         # <|vision_start|>): truncation keeps both whole
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        # the token a video's features fill (its frames' image token for GLM-4.6V)
+        self.video_token_id = (self.tokenizer.convert_tokens_to_ids(adapter.video_fill or self.video_token)
+                               if self.video_token else None)
         self.control = ControlText(self.tokenizer)
         lead = adapter.image_lead if adapter.image_lead is not None else \
             adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
@@ -76,6 +78,11 @@ class Encoder:
         self._text_keys: frozenset = frozenset()  # the per-token keys the processor gives for text
         # the processor marks image/video tokens in `mm_token_type_ids` (all 0 in a text-only segment)
         self._mm_token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
+        if self.video_token_id == self.image_token_id and not self._mm_token_types:
+            from ds_vlm.models import UnsupportedModel
+
+            raise UnsupportedModel(f"model type {adapter.family!r}: its videos' features fill its image token, and its "
+                                   "processor gives no `mm_token_type_ids` to tell a video's tokens from an image's")
         probe = "<|im_start|>user\nA probe, 12 words: é ü 中文.<|im_end|>\n"
         processed = self._process(probe, [])
         self._text_keys = frozenset(processed)
@@ -243,16 +250,27 @@ class Encoder:
         """The image (video) tokens in the ids must be as many as the vision tensors fill, or the model's forward
         fails mid-step ("Image features and image tokens do not match"); here the record is named instead."""
         expected = self.adapter.vision_token_counts(out, self.processor)
-        ids = out["input_ids"][0]
-        for what, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
-            if what not in expected or token_id is None:
+        counts = self.media_tokens(out)
+        for what, found in counts.items():
+            if what not in expected:
                 continue
-            found = int((ids == token_id).sum())
             if found != expected[what]:
                 raise DataError("placeholder_mismatch", sample.source, sample.index,
                                 f"{found} {what} token(s) in the encoded ids but the {what}s' vision tensors fill "
                                 f"{expected[what]}: the chat template or the processor placed {what} tokens the "
                                 f"{what}s do not match")
+
+    def media_tokens(self, encoded: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The image tokens and (for a family with a video path) the video tokens in one encoded sample's ids: the
+        tokens each one's features fill. Where both fill one token (GLM-4.6V), `mm_token_type_ids` tells them apart
+        (1 image, 2 video)."""
+        ids = encoded["input_ids"][0]
+        fills = {"image": self.image_token_id, **({"video": self.video_token_id} if self.video_token else {})}
+        if self.video_token and self.video_token_id == self.image_token_id:
+            types = encoded["mm_token_type_ids"][0]
+            return {what: int(((ids == token_id) & (types == kind)).sum())
+                    for (what, token_id), kind in zip(fills.items(), (1, 2))}
+        return {what: int((ids == token_id).sum()) for what, token_id in fills.items()}
 
     def _truncate(self, out: dict[str, torch.Tensor], sample: Sample) -> dict[str, torch.Tensor]:
         """Cut at max_length; a cut through an image moves before it (and its lead tokens), and

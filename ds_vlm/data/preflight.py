@@ -79,9 +79,6 @@ class BadRecordCount:
 class _CheckDataset(Dataset):
     def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
         self.records, self.encoder, self.indices = records, encoder, indices
-        self.image_token_id = encoder.image_token_id
-        self.video_token_id = (encoder.tokenizer.convert_tokens_to_ids(encoder.video_token) if encoder.video_token
-                               else None)
 
     def __len__(self):
         return len(self.indices)
@@ -92,9 +89,9 @@ class _CheckDataset(Dataset):
             sample, encoded = self.encoder.encode_record(self.records, index)  # the training dataset's own path
         except DataError as err:
             return RecordCheck(index, err.kind, str(err))
-        ids = encoded["input_ids"][0]
-        return RecordCheck(index, n_tokens=int(ids.numel()), n_image_tokens=int((ids == self.image_token_id).sum()),
-                           n_video_tokens=int((ids == self.video_token_id).sum()) if self.video_token_id else 0,
+        media = self.encoder.media_tokens(encoded)
+        return RecordCheck(index, n_tokens=int(encoded["input_ids"].numel()), n_image_tokens=media["image"],
+                           n_video_tokens=media.get("video", 0),
                            n_targets=count_targets(encoded["labels"]), ignored=sample.ignored,
                            notes=tuple(sorted(set(sample.notes))), where=f"{sample.source} record {sample.index}")
 

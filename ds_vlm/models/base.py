@@ -87,6 +87,10 @@ class Adapter:
     # keeps such runs whole, with their lead.
     image_fill: str = ""
     image_lead: Optional[str] = None
+    # The token a video's features fill in input_ids, where it is not the processor's `video_token` (GLM-4.6V's
+    # processor expands its <|video|> into frames of <|image|>). Where it is the image's fill token too, the
+    # processor's `mm_token_type_ids` tell them apart (transformers' convention: 1 image, 2 video).
+    video_fill: str = ""
 
     # -- the model -------------------------------------------------------------------------
     def parts(self, model: nn.Module) -> ModelParts:
@@ -159,6 +163,11 @@ class Adapter:
         """How many image (and video) tokens one encoded sample's vision tensors fill in its ids ({"image": n,
         "video": m}); the encoder refuses a record whose ids hold another count. Empty: not checked."""
         return {}
+
+    def model_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collated batch's tensors as the model's forward takes them, after the positions are computed (as
+        collated by default; GLM-4.6V: its videos' frames as images, glm46v.py)."""
+        return inputs
 
     def slice_per_token(self, language_kwargs: dict, start: int, end: int) -> dict:
         """For --sequence_parallel: the language model's inputs that hold one entry per token, besides the

@@ -232,7 +232,9 @@ def idefics3(spec: TinySpec, text: dict, tokenizer):
 
 def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
     """GLM-4.6V's config and processor as zai-org sets them (CLIP mean/std, smart resize to multiples of
-    patch x merge between the pixel bounds, mm_token_type_ids), at patch 8 and the demo's image area."""
+    patch x merge between the pixel bounds, mm_token_type_ids), at patch 8 and the demo's image area. The video
+    processor's largest area bounds a video's frames together (t x h x w), at the released ratio to the image's
+    (47040000 / 9633792 = 60000 / 12288: a 64 x 64 clip keeps its size up to 4 frames); its smallest is the image's."""
     import transformers as tf
 
     text = {k: v for k, v in text.items() if k != "head_dim"}
@@ -243,7 +245,8 @@ def glm46v(spec: TinySpec, text: dict, tokenizer, ids: dict):
                              video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
     bounds = {"shortest_edge": spec.pixels[0], "longest_edge": spec.pixels[1]}
     image = tf.Glm46VImageProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
-    video = tf.Glm46VVideoProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, size=bounds)
+    video = tf.Glm46VVideoProcessor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2,
+                                    size=dict(bounds, longest_edge=spec.pixels[1] * 60000 // 12288))
     processor = tf.Glm46VProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                    chat_template=tokenizer.chat_template)
     return config, processor

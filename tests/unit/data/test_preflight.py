@@ -80,6 +80,11 @@ def test_preflight_is_cached_per_file_and_invalidated_by_what_changes_encoding(d
     processor.tokenizer.add_tokens(["pokemonish"])
     _, said = _check(data, _encoder(demo_dir / "model", processor=processor), cache)
     assert "48 checked" in said
+    # so is what the adapter writes for a video (a family that gains a video path must not reuse its refusals)
+    qwen = type(adapter_for("qwen3_vl"))
+    unwired = type(qwen.__name__, (qwen,), {"video_text": ""})()
+    _, said = _check(data, Encoder(AutoProcessor.from_pretrained(demo_dir / "model"), unwired, 256), cache)
+    assert "48 checked" in said
     # and --preflight full checks again although the cache holds the entries
     _, said = _check(data, encoder, cache, "full")
     assert "48 checked" in said and "from the cache" not in said

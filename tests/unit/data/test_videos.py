@@ -16,7 +16,8 @@ from ds_vlm.data.batching import Collator, SFTDataset
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.videos import VideoSampling
 
-VIDEO_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "llava_onevision"]
+VIDEO_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "llava_onevision",
+                  "glm46v"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     """fp32 loss and every gradient: [video, image, text-only, video] padded vs packed (each sample's own rope
     positions, Qwen2.5-VL's seconds per grid included; where a family refuses packing: padded vs each sample
     alone); then two text-only samples: the dummy image and the dummy video leave the loss as it is and put
-    gradients on the vision tower."""
+    gradients on the vision tower (GLM-4.6V: the dummy video's frames go in with the image, one call, glm46v.py)."""
     from transformers import AutoModelForImageTextToText
 
     from ds_vlm.models.base import set_use_cache
@@ -103,9 +104,11 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     samples = [dataset[i] for i in range(4)]
     assert "pixel_values_videos" in samples[0] and "pixel_values" in samples[1] and "pixel_values" not in samples[2]
     pad_id, dummy, dummy_video = encoder.tokenizer.pad_token_id, encoder.dummy(), encoder.dummy_video()
-    padded = Collator(pad_id, dummy, dummy_video=dummy_video)
+    model_inputs = encoder.adapter.model_inputs
+    padded = Collator(pad_id, dummy, dummy_video=dummy_video, model_inputs=model_inputs)
     packed = Collator(pad_id, dummy, encoder.adapter.position_ids(model.config), dummy_video=dummy_video,
-                      packing=True)
+                      packing=True, model_inputs=model_inputs)
+    frames_as_images = encoder.video_token_id == encoder.image_token_id  # GLM-4.6V
     if not encoder.adapter.packing_refusal(model.config):
         reference, got = loss_and_grads(model, padded(samples)), loss_and_grads(model, packed(samples))
         assert_same(got, reference)
@@ -124,10 +127,14 @@ def test_video_packed_equals_padded_and_text_only_batches_run_the_video_path(fam
     for collator in (padded, packed) if packed else (padded,):
         calls.clear()
         micro = collator(text_only)
-        assert "pixel_values_videos" in micro.inputs and "pixel_values" in micro.inputs
+        assert ("pixel_values_videos" in micro.inputs) != frames_as_images and "pixel_values" in micro.inputs
         loss, grads, _ = loss_and_grads(model, micro)
         torch.testing.assert_close(loss, without_video[0], rtol=1e-5, atol=0)
-        assert len(calls) == 2 and any(p.grad is not None for p in vision.parameters())  # image, then video
+        assert any(p.grad is not None for p in vision.parameters())
+        if frames_as_images:  # the image's and the video's patch rows in one call
+            assert calls == [dummy["pixel_values"].shape[0] + dummy_video["pixel_values_videos"].shape[0]]
+        else:
+            assert len(calls) == 2  # image, then video
     hook.remove()
 
 
@@ -202,6 +209,122 @@ def test_llava_onevision_videos_are_pooled_frames_of_one_count_and_train_packed_
         wrong.encode(sample, *wrong.media(sample))
     with pytest.raises(ValueError, match="--video_max_pixels: LlavaOnevisionVideoProcessor resizes every frame to 32"):
         set_video_pixel_bounds(AutoProcessor.from_pretrained(model_dir), 64 * 64)
+
+
+def test_glm_videos_are_timestamped_frame_pairs_filling_image_tokens_and_train_packed_as_padded(family_models, clips,
+                                                                                                  demo_dir, tmp_path,
+                                                                                                  monkeypatch):
+    """GLM-4.6V: a video is written as its frame pairs, each `<|begin_of_image|>` + h w / merge^2 <|image|> +
+    `<|end_of_image|>` + its first frame's second (`1.2 seconds`), inside <|begin_of_video|> ... <|end_of_video|>; the
+    count is computed here from the sampled frames, the tower's patch and merge sizes, and the video processor's budget
+    over all frames. Its forward cannot take an image and a video together (tried: it fails), so the collator hands it
+    the frame pairs as images: for a video alone that gives the model's own logits (its video path, its rope index),
+    and the model's rope index on the merged tensors gives the host positions. [video, image, text, image + video]
+    padded == packed (fp32 loss and every gradient), the device-side rope index never called; the trainer's loss equals
+    the full-logits loss; FLOPs count every frame pair. A record whose ids hold other than its frames' token count is
+    refused by name."""
+    from transformers import AutoModelForImageTextToText
+
+    from ds_vlm.config import BatchConfig, ModelConfig
+    from ds_vlm.data.formats import DataError
+    from ds_vlm.models.base import set_use_cache
+    from ds_vlm.runtime.flops import FlopsCounter
+
+    model_dir = family_models("glm46v")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    set_use_cache(model.config, False)
+    model.train()
+    patch, merge = model.config.vision_config.patch_size, model.config.vision_config.spatial_merge_size
+    video = absolute_rows(clips / "video_train.jsonl", clips)[0]
+    image = absolute_rows(demo_dir / "data" / "train.jsonl", demo_dir / "data")[0]
+    text = {"conversations": [{"from": "human", "value": "Say a caption."}, image["conversations"][1]]}
+    both = {"conversations": [{"from": "human", "value": "<image>First this, then <video>where does it go?"},
+                              video["conversations"][1]], "images": image["images"], "videos": video["videos"]}
+    data = write_jsonl(tmp_path / "glm_mixed.jsonl", [video, image, text, both])
+    records = RecordIndex([str(data)])
+
+    # the 2 s clip at 4 fps: 2 fps samples frames 0, 2, 5, 7 (2 pairs, at 0.0 s and 1.25 s); 4 fps all 8 (4 pairs),
+    # which the budget of 20000 pixels over all frames shrinks from 64 to 48 pixels a side (8 x 64^2 > 20000)
+    for sampling, seconds, side in ((VideoSampling(2.0, 32), ["0.0", "1.2"], 64),
+                                    (VideoSampling(4.0, 32), ["0.0", "0.5", "1.0", "1.5"], 48)):
+        encoder = video_encoder(model_dir, "glm46v", sampling)
+        sample = records.sample(0)
+        images, videos = encoder.media(sample)
+        frames, _ = videos[0]
+        assert frames.shape[0] == 2 * len(seconds) and frames.shape[1:3] == (64, 64)
+        out = encoder.encode(sample, images, videos)
+        per_pair = (side // patch // merge) ** 2
+        frame = "<|begin_of_image|>" + "<|image|>" * per_pair + "<|end_of_image|>"
+        written = "<|begin_of_video|>" + "".join(f"{frame}{s} seconds" for s in seconds) + "<|end_of_video|>"
+        decoded = encoder.tokenizer.decode(out["input_ids"][0])
+        assert written in decoded and "<|video|>" not in decoded, decoded
+        image_id = encoder.tokenizer.convert_tokens_to_ids("<|image|>")
+        assert int((out["input_ids"] == image_id).sum()) == len(seconds) * per_pair
+        assert int((out["mm_token_type_ids"] == 2).sum()) == len(seconds) * per_pair
+        assert out["video_grid_thw"].tolist() == [[len(seconds), side // patch, side // patch]]
+        assert encoder.media_tokens(out) == {"image": 0, "video": len(seconds) * per_pair}
+
+    encoder = video_encoder(model_dir, "glm46v")
+    adapter = encoder.adapter
+    dataset = SFTDataset(records, encoder)
+    samples = [dataset[i] for i in range(4)]
+    # a 64 x 64 image is resized to 32 x 32 (GLM's image budget, 4096 here, counts its 2 temporal copies): 4 tokens
+    assert encoder.media_tokens(samples[3]) == {"image": 4, "video": 32}
+    positions = adapter.position_ids(model.config)
+    pad_id, dummy, dummy_video = encoder.tokenizer.pad_token_id, encoder.dummy(), encoder.dummy_video()
+    padded = Collator(pad_id, dummy, positions, dummy_video=dummy_video, model_inputs=adapter.model_inputs)
+    packed = Collator.for_run(encoder, adapter, model.config, BatchConfig(packing=True), 1)  # as the trainer's
+
+    # the model's own forward with an image and a video fails; a video alone it takes, and gets what the merge gives
+    raw = Collator(pad_id, dummy, dummy_video=dummy_video)(samples)
+    with torch.no_grad(), pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(**raw.inputs)
+    alone = {k: v for k, v in samples[0].items() if k not in ("labels", "record")}
+    merged = adapter.model_inputs(dict(alone, position_ids=positions(alone)))
+    assert "pixel_values_videos" not in merged and merged["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    own_positions, _ = model.model.get_rope_index(merged["input_ids"], merged["mm_token_type_ids"],
+                                                  merged["image_grid_thw"])
+    assert torch.equal(own_positions, positions(alone)[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**merged).logits, model(**alone).logits, rtol=1e-5, atol=1e-5)
+
+    batches = padded(samples), packed(samples)
+    with monkeypatch.context() as patch_:
+        patch_.setattr(type(model.model), "get_rope_index",
+                       lambda *a, **k: pytest.fail("the rope index was computed in the forward"))
+        reference, got = (loss_and_grads(model, micro) for micro in batches)
+        assert_same(got, reference)
+        micro = reference[2]
+        with torch.no_grad():
+            full = full_logits_loss_sum(model(**micro.inputs).logits, micro.labels)
+    torch.testing.assert_close(reference[0], full, rtol=1e-5, atol=0)
+    assert got[2].computed == got[2].tokens and micro.computed > micro.tokens  # packed: nothing added; padded: padding
+    # the pixels in token order: the first video's 2 pairs, the image, the last record's image, then its video's pairs
+    order = torch.cat([samples[0]["pixel_values_videos"], samples[1]["pixel_values"], samples[3]["pixel_values"],
+                       samples[3]["pixel_values_videos"]])
+    assert torch.equal(micro.inputs["pixel_values"], order) and torch.equal(got[2].inputs["pixel_values"], order)
+    # FLOPs: every frame pair (8 x 8 patches at 64 pixels) and image (4 x 4), as the unmerged tensors count them
+    assert adapter.patches_per_image(micro.inputs, model.config) == [64, 64, 16, 16, 64, 64]
+    assert sorted(adapter.patches_per_image(raw.inputs, model.config)) == [16, 16, 64, 64, 64, 64]
+    counter = FlopsCounter(model, adapter, ModelConfig())
+    assert counter(micro.inputs, micro.targets, micro.sample_lengths) == counter(
+        got[2].inputs, got[2].targets, got[2].sample_lengths)
+
+    # generation (the evaluations) gets the merged tensors too: a prompt with an image and a video beside one with an
+    # image, left-padded, positions from the model's own rope index
+    from ds_vlm.eval.generation import generate_answers, prompt_batch
+
+    prompts = [records.sample(3), records.sample(1)]
+    assert "pixel_values_videos" not in prompt_batch(encoder, prompts)
+    assert len(generate_answers(model, encoder.processor, prompts, max_new_tokens=2)) == 2
+
+    # a processor that writes a frame's tokens one short: refused by name, not failed in the forward
+    write = encoder.processor.replace_frame_token_id
+    monkeypatch.setattr(encoder.processor, "replace_frame_token_id",
+                        lambda second, num_image_tokens=1: write(second, num_image_tokens - 1))
+    sample = records.sample(0)
+    with pytest.raises(DataError, match="30 video token.* fill 32"):
+        encoder.encode(sample, *encoder.media(sample))
 
 
 def test_bad_videos_are_named_and_llava_refuses_video(demo_dir, clips, family_models, tmp_path):
