@@ -65,8 +65,8 @@ def _runs(values: list) -> list[tuple[int, int]]:
 def _text(encoder: Encoder, ids: list[int]) -> str:
     """The input decoded, each run of an image or video token written once with its length."""
     media = {encoder.image_token_id}
-    if encoder.video_token:
-        media.add(encoder.tokenizer.convert_tokens_to_ids(encoder.video_token))
+    if encoder.video_token_id is not None:
+        media.add(encoder.video_token_id)
     pieces, plain = [], []
     for start, end in _runs(ids):
         if ids[start] in media and end - start > 1:

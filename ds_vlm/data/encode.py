@@ -65,7 +65,9 @@ class Encoder:
         # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
         # <|vision_start|>): truncation keeps both whole
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        # the token a video's features fill in the ids: none where the frames are images to the model (SmolVLM)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token) \
+            if self.video_token and not adapter.video_frames_as_images else None
         self.control = ControlText(self.tokenizer)
         lead = adapter.image_lead if adapter.image_lead is not None else \
             adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
@@ -306,8 +308,8 @@ class Encoder:
         if videos:  # frames sampled already, with the metadata the processor writes timestamps from
             kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
                           do_sample_frames=False)
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False,
-                             **kwargs)
+        out = self.adapter.process(self.processor, text=[text], images=images or None, return_tensors="pt",
+                                   add_special_tokens=False, **kwargs)
         return {k: torch.as_tensor(v) if k == "second_per_grid_ts" else v for k, v in out.items()
                 if isinstance(v, torch.Tensor) or k == "second_per_grid_ts"}
 
@@ -327,7 +329,10 @@ def set_video_pixel_bounds(processor, max_pixels: int) -> None:
         raise ValueError(f"--video_max_pixels: {type(video_processor).__name__} resizes every frame to "
                          f"{get('height')} x {get('width')}; it has no pixel bounds to set")
     shortest = get("shortest_edge")
-    video_processor.size = {"shortest_edge": min(shortest or max_pixels, max_pixels), "longest_edge": max_pixels}
+    if not shortest:  # SmolVLM: `longest_edge` is an edge in pixels, and every frame is then squared to one tile
+        raise ValueError(f"--video_max_pixels: {type(video_processor).__name__}'s size ({dict(size)}) bounds a "
+                         "frame's edge, not its area (shortest_edge, longest_edge); it has no pixel bounds to set")
+    video_processor.size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
 
 
 def encoder_for(processor, adapter, config: DataConfig) -> "Encoder":

@@ -80,8 +80,7 @@ class _CheckDataset(Dataset):
     def __init__(self, records: RecordIndex, encoder: Encoder, indices: list[int]):
         self.records, self.encoder, self.indices = records, encoder, indices
         self.image_token_id = encoder.image_token_id
-        self.video_token_id = (encoder.tokenizer.convert_tokens_to_ids(encoder.video_token) if encoder.video_token
-                               else None)
+        self.video_token_id = encoder.video_token_id
 
     def __len__(self):
         return len(self.indices)
