@@ -3,6 +3,7 @@ their own under tests/fixtures/ (runs, datasets, encoding, numerics); tests impo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.xdist_group(path.stem))
 
 def pytest_configure(config):
+    """On an xdist worker: torch's threads are the cores shared out among the workers (two workers of two threads
+    each on two cores spin against each other: the in-process tier took 2 min 39 s so, 74 s with one thread each).
+    The multi-rank tests' ranks run with OMP_NUM_THREADS=1 (fixtures/runs.py) whatever this says."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if getattr(config, "workerinput", None) is not None and workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    check_loadgroup(config)
+
+
+def check_loadgroup(config):
     """Under `--dist loadgroup` (pyproject's addopts), xdist groups a test by appending `@group` to its node id
     (`item._nodeid`); pytest 9.2 computes node ids otherwise and the groups are lost without a word: a module's tests
     then spread over both workers, and its module fixtures (a family's training run) run once per worker.

@@ -134,11 +134,13 @@ class Collator:
                 pixel_dtype: torch.dtype = torch.float32) -> "Collator":
         """The run's collator (`batch`: its BatchConfig): the adapter's positions where packing or the family
         needs them, rows a multiple of the sequence-parallel size, and a dummy video riding along when some
-        record of `datasets` has a video (or when nobody checked: --preflight off)."""
+        record of `datasets` has a video (or when nobody checked: --preflight off); never where the model takes
+        a video's frames as images (`video_frames_as_images`: the dummy image runs the same modules)."""
         refuse_packing(adapter, batch.packing, hf_config)
         positions = adapter.position_ids(hf_config) if (batch.packing or adapter.padded_batch_positions) else None
-        has_video = any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
-            bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None)
+        has_video = not adapter.video_frames_as_images and (
+            any(bool(d.checks.n_video_tokens.any()) for d in datasets if d) or (
+                bool(datasets) and datasets[0].skip_bad and encoder.video_token is not None))
         return cls(encoder.tokenizer.pad_token_id, encoder.dummy(), positions, multiple_of=max(1, sp_size),
                    packing=batch.packing, dummy_video=encoder.dummy_video() if has_video else None,
                    pixel_dtype=pixel_dtype, model_inputs=adapter.model_inputs)

@@ -65,9 +65,10 @@ class Encoder:
         # the token an image's features fill (a run per image), and the tokens written before that run (e.g.
         # <|vision_start|>): truncation keeps both whole
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_fill or self.image_token)
-        # the token a video's features fill (its frames' image token for GLM-4.6V)
+        # the token a video's features fill in the ids (its frames' image token for GLM-4.6V); none where the
+        # frames are images to the model (SmolVLM)
         self.video_token_id = (self.tokenizer.convert_tokens_to_ids(adapter.video_fill or self.video_token)
-                               if self.video_token else None)
+                               if self.video_token and not adapter.video_frames_as_images else None)
         self.control = ControlText(self.tokenizer)
         lead = adapter.image_lead if adapter.image_lead is not None else \
             adapter.image_text.split(self.image_token)[0] if self.image_token in adapter.image_text else ""
@@ -265,8 +266,9 @@ class Encoder:
         tokens each one's features fill. Where both fill one token (GLM-4.6V), `mm_token_type_ids` tells them apart
         (1 image, 2 video)."""
         ids = encoded["input_ids"][0]
-        fills = {"image": self.image_token_id, **({"video": self.video_token_id} if self.video_token else {})}
-        if self.video_token and self.video_token_id == self.image_token_id:
+        video = self.video_token_id is not None
+        fills = {"image": self.image_token_id, **({"video": self.video_token_id} if video else {})}
+        if video and self.video_token_id == self.image_token_id:
             types = encoded["mm_token_type_ids"][0]
             return {what: int(((ids == token_id) & (types == kind)).sum())
                     for (what, token_id), kind in zip(fills.items(), (1, 2))}
@@ -324,8 +326,8 @@ class Encoder:
         if videos:  # frames sampled already, with the metadata the processor writes timestamps from
             kwargs = dict(videos=[frames for frames, _ in videos], video_metadata=[meta for _, meta in videos],
                           do_sample_frames=False)
-        out = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False,
-                             **kwargs)
+        out = self.adapter.process(self.processor, text=[text], images=images or None, return_tensors="pt",
+                                   add_special_tokens=False, **kwargs)
         return {k: torch.as_tensor(v) if k == "second_per_grid_ts" else v for k, v in out.items()
                 if isinstance(v, torch.Tensor) or k == "second_per_grid_ts"}
 
@@ -345,7 +347,10 @@ def set_video_pixel_bounds(processor, max_pixels: int) -> None:
         raise ValueError(f"--video_max_pixels: {type(video_processor).__name__} resizes every frame to "
                          f"{get('height')} x {get('width')}; it has no pixel bounds to set")
     shortest = get("shortest_edge")
-    video_processor.size = {"shortest_edge": min(shortest or max_pixels, max_pixels), "longest_edge": max_pixels}
+    if not shortest:  # SmolVLM: `longest_edge` is an edge in pixels, and every frame is then squared to one tile
+        raise ValueError(f"--video_max_pixels: {type(video_processor).__name__}'s size ({dict(size)}) bounds a "
+                         "frame's edge, not its area (shortest_edge, longest_edge); it has no pixel bounds to set")
+    video_processor.size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
 
 
 def encoder_for(processor, adapter, config: DataConfig) -> "Encoder":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_vlm.data.encode import TOKEN_KEYS, Encoder
+from ds_vlm.data.encode import TOKEN_KEYS, Encoder, cat_rows
 from ds_vlm.data.videos import VideoSampling
 from ds_vlm.models import adapter_for
 
@@ -12,7 +12,8 @@ from ds_vlm.models import adapter_for
 def prompt_batch(encoder: Encoder, samples: list) -> dict[str, torch.Tensor]:
     """The samples' prompts (Encoder.prompt: text spelling special tokens stays text, as in training; media as
     Encoder.media gives them, videos sampled as the encoder samples them), padded on the left as the processor pads
-    a batch; vision tensors concatenated, as the model takes them (Adapter.model_inputs)."""
+    a batch; vision tensors concatenated (zero-padded where their tiles or frames differ in count, as the collator
+    pads them), as the model takes them (Adapter.model_inputs)."""
     prompts = [encoder.prompt(s, *encoder.media(s)) for s in samples]
     length = max(p["input_ids"].shape[1] for p in prompts)
     pad_id = encoder.tokenizer.pad_token_id
@@ -23,7 +24,8 @@ def prompt_batch(encoder: Encoder, samples: list) -> dict[str, torch.Tensor]:
                 value = torch.nn.functional.pad(value, (length - value.shape[1], 0),
                                                 value=pad_id if key == "input_ids" else 0)
             batch.setdefault(key, []).append(value)
-    return encoder.adapter.model_inputs({key: torch.cat(values) for key, values in batch.items()})
+    return encoder.adapter.model_inputs({key: torch.cat(values) if key in TOKEN_KEYS else cat_rows(values)
+                                         for key, values in batch.items()})
 
 
 def generate_answers(model, processor, samples: list, max_new_tokens: int = 32, batch_size: int = 16,

@@ -76,6 +76,11 @@ class Adapter:
     # Whether every video must have the same number of frames (the model takes a batch's videos as one (videos,
     # frames, ...) tensor, LLaVA-OneVision): each is then sampled to exactly --video_max_frames frames.
     video_frames_fixed: bool = False
+    # Whether the model takes a video's frames as images (SmolVLM: each frame one more image in `pixel_values`, its
+    # features filling the image token after a timestamp line): no video token fills the ids (the frames' image
+    # tokens are counted with the images'), and no dummy video keeps ranks in step (a micro-batch with a video has
+    # `pixel_values`; one without gets the dummy image, which runs the same vision tower and projector).
+    video_frames_as_images: bool = False
     # Where the family's chat template writes nothing after an answer (GLM: generation stops at the next role token
     # or <|endoftext|>), the texts generation stops at: a learned answer then ends with the stop the template writes
     # next (the next turn's role token), or, at the conversation's end, with the first one appended (LLaMA-Factory's
@@ -128,6 +133,11 @@ class Adapter:
         return n_patches
 
     # -- vision tensors ----------------------------------------------------------------------
+    def process(self, processor, **kwargs) -> dict:
+        """The processor's call on one piece of a rendered conversation with the images and videos it places
+        (`text`, `images`, `videos`, ... as the processor takes them): the processor's own call by default."""
+        return processor(**kwargs)
+
     def dummy_image_size(self, processor) -> tuple[int, int]:
         """The smallest image the processor and vision tower accept (keeps ZeRO ranks in step)."""
         ip = processor.image_processor

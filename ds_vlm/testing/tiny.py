@@ -200,7 +200,9 @@ def smolvlm(spec: TinySpec, text: dict, tokenizer):
     `max_image_size` plus the global image resized to one tile, mean/std 0.5, Lanczos, tiles zero-padded per batch
     (with a pixel mask); the connector pixel-shuffles by `scale_factor`. Released: tiles of 512 and a size of 4 tiles
     (2048); here tiles of 32 and a size of 2 tiles (64, the demo's images), so an image is 2 x 2 tiles + the global
-    one."""
+    one. The video processor as released reads the same settings (its `size` stands for video_sampling's
+    video_size; every frame ends squared to one tile, `max_image_size`) and video_sampling's fps 1 and at most 64
+    frames (which ds-vlm does not use: it samples frames itself, --video_fps / --video_max_frames)."""
     import transformers as tf
 
     config = tf.SmolVLMConfig(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
@@ -208,8 +210,10 @@ def smolvlm(spec: TinySpec, text: dict, tokenizer):
                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     image = tf.SmolVLMImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
                                      do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
-    video = tf.SmolVLMVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video = tf.SmolVLMVideoProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1,
+                                     video_sampling={"fps": 1, "max_frames": 64,
+                                                     "video_size": {"longest_edge": 2 * 32}})
     processor = tf.SmolVLMProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                     image_seq_len=4, chat_template=tokenizer.chat_template)
     return config, processor

@@ -357,3 +357,117 @@ def test_bad_videos_are_named_and_llava_refuses_video(demo_dir, clips, family_mo
 
     llava = check(RecordIndex([str(data)]), video_encoder(family_models("llava"), "llava"), [0])
     assert llava[0].kind == "unsupported_media" and "llava" in llava[0].message and "record 0" in llava[0].message
+
+
+def test_smolvlm_video_frames_are_timestamped_global_images_in_token_order_and_train_packed_as_padded(
+        family_models, clips, demo_dir, tmp_path):
+    """SmolVLM2: <video> becomes the preamble ("... four frames from a 0:00:02 [H:MM:SS] video.") and per frame a
+    "Frame from MM:SS:" line and one global image (no tiles); the frames go into pixel_values like images, so a
+    sample's <image> tokens are (frames + image tiles) x image_seq_len, counted here from the model config. In one turn
+    [video, image, text], the processor alone would leave the image's tiles out (its video output replaces its image
+    output by key) and the encoder refuses that by its token count; the adapter puts the frames then the tiles, as the
+    tokens come. [video, video + image, image, text, video] padded == packed (fp32 loss and every gradient), the
+    trainer's loss == the full-logits loss, FLOPs count every frame as a tile; no dummy video (a text-only micro-batch
+    runs the vision tower once, on the dummy image); never truncated; --video_max_pixels refused (every frame ends
+    squared to one tile); a video prompt and an image prompt generate in one batch; Idefics3 (no video processor)
+    refuses video."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ds_vlm.config import BatchConfig, ModelConfig
+    from ds_vlm.data.encode import set_video_pixel_bounds
+    from ds_vlm.data.formats import DataError
+    from ds_vlm.data.preflight import Checks
+    from ds_vlm.eval.generation import generate_answers
+    from ds_vlm.models.base import Adapter, set_use_cache
+    from ds_vlm.models.smolvlm import SmolVLMAdapter, real_tiles
+    from ds_vlm.runtime.flops import FlopsCounter
+
+    model_dir = family_models("smolvlm")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    set_use_cache(model.config, False)
+    model.train()
+    vision = model.config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2  # 4 x 4 patches of a 32-pixel tile
+    seq_len = per_tile // model.config.scale_factor ** 2      # pixel-shuffled by 2: 4 <image> tokens a tile
+    frames, tiles = 4, 2 * 2 + 1  # the 2 s clip at 2 fps; a 64 x 64 image: 2 x 2 tiles + the global image
+
+    video, other = absolute_rows(clips / "video_train.jsonl", clips)[:2]
+    image = absolute_rows(demo_dir / "data" / "train.jsonl", demo_dir / "data")[0]
+    both = {"conversations": [{"from": "human", "value": "<video><image>Where does it move?"},
+                              video["conversations"][1]], "videos": video["videos"], "images": image["images"]}
+    text = {"conversations": [{"from": "human", "value": "Say a caption."}, image["conversations"][1]]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [video, both, image, text, other])
+    encoder = video_encoder(model_dir, "smolvlm", VideoSampling(2.0, 32))
+    assert encoder.video_token_id is None  # nothing fills <video> in the ids: its frames are images
+    dataset = SFTDataset(RecordIndex([str(data)]), encoder)
+    samples = [dataset[i] for i in range(5)]
+    tokenizer, image_id = encoder.tokenizer, encoder.tokenizer.convert_tokens_to_ids("<image>")
+    for sample, n_tiles in zip(samples, (frames, frames + tiles, tiles, 0, frames)):
+        assert int((sample["input_ids"] == image_id).sum()) == n_tiles * seq_len
+        assert "pixel_values_videos" not in sample
+        assert (real_tiles(sample)[0].shape[0] if n_tiles else 0) == n_tiles
+    decoded = tokenizer.decode(samples[0]["input_ids"][0])
+    assert "You are provided the following series of four frames from a 0:00:02 [H:MM:SS] video.\n" in decoded
+    # frames 0, 2, 5, 7 of 8 at 4 fps: 0, 0.5, 1.25 and 1.75 s
+    assert decoded.count("\nFrame from 00:00:<fake_token_around_image><global-img>") == 2, decoded
+    assert decoded.count("\nFrame from 00:01:<fake_token_around_image><global-img>") == 2, decoded
+    assert decoded.count("<global-img>") == frames and "<row_1_col_1>" not in decoded
+    # [video, image] in one turn: the frames, then the image's tiles, as their tokens come
+    torch.testing.assert_close(real_tiles(samples[1])[0],
+                               torch.cat([real_tiles(samples[0])[0], real_tiles(samples[2])[0]]), rtol=0, atol=0)
+    ids = samples[1]["input_ids"][0].tolist()
+    globals_ = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<global-img>")]
+    first_tile = ids.index(tokenizer.convert_tokens_to_ids("<row_1_col_1>"))
+    assert len(globals_) == frames + 1 and globals_[frames - 1] < first_tile < globals_[frames]
+
+    class ProcessorAlone(SmolVLMAdapter):  # the processor's own call, as without the adapter's process
+        process = Adapter.process
+
+    plain = video_encoder(model_dir, "smolvlm", VideoSampling(2.0, 32))
+    plain.adapter = ProcessorAlone()
+    sample = RecordIndex([str(data)]).sample(1)
+    with pytest.raises(DataError, match=f"{(frames + tiles) * seq_len} image token.* fill {frames * seq_len}"):
+        plain.encode(sample, *plain.media(sample))
+    short = check(RecordIndex([str(data)]), video_encoder(model_dir, "smolvlm", max_length=30, truncation="truncate"),
+                  [0])
+    assert short[0].kind == "too_long" and "never truncated" in short[0].message
+
+    pad_id, dummy = tokenizer.pad_token_id, encoder.dummy()
+    padded = Collator(pad_id, dummy)
+    packed = Collator(pad_id, dummy, encoder.adapter.position_ids(model.config), packing=True)
+    reference, got = loss_and_grads(model, padded(samples)), loss_and_grads(model, packed(samples))
+    assert_same(got, reference)
+    micro = reference[2]
+    assert micro.computed > micro.tokens  # padding
+    with torch.no_grad():
+        full = full_logits_loss_sum(model(**micro.inputs).logits, micro.labels)
+    torch.testing.assert_close(reference[0], full, rtol=1e-5, atol=0)
+    n_tiles = 3 * frames + 2 * tiles
+    assert encoder.adapter.patches_per_image(micro.inputs, model.config) == [per_tile] * n_tiles
+    counter = FlopsCounter(model, encoder.adapter, ModelConfig())
+    assert counter(micro.inputs, micro.targets, micro.sample_lengths) == counter(
+        got[2].inputs, got[2].targets, got[2].sample_lengths)
+
+    calls = []
+    hook = encoder.adapter.parts(model).vision_blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    unchecked = SFTDataset(RecordIndex([str(data)]), encoder, skip_bad=True, checks=Checks.unchecked(0, 5))
+    for collator in (padded, packed):  # --preflight off: any record may have a video, and still no dummy video
+        calls.clear()
+        assert Collator.for_run(encoder, encoder.adapter, model.config, BatchConfig(packing=collator is packed), 1,
+                                [unchecked]).dummy_video is None
+        micro = collator([samples[3], samples[3]])
+        assert "pixel_values" in micro.inputs and "pixel_values_videos" not in micro.inputs
+        loss_and_grads(model, micro)
+        assert len(calls) == 1  # the vision tower once, on the dummy image
+    hook.remove()
+
+    with pytest.raises(ValueError, match="--video_max_pixels: SmolVLMVideoProcessor's size .* bounds a frame's edge"):
+        set_video_pixel_bounds(AutoProcessor.from_pretrained(model_dir), 64 * 64)
+
+    records = RecordIndex([str(data)])  # greedy answers to a video prompt and an image prompt (4 and 5 tiles) at once
+    assert len(generate_answers(model, AutoProcessor.from_pretrained(model_dir), [records.sample(0),
+                                                                                  records.sample(2)],
+                                max_new_tokens=2)) == 2
+
+    idefics3 = check(RecordIndex([str(data)]), video_encoder(family_models("idefics3"), "idefics3"), [0])
+    assert idefics3[0].kind == "unsupported_media" and "the idefics3 family has no video path" in idefics3[0].message
