@@ -116,7 +116,8 @@ def sweep(preset: str = "2b", sizes=(8192, 16384, 32768, 65536), steps: int = 3,
 
     from ds_vlm.config import TrainConfig
     from ds_vlm.data.batching import Collator, SFTDataset
-    from ds_vlm.data.encode import Encoder, set_pixel_bounds
+    from ds_vlm.data.encode import Encoder
+    from ds_vlm.data.pixels import set_pixel_bounds
     from ds_vlm.data.sources import RecordIndex
     from ds_vlm.models.loading import prepare_for_training
     from ds_vlm.parallel.attention import SampleBoundaries, kernel_description, resolve_attention

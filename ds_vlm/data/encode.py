@@ -18,6 +18,8 @@ import torch
 from ds_vlm.data.control_text import ControlText
 from ds_vlm.data.formats import DataError, Sample
 from ds_vlm.data.images import load_images
+from ds_vlm.data.pixels import set_pixel_bounds, set_video_pixel_bounds
+from ds_vlm.data.templates import template_message, typed_text_turns
 from ds_vlm.data.videos import VideoSampling, load_videos
 
 if TYPE_CHECKING:
@@ -336,87 +338,12 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def set_video_pixel_bounds(processor, max_pixels: int) -> None:
-    """Apply --video_max_pixels to the video processor's frames, or refuse if it resizes every frame to one size."""
-    video_processor = getattr(processor, "video_processor", None)
-    if not max_pixels or video_processor is None:
-        return
-    size = video_processor.size
-    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-    if get("height") and get("width"):  # LLaVA-OneVision: frames at the vision tower's size, which its pooling assumes
-        raise ValueError(f"--video_max_pixels: {type(video_processor).__name__} resizes every frame to "
-                         f"{get('height')} x {get('width')}; it has no pixel bounds to set")
-    shortest = get("shortest_edge")
-    if not shortest:  # SmolVLM: `longest_edge` is an edge in pixels, and every frame is then squared to one tile
-        raise ValueError(f"--video_max_pixels: {type(video_processor).__name__}'s size ({dict(size)}) bounds a "
-                         "frame's edge, not its area (shortest_edge, longest_edge); it has no pixel bounds to set")
-    video_processor.size = {"shortest_edge": min(shortest, max_pixels), "longest_edge": max_pixels}
-
-
 def encoder_for(processor, adapter, config: DataConfig) -> "Encoder":
     """The Encoder the data section describes: pixel bounds applied to the processor, video sampling."""
     set_pixel_bounds(processor, config.min_pixels, config.max_pixels)
     set_video_pixel_bounds(processor, config.video_max_pixels)
     return Encoder(processor, adapter, config.max_length, config.truncation,
                    VideoSampling(config.video_fps, config.video_max_frames))
-
-
-def pixel_bounds(image_processor) -> dict:
-    """The image processor's {shortest_edge, longest_edge}: Qwen's smallest and largest image areas in pixels
-    (None where it resizes every image to a fixed size); its `size` is a dict or transformers' SizeDict."""
-    size = getattr(image_processor, "size", None)
-    return {k: getattr(size, k, None) if not isinstance(size, dict) else size.get(k)
-            for k in ("shortest_edge", "longest_edge")}
-
-
-def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
-    """Apply --min_pixels / --max_pixels to the image processor, or refuse if it has no such bounds."""
-    if not (min_pixels or max_pixels):
-        return
-    image_processor = processor.image_processor
-    bounds = pixel_bounds(image_processor)
-    if None in bounds.values():
-        raise ValueError(f"--min_pixels/--max_pixels: {type(image_processor).__name__} resizes every image to a "
-                         "fixed size; it has no pixel bounds to set")
-    new = {"shortest_edge": min_pixels or bounds["shortest_edge"], "longest_edge": max_pixels or bounds["longest_edge"]}
-    if new["shortest_edge"] > new["longest_edge"]:
-        raise ValueError(f"--min_pixels {new['shortest_edge']} > --max_pixels {new['longest_edge']}")
-    image_processor.size = new
-
-
-def template_message(message: dict, typed_text: bool = False) -> dict:
-    """What a chat template takes: text-only turns as plain strings (what most templates accept), others as
-    typed parts; every turn as typed parts where the template reads only those (`typed_text`)."""
-    parts = message["content"]
-    extra = {key: message[key] for key in ("tool_calls", "name", "tool_call_id") if key in message}
-    if not typed_text and all(p["type"] == "text" for p in parts):
-        return {"role": message["role"], "content": "".join(p["text"] for p in parts), **extra}
-    return {"role": message["role"], "content": parts, **extra}
-
-
-PROBE_WORD = "zqxprobe"
-
-
-def typed_text_turns(processor, family: str) -> bool:
-    """Whether the chat template must be given text turns as typed parts: some render a plain string as nothing
-    (Idefics2/3's, as released, read `content[0]['type']` and loop over parts, so a string's text is dropped without
-    an error: the turn, answers included, would train as empty). Probed on a one-turn conversation; a template
-    that drops the text both ways is refused."""
-    def renders(content) -> bool:
-        try:
-            text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that cannot render a lone user turn: not this probe's to judge
-            return True
-        return PROBE_WORD in text
-
-    if renders(PROBE_WORD):
-        return False
-    if renders([{"type": "text", "text": PROBE_WORD}]):
-        return True
-    from ds_vlm.models import UnsupportedModel
-
-    raise UnsupportedModel(f"model type {family!r}: its chat template drops a turn's text, given as a string or as "
-                           "typed parts; fix the template (chat_template.jinja) so that it writes the text")
 
 
 # Per-token tensors (padded along the sequence); everything else a processor returns is

@@ -58,7 +58,7 @@ def _merged_patch(image_processor) -> int:
 def largest_image_tokens(image_processor) -> int:
     """Image tokens of the largest image the processor makes: its largest area (Qwen's `longest_edge`), else its
     fixed size (crop_size, else 448 x 448)."""
-    from ds_vlm.data.encode import pixel_bounds
+    from ds_vlm.data.pixels import pixel_bounds
 
     area = pixel_bounds(image_processor)["longest_edge"]
     if area and not hasattr(image_processor, "temporal_patch_size"):  # an edge, not Qwen's area (Pixtral's)

@@ -38,7 +38,7 @@ VIDEO = "<video>"  # what SmolVLM2's template writes for a video part (the proce
 
 class SmolVLMAdapter(GenericAdapter):
     """SmolVLM2 (`smolvlm`), and Idefics3 (`idefics3`), whose layout, processor and tokens SmolVLM took over (its
-    text tower is Llama 3, its released template reads only typed parts: encode.typed_text_turns)."""
+    text tower is Llama 3, its released template reads only typed parts: templates.typed_text_turns)."""
 
     video_frames_as_images = True  # a frame is one more global image in pixel_values: no video token, no dummy video
 

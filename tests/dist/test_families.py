@@ -14,10 +14,10 @@ from fixtures.datasets import write_json
 from fixtures.runs import ROOT, read_metrics, run_train
 
 from ds_vlm.config import TrainConfig, key_table
-from ds_vlm.data.encode import template_message
 from ds_vlm.data.images import load_images
 from ds_vlm.data.plan import BatchPlan
 from ds_vlm.data.sources import RecordIndex
+from ds_vlm.data.templates import template_message
 from ds_vlm.demo import FAMILIES
 from ds_vlm.models import ADAPTERS, GENERIC_VERIFIED, adapter_for
 from ds_vlm.models.loading import set_trainable

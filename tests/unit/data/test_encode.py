@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_vlm.data.encode import IGNORE_INDEX, Encoder, set_pixel_bounds
+from ds_vlm.data.encode import IGNORE_INDEX, Encoder
 from ds_vlm.data.formats import DataError, to_sample
 from ds_vlm.data.images import load_images
+from ds_vlm.data.pixels import set_pixel_bounds
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.models import adapter_for
 

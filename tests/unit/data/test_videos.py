@@ -151,8 +151,8 @@ def test_llava_onevision_videos_are_pooled_frames_of_one_count_and_train_packed_
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ds_vlm.config import ModelConfig
-    from ds_vlm.data.encode import set_video_pixel_bounds
     from ds_vlm.data.formats import DataError
+    from ds_vlm.data.pixels import set_video_pixel_bounds
     from ds_vlm.models.base import set_use_cache
     from ds_vlm.runtime.flops import FlopsCounter
 
@@ -374,8 +374,8 @@ def test_smolvlm_video_frames_are_timestamped_global_images_in_token_order_and_t
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ds_vlm.config import BatchConfig, ModelConfig
-    from ds_vlm.data.encode import set_video_pixel_bounds
     from ds_vlm.data.formats import DataError
+    from ds_vlm.data.pixels import set_video_pixel_bounds
     from ds_vlm.data.preflight import Checks
     from ds_vlm.eval.generation import generate_answers
     from ds_vlm.models.base import Adapter, set_use_cache
