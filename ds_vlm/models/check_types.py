@@ -15,7 +15,7 @@ def check_type(model_type: str) -> dict:
 
     from ds_vlm.memplan.trace import no_zero3_init
     from ds_vlm.models import adapter_for
-    from ds_vlm.models.check import shrink
+    from ds_vlm.models.check_tiny import shrink
     from ds_vlm.models.loading import part_parameters
 
     row = {"model_type": model_type, "adapter": "", "parts": "", "packing": ""}

@@ -9,7 +9,7 @@ import shutil
 import torch
 
 import ds_vlm.models.check as check_model
-from ds_vlm.models.check import shrink
+from ds_vlm.models.check_tiny import shrink
 
 
 def _meta(config):
