@@ -1,5 +1,5 @@
 """Cases compared with each other run together, taking turns: a shared machine's drifting load falls on
-both alike (launch/bench.py's --pairing alternate)."""
+both alike (benchmarks/main.py's --pairing alternate)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Data at scale: launch to first optimizer step, cold and warm, and peak RSS per rank, on a generated set.
 
-    python launch/bench_data.py --records 1000000 --out runs/bench_data.json [--ranks 2] [--baseline 5000]
+    python -m benchmarks.data_scale --records 1000000 --out runs/bench_data.json [--ranks 2] [--baseline 5000]
                                 [--work runs/bench_data] [--num_workers 1]
 
 Writes a tiny model, a few hundred small images and N records (2 in 3 with an image, the rest text-only;

@@ -1,4 +1,4 @@
-"""The transformers Trainer on the same DeepSpeed json, for launch/bench.py (the LLaVA / Qwen-VL path).
+"""The transformers Trainer on the same DeepSpeed json, for benchmarks/main.py (the LLaVA / Qwen-VL path).
 
     deepspeed --num_gpus 2 --module benchmarks.hf_trainer --model DIR --train_data F.jsonl \
         --deepspeed ds_configs/zero2.json --output_dir OUT [--max_steps 30 --micro_batch_size 8 ...]
@@ -10,7 +10,7 @@ The ZeRO json is copied with "auto" in every key the Trainer fills in (batch siz
 the optimizer's lr/betas/eps/weight decay); the LR schedule is the Trainer's own (cosine, no warmup).
 
 Each rank writes OUT/steps_rank{R}.jsonl: per optimizer step the time at its end, and the samples,
-real tokens and padded (computed) tokens it ran; launch/bench.py joins the ranks. At the end each rank
+real tokens and padded (computed) tokens it ran; benchmarks/main.py joins the ranks. At the end each rank
 writes OUT/peak_rank{R}.json (peak RSS; CUDA peak allocated memory on a GPU).
 """
 

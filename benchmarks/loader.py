@@ -1,6 +1,6 @@
 """Does data loading keep up with training? Measured in one run, on this machine.
 
-    python launch/bench_data.py --loader --model runs/demo/model --data runs/demo/data/train.jsonl \
+    python -m benchmarks.loader --model runs/demo/model --data runs/demo/data/train.jsonl \
         [--records 800] [--micro_batch_size 8] [--out bench_loader.json]
 
 Times the real pipeline (record -> image decode -> chat template + processor -> collate)
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -30,8 +31,6 @@ def main(argv=None) -> int:
     from ds_vlm.train.loss import LabelLoss, LabelRows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loader", action="store_true", help="this benchmark (launch/bench_data.py's other one: "
-                                                               "data at scale)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--records", type=int, default=800)
@@ -88,3 +87,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"workers": rows, "step_s": step, "micro_batch_size": args.micro_batch_size}, f, indent=2)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

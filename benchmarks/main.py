@@ -1,6 +1,6 @@
 """Training throughput, memory and padding, measured in one run on one model and one data set.
 
-    python launch/bench.py [--preset tiny|qwen3-vl-2b] [--workdir DIR] [--out bench.json]
+    python -m benchmarks.main [--preset tiny|qwen3-vl-2b] [--workdir DIR] [--out bench.json]
                            [--steps N --warmup N --micro_batch_size 8 --num_ranks 2 --repeats 3]
                            [--pairing alternate|sequential --window_s 3]
                            [--loss_memory_tokens 16384]
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     temp = None if args.workdir else tempfile.TemporaryDirectory(prefix="ds_vlm_bench_")
     work = Path(args.workdir or temp.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python launch/bench.py " + shlex.join(argv), "preset": args.preset, "machine": machine(),
+    report = {"command": "python -m benchmarks.main " + shlex.join(argv), "preset": args.preset, "machine": machine(),
               "settings": {k: getattr(args, k) for k in ("num_ranks", "steps", "warmup", "micro_batch_size",
                                                          "num_workers", "gradient_checkpointing", "max_length",
                                                          "lr", "seed", "repeats", "pairing", "window_s")},

@@ -4,7 +4,7 @@ with py-spy (`pip install py-spy`; it reads the ranks' stacks from outside, the 
     python -m benchmarks.step_profile [--cases ds_zero2,hf_zero2,ds_zero3,hf_zero3] [--steps 120]
                                         [--rate 250] [--workdir DIR] [--out profile.json]
 
-Each case runs as launch/bench.py runs it (the tiny preset, 2 CPU ranks; benchmarks/runner.py builds the
+Each case runs as benchmarks/main.py runs it (the tiny preset, 2 CPU ranks; benchmarks/runner.py builds the
 command) under `py-spy record --idle --subprocesses`. Rank 0's main-thread samples inside the training loop
 are put in the first part of PARTS whose frames they hold (the Trainer's optimizer step runs inside
 accelerate's backward: it counts as the step), and each part's share of the loop's samples is
