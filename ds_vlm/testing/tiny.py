@@ -196,41 +196,30 @@ def internvl(spec: TinySpec, text: dict, tokenizer):
 
 
 def smolvlm(spec: TinySpec, text: dict, tokenizer):
-    """SmolVLM2 as HuggingFaceTB sets it up: images resized (longest edge) to `size`, split into tiles of
-    `max_image_size` plus the global image resized to one tile, mean/std 0.5, Lanczos, tiles zero-padded per batch
-    (with a pixel mask); the connector pixel-shuffles by `scale_factor`. Released: tiles of 512 and a size of 4 tiles
-    (2048); here tiles of 32 and a size of 2 tiles (64, the demo's images), so an image is 2 x 2 tiles + the global
-    one. The video processor as released reads the same settings (its `size` stands for video_sampling's
-    video_size; every frame ends squared to one tile, `max_image_size`) and video_sampling's fps 1 and at most 64
-    frames (which ds-vlm does not use: it samples frames itself, --video_fps / --video_max_frames)."""
+    """SmolVLM2 (and Idefics3, whose layout it took over: `spec` names the classes) as HuggingFaceTB and HuggingFaceM4
+    set them up: images resized (longest edge) to `size`, split into tiles of `max_image_size` plus the global image
+    resized to one tile, mean/std 0.5, Lanczos, tiles zero-padded per batch (with a pixel mask); the connector
+    pixel-shuffles by `scale_factor`. Released: tiles of 512 (Idefics3: 364) and a size of 4 tiles; here tiles of 32
+    and a size of 2 tiles (64, the demo's images), so an image is 2 x 2 tiles + the global one. SmolVLM2's video
+    processor as released reads the same settings (its `size` stands for video_sampling's video_size; every frame
+    ends squared to one tile, `max_image_size`) and video_sampling's fps 1 and at most 64 frames (which ds-vlm does
+    not use: it samples frames itself, --video_fps / --video_max_frames). Idefics3 has no video processor."""
     import transformers as tf
 
-    config = tf.SmolVLMConfig(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
-                              scale_factor=2, image_token_id=tokenizer.image_token_id,
-                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    image = tf.SmolVLMImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
-                                     do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
-    video = tf.SmolVLMVideoProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
-                                     image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1,
-                                     video_sampling={"fps": 1, "max_frames": 64,
-                                                     "video_size": {"longest_edge": 2 * 32}})
-    processor = tf.SmolVLMProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                                    image_seq_len=4, chat_template=tokenizer.chat_template)
-    return config, processor
-
-
-def idefics3(spec: TinySpec, text: dict, tokenizer):
-    """Idefics3 as HuggingFaceM4 sets it up (tiles of 364 and a size of 4 tiles as released, mean/std 0.5, Lanczos,
-    image splitting), at SmolVLM's tiny geometry; no video processor (Idefics3 has none)."""
-    import transformers as tf
-
-    config = tf.Idefics3Config(text_config=dict(text, bos_token_id=tokenizer.bos_token_id), vision_config=spec.vision,
-                               scale_factor=2, image_token_id=tokenizer.image_token_id,
-                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    image = tf.Idefics3ImageProcessor(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32},
-                                      do_image_splitting=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1)
-    processor = tf.Idefics3Processor(image_processor=image, tokenizer=tokenizer, image_seq_len=4,
-                                     chat_template=tokenizer.chat_template)
+    prefix = spec.processor.removesuffix("Processor")  # SmolVLM | Idefics3
+    config = getattr(tf, spec.config)(text_config=dict(text, bos_token_id=tokenizer.bos_token_id),
+                                      vision_config=spec.vision, scale_factor=2,
+                                      image_token_id=tokenizer.image_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      tie_word_embeddings=False)
+    tiles = dict(size={"longest_edge": 2 * 32}, max_image_size={"longest_edge": 32}, image_mean=[0.5] * 3,
+                 image_std=[0.5] * 3, resample=1)
+    image = getattr(tf, f"{prefix}ImageProcessor")(do_image_splitting=True, **tiles)
+    video = {}
+    if prefix == "SmolVLM":
+        video["video_processor"] = tf.SmolVLMVideoProcessor(**tiles, video_sampling={
+            "fps": 1, "max_frames": 64, "video_size": {"longest_edge": 2 * 32}})
+    processor = getattr(tf, spec.processor)(image_processor=image, tokenizer=tokenizer, image_seq_len=4,
+                                            chat_template=tokenizer.chat_template, **video)
     return config, processor
 
 
@@ -323,10 +312,8 @@ def tiny_model(family: str, tokenizer, token_ids: dict) -> TinyModel:
         config, processor = mistral3(spec, text, tokenizer)
     elif family == "internvl":
         config, processor = internvl(spec, text, tokenizer)
-    elif family == "smolvlm":
+    elif family in ("smolvlm", "idefics3"):
         config, processor = smolvlm(spec, text, tokenizer)
-    elif family == "idefics3":
-        config, processor = idefics3(spec, text, tokenizer)
     elif family == "gemma4":
         config, processor = gemma4(spec, text, tokenizer, token_ids)
     elif family == "glm46v":
