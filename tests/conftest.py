@@ -16,11 +16,11 @@ pytest_plugins = ["fixtures.runs", "fixtures.datasets", "fixtures.encoding", "fi
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marker
 def pytest_collection_modifyitems(config, items):
     """Every test under tests/dist/ launches real multi-process runs: marked `dist` (`-m "not dist"` is the fast,
-    in-process tier under tests/unit/). Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject's addopts) the
+    in-process tier under tests/unit/). Under pytest-xdist (`-n 3 --dist loadgroup`, pyproject's addopts) the
     multi-rank tests of one module run on one worker, one after another (xdist group: the module's name), so a module
     fixture's run (a family's training run, a checkpointed run that tests then resume) is made once, not once per
     worker; the modules themselves, the in-process tier and the tests marked `waits` (most of their time is spent
-    waiting on a timeout, a stopped rank or a node that never comes) spread over both workers. (All multi-rank tests
+    waiting on a timeout, a stopped rank or a node that never comes) spread over the workers. (All multi-rank tests
     on one worker took 17 min 41 s for 484 tests on 2 cores, 2026-12-07; most of a run's time is not computing.)"""
     for item in items:
         path = Path(str(item.fspath)).relative_to(TESTS)
@@ -28,6 +28,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.dist)
             if item.get_closest_marker("waits") is None:
                 item.add_marker(pytest.mark.xdist_group(path.stem))
+
 
 def pytest_configure(config):
     """On an xdist worker: torch's threads are the cores shared out among the workers (two workers of two threads
@@ -44,7 +45,7 @@ def pytest_configure(config):
 def check_loadgroup(config):
     """Under `--dist loadgroup` (pyproject's addopts), xdist groups a test by appending `@group` to its node id
     (`item._nodeid`); pytest 9.2 computes node ids otherwise and the groups are lost without a word: a module's tests
-    then spread over both workers, and its module fixtures (a family's training run) run once per worker.
+    then spread over the workers, and its module fixtures (a family's training run) run once per worker.
     constraints.txt pins pytest 9.1.1; a pytest where xdist's way does not hold stops the run here, saying so."""
     if getattr(config, "workerinput", None) is not None or config.getoption("dist", default="no") != "loadgroup":
         return
