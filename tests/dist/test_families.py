@@ -5,13 +5,12 @@ did."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures.datasets import write_json
-from fixtures.runs import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, crashed_copy, read_metrics, run_train
 
 from ds_vlm.config import TrainConfig, key_table
 from ds_vlm.data.images import load_images
@@ -87,9 +86,7 @@ def family_resumed(family_run):
     """The run again from its step-4 checkpoint, as after a crash during the last step: it trains step 5 and
     exports."""
     _, _, out, args = family_run
-    resumed = out.parent / "resumed"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("hf", f"step_{STEPS:08d}"))
-    (resumed / "metrics.jsonl").write_text("")
+    resumed = crashed_copy(out, out.parent / "resumed", STEPS - 1)
     proc = run_train([*args, "--output_dir", str(resumed)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"at step {STEPS - 1}" in proc.stderr, proc.stderr[-3000:]

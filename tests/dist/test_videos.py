@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from fixtures.datasets import absolute_rows, write_json, write_jsonl
 from fixtures.encoding import check, video_encoder
-from fixtures.runs import ROOT, read_metrics, run_train
+from fixtures.runs import ROOT, crashed_copy, read_metrics, run_train
 
 from ds_vlm.data.sources import RecordIndex
 from ds_vlm.data.videos import VideoSampling
@@ -50,10 +49,7 @@ def test_two_ranks_zero3_mixed_video_trains_counts_as_preflight_and_resumes_exac
     assert sum(m["tokens"] for m in metrics) == sum(c.n_tokens for c in checks)
     assert sum(m["targets"] for m in metrics) == sum(c.n_targets for c in checks)
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
-    (resumed / "metrics.jsonl").write_text("")
+    resumed = crashed_copy(out, tmp_path / "resumed", 1)
     proc = run_train(args + ["--output_dir", str(resumed)])
     assert proc.returncode == 0 and "at step 1" in proc.stderr, proc.stderr[-5000:]
     again = read_metrics(resumed)
